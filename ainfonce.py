@@ -53,7 +53,7 @@ METHODS = ("simclr", "rocl", "infpos", "hardneg", "both")
 BASE_LR = {"simclr": 0.1, "rocl": 0.1, "infpos": 0.1, "hardneg": 0.2, "both": 0.3}  # CIFAR-10 scripts
 # A resumed run must agree with its checkpoint on everything that defines its math (not --lr).
 RESUME_KEYS = ("method", "dataset", "data_dir", "subset", "width", "eps", "step", "attack_steps",
-               "temperature", "ip_alpha", "adv_weight", "hn_beta", "tau_plus", "reg_weight",
+               "temperature", "ip_alpha", "adv_weight", "hn_beta", "tau_plus", "reg_weight", "reg_forward",
                "epochs", "batch_size", "warmup_epochs", "wd", "seed")
 
 
@@ -129,6 +129,9 @@ def build_parser():
     g.add_argument("--tau-plus", type=float, default=None,
                    help="HN class prior; default 0.1 for cifar100, else 0.12 (the paper's CIFAR-10 value)")
     g.add_argument("--reg-weight", type=float, default=1 / 256, help="RoCL regulariser weight 1/lambda")
+    g.add_argument("--reg-forward", choices=("separate", "shared"), default="separate",
+                   help="regulariser embeddings from its own forward (RoCL: own batch-norm statistics) "
+                        "or from the main forward (saves a 2N forward and backward)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int_at_least(1), default=1000)
     g.add_argument("--batch-size", type=int_at_least(1), default=512,
@@ -160,7 +163,9 @@ def build_parser():
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast for pretraining and its attack (evaluation is always fp32)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC layout; default on for CUDA, off on CPU (oneDNN's AVX2 1x1-conv backward "
+                        "can hang with it at tiny widths)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--benchmark", action="store_true", help="time pretraining steps on random data")
     g.add_argument("--benchmark-steps", type=int_at_least(1), default=5)
@@ -199,6 +204,8 @@ def setup(args):
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     seed = args.seed + rank  # ranks draw different augmentations
@@ -696,8 +703,11 @@ def pretrain_loss(net, x1, x2, x_adv, args, gather=None):
                         ip_alpha=args.ip_alpha if args.method in ("infpos", "both") else None,
                         adv_weight=args.adv_weight, tau_plus=args.tau_plus,
                         hn_beta=args.hn_beta if args.method in ("hardneg", "both") else None)
-    # RoCL's regulariser, in its own forward as in the official code (its own batch-norm statistics)
-    reg = a_infonce(gather(net(torch.cat([x_adv, x2])).view(2, n, -1), 1), temperature=args.temperature)
+    if args.reg_forward == "shared":  # x_adv and x2 rows of the main forward: its 3N-batch BN statistics
+        z_reg = torch.stack([z[2], z[1]])
+    else:  # RoCL's regulariser in its own train-mode forward, as the official code: 2N-batch statistics
+        z_reg = net(torch.cat([x_adv, x2])).view(2, n, -1)
+    reg = a_infonce(gather(z_reg, 1), temperature=args.temperature)
     return infonce + args.reg_weight * reg, {"infonce": infonce.detach(), "reg": reg.detach()}
 
 
@@ -744,6 +754,15 @@ def prepare_out(args, net):
     if os.path.exists(ckpt) and not args.resume and not args.overwrite:
         raise UsageError(f"{args.out} already holds a run: pass --resume {args.out} to continue it "
                          f"or --overwrite to start over")
+    parent = os.path.abspath(args.out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot write to {args.out}: {parent} is not a directory")
+    need = 3 * 4 * sum(p.numel() for p in net.parameters())  # params + momentum, twice during a save
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise UsageError(f"only {free / 2**20:.0f} MiB free for {args.out}; checkpoints need {need / 2**20:.0f} MiB")
     try:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, ".write-test"), "wb") as f:
@@ -751,10 +770,10 @@ def prepare_out(args, net):
         os.remove(os.path.join(args.out, ".write-test"))
     except OSError as e:
         raise UsageError(f"cannot write to {args.out}: {e.strerror or e}")
-    need = 3 * 4 * sum(p.numel() for p in net.parameters())  # params + momentum, twice during a save
-    free = shutil.disk_usage(args.out).free
-    if free < need:
-        raise UsageError(f"only {free / 2**20:.0f} MiB free in {args.out}; checkpoints need {need / 2**20:.0f} MiB")
+    if args.overwrite and not args.resume:
+        for name in ("last.pt", "log.jsonl", "results.json"):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
 
 
 def write_json(path, obj):
@@ -862,7 +881,7 @@ def official_step(net, opt, x1, x2, args):
     with eval_mode(net):
         x_adv = _ascend(lambda xa: a_infonce(net(torch.cat([xa, x2])).view(2, n, -1), temperature=args.temperature),
                         x1, _random_start(x1, args.eps), args.eps, args.step, args.attack_steps)
-    loss, _ = pretrain_loss(net, x1, x2, x_adv, args)  # symmetric or A-InfoNCE; separate regulariser forward
+    loss, _ = pretrain_loss(net, x1, x2, x_adv, argparse.Namespace(**{**vars(args), "reg_forward": "separate"}))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     lars_(list(net.parameters()), args.wd)
@@ -948,13 +967,13 @@ def run(args):
     if ck:
         load_strict(net.encoder, ck["encoder"], "encoder")
         load_strict(net.projector, ck["projector"], "projector")
-    if not args.eval_only and rank == 0:
-        prepare_out(args, net)
     x_tr, y_tr, x_te, y_te, n_classes = load_data(args.dataset, args.data_dir)
     keep = fixed_shuffle(len(x_tr), args.subset)
     x_tr, y_tr = x_tr[keep], y_tr[keep]
     if args.batch_size > len(x_tr) and not args.eval_only:
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(x_tr)} training images")
+    if not args.eval_only and rank == 0:  # every check above has passed: only now is anything written
+        prepare_out(args, net)
     net = net.to(device).to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     if world > 1 and device.type == "cuda":
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
