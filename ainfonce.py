@@ -88,14 +88,19 @@ def int_at_least(lo):
     return parse
 
 
-def positive_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number")
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"{s} must be a positive number")
-    return v
+def float_above(lo, inclusive):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number")
+        if not (math.isfinite(v) and (v >= lo if inclusive else v > lo)):
+            raise argparse.ArgumentTypeError(f"{s} must be a finite number {'>=' if inclusive else '>'} {lo}")
+        return v
+    return parse
+
+
+positive, non_negative = float_above(0, False), float_above(0, True)
 
 
 class Parser(argparse.ArgumentParser):
@@ -112,63 +117,66 @@ def build_parser():
                    help="torchvision CIFAR (downloaded when missing) or DATA_DIR/{train,test}/<class>/*")
     g.add_argument("--data-dir", default="./data", help="download root, or the folder data set")
     g.add_argument("--subset", type=int_at_least(0), default=0,
-                   help="use the first N training images of a fixed shuffle (0: all)")
+                   help="images: pretrain and finetune on the first N of a fixed shuffle (0: all)")
     g = p.add_argument_group("model")
     g.add_argument("--width", type=int_at_least(1), default=64,
                    help="ResNet-18 base width: 64 is the paper's, 16 or 32 for CPU runs")
     g = p.add_argument_group("attack (pretraining)")
-    g.add_argument("--eps", type=fraction, default=8 / 255, help="L_inf radius, pixels in [0,1]; 8/255 parses")
-    g.add_argument("--step", type=fraction, default=0.007, help="PGD step size (paper 0.007)")
+    g.add_argument("--eps", type=fraction, default=8 / 255,
+                   help="L_inf radius in [0,1] pixel units, fractions parse (paper 8/255; RoCL code 0.0314)")
+    g.add_argument("--step", type=fraction, default=0.007, help="PGD step, pixel units (paper 0.007)")
     g.add_argument("--attack-steps", type=int_at_least(0), default=7, help="PGD steps (paper 7)")
     g = p.add_argument_group("loss")
     g.add_argument("--method", choices=METHODS, default="hardneg")
-    g.add_argument("--temperature", type=positive_float, default=0.5, help="tau (paper 0.5)")
-    g.add_argument("--ip-alpha", type=fraction, default=0.2, help="IP weight of clean->adversarial terms")
-    g.add_argument("--adv-weight", type=float, default=1.0, help="IP scale of all clean<->adversarial terms")
-    g.add_argument("--hn-beta", type=float, default=1.0, help="HN concentration beta")
-    g.add_argument("--tau-plus", type=float, default=None,
-                   help="HN class prior; default 0.1 for cifar100, else 0.12 (the paper's CIFAR-10 value)")
-    g.add_argument("--reg-weight", type=float, default=1 / 256, help="RoCL regulariser weight 1/lambda")
+    g.add_argument("--temperature", type=positive, default=0.5, help="tau (paper 0.5)")
+    g.add_argument("--ip-alpha", type=fraction, default=0.2, help="IP weight of clean->adv terms (paper 0.2)")
+    g.add_argument("--adv-weight", type=non_negative, default=1.0, help="IP scale of clean<->adv terms (paper 1)")
+    g.add_argument("--hn-beta", type=non_negative, default=1.0, help="HN concentration beta (paper 1.0)")
+    g.add_argument("--tau-plus", type=non_negative, default=None,
+                   help="HN class prior in [0,1): default 0.1 for cifar100, else 0.12 (paper, CIFAR-10)")
+    g.add_argument("--reg-weight", type=non_negative, default=1 / 256, help="RoCL regulariser weight (1/256)")
     g.add_argument("--reg-forward", choices=("separate", "shared"), default="separate",
                    help="regulariser embeddings from its own forward (RoCL: own batch-norm statistics) "
                         "or from the main forward (saves a 2N forward and backward)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int_at_least(1), default=1000)
-    g.add_argument("--batch-size", type=int_at_least(1), default=512,
-                   help="instances per step, all ranks together (paper 512 = 2 GPUs x 256)")
-    g.add_argument("--lr", type=positive_float, default=None,
+    g.add_argument("--epochs", type=int_at_least(1), default=1000, help="pretraining epochs (paper 1000)")
+    g.add_argument("--batch-size", type=int_at_least(2), default=512,
+                   help="images per step, all ranks together (paper 512 = 2 GPUs x 256)")
+    g.add_argument("--lr", type=positive, default=None,
                    help="base lr, warmed up to 15x: default 0.1, hardneg 0.2, both 0.3")
-    g.add_argument("--warmup-epochs", type=int_at_least(0), default=10)
-    g.add_argument("--wd", type=float, default=1e-6, help="weight decay inside LARS")
+    g.add_argument("--warmup-epochs", type=int_at_least(0), default=10, help="linear warm-up (paper 10)")
+    g.add_argument("--wd", type=non_negative, default=1e-6, help="weight decay inside LARS (paper 1e-6)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", nargs="*", choices=("none", "slf", "alf", "aff"), default=["slf"],
-                   help="finetuning schemes run after pretraining")
+                   help="finetuning schemes run after pretraining (SLF: 150 epochs on cached features)")
     g.add_argument("--eval-only", metavar="CKPT", help="evaluate a checkpoint (file or run directory)")
     g.add_argument("--eval-eps", type=fraction, default=8 / 255, help="L_inf radius of the RA attack")
     g.add_argument("--eval-step", type=fraction, default=2 / 255,
                    help="PGD step of RA (AdvCL 2/255; RoCL's code 0.00314)")
-    g.add_argument("--eval-steps", type=int_at_least(1), default=20)
+    g.add_argument("--eval-steps", type=int_at_least(1), default=20, help="PGD steps of RA (PGD-20)")
     g.add_argument("--eval-subset", type=int_at_least(0), default=0,
                    help="evaluate on the first N test images of a fixed shuffle (0: all)")
-    g.add_argument("--ft-epochs", type=int_at_least(1), default=25, help="ALF/AFF epochs; lr/10 at 60%% and 80%%")
-    g.add_argument("--eval-batch-size", type=int_at_least(1), default=1024)
+    g.add_argument("--ft-epochs", type=int_at_least(1), default=25,
+                   help="ALF/AFF epochs, lr 0.1 /10 at 60%% and 80%% (paper 25: 15, 20)")
+    g.add_argument("--eval-batch-size", type=int_at_least(1), default=1024,
+                   help="images per finetuning step and per attack batch (official scripts 1024)")
     g.add_argument("--autoattack", action="store_true",
                    help="also run standard AutoAttack (needs: pip install torchattacks)")
     g = p.add_argument_group("system")
     g.add_argument("--out", default=None, help="run directory (default runs/METHOD-DATASET-sSEED)")
     g.add_argument("--resume", metavar="CKPT", help="continue the run in this checkpoint or directory")
     g.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
-    g.add_argument("--ckpt-every", type=int_at_least(0), default=0, help="also checkpoint every N steps")
-    g.add_argument("--seed", type=int_at_least(0), default=0)
+    g.add_argument("--ckpt-every", type=int_at_least(0), default=0, help="also checkpoint every N steps (0: off)")
+    g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of weights, augmentations and attacks")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast for pretraining and its attack (evaluation is always fp32)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC layout; default on for CUDA, off on CPU (oneDNN's AVX2 1x1-conv backward "
                         "can hang with it at tiny widths)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the net")
     g.add_argument("--benchmark", action="store_true", help="time pretraining steps on random data")
-    g.add_argument("--benchmark-steps", type=int_at_least(1), default=5)
+    g.add_argument("--benchmark-steps", type=int_at_least(1), default=5, help="timed steps, after 2 warm-up steps")
     return p
 
 
@@ -197,6 +205,8 @@ def setup(args):
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"unknown --device {name!r}")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: only cpu and cuda are supported")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError("--device cuda but no CUDA GPU is visible")
@@ -620,7 +630,7 @@ def evaluate(args, encoder, data, device, log=print):
     x_tr, y_tr, x_te, y_te, n_classes = data
     bs, res = args.eval_batch_size, {}
     ra_attack = lambda m, xb, yb: pgd(m, xb, yb, eps=args.eval_eps, step=args.eval_step, steps=args.eval_steps)
-    ft_milestones = [round(0.6 * args.ft_epochs), round(0.8 * args.ft_epochs)]  # 15, 20 of 25
+    ft_milestones = [max(1, int(0.6 * args.ft_epochs)), max(1, int(0.8 * args.ft_epochs))]  # 15, 20 of 25
     encoder = copy.deepcopy(encoder).float().to(memory_format=torch.contiguous_format).requires_grad_(False)
 
     def score(name, clf):
@@ -978,7 +988,7 @@ def run(args):
     if world > 1 and device.type == "cuda":
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     results = {"method": args.method, "dataset": args.dataset, "epochs": args.epochs, "seed": args.seed,
-               "width": args.width, "subset": len(x_tr), "batch_size": args.batch_size,
+               "width": args.width, "n_train": len(x_tr), "batch_size": args.batch_size,
                "attack_steps": args.attack_steps, "device": str(device)}
     if not args.eval_only:
         if rank == 0:
@@ -996,6 +1006,7 @@ def run(args):
     results.update(eval_eps=args.eval_eps, eval_step=args.eval_step, eval_steps=args.eval_steps,
                    n_test=len(keep), eval_subset=args.eval_subset,
                    **evaluate(args, net.encoder, data, device))
+    os.makedirs(args.out, exist_ok=True)
     old_path = os.path.join(args.out, "results.json")
     old = json.load(open(old_path)) if args.eval_only and os.path.exists(old_path) else {}
     write_json(old_path, {**old, **results})

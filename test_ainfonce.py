@@ -604,10 +604,14 @@ def fails(argv, capsys, pattern, out=None):
     (["--step", "1.5"], r"outside \[0, 1\]"),
     (["--eval-step", "nan"], r"not a number or fraction|outside"),
     (["--epochs", "0"], r"must be at least 1"),
-    (["--batch-size", "-8"], r"must be at least 1"),
+    (["--batch-size", "-8"], r"must be at least 2"),
+    (["--batch-size", "1"], r"must be at least 2"),
+    (["--hn-beta", "nan"], r"finite number >= 0"),
+    (["--adv-weight", "-1"], r"finite number >= 0"),
+    (["--device", "mps"], r"only cpu and cuda"),
     (["--batch-size", "1000"], r"larger than the 32 training images"),
     (["--epochs", "two"], r"not an integer"),
-    (["--lr", "0"], r"positive"),
+    (["--lr", "0"], r"finite number > 0"),
     (["--tau-plus", "1"], r"tau-plus"),
 ])
 def test_bad_arguments(folder, tmp_path, capsys, extra, pattern):
