@@ -21,8 +21,8 @@ z^ = z/|z| and S_ij = z^_i . sg(z^_j) / tau (keys detached: a directed term l(i-
 Usage (README.md has the measured numbers, with machine and command):
     pip install -r requirements.txt
     python ainfonce.py --method hardneg --dataset cifar10                   # paper recipe, one GPU
-    python ainfonce.py --method hardneg --dataset folder --data-dir data/cifar10-jpeg \\
-        --subset 5000 --width 16 --epochs 10 --batch-size 128 --attack-steps 3 --eval-subset 1000
+    python ainfonce.py --method hardneg --dataset folder --data-dir data/cifar10-jpeg --subset 5000 \\
+        --width 8 --epochs 6 --batch-size 128 --attack-steps 3 --warmup-epochs 1 --eval-subset 1000   # CPU
     torchrun --nproc_per_node 8 ainfonce.py --method both                  # data parallel
     python ainfonce.py --eval-only runs/hardneg-cifar10-s0 --eval slf alf aff --autoattack
     python ainfonce.py --benchmark --width 64 --batch-size 32               # speed vs the official step
