@@ -483,6 +483,14 @@ def test_all_schemes_and_eval_only(folder, tmp_path):
     assert merged["eval_step"] == 0.00314 and "alf_sa" in merged and "pretrain_s" in merged
 
 
+def test_amp_pretraining_keeps_the_loss_in_fp32(folder, tmp_path):
+    res = A.main(tiny(folder, tmp_path / "run", "--amp", "--method", "both", "--eval", "none"))
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert res["images_per_s"] > 0 and math.isfinite(log[0]["loss"])
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ck["encoder"].values() if v.is_floating_point())
+
+
 def test_benchmark_prints_json_last(capsys):
     res = A.main(["--benchmark", "--width", "4", "--batch-size", "4", "--attack-steps", "1",
                   "--benchmark-steps", "1", "--method", "rocl"])
