@@ -256,8 +256,9 @@ def set_rng_state(s):
 # ---------------------------------------------------------------------------------------------------
 def fixed_shuffle(n_items, n):
     """Indices of the first n items of a fixed permutation (the same for every run, seed and method)."""
-    perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(0))
-    return perm[:n] if 0 < n < n_items else perm.sort().values
+    if not 0 < n < n_items:
+        return torch.arange(n_items)
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(0))[:n]
 
 
 def load_folder(root):
@@ -648,8 +649,9 @@ def evaluate(args, encoder, data, device, log=print):
             head = nn.Linear(encoder.dim, n_classes).to(device)
             train_head(head, head.parameters(), lambda i: F.cross_entropy(head(feats[i]), y_tr[i]),
                        len(feats), 150, [30, 50, 100], bs, lr=0.1, wd=5e-4)
-            score("slf", nn.Sequential(encoder, head))
-            res["guards"] = guards(nn.Sequential(encoder, head), x_te, y_te, bs, args.eval_eps, args.eval_steps)
+            clf = nn.Sequential(encoder, head)
+            score("slf", clf)
+            res["guards"] = guards(clf, x_te, y_te, bs, args.eval_eps, args.eval_steps)
             log(f"guards ({'ok' if res['guards']['ok'] else 'FAILED'}): {json.dumps(res['guards'])}")
         if "alf" in args.eval:  # head trained on PGD-10 examples made through the frozen encoder + head
             head = nn.Linear(encoder.dim, n_classes).to(device)
