@@ -953,6 +953,7 @@ def benchmark(args, device):
 # main
 # ---------------------------------------------------------------------------------------------------
 def run(args):
+    t_start = time.time()
     device, rank, world = setup(args)
     if args.benchmark:
         return benchmark(args, device)
@@ -1001,13 +1002,15 @@ def run(args):
         results.update(pretrain_s=t, images_per_s=ips)
     if world > 1:  # evaluation runs on rank 0 alone, with batch norm back to per-process statistics
         dist.destroy_process_group()
-    if rank != 0 or not args.eval:
+    if rank != 0:
         return results
-    keep = fixed_shuffle(len(x_te), args.eval_subset)
-    data = (x_tr.to(device), y_tr.to(device), x_te[keep].to(device), y_te[keep].to(device), n_classes)
-    results.update(eval_eps=args.eval_eps, eval_step=args.eval_step, eval_steps=args.eval_steps,
-                   n_test=len(keep), eval_subset=args.eval_subset,
-                   **evaluate(args, net.encoder, data, device))
+    if args.eval:
+        keep = fixed_shuffle(len(x_te), args.eval_subset)
+        data = (x_tr.to(device), y_tr.to(device), x_te[keep].to(device), y_te[keep].to(device), n_classes)
+        results.update(eval_eps=args.eval_eps, eval_step=args.eval_step, eval_steps=args.eval_steps,
+                       n_test=len(keep), eval_subset=args.eval_subset,
+                       **evaluate(args, net.encoder, data, device))
+    results["wall_s"] = time.time() - t_start  # the whole invocation: data, pretraining, evaluation
     os.makedirs(args.out, exist_ok=True)
     old_path = os.path.join(args.out, "results.json")
     old = json.load(open(old_path)) if args.eval_only and os.path.exists(old_path) else {}

@@ -463,6 +463,7 @@ def test_end_to_end_every_method(folder, tmp_path, method):
     assert saved["slf_ra"] <= saved["slf_sa"]
     assert saved["method"] == method and saved["epochs"] == 1 and saved["seed"] == 0
     assert saved["pretrain_s"] > 0 and saved["images_per_s"] > 0 and saved["eval_step"] == 2 / 255
+    assert saved["wall_s"] > saved["pretrain_s"]  # the invocation: data, pretraining and evaluation
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ck["epoch"] == 1 and ck["step"] == 4 and ck["args"]["method"] == method
     net = A.Net(8)
@@ -487,6 +488,8 @@ def test_amp_pretraining_keeps_the_loss_in_fp32(folder, tmp_path):
     res = A.main(tiny(folder, tmp_path / "run", "--amp", "--method", "both", "--eval", "none"))
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert res["images_per_s"] > 0 and math.isfinite(log[0]["loss"])
+    saved = json.load(open(tmp_path / "run" / "results.json"))  # written with --eval none too
+    assert saved == json.loads(json.dumps(res)) and "slf_sa" not in saved and saved["wall_s"] > 0
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in ck["encoder"].values() if v.is_floating_point())
 
