@@ -633,6 +633,7 @@ def evaluate(args, encoder, data, device, log=print):
     ra_attack = lambda m, xb, yb: pgd(m, xb, yb, eps=args.eval_eps, step=args.eval_step, steps=args.eval_steps)
     ft_milestones = [max(1, int(0.6 * args.ft_epochs)), max(1, int(0.8 * args.ft_epochs))]  # 15, 20 of 25
     encoder = copy.deepcopy(encoder).float().to(memory_format=torch.contiguous_format).requires_grad_(False)
+    torch.manual_seed(args.seed)  # heads and attacks draw the same numbers after training and in --eval-only
 
     def score(name, clf):
         res[f"{name}_sa"] = accuracy(clf, x_te, y_te, bs)

@@ -478,6 +478,9 @@ def test_all_schemes_and_eval_only(folder, tmp_path):
     for k in ("slf", "alf", "aff"):
         assert 0 <= res[f"{k}_ra"] <= res[f"{k}_sa"] <= 1
     assert res["n_test"] == 10 and res["eval_subset"] == 10 and "guards" in res
+    same = A.main(["--eval-only", str(tmp_path / "run"), "--eval", "slf", "alf", "aff", "--eval-subset", "10",
+                   "--eval-steps", "2", "--ft-epochs", "1", "--eval-batch-size", "64"])
+    assert all(same[k] == res[k] for k in res if k.endswith(("_sa", "_ra")))  # the checkpoint's own numbers
     again = A.main(["--eval-only", str(tmp_path / "run"), "--eval", "slf", "--eval-step", "0.00314"])
     assert again["width"] == 8 and again["eval_step"] == 0.00314 and again["n_test"] == 16
     merged = json.load(open(tmp_path / "run" / "results.json"))
