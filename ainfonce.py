@@ -1002,7 +1002,7 @@ def run(args):
         t, ips = pretrain(args, net, x_tr, device, rank, world, ck)
         results.update(pretrain_s=t, images_per_s=ips)
     if world > 1:  # evaluation runs on rank 0 alone, with batch norm back to per-process statistics
-        dist.barrier()  # no rank tears gloo down while another still talks to it (SIGABRT at exit)
+        dist.barrier()  # all ranks reach teardown together (a gloo rank can still abort at exit, rarely)
         dist.destroy_process_group()
     if rank != 0:
         return results
