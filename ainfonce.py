@@ -24,19 +24,25 @@ Usage (README.md has the measured numbers, with machine and command):
     python ainfonce.py --method hardneg --dataset folder --data-dir data/cifar10-jpeg --subset 5000 \\
         --width 8 --epochs 6 --batch-size 128 --attack-steps 3 --warmup-epochs 1 --eval-subset 1000   # CPU
     torchrun --nproc_per_node 8 ainfonce.py --method both                  # data parallel
-    python ainfonce.py --eval-only runs/hardneg-cifar10-s0 --eval slf alf aff --autoattack
-    python ainfonce.py --benchmark --width 64 --batch-size 32               # speed vs the official step
-    python -m pytest -q                                                     # tests
+    python ainfonce.py --resume runs/hardneg-cifar10-s0                    # continue a run and its evaluation
+    python ainfonce.py --eval-only runs/hardneg-cifar10-s0 --eval slf alf aff --autoattack \\
+        --eval-threats linf:8/255 l2:0.5 --transfer-from runs/rocl-cifar10-s0 --eval-dataset cifar100
+    python ainfonce.py --eval-only published.pt --dataset cifar10 --bn-branch 1   # a field-layout ResNet-18
+    python ainfonce.py --benchmark --width 64 --batch-size 512 --amp       # speed against the official step
+    python -m pytest -q                                  # tests; AINFONCE_TEST_DEVICE=cuda runs them on a GPU
 """
 import argparse
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
-import random
+import platform
+import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from fractions import Fraction
@@ -50,11 +56,18 @@ import torch.nn.functional as F
 # Config / CLI
 # ---------------------------------------------------------------------------------------------------
 METHODS = ("simclr", "rocl", "infpos", "hardneg", "both")
-BASE_LR = {"simclr": 0.1, "rocl": 0.1, "infpos": 0.1, "hardneg": 0.2, "both": 0.3}  # CIFAR-10 scripts
-# A resumed run must agree with its checkpoint on everything that defines its math (not --lr).
-RESUME_KEYS = ("method", "dataset", "data_dir", "subset", "width", "eps", "step", "attack_steps",
-               "temperature", "ip_alpha", "adv_weight", "hn_beta", "tau_plus", "reg_weight", "reg_forward",
-               "epochs", "batch_size", "warmup_epochs", "wd", "seed")
+SCHEMES = ("slf", "alf", "aff")
+DATASETS = ("cifar10", "cifar100", "stl10", "folder")
+# Base lr of the official scripts (Asym-RoCL/shell); every other method uses 0.1.
+BASE_LR = {"cifar100": {"hardneg": 0.1, "both": 0.2}, "other": {"hardneg": 0.2, "both": 0.3}}
+# A resumed run must agree with its checkpoint on everything that defines its math (not --lr, not the data's path).
+RESUME_KEYS = ("method", "dataset", "subset", "width", "eps", "step", "attack_steps", "temperature", "ip_alpha",
+               "adv_weight", "hn_beta", "hn_normalise", "tau_plus", "reg_weight", "reg_forward", "epochs",
+               "batch_size", "warmup_epochs", "wd", "seed")
+# What --eval-only takes from the command line; everything else comes from the checkpoint.
+EVAL_KEYS = ("eval", "eval_threats", "eval_step", "eval_steps", "eval_subset", "ft_epochs", "eval_batch_size",
+             "autoattack", "transfer_from", "eval_dataset", "eval_data_dir", "bn_branch", "out", "overwrite",
+             "device", "deterministic", "eval_only", "resume", "argv")
 
 
 class UsageError(Exception):
@@ -65,42 +78,39 @@ class NonFiniteLoss(Exception):
     """A NaN/inf loss or gradient: the run stops (exit code 3) and keeps its last good checkpoint."""
 
 
-def fraction(s):
-    """A number in [0, 1] pixels, written as a decimal or a fraction: 8/255 == 0.031372..."""
+def fraction(s, hi=1.0):
+    """A number in [0, hi], written as a decimal or a fraction: 8/255 == 0.031372..."""
     try:
         v = float(Fraction(s))
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"{s!r} is not a number or fraction like 8/255")
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"{s} is outside [0, 1]")
+    if not 0 <= v <= hi:
+        hint = f" (pixels are in [0, 1]: did you mean {s}/255?)" if 1 < v <= 255 and "/" not in s else ""
+        raise argparse.ArgumentTypeError(f"{s} is outside [0, {hi:g}]{hint}")
     return v
 
 
-def int_at_least(lo):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not an integer")
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{s} must be at least {lo}")
-        return v
-    return parse
+def threat(s):
+    """NORM:EPS, e.g. linf:8/255 or l2:0.5 (pixel units) -> (key, norm, eps)."""
+    norm, _, eps = s.lower().partition(":")
+    try:
+        if norm not in ("linf", "l2"):
+            raise argparse.ArgumentTypeError("expected NORM:EPS with NORM linf or l2, e.g. linf:8/255 l2:0.5")
+        return f"{norm}:{eps}", norm, fraction(eps, 1.0 if norm == "linf" else 64.0)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"--eval-threats {s}: {e}")
 
 
-def float_above(lo, inclusive):
+def number(kind, lo, inclusive=True):
     def parse(s):
         try:
-            v = float(s)
+            v = kind(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a number")
+            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}")
         if not (math.isfinite(v) and (v >= lo if inclusive else v > lo)):
-            raise argparse.ArgumentTypeError(f"{s} must be a finite number {'>=' if inclusive else '>'} {lo}")
+            raise argparse.ArgumentTypeError(f"{s} must be {'at least' if inclusive else 'above'} {lo}")
         return v
     return parse
-
-
-positive, non_negative = float_above(0, False), float_above(0, True)
 
 
 class Parser(argparse.ArgumentParser):
@@ -109,93 +119,114 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class Help(argparse.HelpFormatter):
+    def _get_help_string(self, action):  # a default only where there is one to show
+        h = action.help or ""
+        return h + (" (default: %(default)s)" if action.default not in (None, False, argparse.SUPPRESS) and "default" not in h else "")
+
+
 def build_parser():
-    p = Parser(prog="ainfonce.py", description="Adversarial contrastive pretraining with A-InfoNCE.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=("cifar10", "cifar100", "folder"), default="cifar10",
-                   help="torchvision CIFAR (downloaded when missing) or DATA_DIR/{train,test}/<class>/*")
-    g.add_argument("--data-dir", default="./data", help="download root, or the folder data set")
-    g.add_argument("--subset", type=int_at_least(0), default=0,
-                   help="images: pretrain and finetune on the first N of a fixed shuffle (0: all)")
-    g = p.add_argument_group("model")
-    g.add_argument("--width", type=int_at_least(1), default=64,
-                   help="ResNet-18 base width: 64 is the paper's, 16 or 32 for CPU runs")
-    g = p.add_argument_group("attack (pretraining)")
-    g.add_argument("--eps", type=fraction, default=8 / 255,
-                   help="L_inf radius in [0,1] pixel units, fractions parse (paper 8/255; RoCL code 0.0314)")
-    g.add_argument("--step", type=fraction, default=0.007, help="PGD step, pixel units (paper 0.007)")
-    g.add_argument("--attack-steps", type=int_at_least(0), default=7, help="PGD steps (paper 7)")
-    g = p.add_argument_group("loss")
-    g.add_argument("--method", choices=METHODS, default="hardneg")
-    g.add_argument("--temperature", type=positive, default=0.5, help="tau (paper 0.5)")
-    g.add_argument("--ip-alpha", type=fraction, default=0.2, help="IP weight of clean->adv terms (paper 0.2)")
-    g.add_argument("--adv-weight", type=non_negative, default=1.0, help="IP scale of clean<->adv terms (paper 1)")
-    g.add_argument("--hn-beta", type=non_negative, default=1.0, help="HN concentration beta (paper 1.0)")
-    g.add_argument("--tau-plus", type=non_negative, default=None,
-                   help="HN class prior in [0,1): default 0.1 for cifar100, else 0.12 (paper, CIFAR-10)")
-    g.add_argument("--reg-weight", type=non_negative, default=1 / 256, help="RoCL regulariser weight (1/256)")
-    g.add_argument("--reg-forward", choices=("separate", "shared"), default="separate",
-                   help="regulariser embeddings from its own forward (RoCL: own batch-norm statistics) "
-                        "or from the main forward (saves a 2N forward and backward)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int_at_least(1), default=1000, help="pretraining epochs (paper 1000)")
-    g.add_argument("--batch-size", type=int_at_least(2), default=512,
-                   help="images per step, all ranks together (paper 512 = 2 GPUs x 256)")
-    g.add_argument("--lr", type=positive, default=None,
-                   help="base lr, warmed up to 15x: default 0.1, hardneg 0.2, both 0.3")
-    g.add_argument("--warmup-epochs", type=int_at_least(0), default=10, help="linear warm-up (paper 10)")
-    g.add_argument("--wd", type=non_negative, default=1e-6, help="weight decay inside LARS (paper 1e-6)")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval", nargs="*", choices=("none", "slf", "alf", "aff"), default=["slf"],
-                   help="finetuning schemes run after pretraining (SLF: 150 epochs on cached features)")
-    g.add_argument("--eval-only", metavar="CKPT", help="evaluate a checkpoint (file or run directory)")
-    g.add_argument("--eval-eps", type=fraction, default=8 / 255, help="L_inf radius of the RA attack")
-    g.add_argument("--eval-step", type=fraction, default=2 / 255,
-                   help="PGD step of RA (AdvCL 2/255; RoCL's code 0.00314)")
-    g.add_argument("--eval-steps", type=int_at_least(1), default=20, help="PGD steps of RA (PGD-20)")
-    g.add_argument("--eval-subset", type=int_at_least(0), default=0,
-                   help="evaluate on the first N test images of a fixed shuffle (0: all)")
-    g.add_argument("--ft-epochs", type=int_at_least(1), default=25,
-                   help="ALF/AFF epochs, lr 0.1 /10 at 60%% and 80%% (paper 25: 15, 20)")
-    g.add_argument("--eval-batch-size", type=int_at_least(1), default=1024,
-                   help="images per finetuning step and per attack batch (official scripts 1024)")
-    g.add_argument("--autoattack", action="store_true",
-                   help="also run standard AutoAttack (needs: pip install torchattacks)")
-    g = p.add_argument_group("system")
-    g.add_argument("--out", default=None, help="run directory (default runs/METHOD-DATASET-sSEED)")
-    g.add_argument("--resume", metavar="CKPT", help="continue the run in this checkpoint or directory")
-    g.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
-    g.add_argument("--ckpt-every", type=int_at_least(0), default=0, help="also checkpoint every N steps (0: off)")
-    g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of weights, augmentations and attacks")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="bf16 autocast for pretraining and its attack (evaluation is always fp32)")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC layout; default on for CUDA, off on CPU (oneDNN's AVX2 1x1-conv backward "
-                        "can hang with it at tiny widths)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the net")
-    g.add_argument("--benchmark", action="store_true", help="time pretraining steps on random data")
-    g.add_argument("--benchmark-steps", type=int_at_least(1), default=5, help="timed steps, after 2 warm-up steps")
+    p = Parser(prog="ainfonce.py", formatter_class=Help, description="Adversarial contrastive pretraining with "
+               "A-InfoNCE; evaluation of robust encoders (SLF/ALF/AFF under PGD and AutoAttack).")
+    D, I, P, N = number(int, 1), number(int, 0), number(float, 0, False), number(float, 0)
+    g = p.add_argument_group("data").add_argument
+    g("--dataset", choices=DATASETS, default="cifar10", help="torchvision data set (downloaded when missing; "
+      "STL-10 resized to 32x32) or a folder DATA_DIR/{train,test}/<class>/<image>")
+    g("--data-dir", default="./data", help="download root, or the folder data set")
+    g("--subset", type=I, default=0, help="pretrain and finetune on the first N training images of a fixed shuffle (0: all)")
+    g = p.add_argument_group("model").add_argument
+    g("--width", type=D, default=64, help="ResNet-18 base width: 64 is the paper's; the README's CPU runs use 8")
+    g = p.add_argument_group("attack (pretraining)").add_argument
+    g("--eps", type=fraction, default="8/255", help="L_inf radius, [0,1] pixel units; fractions parse (RoCL code 0.0314)")
+    g("--step", type=fraction, default="0.007", help="PGD step, pixel units (paper 0.007)")
+    g("--attack-steps", type=I, default=7, help="PGD steps (paper 7)")
+    g = p.add_argument_group("loss").add_argument
+    g("--method", choices=METHODS, default="hardneg", help="rocl: symmetric; infpos: inferior positives (IP); "
+      "hardneg: hard negatives (HN); both: IP+HN; simclr: no adversary")
+    g("--temperature", type=P, default=0.5, help="tau of the loss, the attack and the regulariser (paper 0.5; the "
+      "official code keeps 0.5 in its attack, regulariser and HN clamp whatever its flag says)")
+    g("--ip-alpha", type=fraction, default=0.2, help="IP weight of clean->adv terms (paper 0.2)")
+    g("--adv-weight", type=N, default=1.0, help="IP scale of the clean<->adv terms")
+    g("--hn-beta", type=N, default=1.0, help="HN concentration beta (paper 1.0)")
+    g("--hn-normalise", choices=("negatives", "official"), default="negatives", help="HN importance weights "
+      "normalised over the anchor's negatives (HCL), or the official code's formula (see README)")
+    g("--tau-plus", type=N, default=None, help="HN class prior in [0,1): 0.1 on cifar100, else 0.12 (official scripts)")
+    g("--reg-weight", type=lambda v: fraction(v, math.inf), default="1/256", help="RoCL regulariser weight")
+    g("--reg-forward", choices=("separate", "shared"), default="separate", help="regulariser embeddings from its own "
+      "forward before the main one (RoCL), or from the main forward (saves 2N forward+backward; other BN statistics)")
+    g = p.add_argument_group("optimisation").add_argument
+    g("--epochs", type=D, default=1000, help="pretraining epochs (paper 1000)")
+    g("--batch-size", type=number(int, 2), default=512, help="images per step, all ranks together (paper 2 GPUs x 256)")
+    g("--lr", type=P, default=None, help="base lr, warmed up to 15x: 0.1; hardneg 0.2, both 0.3 (cifar100: 0.1, 0.2)")
+    g("--warmup-epochs", type=I, default=10, help="linear warm-up (paper 10)")
+    g("--wd", type=N, default=1e-6, help="weight decay inside LARS (paper 1e-6)")
+    g = p.add_argument_group("evaluation").add_argument
+    g("--eval", nargs="*", choices=("none",) + SCHEMES, default=["slf"], help="finetuning after pretraining: slf "
+      "(linear, clean), alf (linear, PGD-10), aff (whole network, TRADES) (default: slf)")
+    g("--eval-only", metavar="CKPT", help="evaluate a run, an ainfonce checkpoint, or a ResNet-18 state dict in the "
+      "field's layout (then --dataset is required)")
+    g("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS", help="threat models, e.g. linf:8/255 "
+      "linf:16/255 l2:0.25 l2:0.5; RA is the first (default: linf:8/255)")
+    g("--eval-step", type=fraction, default="2/255", help="L_inf PGD step (AdvCL 2/255, RoCL code 0.00314); L2: 2.5 eps/steps")
+    g("--eval-steps", type=D, default=20, help="PGD steps of RA")
+    g("--eval-subset", type=I, default=0, help="evaluate on the first N test images of a fixed shuffle (0: all)")
+    g("--ft-epochs", type=D, default=25, help="ALF/AFF epochs, lr 0.1 /10 at 60%% and 80%% (paper 25: 15, 20)")
+    g("--eval-batch-size", type=D, default=1024, help="images per finetuning step and attack batch (official 1024)")
+    g("--autoattack", action="store_true", help="also standard AutoAttack under every threat (pip install "
+      "pyautoattack, Croce and Hein's reference code; torchattacks also works)")
+    g("--transfer-from", metavar="CKPT", help="black-box RA: PGD examples crafted on this run's (or checkpoint's) SLF "
+      "classifier, trained with the same protocol")
+    g("--eval-dataset", choices=DATASETS, help="finetune and evaluate on another data set (default: the pretraining one)")
+    g("--eval-data-dir", help="its directory (default: --data-dir)")
+    g("--bn-branch", type=I, default=1, help="dual-BN checkpoints (ACL, DynACL: bn_list.K): the branch to evaluate, "
+      "as RobustSSL's bnNameCnt (1: adversarial)")
+    g = p.add_argument_group("system").add_argument
+    g("--out", default=None, help="run directory (default runs/METHOD-DATASET-sSEED)")
+    g("--resume", metavar="DIR", help="continue the run in DIR (or a checkpoint) with its own arguments, then its "
+      "evaluation; flags given here override those allowed to change")
+    g("--overwrite", action="store_true", help="start over in an --out that holds a run; with --eval-only, recompute")
+    g("--ckpt-every", type=I, default=0, help="also checkpoint every N steps (0: off)")
+    g("--seed", type=I, default=0, help="seed of weights, augmentations and attacks")
+    g("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for pretraining and its "
+      "attack (evaluation attacks are always fp32)")
+    g("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC layout; default on for CUDA, "
+      "off on CPU (oneDNN's AVX2 1x1-conv backward hung with it at tiny widths)")
+    g("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the net")
+    g("--deterministic", action=argparse.BooleanOptionalAction, default=False, help="deterministic CUDA kernels, "
+      "for bit-exact resume on a GPU")
+    g("--benchmark", action="store_true", help="time pretraining steps on random data, against the official step")
+    g("--benchmark-steps", type=D, default=5, help="timed steps, after 2 warm-up steps")
     return p
 
 
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
-    # --- derived values, in one place ---
-    args.lr = args.lr or BASE_LR[args.method]
+    """Parsed arguments; args.explicit holds the flags given on the command line (they win over a checkpoint)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    for a in p._actions:
+        a.default = argparse.SUPPRESS
+    args.explicit = sorted(vars(p.parse_args(argv)))
+    return args
+
+
+def resolve(args):
+    """Derived values, in one place (after a checkpoint's arguments were merged in)."""
+    if args.lr is None:
+        args.lr = BASE_LR["cifar100" if args.dataset == "cifar100" else "other"].get(args.method, 0.1)
     if args.tau_plus is None:
         args.tau_plus = 0.1 if args.dataset == "cifar100" else 0.12
     if not 0 <= args.tau_plus < 1:
         raise UsageError(f"--tau-plus {args.tau_plus} must be in [0, 1)")
     args.eval = [e for e in args.eval if e != "none"]
-    if args.out is None and not args.resume and not args.eval_only:
+    args.threats = [threat(t) for t in args.eval_threats]
+    if args.out is None:
         args.out = f"runs/{args.method}-{args.dataset}-s{args.seed}"
     return args
 
 
 # ---------------------------------------------------------------------------------------------------
-# Seeding, device, processes
+# Seeding, device, processes, progress
 # ---------------------------------------------------------------------------------------------------
 def setup(args):
     """Device, process group (torchrun sets WORLD_SIZE/RANK) and seed. Returns (device, rank, world)."""
@@ -213,21 +244,53 @@ def setup(args):
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = not args.deterministic
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if args.channels_last is None:
         args.channels_last = device.type == "cuda"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    seed = args.seed + rank  # ranks draw different augmentations
-    random.seed(seed)
-    torch.manual_seed(seed)
+        # Every collective runs on tensors of `device` (flags included), so one backend per device suffices.
+        # device_id binds NCCL's communicator to this rank's GPU (barrier and object collectives use it).
+        kw = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
+    torch.manual_seed(args.seed + rank)  # ranks draw different augmentations
     return device, rank, world
 
 
+class AllReduce(torch.autograd.Function):
+    """Sum over ranks, differentiably (the gradient is summed over ranks too). torch.distributed.nn's collectives
+    (deprecated) keep the process group alive after destroy_process_group; gloo's C++ threads then die during
+    interpreter finalization, and a rank can abort at exit. These keep no reference to the group."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduce.forward(ctx, grad)
+
+
+class GatherCat(torch.autograd.Function):
+    """Concatenate t over all ranks along dim; the backward sums every rank's gradient of this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, t, dim):
+        parts, ctx.dim = [torch.empty_like(t) for _ in range(dist.get_world_size())], dim
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduce.forward(ctx, grad.contiguous()).chunk(dist.get_world_size(), ctx.dim)[dist.get_rank()], None
+
+
 def gather_cat(t, dim):
-    """Concatenate t over all ranks along dim, differentiably (its backward sums the ranks' gradients)."""
-    from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(t.contiguous()), dim)
+    return GatherCat.apply(t, dim)
 
 
 def allreduce_grads(params, world):
@@ -239,16 +302,44 @@ def allreduce_grads(params, world):
         g.copy_(f.view_as(g))
 
 
-def rng_state():
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_state(device):  # this rank's generators: the CPU one and, on CUDA, its own GPU's (no other GPU's)
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(s):
-    random.setstate(s["python"])
+def set_rng_state(s, device):
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def hms(s):
+    return f"{s // 3600:.0f}:{s % 3600 // 60:02.0f}:{s % 60:02.0f}"
+
+
+def progress(label, total, every=10.0):
+    """tick(done): prints 'label: done/total, rate, ETA' at most every `every` seconds, never for short phases."""
+    t0 = last = time.time()
+
+    def tick(done):
+        nonlocal last
+        now = time.time()
+        if now - last >= every and done < total:
+            last, rate = now, done / (now - t0)
+            print(f"  {label}: {done}/{total} ({rate:.1f}/s, ETA {hms((total - done) / rate)})", flush=True)
+    return tick
+
+
+def provenance(device):
+    """What the numbers depend on: torch, the device (CPU model or GPU), threads, the code's git commit."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):  # platform.processor() is often empty on Linux
+        name = name if device.type == "cuda" else next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    git = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "describe", "--always",
+                              "--dirty", "--abbrev=12"], capture_output=True, text=True, timeout=5).stdout.strip() or None
+    return {"torch": str(torch.__version__), "device_name": name, "threads": torch.get_num_threads(), "git": git}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -261,58 +352,83 @@ def fixed_shuffle(n_items, n):
     return torch.randperm(n_items, generator=torch.Generator().manual_seed(0))[:n]
 
 
-def load_folder(root):
-    from PIL import Image
+def pick(n_items, n, split):
+    if n > n_items:
+        raise UsageError(f"--{'subset' if split == 'train' else 'eval-subset'} {n} is larger than the {n_items} {split} images")
+    return fixed_shuffle(n_items, n)
+
+
+def image_folder(root, split, classes=None):
+    """torchvision's ImageFolder (it skips files that are not images and refuses empty class folders);
+    test labels follow the training split's class indices."""
+    from torchvision.datasets import ImageFolder
+    d = os.path.join(root, split)
     if not os.path.isdir(root):
-        raise UsageError(f"data directory {root} does not exist")
-    splits, resized = [], 0
-    for split in ("train", "test"):
-        d = os.path.join(root, split)
-        if not os.path.isdir(d):
-            raise UsageError(f"{d} is missing: --dataset folder reads DATA_DIR/train/<class>/* "
-                             f"and DATA_DIR/test/<class>/*")
-        classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
-        files = [(os.path.join(d, c, f), c) for c in classes
-                 for f in sorted(os.listdir(os.path.join(d, c))) if not f.startswith(".")]
-        if not files:
-            raise UsageError(f"{d} holds no images (expected {d}/<class>/<image>)")
-        splits.append((classes, files))
-    names = splits[0][0]
-    out = []
-    for classes, files in splits:
-        if set(classes) - set(names):
-            raise UsageError(f"test classes not in train/: {sorted(set(classes) - set(names))}")
-        x = torch.empty(len(files), 32, 32, 3, dtype=torch.uint8)
-        for i, (path, _) in enumerate(files):
-            try:
-                with Image.open(path) as im:
-                    im = im.convert("RGB")
-                    if im.size != (32, 32):  # documented: other sizes are resized, never refused
-                        im, resized = im.resize((32, 32), Image.BILINEAR), resized + 1
-                    x[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(32, 32, 3)
-            except Exception as e:
-                raise UsageError(f"cannot read image {path}: {e}")
-        out += [x.permute(0, 3, 1, 2).contiguous(), torch.tensor([names.index(c) for _, c in files])]
-    if resized:
-        print(f"data: resized {resized} images of another size to 32x32")
-    return (*out, len(names))
-
-
-def load_data(dataset, data_dir):
-    """-> (x_train, y_train, x_test, y_test, n_classes), uint8 images [N, 3, 32, 32] on the CPU."""
-    if dataset == "folder":
-        return load_folder(data_dir)
-    import torchvision
-    cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
+        raise UsageError(f"data directory {root} " + ("is a file, not a directory" if os.path.exists(root) else "does not exist"))
+    if not os.path.isdir(d):
+        raise UsageError(f"{d} is missing: --dataset folder reads DATA_DIR/train/<class>/<image> and DATA_DIR/test/<class>/<image>")
     try:
-        sets = [cls(data_dir, train=t, download=True) for t in (True, False)]
+        ds = ImageFolder(d)
+    except (FileNotFoundError, OSError) as e:
+        raise UsageError(f"{d}: {e}".replace("\n", " "))
+    if classes is not None:
+        if set(ds.classes) - set(classes):
+            raise UsageError(f"test classes not in train/: {sorted(set(ds.classes) - set(classes))}")
+        ds.samples = [(p, classes.index(ds.classes[c])) for p, c in ds.samples]
+    return ds
+
+
+def decode(ds, idx, split):
+    """Decode the images idx of an ImageFolder -> (uint8 [n, 3, 32, 32], labels); other sizes are resized."""
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+    x, tick = torch.empty(len(idx), 32, 32, 3, dtype=torch.uint8), progress(f"decoding {split} images", len(idx))
+
+    def one(i):
+        path = ds.samples[idx[i]][0]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                x[i] = torch.frombuffer(bytearray((im if im.size == (32, 32) else im.resize((32, 32), Image.BILINEAR))
+                                                  .tobytes()), dtype=torch.uint8).view(32, 32, 3)
+                return im.size != (32, 32)
+        except Exception as e:
+            raise UsageError(f"cannot read image {path}: {e}")
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL releases the GIL while decoding
+        resized = 0
+        for k, r in enumerate(pool.map(one, range(len(idx)))):
+            resized += r
+            tick(k + 1)
+    if resized:
+        print(f"data: resized {resized} {split} images of another size to 32x32 (bilinear)")
+    return x.permute(0, 3, 1, 2).contiguous(), torch.tensor([ds.samples[i][1] for i in idx.tolist()])
+
+
+def load_data(dataset, data_dir, n_train=0, n_test=0):
+    """-> (x_train, y_train, x_test, y_test, n_classes), uint8 images [N, 3, 32, 32] on the CPU. n_train and
+    n_test > 0 keep the first n images of a fixed shuffle (never a single class); only those are decoded."""
+    if dataset == "folder":
+        train = image_folder(data_dir, "train")
+        splits = (train, n_train, "train"), (image_folder(data_dir, "test", train.classes), n_test, "test")
+        (x_tr, y_tr), (x_te, y_te) = (decode(ds, pick(len(ds.samples), n, split), split) for ds, n, split in splits)
+        return x_tr, y_tr, x_te, y_te, len(train.classes)
+    import torchvision.datasets as tvd
+    try:
+        sets = [tvd.STL10(data_dir, split=split, download=True) if dataset == "stl10" else
+                (tvd.CIFAR10 if dataset == "cifar10" else tvd.CIFAR100)(data_dir, train=split == "train", download=True)
+                for split in ("train", "test")]
     except Exception as e:  # offline (URLError) or a corrupt archive (RuntimeError)
-        raise UsageError(f"could not get {dataset} into {data_dir} ({type(e).__name__}: {e}); offline? "
-                         f"copy the torchvision archive (e.g. cifar-10-python.tar.gz) there, "
-                         f"or use --dataset folder")
+        raise UsageError(f"could not get {dataset} into {data_dir} ({type(e).__name__}: {e}); offline? copy "
+                         f"torchvision's archive there, or use --dataset folder".replace("\n", " "))
     out = []
-    for s in sets:
-        out += [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)]
+    for s, n in zip(sets, (n_train, n_test)):
+        x = torch.from_numpy(s.data)
+        x = x if dataset == "stl10" else x.permute(0, 3, 1, 2)  # CIFAR is stored [N, 32, 32, 3]
+        keep = pick(len(x), n, "train" if s is sets[0] else "test")
+        x, y = x[keep], torch.as_tensor(s.labels if dataset == "stl10" else s.targets)[keep]
+        if x.shape[-1] != 32:  # STL-10's 96x96 at 32x32, antialiased (as PIL's bilinear resize)
+            x = F.interpolate(x.float(), size=32, mode="bilinear", antialias=True).round().clamp(0, 255).byte()
+        out += [x.contiguous(), y.long()]
     return (*out, len(sets[0].classes))
 
 
@@ -362,7 +478,7 @@ def crop_params(b, device, size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tri
 
 
 def augment(xb):
-    """SPEC 4 on a uint8 batch [B,3,32,32] -> float in [0,1], each image with its own random draws:
+    """The paper's augmentation on a uint8 batch [B,3,32,32] -> float in [0,1], each image with its own draws:
     ColorJitter(0.4,0.4,0.4,0.1) p=0.8 (ops in a random order per image), RandomGrayscale p=0.2,
     horizontal flip p=0.5, RandomResizedCrop(32, scale=(0.08,1)); bilinear, as one grid_sample."""
     x = xb.float() / 255
@@ -388,16 +504,15 @@ def augment(xb):
 # Model: CIFAR ResNet-18 encoder f and MLP projector g. Inputs in [0,1], no normalisation (RoCL).
 # ---------------------------------------------------------------------------------------------------
 class BatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d whose training statistics span all ranks on any torch.distributed backend
-    (nn.SyncBatchNorm runs on GPUs only; CUDA runs convert to it). One process: plain BatchNorm2d."""
+    """nn.BatchNorm2d whose training statistics span all ranks, on gloo and NCCL alike (one code path,
+    tested on CPU; nn.SyncBatchNorm runs on GPUs only). One process: plain BatchNorm2d."""
 
     def forward(self, x):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
         xf = x.float()
         n = xf.numel() // xf.size(1) * dist.get_world_size()
-        mean, sq = (all_reduce(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))])) / n).chunk(2)
+        mean, sq = (AllReduce.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))])) / n).chunk(2)
         var = sq - mean * mean  # biased variance of the global batch
         with torch.no_grad():
             self.num_batches_tracked += 1
@@ -422,18 +537,27 @@ class Block(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """CIFAR ResNet-18: 3x3 stride-1 stem, no max-pool, BasicBlocks [2,2,2,2]; 8*width features."""
+    """CIFAR ResNet-18 in the layout the field's checkpoints share (conv1, bn1, layer1..4, shortcut): 3x3
+    stride-1 stem, no max-pool, BasicBlocks [2,2,2,2]; 8*width features. normalise=True adds the input
+    normalisation (buffers mean, std) that some published encoders carry inside the model; ours has none."""
 
-    def __init__(self, width=64):
+    def __init__(self, width=64, normalise=False):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), BatchNorm2d(width), nn.ReLU())
-        chans, blocks = [width, width, 2 * width, 4 * width, 8 * width], []
+        if normalise:
+            self.register_buffer("mean", torch.zeros(3))
+            self.register_buffer("std", torch.ones(3))
+        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, 1, 1, bias=False), BatchNorm2d(width)
+        chans = [width, width, 2 * width, 4 * width, 8 * width]
         for i in range(4):
-            blocks += [Block(chans[i], chans[i + 1], 1 if i == 0 else 2), Block(chans[i + 1], chans[i + 1], 1)]
-        self.layers, self.dim = nn.Sequential(*blocks), 8 * width
+            setattr(self, f"layer{i + 1}", nn.Sequential(Block(chans[i], chans[i + 1], 1 if i == 0 else 2),
+                                                         Block(chans[i + 1], chans[i + 1], 1)))
+        self.dim = 8 * width
 
-    def forward(self, x):  # [B,3,32,32] -> [B, 8*width]
-        return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
+    def forward(self, x):  # [B,3,32,32] in [0,1] -> [B, 8*width]
+        if hasattr(self, "mean"):
+            x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x)))).mean((2, 3))  # global average pool
 
 
 class Net(nn.Module):
@@ -451,24 +575,34 @@ class Net(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Losses
 # ---------------------------------------------------------------------------------------------------
-def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0, hn_beta=None, tau_plus=0.0):
+def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0, hn_beta=None, tau_plus=0.0,
+              hn_normalise="negatives"):
     """Generic (asymmetric) InfoNCE of V >= 2 views of N >= 2 instances.
 
     z: [V, N, D] raw projections (normalised here, in fp32). adv_views: indices of adversarial views.
     Returns 1/(V N) sum over instances and ordered view pairs u != v of weight(u,v) * l(u->v), where
     every directed term moves only its anchor (keys are detached). ip_alpha=None: all weights 1;
     a float: clean->adv adv_weight*ip_alpha, adv->clean adv_weight*(1-ip_alpha), other pairs 1.
-    hn_beta=None: plain denominator; a float: the per-row HCL hard-negative estimator with tau_plus.
-    With V=2 and nothing else set this is SimCLR's NT-Xent."""
+    hn_beta=None: plain denominator; a float: the HCL hard-negative estimator with tau_plus, its importance
+    weights normalised over row i's negatives (hn_normalise="negatives", HCL's definition) or as the
+    official Asym-RoCL code does ("official": column j divided by the mean of row j over all V*N columns,
+    positives and self included). With V=2 and nothing else set this is SimCLR's NT-Xent."""
+    if not (torch.is_tensor(z) and z.dim() == 3):
+        raise ValueError(f"a_infonce needs z of shape [V views, N instances, D], got {getattr(z, 'shape', type(z))}")
     V, N, _ = z.shape
     if V < 2 or N < 2:
         raise ValueError(f"a_infonce needs >= 2 views of >= 2 instances, got z of shape {tuple(z.shape)}")
+    try:
+        adv = {range(V)[int(i)] for i in adv_views}
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"adv_views must be a sequence of view indices in [0, {V}), got {adv_views!r}")
+    if hn_normalise not in ("negatives", "official"):
+        raise ValueError(f"hn_normalise must be 'negatives' or 'official', got {hn_normalise!r}")
     with torch.autocast(z.device.type, enabled=False):  # the loss runs in fp32, also under --amp
-        return _a_infonce(z.float(), set(range(V)[i] for i in adv_views), temperature, ip_alpha, adv_weight,
-                          hn_beta, tau_plus)
+        return _a_infonce(z.float(), adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus, hn_normalise)
 
 
-def _a_infonce(z, adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus):
+def _a_infonce(z, adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus, hn_normalise):
     V, N, _ = z.shape
     z = z / z.abs().amax(-1, keepdim=True).clamp_min(1e-30)  # so |z|^2 neither overflows nor underflows
     zn = F.normalize(z.flatten(0, 1), dim=1)  # [M, D], M = V*N; row m is view m // N of instance m % N
@@ -482,7 +616,11 @@ def _a_infonce(z, adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus):
         M, c = V * (N - 1), 1 / temperature  # S <= 1/tau: exponents are shifted by c, none overflows
         e = (S - c).exp()
         pos = (e * (same & ~eye)).sum(1) / (V - 1)  # mean over the V-1 positives of exp(S_ip)
-        w = M * torch.softmax((hn_beta * S).masked_fill(same, -math.inf), 1)  # A-InfoNCE: w_ij, mean 1
+        if hn_normalise == "negatives":
+            w = M * torch.softmax((hn_beta * S).masked_fill(same, -math.inf), 1)  # A-InfoNCE: w_ij, mean 1
+        else:  # official: imp_jk = (1e-9)^beta on positives and self; the broadcast divides column j by row j's mean
+            log_mean = torch.where(same, hn_beta * math.log(1e-9), hn_beta * S).logsumexp(1) - math.log(V * N)
+            w = (hn_beta * S - log_mean[None, :]).exp().masked_fill(same, 0)
         ng = ((w * e).sum(1) - tau_plus * M * pos) / (1 - tau_plus)
         log_denom = (pos + ng.clamp_min(M * math.exp(-2 * c))).log() + c  # clamp: M e^(-1/tau)
     logp = (S - log_denom[:, None]).view(V, N, V, N).diagonal(dim1=1, dim2=3)  # [V, V, N]: l = -logp
@@ -498,7 +636,7 @@ def _a_infonce(z, adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Attacks
+# Attacks: inputs are images in [0, 1] (not 0-255, not mean/std-normalised); outputs stay in [0, 1]
 # ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def eval_mode(module):
@@ -512,25 +650,38 @@ def eval_mode(module):
             m.training = training
 
 
-def _ascend(loss_fn, x, x_adv, eps, step, steps):
-    """steps of x_adv += step * sign(grad loss_fn), projected to the L_inf ball around x and to [0,1]."""
+def _flat_norm(t):  # per-image L2 norm, shaped to broadcast over [B, C, H, W]
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
+
+
+def _ascend(loss_fn, x, x_adv, eps, step, steps, norm="linf"):
+    """steps of gradient ascent on loss_fn from x_adv, projected to the eps-ball around x and to [0,1]:
+    L_inf takes sign steps, L2 steps along the normalised gradient and projects radially."""
     with torch.enable_grad():
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             grad, = torch.autograd.grad(loss_fn(x_adv), x_adv)
-            x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp(0, 1)
+            if norm == "linf":
+                x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps)
+            else:
+                d = x_adv.detach() + step * grad / _flat_norm(grad) - x
+                x_adv = x + d * (eps / _flat_norm(d)).clamp(max=1)
+            x_adv = x_adv.clamp(0, 1)  # moves every pixel toward x: stays inside either ball
     return x_adv.detach()
 
 
-def _random_start(x, eps):
-    return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+def _random_start(x, eps, norm="linf"):
+    if norm == "linf":
+        return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    d = torch.randn_like(x)  # a random direction, at a radius uniform in [0, eps]
+    return (x + d / _flat_norm(d) * eps * torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device)).clamp(0, 1)
 
 
 def instance_pgd(embed, x, x_pos, *, eps=8 / 255, step=0.007, steps=7, temperature=0.5,
                  random_start=True, gather=None):
-    """RoCL's instance-wise attack: perturb x to maximise the NT-Xent of [x_adv; x_pos].
-    embed (encoder + projector) runs in eval mode, so x_pos's embedding is fixed: computed once.
-    gather(t, dim) concatenates over ranks, so that the attack sees the global batch's negatives."""
+    """RoCL's instance-wise attack on images x, x_pos in [0, 1]: perturb x to maximise the NT-Xent of
+    [x_adv; x_pos]. embed (encoder + projector) runs in eval mode, so x_pos's embedding is fixed: computed
+    once. gather(t, dim) concatenates over ranks, so that the attack sees the global batch's negatives."""
     gather = gather or (lambda t, dim: t)
     with eval_mode(embed):
         with torch.no_grad():
@@ -539,14 +690,16 @@ def instance_pgd(embed, x, x_pos, *, eps=8 / 255, step=0.007, steps=7, temperatu
         return _ascend(loss, x, _random_start(x, eps) if random_start else x, eps, step, steps)
 
 
-def pgd(classifier, x, y, *, eps=8 / 255, step=2 / 255, steps=20):
-    """Supervised L_inf PGD with random start on cross-entropy (Madry et al.), classifier in eval mode."""
+def pgd(classifier, x, y, *, eps=8 / 255, step=2 / 255, steps=20, norm="linf"):
+    """Supervised PGD with random start on cross-entropy (Madry et al.), L_inf or L2, classifier in eval
+    mode. x: images in [0, 1]; eps and step in the same pixel units."""
     with eval_mode(classifier):
-        return _ascend(lambda xa: F.cross_entropy(classifier(xa), y), x, _random_start(x, eps), eps, step, steps)
+        return _ascend(lambda xa: F.cross_entropy(classifier(xa), y), x, _random_start(x, eps, norm), eps, step,
+                       steps, norm)
 
 
 def trades_loss(model, x, y, *, beta=6.0, eps=8 / 255, step=2 / 255, steps=10):
-    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta KL(f(x) || f(x_adv)), x_adv maximising the KL."""
+    """TRADES (Zhang et al. 2019) on images x in [0, 1]: CE(f(x), y) + beta KL(f(x) || f(x_adv))."""
     with eval_mode(model):
         with torch.no_grad():
             p_nat = F.softmax(model(x), 1)
@@ -558,11 +711,11 @@ def trades_loss(model, x, y, *, beta=6.0, eps=8 / 255, step=2 / 255, steps=10):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Evaluation: SLF, ALF, AFF (SPEC 5); SA = clean accuracy, RA = accuracy under PGD, always in fp32
+# Evaluation: SLF, ALF, AFF; SA = clean accuracy, RA = accuracy under PGD, measured in strict fp32
 # ---------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def strict_fp32(device):
-    """No autocast and no TF32 (cuDNN allows TF32 convolutions by default) for evaluation attacks."""
+    """No autocast and no TF32 (cuDNN allows TF32 convolutions by default): for every measured number."""
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -577,103 +730,172 @@ def batches(n, bs, shuffle=False, device="cpu"):
     return idx.split(bs)
 
 
-def accuracy(classifier, x, y, bs, attack=None):
-    """Top-1 accuracy of classifier on uint8 images x, after attack(classifier, x, y) if given."""
+def as_float(xb):  # uint8 images -> [0, 1]; float images (crafted adversarial examples) pass through
+    return xb.float() / 255 if xb.dtype == torch.uint8 else xb
+
+
+def attacked(classifier, x, y, bs, attack, label=None):
+    """attack(classifier, xb, yb) over x in batches -> float images in [0, 1]."""
+    tick, out = progress(label or "attack", len(x)), []
+    for idx in batches(len(x), bs, device=x.device):
+        out.append(attack(classifier, as_float(x[idx]), y[idx]))
+        tick(sum(len(o) for o in out))
+    return torch.cat(out)
+
+
+def accuracy(classifier, x, y, bs, attack=None, label=None):
+    """Top-1 accuracy of classifier on images x (uint8, or float in [0, 1]), after attack(classifier, x, y)."""
+    x = attacked(classifier, x, y, bs, attack, label) if attack else x
     correct = 0
-    with eval_mode(classifier):
+    with eval_mode(classifier), torch.no_grad():
         for idx in batches(len(x), bs, device=x.device):
-            xb, yb = x[idx].float() / 255, y[idx]
-            if attack:
-                xb = attack(classifier, xb, yb)
-            with torch.no_grad():
-                correct += (classifier(xb).argmax(1) == yb).sum().item()
+            correct += (classifier(as_float(x[idx])).argmax(1) == y[idx]).sum().item()
     return correct / len(x)
 
 
-def train_head(head, params, loss_fn, n, epochs, milestones, bs, lr, wd, log=None):
+def pgd_attack(norm, eps, step, steps):
+    """The RA attack of one threat: L_inf with step `step`, L2 with step 2.5 eps / steps."""
+    step = step if norm == "linf" else 2.5 * eps / steps
+    return lambda m, xb, yb: pgd(m, xb, yb, eps=eps, step=step, steps=steps, norm=norm)
+
+
+def train_head(params, loss_fn, n, epochs, milestones, bs, lr, wd, device, label=None):
     """SGD(momentum 0.9) with lr/10 at each milestone epoch; loss_fn(idx) -> loss of that batch."""
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
     for epoch in range(epochs):
-        for idx in batches(n, bs, shuffle=True, device=head.weight.device):
+        tick = progress(f"{label} epoch {epoch + 1}/{epochs}, images", n)
+        for k, idx in enumerate(batches(n, bs, shuffle=True, device=device)):
             loss = loss_fn(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            tick(min(n, (k + 1) * bs))
         sched.step()
-        if log:
-            log(f"  epoch {epoch + 1}/{epochs} loss {loss.item():.4f}")
-    return head
+        if label:
+            print(f"  {label} epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}", flush=True)
 
 
-def guards(classifier, x, y, bs, eps, steps):
-    """Cheap checks that catch masked or broken gradients, on <= 200 test images: RA <= SA, RA falls
-    as eps grows and is ~0 at eps 64/255, and 2.5x more PGD steps do not raise RA."""
-    x, y = x[:200], y[:200]
+def slf_classifier(encoder, x_tr, y_tr, n_classes, bs, seed):
+    """SLF: the frozen encoder's features (eval mode) computed once; a linear head trained on them for
+    150 epochs, SGD lr 0.1, wd 5e-4, lr/10 at 30, 50, 100."""
+    torch.manual_seed(seed)
+    with eval_mode(encoder), torch.no_grad():
+        feats = torch.cat([encoder(x_tr[i].float() / 255) for i in batches(len(x_tr), bs, device=x_tr.device)])
+    head = nn.Linear(encoder.dim, n_classes).to(x_tr.device)
+    train_head(head.parameters(), lambda i: F.cross_entropy(head(feats[i]), y_tr[i]), len(feats), 150,
+               [30, 50, 100], bs, 0.1, 5e-4, x_tr.device)
+    return nn.Sequential(encoder, head)
+
+
+def guards(classifier, x, y, bs, eps, steps, robust=()):
+    """Cheap checks that catch masked or broken gradients, on 200 test images of a fixed shuffle: RA <= SA,
+    RA falls as eps grows and is ~0 at eps 64/255, 2.5x more PGD steps do not raise RA; and on the whole
+    test set, RA under each norm of robust [(norm, eps, RA)] falls as eps grows."""
+    idx = fixed_shuffle(len(x), 200).to(x.device)
+    x, y = x[idx], y[idx]
     tol = 0.01 + 1 / len(x)
     at = lambda e, k: accuracy(classifier, x, y, bs, lambda m, xb, yb: pgd(m, xb, yb, eps=e, step=2.5 * e / k, steps=k))
     g = {"sa": accuracy(classifier, x, y, bs), "ra_eps": {f"{e}/255": at(e / 255, steps) for e in (2, 8, 16, 64)}}
     g[f"ra_{steps}_steps"], g[f"ra_{5 * steps // 2}_steps"] = at(eps, steps), at(eps, 5 * steps // 2)
     chain = [g["sa"], *g["ra_eps"].values()]
-    g["ok"] = (all(a + tol >= b for a, b in zip(chain, chain[1:])) and chain[-1] <= 0.05
+    falls = lambda ras: all(a + tol >= b for a, b in zip(ras, ras[1:]))
+    g["threats_fall"] = all(falls([ra for n, _, ra in sorted(robust) if n == norm]) for norm in ("linf", "l2"))
+    g["ok"] = (falls(chain) and chain[-1] <= 0.05 and g["threats_fall"]
                and g[f"ra_{5 * steps // 2}_steps"] <= g[f"ra_{steps}_steps"] + tol)
     return g
 
 
-def autoattack(classifier, x, y, bs, eps, n_classes):
-    import torchattacks  # optional; checked before training starts
-    aa = torchattacks.AutoAttack(classifier, norm="Linf", eps=eps, version="standard", n_classes=n_classes, seed=0)
-    return accuracy(classifier, x, y, bs, lambda m, xb, yb: aa(xb, yb))
+def autoattack_impl():
+    """The AutoAttack that --autoattack runs: Croce and Hein's reference code if installed, else torchattacks."""
+    for name in ("pyautoattack", "torchattacks"):
+        try:
+            return f"{name} {__import__(name).__version__}"
+        except ImportError:
+            pass
+    raise UsageError("--autoattack needs an optional package: pip install pyautoattack "
+                     "(Croce and Hein's reference AutoAttack; torchattacks also works)")
 
 
-def evaluate(args, encoder, data, device, log=print):
-    """SLF / ALF / AFF heads on the frozen (or, AFF, finetuned) encoder; SA and RA on the test set."""
+def autoattack(classifier, x, y, bs, norm, eps, n_classes, seed):
+    """Accuracy under standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) at radius eps."""
+    xf, lib = as_float(x), autoattack_impl().split()[0]
+    with eval_mode(classifier):
+        if lib == "pyautoattack":
+            import pyautoattack
+            aa = pyautoattack.AutoAttack(classifier, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
+                                         version="standard", device=x.device, seed=seed)
+            aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = min(9, n_classes - 1)
+            x_adv, _ = aa.run_standard_evaluation(xf, y, batch_size=bs)
+        else:
+            import torchattacks
+            aa = torchattacks.AutoAttack(classifier, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
+                                         version="standard", n_classes=n_classes, seed=seed)
+            x_adv = attacked(classifier, xf, y, bs, lambda m, xb, yb: aa(xb, yb), "AutoAttack")
+    return accuracy(classifier, x_adv, y, bs)
+
+
+def evaluate(args, encoder, data, device, res, save, source=None):
+    """SLF / ALF / AFF heads on the frozen (AFF: finetuned) encoder; SA, RA under every threat, AutoAttack,
+    and transfer RA from source's SLF classifier. Schemes already in res are kept (not recomputed); save(res)
+    runs after each scheme. Finetuning uses PyTorch's default precision; every measured number is strict fp32."""
     x_tr, y_tr, x_te, y_te, n_classes = data
-    bs, res = args.eval_batch_size, {}
-    ra_attack = lambda m, xb, yb: pgd(m, xb, yb, eps=args.eval_eps, step=args.eval_step, steps=args.eval_steps)
-    ft_milestones = [max(1, int(0.6 * args.ft_epochs)), max(1, int(0.8 * args.ft_epochs))]  # 15, 20 of 25
-    encoder = copy.deepcopy(encoder).float().to(memory_format=torch.contiguous_format).requires_grad_(False)
-    torch.manual_seed(args.seed)  # heads and attacks draw the same numbers after training and in --eval-only
-
-    def score(name, clf):
-        res[f"{name}_sa"] = accuracy(clf, x_te, y_te, bs)
-        res[f"{name}_ra"] = accuracy(clf, x_te, y_te, bs, ra_attack)
-        if args.autoattack:
-            res[f"{name}_aa"] = autoattack(clf, x_te, y_te, bs, args.eval_eps, n_classes)
-        log(f"{name.upper()}: SA {res[f'{name}_sa']:.4f}  RA {res[f'{name}_ra']:.4f}"
-            + (f"  AA {res[f'{name}_aa']:.4f}" if args.autoattack else ""))
-
-    with strict_fp32(device):
-        if "slf" in args.eval:  # frozen encoder: features computed once, 150 epochs cost seconds
-            with eval_mode(encoder), torch.no_grad():
-                feats = torch.cat([encoder(x_tr[i].float() / 255) for i in batches(len(x_tr), bs, device=device)])
-            head = nn.Linear(encoder.dim, n_classes).to(device)
-            train_head(head, head.parameters(), lambda i: F.cross_entropy(head(feats[i]), y_tr[i]),
-                       len(feats), 150, [30, 50, 100], bs, lr=0.1, wd=5e-4)
-            clf = nn.Sequential(encoder, head)
-            score("slf", clf)
-            res["guards"] = guards(clf, x_te, y_te, bs, args.eval_eps, args.eval_steps)
-            log(f"guards ({'ok' if res['guards']['ok'] else 'FAILED'}): {json.dumps(res['guards'])}")
-        if "alf" in args.eval:  # head trained on PGD-10 examples made through the frozen encoder + head
+    bs, (key0, norm0, eps0) = args.eval_batch_size, args.threats[0]
+    ft_eps = next((e for _, n, e in args.threats if n == "linf"), 8 / 255)  # ALF/AFF train against L_inf
+    milestones = [max(1, int(0.6 * args.ft_epochs)), max(1, int(0.8 * args.ft_epochs))]  # 15, 20 of 25
+    prep = lambda enc: copy.deepcopy(enc).float().to(device, memory_format=torch.contiguous_format).requires_grad_(False)
+    encoder, x_transfer = prep(encoder), None
+    if source is not None and any(f"{s}_sa" not in res for s in args.eval):
+        src = slf_classifier(prep(source), x_tr, y_tr, n_classes, bs, args.seed)
+        with strict_fp32(device):
+            torch.manual_seed(args.seed)  # the random starts of white-box RA: transfer from itself equals it
+            x_transfer = attacked(src, x_te, y_te, bs, pgd_attack(norm0, eps0, args.eval_step, args.eval_steps),
+                                  f"transfer source PGD {key0}")
+    for k, name in enumerate(SCHEMES):
+        if name not in args.eval or f"{name}_sa" in res:
+            continue
+        t0 = time.time()
+        torch.manual_seed(args.seed + k)  # each scheme its own draws: one can be (re)run without the others
+        if name == "slf":
+            clf = slf_classifier(encoder, x_tr, y_tr, n_classes, bs, args.seed)
+        elif name == "alf":  # linear head trained on PGD-10 examples made through the frozen encoder + head
             head = nn.Linear(encoder.dim, n_classes).to(device)
             clf = nn.Sequential(encoder, head)
 
             def alf_loss(i):
-                xa = pgd(clf, x_tr[i].float() / 255, y_tr[i], eps=args.eval_eps, step=2 / 255, steps=10)
+                xa = pgd(clf, x_tr[i].float() / 255, y_tr[i], eps=ft_eps, step=2 / 255, steps=10)
                 with eval_mode(encoder), torch.no_grad():
                     f = encoder(xa)
                 return F.cross_entropy(head(f), y_tr[i])
-            log("ALF:")
-            train_head(head, head.parameters(), alf_loss, len(x_tr), args.ft_epochs, ft_milestones, bs, 0.1, 2e-4, log)
-            score("alf", clf)
-        if "aff" in args.eval:  # TRADES on the whole network, from the pretrained encoder
-            enc = copy.deepcopy(encoder).requires_grad_(True)
-            head = nn.Linear(encoder.dim, n_classes).to(device)
-            clf = nn.Sequential(enc, head).train()
-            log("AFF:")
-            train_head(head, clf.parameters(), lambda i: trades_loss(clf, x_tr[i].float() / 255, y_tr[i], eps=args.eval_eps),
-                       len(x_tr), args.ft_epochs, ft_milestones, bs, 0.1, 2e-4, log)
-            score("aff", clf)
+            train_head(head.parameters(), alf_loss, len(x_tr), args.ft_epochs, milestones, bs, 0.1, 2e-4, device, label="ALF")
+        else:  # AFF: TRADES on the whole network, from the pretrained encoder
+            clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True), nn.Linear(encoder.dim, n_classes)).to(device).train()
+            train_head(clf.parameters(), lambda i: trades_loss(clf, x_tr[i].float() / 255, y_tr[i], eps=ft_eps),
+                       len(x_tr), args.ft_epochs, milestones, bs, 0.1, 2e-4, device, label="AFF")
+        with strict_fp32(device):
+            r = {"sa": accuracy(clf, x_te, y_te, bs), "robust": {}}
+            for key, norm, eps in args.threats:
+                torch.manual_seed(args.seed)  # every attack pass starts from the same random draws
+                r["robust"][key] = accuracy(clf, x_te, y_te, bs, pgd_attack(norm, eps, args.eval_step, args.eval_steps),
+                                            f"{name.upper()} PGD-{args.eval_steps} {key}")
+            r["ra"] = r["robust"][key0]
+            if args.autoattack:
+                r["aa_robust"] = {key: autoattack(clf, x_te, y_te, bs, norm, eps, n_classes, args.seed)
+                                  for key, norm, eps in args.threats}
+                r["aa"] = r["aa_robust"][key0]
+            if x_transfer is not None:
+                r["ra_transfer"] = accuracy(clf, x_transfer, y_te, bs)
+            if name == "slf":
+                r["guards"] = guards(clf, x_te, y_te, bs, ft_eps, args.eval_steps,
+                                     [(n, e, r["robust"][k_]) for k_, n, e in args.threats])
+        res.update({f"{name}_{k_}": v for k_, v in r.items()}, **{f"{name}_s": time.time() - t0})
+        print(f"{name.upper()}: SA {100 * r['sa']:.2f}%  RA {100 * r['ra']:.2f}%"
+              + "".join(f"  {k_} {100 * v:.2f}%" for k_, v in list(r["robust"].items())[1:])
+              + (f"  AA {100 * r['aa']:.2f}%" if "aa" in r else "")
+              + (f"  transfer RA {100 * r['ra_transfer']:.2f}%" if "ra_transfer" in r else "")
+              + (f"  guards {'ok' if r['guards']['ok'] else 'FAILED: ' + json.dumps(r['guards'])}" if "guards" in r else "")
+              + f"  ({hms(time.time() - t0)})", flush=True)
+        save(res)
     return res
 
 
@@ -711,43 +933,140 @@ def pretrain_loss(net, x1, x2, x_adv, args, gather=None):
     if args.method == "simclr":
         loss = a_infonce(gather(net(torch.cat([x1, x2])).view(2, n, -1), 1), temperature=args.temperature)
         return loss, {"infonce": loss.detach()}
-    z = net(torch.cat([x1, x2, x_adv])).view(3, n, -1)  # [V=3, N, D]: one train-mode forward
+    if args.reg_forward == "separate":  # RoCL's regulariser in its own train-mode forward, first, as the
+        z_reg = net(torch.cat([x_adv, x2])).view(2, n, -1)  # official step: BN running statistics see it first
+    z = net(torch.cat([x1, x2, x_adv])).view(3, n, -1)  # [V=3, N, D]: the main train-mode forward
     infonce = a_infonce(gather(z, 1), adv_views=(2,), temperature=args.temperature,
                         ip_alpha=args.ip_alpha if args.method in ("infpos", "both") else None,
-                        adv_weight=args.adv_weight, tau_plus=args.tau_plus,
+                        adv_weight=args.adv_weight, tau_plus=args.tau_plus, hn_normalise=args.hn_normalise,
                         hn_beta=args.hn_beta if args.method in ("hardneg", "both") else None)
     if args.reg_forward == "shared":  # x_adv and x2 rows of the main forward: its 3N-batch BN statistics
         z_reg = torch.stack([z[2], z[1]])
-    else:  # RoCL's regulariser in its own train-mode forward, as the official code: 2N-batch statistics
-        z_reg = net(torch.cat([x_adv, x2])).view(2, n, -1)
-    reg = a_infonce(gather(z_reg, 1), temperature=args.temperature)
+    reg = a_infonce(gather(z_reg, 1), temperature=args.temperature)  # global batch, as the main loss
     return infonce + args.reg_weight * reg, {"infonce": infonce.detach(), "reg": reg.detach()}
 
 
-def save_checkpoint(path, net, opt, args, epoch, step, train_s, rng):
-    """Atomic: written to path.tmp, synced, renamed; a kill at any moment leaves the old file intact."""
-    state = {"encoder": net.encoder.state_dict(), "projector": net.projector.state_dict(),
-             "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "train_s": train_s,
-             "args": vars(args), "rng": rng}
+def pretrain(args, net, x_train, device, rank, world, ck=None):
+    """Pretraining loop, step by step; checkpoints after every epoch (and every --ckpt-every steps).
+    The checkpoint holds the epoch log, so log.jsonl has one line per completed epoch, resumed or not."""
+    x_train, b = x_train.to(device), args.batch_size // world  # b: instances per rank
+    spe = len(x_train) // args.batch_size  # steps per epoch: the last partial batch is dropped
+    total, warmup = spe * args.epochs, spe * args.warmup_epochs
+    params = list(net.parameters())
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)  # weight decay lives inside LARS
+    path, step, train_s, ep_s, sums, history = os.path.join(args.out, "last.pt"), 0, 0.0, 0.0, {}, []
+    if ck:
+        opt.load_state_dict(ck["optimizer"])
+        step, train_s, ep_s, history = ck["step"], ck["train_s"], ck["epoch_s"], ck["history"]
+        sums = {k: torch.tensor(v, device=device) for k, v in ck["sums"].items()}
+        if len(ck["rng"]) == world:
+            set_rng_state(ck["rng"][rank], device)
+        else:  # another number of processes: fresh streams, so not bit-exact
+            torch.manual_seed(args.seed + rank + 7919 * step)
+    model = torch.compile(net) if args.compile else net
+    gather = gather_cat if world > 1 else None
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    stopping = []  # SIGTERM / SIGINT: finish the step, save, exit
+    handlers = {s: signal.signal(s, lambda *_: stopping.append(1)) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def save():
+        states = [rng_state(device)] * world
+        if world > 1:
+            dist.all_gather_object(states, rng_state(device))
+        if rank == 0:
+            state = {"encoder": net.encoder.state_dict(), "projector": net.projector.state_dict(),
+                     "optimizer": opt.state_dict(), "epoch": len(history), "step": step, "train_s": train_s,
+                     "epoch_s": ep_s, "sums": {k: float(v) for k, v in sums.items()}, "history": history,
+                     "args": {k: v for k, v in vars(args).items() if k != "explicit"}, "rng": states,
+                     "env": provenance(device)}
+            atomic_write(path, lambda f: torch.save(state, f))
+            atomic_write(os.path.join(args.out, "log.jsonl"), lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))
+
+    perm, last = None, time.time()
+    try:
+        while step < total:
+            epoch, s = divmod(step, spe)
+            if perm is None or s == 0:
+                g = torch.Generator().manual_seed(args.seed * 100003 + epoch)  # the same order on every rank
+                perm = torch.randperm(len(x_train), generator=g).to(device)
+                tick = progress(f"epoch {epoch + 1} step", spe) if rank == 0 else (lambda done: None)
+            idx = perm[s * args.batch_size + rank * b:s * args.batch_size + (rank + 1) * b]
+            x1, x2 = (augment(x_train[idx]).contiguous(memory_format=layout) for _ in range(2))
+            lr = lr_at(step, total, warmup, args.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with amp:
+                x_adv = None if args.method == "simclr" else attack_views(model, x1, x2, args, gather)
+                loss, terms = pretrain_loss(model, x1, x2, x_adv, args, gather)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:
+                allreduce_grads(params, world)
+            grad_norm = lars_(params, args.wd)
+            # One host sync per step, and device-resident flags (NCCL has no CPU tensors): a non-finite loss or
+            # gradient on any rank, or a stop request to any rank, stops every rank at this step.
+            flags = torch.stack([~torch.isfinite(loss.detach() + grad_norm), torch.tensor(bool(stopping), device=device)])
+            if world > 1:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            bad, stop = flags.tolist()
+            if bad:  # before the update: the weights stay good
+                raise NonFiniteLoss(
+                    f"non-finite loss at epoch {epoch + 1}, step {step} (loss {loss.item():.4g}: "
+                    + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()) + f"; grad norm {grad_norm.item():.4g}); "
+                    + (f"last good checkpoint: {path} (epoch {len(history)}); resume it with --resume {args.out} "
+                       f"--lr <smaller>" if os.path.exists(path) else "no checkpoint yet; restart with a smaller --lr"))
+            opt.step()
+            step += 1
+            for k, v in {"loss": loss.detach(), **terms}.items():
+                sums[k] = sums.get(k, 0) + v
+            now = time.time()
+            train_s, ep_s, last = train_s + now - last, ep_s + now - last, now
+            tick(s + 1)
+            if step % spe == 0:  # epoch complete: its log line, then the checkpoint that holds it
+                history.append({"epoch": epoch + 1, "step": step, **{k: float(v) / spe for k, v in sums.items()},
+                                "lr": lr, "images_per_s": spe * args.batch_size / ep_s, "train_s": train_s})
+                sums, ep_s = {}, 0.0
+                save()
+                if rank == 0:
+                    rec = history[-1]
+                    print(f"epoch {epoch + 1:4d}/{args.epochs} | loss {rec['loss']:.4f} | lr {lr:.4f} | "
+                          f"{rec['images_per_s']:7.1f} img/s | ETA {hms((total - step) * args.batch_size / rec['images_per_s'])}",
+                          flush=True)
+            elif stop or (args.ckpt_every and step % args.ckpt_every == 0):
+                save()
+            last = time.time()
+            if stop:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"interrupted: {path} holds step {step}; continue with: python ainfonce.py --resume {args.out}",
+                  file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
+    return train_s, step * args.batch_size / max(train_s, 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints and results
+# ---------------------------------------------------------------------------------------------------
+def atomic_write(path, write):
+    """write(f) to path.tmp, fsync, rename: a kill at any moment leaves the old file whole."""
     with open(path + ".tmp", "wb") as f:
-        torch.save(state, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path):
-    path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
-    if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"{path} is not a readable checkpoint (corrupt or truncated?): {type(e).__name__}")
-    missing = {"encoder", "projector", "optimizer", "epoch", "step", "args", "rng"} - set(ck if isinstance(ck, dict) else ())
-    if missing:
-        raise UsageError(f"{path} is not an ainfonce checkpoint: it lacks {sorted(missing)}")
-    return path, ck
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def read_json(path):
+    return json.load(open(path)) if os.path.exists(path) else {}
 
 
 def load_strict(module, state, what):
@@ -757,132 +1076,88 @@ def load_strict(module, state, what):
            + [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
               if k in own and v.shape != own[k].shape])
     if bad:
-        raise UsageError(f"checkpoint {what} does not match the model ({len(bad)} keys): " + "; ".join(bad[:4]))
+        raise UsageError(f"{what} does not match the model ({len(bad)} keys): " + "; ".join(bad[:4]))
     module.load_state_dict(state, strict=True)
 
 
-def prepare_out(args, net):
+PREFIXES = ("module.", "encoder.", "backbone.", "model.", "_orig_mod.")  # DataParallel, wrappers, compile
+IGNORED = ("fc.", "linear.", "classifier.", "head.", "projector.", "proj_head.", "projection.")  # heads
+
+
+def field_layout(sd, bn_branch):
+    """A CIFAR ResNet-18 state dict in the field's layout -> (our encoder's state dict, ignored keys).
+    Prefixes are stripped; dual-BN keys (bn_list.K, ACL/DynACL) keep branch bn_branch; downsample.* is our
+    shortcut.*; normalize.mean/std (an input normalisation inside the model) become mean/std; classifier
+    and projector keys are ignored and named. Whatever else does not fit fails in load_strict."""
+    out, ignored = {}, []
+    for k, v in sd.items():
+        name = k
+        while name.startswith(PREFIXES):
+            name = name.split(".", 1)[1]
+        m = re.search(r"\.bn_list\.(\d+)\.", name)
+        if m and int(m.group(1)) != bn_branch or name.startswith(IGNORED) or not torch.is_tensor(v):
+            ignored.append(k)
+            continue
+        name = name.replace(m.group(0), ".") if m else name
+        name = re.sub(r"downsample\.(0|conv)\.", "shortcut.0.", re.sub(r"downsample\.(1|bn)\.", "shortcut.1.", name))
+        out[re.sub(r"^normalize\.", "", name)] = v
+    return out, ignored
+
+
+def load_checkpoint(path, bn_branch=1):
+    """-> (path, ainfonce checkpoint or None, Net or ResNet18 with its weights). An ainfonce checkpoint
+    (a run directory or its last.pt), or a plain ResNet-18 state dict in the field's layout."""
+    path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path} is not a readable checkpoint (corrupt, truncated, or holding Python objects "
+                         f"that weights_only=True refuses): {type(e).__name__}")
+    if isinstance(ck, dict) and {"encoder", "projector", "args"} <= set(ck):
+        missing = {"optimizer", "epoch", "step", "history", "sums", "rng"} - set(ck)
+        if missing:
+            raise UsageError(f"{path} is not a complete ainfonce checkpoint: it lacks {sorted(missing)}")
+        net = Net(ck["args"]["width"])
+        load_strict(net.encoder, ck["encoder"], f"{path}: encoder")
+        load_strict(net.projector, ck["projector"], f"{path}: projector")
+        return path, ck, net
+    sd = ck.get("state_dict", ck.get("model", ck)) if isinstance(ck, dict) else None
+    state, ignored = field_layout(sd, bn_branch) if isinstance(sd, dict) else ({}, [])
+    if "conv1.weight" not in state:
+        raise UsageError(f"{path} is neither an ainfonce checkpoint nor a CIFAR ResNet-18 state dict in the field's "
+                         f"layout (no conv1.weight; keys: {', '.join(list(sd or {})[:4])} ...)")
+    encoder = ResNet18(state["conv1.weight"].shape[0], normalise="mean" in state)
+    load_strict(encoder, state, f"{path}: state dict")
+    print(f"{path}: ResNet-18 width {encoder.dim // 8}" + (", normalising inputs inside" if "mean" in state else "")
+          + (f"; ignored {len(ignored)} keys ({', '.join(ignored[:3])}, ...)" if ignored else ""))
+    return path, None, encoder
+
+
+def prepare_out(args, n_params):
     """Refuse to clobber another run; fail now, not after training, if the output cannot be written."""
-    ckpt = os.path.join(args.out, "last.pt")
-    if os.path.exists(ckpt) and not args.resume and not args.overwrite:
-        raise UsageError(f"{args.out} already holds a run: pass --resume {args.out} to continue it "
-                         f"or --overwrite to start over")
+    if os.path.exists(os.path.join(args.out, "last.pt")) and not args.resume and not args.overwrite:
+        raise UsageError(f"{args.out} already holds a run: continue it with --resume {args.out}, "
+                         f"or pass --overwrite to start over")
     parent = os.path.abspath(args.out)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise UsageError(f"cannot write to {args.out}: {parent} is not a directory")
-    need = 3 * 4 * sum(p.numel() for p in net.parameters())  # params + momentum, twice during a save
-    free = shutil.disk_usage(parent).free
+    need, free = 3 * 4 * n_params, shutil.disk_usage(parent).free  # params + momentum, twice during a save
     if free < need:
         raise UsageError(f"only {free / 2**20:.0f} MiB free for {args.out}; checkpoints need {need / 2**20:.0f} MiB")
     try:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, ".write-test"), "wb") as f:
-            f.write(b"0" * 4096)
+        write_json(os.path.join(args.out, ".write-test"), {})
         os.remove(os.path.join(args.out, ".write-test"))
     except OSError as e:
         raise UsageError(f"cannot write to {args.out}: {e.strerror or e}")
     if args.overwrite and not args.resume:
-        for name in ("last.pt", "log.jsonl", "results.json"):
-            if os.path.exists(os.path.join(args.out, name)):
+        for name in os.listdir(args.out):
+            if name == "last.pt" or name.startswith(("log.jsonl", "results")):
                 os.remove(os.path.join(args.out, name))
-
-
-def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def pretrain(args, net, x_train, device, rank, world, ck=None):
-    """Pretraining loop; checkpoints every epoch (and --ckpt-every steps). -> (seconds, images/s)."""
-    x_train, b = x_train.to(device), args.batch_size // world  # b: instances per rank
-    steps_per_epoch = len(x_train) // args.batch_size
-    total, warmup = steps_per_epoch * args.epochs, steps_per_epoch * args.warmup_epochs
-    params = list(net.parameters())
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)  # weight decay lives inside LARS
-    ckpt, step, train_s, saved = os.path.join(args.out, "last.pt"), 0, 0.0, None
-    if ck:
-        opt.load_state_dict(ck["optimizer"])
-        step, train_s, saved = ck["step"], ck["train_s"], ck["epoch"]
-        if len(ck["rng"]) == world:
-            set_rng_state(ck["rng"][rank])
-        else:  # another number of processes: fresh streams, so not bit-exact
-            torch.manual_seed(args.seed + rank + 7919 * step)
-    model = torch.compile(net) if args.compile else net
-    gather = gather_cat if world > 1 else None
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
-    layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    stop = torch.zeros(1, dtype=torch.int32)  # set by SIGTERM / SIGINT: finish the step, save, exit
-    handlers = {s: signal.signal(s, lambda *_: stop.fill_(1)) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def save(epoch, seconds):
-        nonlocal saved
-        states = [rng_state()] * world
-        if world > 1:
-            dist.all_gather_object(states, rng_state())
-        if rank == 0:
-            save_checkpoint(ckpt, net, opt, args, epoch, step, seconds, states)
-        saved = epoch
-
-    try:
-        for epoch in range(step // steps_per_epoch, args.epochs):
-            g = torch.Generator().manual_seed(args.seed * 100003 + epoch)  # same order on every rank
-            perm = torch.randperm(len(x_train), generator=g).to(device)
-            t0, first, sums = time.time(), step, {}
-            for s in range(step - epoch * steps_per_epoch, steps_per_epoch):
-                idx = perm[s * args.batch_size + rank * b:s * args.batch_size + (rank + 1) * b]
-                x1, x2 = (augment(x_train[idx]).contiguous(memory_format=layout) for _ in range(2))
-                lr = lr_at(step, total, warmup, args.lr)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                with amp:
-                    x_adv = None if args.method == "simclr" else attack_views(model, x1, x2, args, gather)
-                    loss, terms = pretrain_loss(model, x1, x2, x_adv, args, gather)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if world > 1:
-                    allreduce_grads(params, world)
-                grad_norm = lars_(params, args.wd)
-                if not torch.isfinite(loss + grad_norm):  # before the update: the weights stay good
-                    values = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
-                    raise NonFiniteLoss(
-                        f"non-finite loss at epoch {epoch + 1}, step {step} (loss {loss.item():.4g}: {values}; "
-                        f"grad norm {grad_norm.item():.4g}); last good checkpoint: "
-                        + (f"{ckpt} (epoch {saved}); resume it with --resume {args.out} and a smaller --lr"
-                           if saved is not None else "none yet; restart with a smaller --lr"))
-                opt.step()
-                step += 1
-                for k, v in {"loss": loss.detach(), **terms}.items():
-                    sums[k] = sums.get(k, 0) + v
-                if world > 1:
-                    dist.all_reduce(stop, dist.ReduceOp.MAX)  # every rank stops at the same step
-                if stop.item() or (args.ckpt_every and step % args.ckpt_every == 0):
-                    save(epoch, train_s + time.time() - t0)
-                    if stop.item():
-                        raise KeyboardInterrupt
-            dt = time.time() - t0
-            train_s += dt
-            save(epoch + 1, train_s)
-            n = max(1, step - first)
-            rec = {"epoch": epoch + 1, "step": step, **{k: v.item() / n for k, v in sums.items()},
-                   "lr": lr, "images_per_s": n * args.batch_size / dt, "train_s": train_s}
-            if rank == 0:
-                eta = (total - step) * dt / n
-                print(f"epoch {epoch + 1:4d}/{args.epochs} | loss {rec['loss']:.4f} | lr {lr:.4f} | "
-                      f"{rec['images_per_s']:7.1f} img/s | ETA {eta // 3600:.0f}:{eta % 3600 // 60:02.0f}:"
-                      f"{eta % 60:02.0f}", flush=True)
-                with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-    except KeyboardInterrupt:
-        if rank == 0:
-            print(f"interrupted: {ckpt} holds step {step}; continue with --resume {args.out}", file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
-    return train_s, step * args.batch_size / max(train_s, 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -902,7 +1177,8 @@ def official_step(net, opt, x1, x2, args):
 
 
 def benchmark(args, device):
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randint(0, 256, (4 * args.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
     net = Net(args.width).to(device).to(memory_format=layout)
@@ -911,10 +1187,12 @@ def benchmark(args, device):
     model = torch.compile(net) if args.compile else net
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     warmup, n = 2, args.benchmark_steps
-    times = {"data_s": 0.0, "attack_s": 0.0, "fwd_bwd_s": 0.0, "official_step_s": 0.0}
+    times, mem = {"data_s": 0.0, "attack_s": 0.0, "fwd_bwd_s": 0.0, "official_step_s": 0.0}, {}
 
     def timed(key, i, fn):
         sync()
+        if cuda and i == warmup:
+            torch.cuda.reset_peak_memory_stats(device)
         t = time.perf_counter()
         out = fn()
         sync()
@@ -935,15 +1213,18 @@ def benchmark(args, device):
                 lars_(list(net.parameters()), args.wd)
                 opt.step()
             timed("fwd_bwd_s", i, fwd_bwd)
+        if cuda and i == warmup + n - 1:
+            mem["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # our step only
         if args.method != "simclr":
             x1c, x2c = x1.contiguous(), x2.contiguous()
             timed("official_step_s", i, lambda: official_step(ref, ref_opt, x1c, x2c, args))
     step_s = times["data_s"] + times["attack_s"] + times["fwd_bwd_s"]
-    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-           "method": args.method, "width": args.width, "batch_size": args.batch_size,
+    res = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu x{torch.get_num_threads()}",
+           "torch": str(torch.__version__), "method": args.method, "width": args.width, "batch_size": args.batch_size,
            "attack_steps": args.attack_steps, "amp": args.amp, "channels_last": args.channels_last,
-           "compile": args.compile, "steps": n, "step_s": step_s, "images_per_s": args.batch_size / step_s,
-           **times, "ratio_vs_official": step_s / times["official_step_s"] if times["official_step_s"] else None}
+           "compile": args.compile, "reg_forward": args.reg_forward, "steps": n, "step_s": step_s,
+           "images_per_s": args.batch_size / step_s, **times, **mem,
+           "ratio_vs_official": step_s / times["official_step_s"] if times["official_step_s"] else None}
     print(f"ours {step_s:.3f} s/step ({res['images_per_s']:.1f} img/s): data {times['data_s']:.3f}, "
           f"attack {times['attack_s']:.3f}, fwd+bwd {times['fwd_bwd_s']:.3f}; official {times['official_step_s']:.3f}")
     print(json.dumps(res))
@@ -953,83 +1234,137 @@ def benchmark(args, device):
 # ---------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------
+def merge_checkpoint_args(args, ck_args, keep):
+    """Arguments of a checkpoint's run, except `keep` and the flags given explicitly on the command line;
+    an explicit flag that changes the run's math (RESUME_KEYS) is refused, by name."""
+    if args.resume:
+        diff = [f"--{k.replace('_', '-')} {ck_args.get(k)} (checkpoint) vs {getattr(args, k)}"
+                for k in RESUME_KEYS if k in args.explicit and ck_args.get(k) != getattr(args, k)]
+        if diff:
+            raise UsageError(f"cannot resume {args.resume} with other arguments: " + ", ".join(diff))
+    for k, v in ck_args.items():
+        if k not in keep and k not in args.explicit:
+            setattr(args, k, v)
+
+
 def run(args):
     t_start = time.time()
     device, rank, world = setup(args)
     if args.benchmark:
-        return benchmark(args, device)
+        return benchmark(resolve(args), device)
+    ck, net, source = None, None, None
+    if args.resume or args.eval_only:
+        path, ck, net = load_checkpoint(args.resume or args.eval_only, args.bn_branch)
+        if ck is None and args.resume:
+            raise UsageError(f"{path} is a plain state dict: --resume needs an ainfonce checkpoint")
+        if ck is None and "dataset" not in args.explicit:
+            raise UsageError(f"{path} is a plain state dict: name its data set with --dataset (and --data-dir)")
+        if "out" not in args.explicit:
+            args.out = os.path.dirname(path) or "."
+        if ck:
+            merge_checkpoint_args(args, ck["args"], EVAL_KEYS if args.eval_only else ("resume", "out", "overwrite", "argv"))
+    resolve(args)
     if args.autoattack:
-        try:
-            import torchattacks  # noqa: F401
-        except ImportError:
-            raise UsageError("--autoattack needs the optional torchattacks package: pip install torchattacks")
-    ck = None
-    if args.eval_only or args.resume:
-        path, ck = load_checkpoint(args.eval_only or args.resume)
-        args.out = args.out or os.path.dirname(path)
-    if args.eval_only:  # data and model as the checkpoint was trained; evaluation options from the CLI
-        for k in ("dataset", "data_dir", "subset", "width", "method", "epochs", "seed"):
-            setattr(args, k, ck["args"][k])
-    elif ck:
-        diff = [f"--{k.replace('_', '-')} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
-                for k in RESUME_KEYS if ck["args"].get(k) != getattr(args, k)]
-        if diff:
-            raise UsageError(f"cannot resume {path} with other arguments: " + ", ".join(diff))
+        autoattack_impl()  # fails now, not after training, when neither package is installed
+    if args.transfer_from:
+        source = load_checkpoint(args.transfer_from, args.bn_branch)[2]
+        source = source.encoder if isinstance(source, Net) else source
     if world > 1 and args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    net = Net(args.width)
-    if ck:
-        load_strict(net.encoder, ck["encoder"], "encoder")
-        load_strict(net.projector, ck["projector"], "projector")
-    x_tr, y_tr, x_te, y_te, n_classes = load_data(args.dataset, args.data_dir)
-    keep = fixed_shuffle(len(x_tr), args.subset)
-    x_tr, y_tr = x_tr[keep], y_tr[keep]
-    if args.batch_size > len(x_tr) and not args.eval_only:
+    train = not args.eval_only and (ck is None or ck["epoch"] < args.epochs)
+    eval_set = (args.eval_dataset or args.dataset, args.eval_data_dir or args.data_dir)
+    same = eval_set == (args.dataset, args.data_dir)
+    x_tr, y_tr, x_te, y_te, n_classes = (None,) * 5
+    if train or (args.eval and same):
+        x_tr, y_tr, x_te, y_te, n_classes = load_data(args.dataset, args.data_dir, args.subset, args.eval_subset)
+        if ck and ck["args"].get("n_classes", n_classes) != n_classes:
+            raise UsageError(f"{args.dataset} in {args.data_dir} has {n_classes} classes, the checkpoint's data set had "
+                             f"{ck['args']['n_classes']}: to evaluate on another data set use --eval-dataset")
+        args.n_classes = n_classes
+    if train and args.batch_size > len(x_tr):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(x_tr)} training images")
-    if not args.eval_only and rank == 0:  # every check above has passed: only now is anything written
-        prepare_out(args, net)
+    data = load_data(*eval_set, args.subset, args.eval_subset) if args.eval and not same else (x_tr, y_tr, x_te, y_te, n_classes)
+    if args.autoattack and data[4] < 4:
+        raise UsageError(f"--autoattack: standard AutoAttack needs >= 4 classes (its DLR loss uses the 3rd and 4th "
+                         f"largest logits); {args.eval_dataset or args.dataset} has {data[4]}")
+    net = net if net is not None else Net(args.width)
+    if train and rank == 0:  # every check above has passed: only now is anything written
+        prepare_out(args, sum(p.numel() for p in net.parameters()))
+        write_json(os.path.join(args.out, "config.json"), {k: v for k, v in vars(args).items() if k != "explicit"})
     net = net.to(device).to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    if world > 1 and device.type == "cuda":
-        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    results = {"method": args.method, "dataset": args.dataset, "epochs": args.epochs, "seed": args.seed,
-               "width": args.width, "n_train": len(x_tr), "batch_size": args.batch_size,
-               "attack_steps": args.attack_steps, "device": str(device)}
-    if not args.eval_only:
-        if rank == 0:
-            write_json(os.path.join(args.out, "config.json"), vars(args))
+    if train:
         if ck and ck["step"]:
-            print(f"resuming {path} at epoch {ck['epoch']}, step {ck['step']}")
-        t, ips = pretrain(args, net, x_tr, device, rank, world, ck)
-        results.update(pretrain_s=t, images_per_s=ips)
+            spe = len(x_tr) // args.batch_size
+            print(f"resuming {args.out} at epoch {ck['step'] // spe + 1}, step {ck['step'] % spe}/{spe}")
+        pretrain(args, net, x_tr, device, rank, world, ck)
+        ck = torch.load(os.path.join(args.out, "last.pt"), map_location="cpu", weights_only=True) if rank == 0 else ck
     if world > 1:  # evaluation runs on rank 0 alone, with batch norm back to per-process statistics
-        dist.barrier()  # all ranks reach teardown together (a gloo rank can still abort at exit, rarely)
+        dist.barrier()
         dist.destroy_process_group()
     if rank != 0:
-        return results
+        return {}
+    # results: one file per evaluation protocol; a file's finished schemes are never recomputed unless asked
+    info = {k: getattr(args, k, None) for k in ("method", "dataset", "data_dir", "subset", "n_classes", "width",
+            "epochs", "batch_size", "attack_steps", "eps", "lr", "hn_normalise", "seed")} if ck else {"checkpoint": path}
+    if ck:
+        info.update(pretrain_s=ck["train_s"], images_per_s=ck["step"] * args.batch_size / max(ck["train_s"], 1e-9),
+                    train_env=ck["env"])
+    protocol = None if not args.eval else {
+        "eval_dataset": args.eval_dataset or args.dataset, "n_classes": data[4], "n_train": len(data[0]),
+        "n_test": len(data[2]), "threats": [k for k, _, _ in args.threats], "eval_step": args.eval_step,
+        "eval_steps": args.eval_steps, "ft_epochs": args.ft_epochs, "eval_batch_size": args.eval_batch_size,
+        "autoattack": autoattack_impl() if args.autoattack else None, "transfer_from": args.transfer_from,
+        "bn_branch": None if ck else args.bn_branch, "seed": args.seed, "precision": "fp32, no TF32, no autocast"}
+    res_path = os.path.join(args.out, "results.json")
+    res = read_json(res_path)
+    if protocol and res.get("protocol", protocol) != protocol:
+        digest = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:8]
+        res_path = os.path.join(args.out, f"results-{digest}.json")
+        res = read_json(res_path)
+    if args.eval_only and args.overwrite:
+        res = {k: v for k, v in res.items() if not k.startswith(tuple(f"{s}_" for s in args.eval))}
+    if not train and res and all(f"{s}_sa" in res for s in args.eval):
+        print(f"nothing to do: {res_path} holds every evaluation asked for")
+        return res
+    res.update(info, **({"protocol": protocol} if protocol else {}))
+    inv = {"command": args.argv, "wall_s": 0.0, "env": provenance(device)}
+    res["invocations"] = res.get("invocations", []) + [inv]
+
+    def save(r):
+        inv["wall_s"] = time.time() - t_start  # the whole invocation: data, pretraining, evaluation
+        os.makedirs(args.out, exist_ok=True)
+        write_json(res_path, r)
+    save(res)
     if args.eval:
-        keep = fixed_shuffle(len(x_te), args.eval_subset)
-        data = (x_tr.to(device), y_tr.to(device), x_te[keep].to(device), y_te[keep].to(device), n_classes)
-        results.update(eval_eps=args.eval_eps, eval_step=args.eval_step, eval_steps=args.eval_steps,
-                       n_test=len(keep), eval_subset=args.eval_subset,
-                       **evaluate(args, net.encoder, data, device))
-    results["wall_s"] = time.time() - t_start  # the whole invocation: data, pretraining, evaluation
-    os.makedirs(args.out, exist_ok=True)
-    old_path = os.path.join(args.out, "results.json")
-    old = json.load(open(old_path)) if args.eval_only and os.path.exists(old_path) else {}
-    write_json(old_path, {**old, **results})
-    return results
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # during evaluation SIGTERM is a Ctrl-C
+        try:
+            evaluate(args, net.encoder if isinstance(net, Net) else net, [t.to(device) if torch.is_tensor(t) else t
+                                                                       for t in data], device, res, save, source)
+        except KeyboardInterrupt:
+            print(f"interrupted: the finished schemes are in {res_path}; finish with: python ainfonce.py "
+                  + (f"--resume {args.out}" if not args.eval_only else "(the same command)"), file=sys.stderr)
+            raise SystemExit(130)
+    return res
 
 
 def main(argv=None):
     """CLI entry point; returns the results dict (for tests). Bad input: one line on stderr, exit 2."""
     try:
-        return run(parse_args(argv))
+        args = parse_args(argv)
+        args.argv = " ".join(sys.argv[1:] if argv is None else map(str, argv))
+        return run(args)
     except UsageError as e:
         print(f"ainfonce.py: error: {e}", file=sys.stderr)
         raise SystemExit(2)
     except NonFiniteLoss as e:
         print(f"ainfonce.py: {e}", file=sys.stderr)
         raise SystemExit(3)
+    except KeyboardInterrupt:  # before training or evaluation began: nothing to keep
+        print("ainfonce.py: interrupted", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        if dist.is_available() and dist.is_initialized():  # on every way out: no rank leaves a live group
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
 """Tests for ainfonce.py: property tests of the pure functions, then end-to-end runs of main().
 
-    python -m pytest -q            # about 5 minutes on 2 CPU cores
+    python -m pytest -q                                # CPU: about 4 minutes on 2 cores
+    AINFONCE_TEST_DEVICE=cuda python -m pytest -q      # the same tests on a GPU; fails at once without one
 """
+import glob
+import importlib.util
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import types
+import weakref
 
 import pytest
 import torch
@@ -25,18 +30,29 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True)
 settings.load_profile("ci")
 
+DEVICE = os.environ.get("AINFONCE_TEST_DEVICE", "cpu")
+if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    pytest.exit(f"AINFONCE_TEST_DEVICE={DEVICE}, but torch {torch.__version__} sees no CUDA GPU: refusing to run "
+                f"the CUDA tests on the CPU", returncode=4)
+if not DEVICE.startswith(("cpu", "cuda")):
+    pytest.exit(f"AINFONCE_TEST_DEVICE={DEVICE}: expected cpu, cuda or cuda:N", returncode=4)
+DEV = torch.device(DEVICE)
+CUDA = DEV.type == "cuda"
+cpu_only = pytest.mark.skipif(CUDA, reason="runs gloo processes on the CPU; NCCL would need 2 GPUs")
+
 
 def randz(seed, V, N, D, scale=1.0):
-    return torch.randn(V, N, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float() * scale
+    return (torch.randn(V, N, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
+            * scale).to(DEV)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Independent references, written from SPEC.md section 2 and not from ainfonce.py
+# Independent references, written from the definitions and not from ainfonce.py
 # ---------------------------------------------------------------------------------------------------
 def ref_weighted(z, weights, t):
     """sum over (u, v) of weights[u][v] * l(u->v), l in cross-entropy form, over all V*N rows."""
     V, N, D = z.shape
-    zn = F.normalize(z.reshape(V * N, D).double(), dim=1)
+    zn = F.normalize(z.reshape(V * N, D).double().cpu(), dim=1)
     logits = (zn @ zn.detach().T / t).masked_fill(torch.eye(V * N, dtype=torch.bool), -math.inf)
     logp = F.log_softmax(logits, 1)
     n = torch.arange(N)
@@ -46,15 +62,15 @@ def ref_weighted(z, weights, t):
 def ref_ntxent(z1, z2, t):
     """SimCLR's NT-Xent in its usual cross-entropy form: row i's target is its other view."""
     N = len(z1)
-    zn = F.normalize(torch.cat([z1, z2]).double(), dim=1)
+    zn = F.normalize(torch.cat([z1, z2]).double().cpu(), dim=1)
     logits = (zn @ zn.detach().T / t).masked_fill(torch.eye(2 * N, dtype=torch.bool), -math.inf)
     return F.cross_entropy(logits, torch.cat([torch.arange(N, 2 * N), torch.arange(N)]))
 
 
 def ref_hn(z, weights, t, beta, tau_plus):
-    """The HN loss row by row, straight from the formulas (per-row normalisation over Neg(i))."""
+    """The HN loss row by row, straight from HCL's formulas (per-row normalisation over Neg(i))."""
     V, N, D = z.shape
-    zn = F.normalize(z.reshape(V * N, D).double(), dim=1)
+    zn = F.normalize(z.reshape(V * N, D).double().cpu(), dim=1)
     S = zn @ zn.detach().T / t
     M, total = V * (N - 1), 0
     for u in range(V):
@@ -70,6 +86,29 @@ def ref_hn(z, weights, t, beta, tau_plus):
                 if v != u:
                     total = total - weights.get((u, v), 0) * (S[i, v * N + n] - (pos + ng).log())
     return total / (V * N)
+
+
+def ref_official_hn(z, weights, t, beta, tau_plus):
+    """NT_xent_HN of the official Asym-RoCL loss.py (yqy2001/A-InfoNCE), transcribed line by line for V views,
+    in float64: masks built as there, imp = exp(beta log(e + 1e-9)), and `imp * e / imp.mean(dim=-1)`."""
+    V, N, D = z.shape
+    out = z.reshape(V * N, D).double().cpu()
+    N2 = V * N
+    out_norm = out / (out.norm(dim=1).view(N2, 1) + 1e-8)
+    sim_exp = torch.exp((1. / t) * torch.mm(out_norm, out_norm.transpose(0, 1).detach()))
+    N_neg = (N - 1) * V
+    mask = torch.eye(N, dtype=torch.float64).repeat(V, V)
+    logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(N2).view(-1, 1), 0)
+    mask = mask * logits_mask
+    exp_logits_neg = sim_exp * (1 - mask) * logits_mask
+    pos = (sim_exp * mask).sum(dim=1) / mask.sum(1)
+    imp = (beta * (exp_logits_neg + 1e-9).log()).exp()
+    reweight_logits_neg = (imp * exp_logits_neg) / imp.mean(dim=-1)
+    Ng = (-tau_plus * N_neg * pos + reweight_logits_neg.sum(dim=-1)) / (1 - tau_plus)
+    Ng = torch.clamp(Ng, min=N_neg * math.e ** (-1 / t))
+    loss = -torch.log(sim_exp / ((pos + Ng).view(N2, 1)))
+    n = torch.arange(N)
+    return sum(w * loss[u * N + n, v * N + n].sum() for (u, v), w in weights.items()) / N2
 
 
 def ip_weights(V, adv, alpha, adv_weight=1.0):
@@ -95,31 +134,58 @@ def test_two_views_is_ntxent(seed, N, D, t):
     zr = z.detach().clone().requires_grad_(True)
     ref = ref_ntxent(zr[0], zr[1], t)
     ref_grad, = torch.autograd.grad(ref, zr)
-    assert torch.allclose(loss.double(), ref, atol=1e-5)
-    assert torch.allclose(ours.double(), ref_grad.double(), atol=1e-6)
+    assert torch.allclose(loss.double().cpu(), ref, atol=1e-5)
+    assert torch.allclose(ours.double().cpu(), ref_grad.double().cpu(), atol=5e-6)  # fp32 rounding at tau 0.1
 
 
 @given(**shapes, alpha=st.floats(0, 1), adv_weight=st.floats(0, 3), V=st.integers(2, 4))
 def test_ip_matches_weighted_reference(seed, N, D, alpha, adv_weight, V):
     z = randz(seed, V, N, D)
-    adv = {V - 1}
     ours = A.a_infonce(z, adv_views=(V - 1,), ip_alpha=alpha, adv_weight=adv_weight)
-    ref = ref_weighted(z, ip_weights(V, adv, alpha, adv_weight), 0.5)
-    assert torch.allclose(ours.double(), ref, atol=1e-5)
+    ref = ref_weighted(z, ip_weights(V, {V - 1}, alpha, adv_weight), 0.5)
+    assert torch.allclose(ours.double().cpu(), ref, atol=1e-5)
 
 
 @given(**shapes, V=st.integers(2, 4), beta=st.floats(0, 3), tau_plus=st.floats(0, 0.95),
        alpha=st.one_of(st.none(), st.floats(0, 1)), t=st.floats(0.2, 1.0))
 def test_hn_matches_row_by_row_reference(seed, N, D, V, beta, tau_plus, alpha, t):
     z = randz(seed, V, N, D).requires_grad_(True)
-    adv = (V - 1,)
-    weights = ip_weights(V, set(adv), alpha) if alpha is not None else ip_weights(V, set(), 0)
-    ours = A.a_infonce(z, adv_views=adv, ip_alpha=alpha, hn_beta=beta, tau_plus=tau_plus, temperature=t)
+    weights = ip_weights(V, {V - 1}, alpha) if alpha is not None else ip_weights(V, set(), 0)
+    ours = A.a_infonce(z, adv_views=(V - 1,), ip_alpha=alpha, hn_beta=beta, tau_plus=tau_plus, temperature=t)
     ref = ref_hn(z, weights, t, beta, tau_plus)
     g_ours, = torch.autograd.grad(ours, z)
     g_ref, = torch.autograd.grad(ref, z)
-    assert torch.allclose(ours.double(), ref, atol=1e-5, rtol=1e-5)
-    assert torch.allclose(g_ours.double(), g_ref.double(), atol=1e-5)
+    assert torch.allclose(ours.double().cpu(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(g_ours.double().cpu(), g_ref.double().cpu(), atol=1e-5)
+
+
+@given(**shapes, V=st.integers(2, 4), beta=st.floats(0, 3), tau_plus=st.floats(0, 0.95),
+       alpha=st.one_of(st.none(), st.floats(0, 1)), t=st.floats(0.2, 1.0))
+def test_official_hn_matches_the_official_code(seed, N, D, V, beta, tau_plus, alpha, t):
+    z = randz(seed, V, N, D).requires_grad_(True)
+    weights = ip_weights(V, {V - 1}, alpha) if alpha is not None else ip_weights(V, set(), 0)
+    ours = A.a_infonce(z, adv_views=(V - 1,), ip_alpha=alpha, hn_beta=beta, tau_plus=tau_plus, temperature=t,
+                       hn_normalise="official")
+    ref = ref_official_hn(z, weights, t, beta, tau_plus)
+    g_ours, = torch.autograd.grad(ours, z)
+    g_ref, = torch.autograd.grad(ref, z)
+    assert torch.allclose(ours.double().cpu(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(g_ours.double().cpu(), g_ref.double().cpu(), atol=1e-5)
+
+
+def test_the_two_hn_normalisations_differ_as_documented():
+    z = randz(7, 3, 64, 32).requires_grad_(True)
+    kw = dict(adv_views=(2,), hn_beta=1.0, tau_plus=0.12)
+    ours, off = (A.a_infonce(z, hn_normalise=h, **kw) for h in ("negatives", "official"))
+    g_ours, = torch.autograd.grad(ours, z)
+    g_off, = torch.autograd.grad(off, z)
+    assert ours != off and not torch.allclose(g_ours, g_off, rtol=1e-3)
+    # the official normaliser of column j is row j's mean: gradient reaches a view that is only ever a key
+    z2 = randz(8, 2, 6, 8).requires_grad_(True)
+    kw = dict(adv_views=(1,), ip_alpha=1.0, hn_beta=1.0, tau_plus=0.1)  # adv->clean weight 0: adv is only a key
+    g_neg, = torch.autograd.grad(A.a_infonce(z2, **kw), z2)
+    g_off, = torch.autograd.grad(A.a_infonce(z2, hn_normalise="official", **kw), z2)
+    assert torch.all(g_neg[1] == 0) and g_off[1].abs().sum() > 0
 
 
 @given(**shapes)
@@ -134,28 +200,28 @@ def test_special_cases_reduce_to_symmetric(seed, N, D):
     assert torch.allclose(A.a_infonce(z2, hn_beta=0.0, tau_plus=0.0), sym2, atol=1e-5)
 
 
-@given(**shapes, V=st.integers(2, 4), hn=st.sampled_from([None, 1.0]), data=st.data())
+@given(**shapes, V=st.integers(2, 4), hn=st.sampled_from([None, "negatives", "official"]), data=st.data())
 def test_invariant_to_row_scale_and_instance_order(seed, N, D, V, hn, data):
     z = randz(seed, V, N, D)
-    kw = dict(adv_views=(V - 1,), ip_alpha=0.2, hn_beta=hn, tau_plus=0.1)
+    kw = dict(adv_views=(V - 1,), ip_alpha=0.2, hn_beta=hn and 1.0, tau_plus=0.1, hn_normalise=hn or "negatives")
     base = A.a_infonce(z, **kw)
-    scale = torch.exp(torch.empty(V, N, 1).uniform_(-7, 7, generator=torch.Generator().manual_seed(seed)))
+    scale = torch.exp(torch.empty(V, N, 1).uniform_(-7, 7, generator=torch.Generator().manual_seed(seed))).to(DEV)
     assert torch.allclose(A.a_infonce(z * scale, **kw), base, atol=1e-5)
     perm = torch.tensor(data.draw(st.permutations(range(N))))
     assert torch.allclose(A.a_infonce(z[:, perm], **kw), base, atol=1e-5)
 
 
-@pytest.mark.parametrize("hn", [None, 1.0])
+@pytest.mark.parametrize("hn", [None, "negatives", "official"])
 @pytest.mark.parametrize("make", [
-    lambda: torch.ones(3, 4, 8),                         # identical rows
+    lambda: torch.ones(3, 4, 8, device=DEV),             # identical rows
     lambda: randz(0, 3, 4, 8, scale=1e30),               # |z|^2 overflows float32
     lambda: randz(1, 3, 4, 8, scale=1e-30),              # |z|^2 underflows float32
     lambda: randz(2, 3, 2, 8),                           # N = 2
-    lambda: torch.zeros(3, 4, 8),                        # all-zero projections
+    lambda: torch.zeros(3, 4, 8, device=DEV),            # all-zero projections
 ])
 def test_finite_on_extreme_inputs(make, hn):
     z = make().requires_grad_(True)
-    loss = A.a_infonce(z, adv_views=(2,), ip_alpha=0.2, hn_beta=hn, tau_plus=0.12)
+    loss = A.a_infonce(z, adv_views=(2,), ip_alpha=0.2, hn_beta=hn and 1.0, tau_plus=0.12, hn_normalise=hn or "negatives")
     grad, = torch.autograd.grad(loss, z)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
@@ -165,15 +231,22 @@ def test_large_norms_give_the_unit_norm_value():
     assert torch.allclose(A.a_infonce(z * 1e30, adv_views=(2,)), A.a_infonce(z, adv_views=(2,)), atol=1e-6)
 
 
-def test_rejects_fewer_than_two_views_or_instances():
-    for shape in [(1, 4, 8), (3, 1, 8)]:
-        with pytest.raises(ValueError):
-            A.a_infonce(torch.randn(shape))
+@pytest.mark.parametrize("z,kw,pattern", [
+    (torch.randn(1, 4, 8), {}, r">= 2 views of >= 2 instances"),
+    (torch.randn(3, 1, 8), {}, r">= 2 views of >= 2 instances"),
+    (torch.randn(6, 8), {}, r"shape \[V views, N instances, D\]"),
+    (torch.randn(3, 4, 8), {"adv_views": 2}, r"adv_views must be a sequence of view indices in \[0, 3\)"),
+    (torch.randn(3, 4, 8), {"adv_views": (5,)}, r"adv_views must be .*got \(5,\)"),
+    (torch.randn(3, 4, 8), {"hn_beta": 1.0, "hn_normalise": "rows"}, r"hn_normalise must be"),
+])
+def test_loss_rejects_bad_input_with_a_message(z, kw, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        A.a_infonce(z, **kw)
 
 
 def test_loss_is_float32_under_bf16_autocast():
     z = randz(0, 3, 4, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
         loss = A.a_infonce(z.bfloat16(), adv_views=(2,), hn_beta=1.0, tau_plus=0.1)
     assert loss.dtype == torch.float32
     assert torch.allclose(loss, A.a_infonce(z.bfloat16().float(), adv_views=(2,), hn_beta=1.0, tau_plus=0.1))
@@ -195,7 +268,7 @@ def test_ip_alpha_zero_clean_views_learn_nothing_from_the_adversary(seed, N, D):
     z = randz(seed, 3, N, D).requires_grad_(True)
     grad, = torch.autograd.grad(A.a_infonce(z, adv_views=(2,), ip_alpha=0.0), z)
     clean_only, = torch.autograd.grad(ref_weighted(z, {(0, 1): 1.0, (1, 0): 1.0}, 0.5), z)
-    assert torch.allclose(grad[:2].double(), clean_only[:2].double(), atol=1e-6)
+    assert torch.allclose(grad[:2].double().cpu(), clean_only[:2].double().cpu(), atol=1e-6)
     # and with two views [clean, adv], the clean view receives no gradient at all
     z2 = randz(seed, 2, N, D).requires_grad_(True)
     grad2, = torch.autograd.grad(A.a_infonce(z2, adv_views=(1,), ip_alpha=0.0), z2)
@@ -208,7 +281,7 @@ def negative_coefficients(z, **kw):
     V, N, D = z.shape
     z = F.normalize(z, dim=-1).requires_grad_(True)
     grad, = torch.autograd.grad(A.a_infonce(z, **kw), z)
-    rows = z.detach().reshape(V * N, D)
+    rows, grad = z.detach().reshape(V * N, D).cpu(), grad.cpu()
     basis = torch.cat([rows[1:], rows[:1]]).double().T  # [D, V*N]
     coef = torch.linalg.lstsq(basis, grad.reshape(V * N, D)[0].double()[:, None]).solution[:-1, 0]
     neg = [k - 1 for k in range(1, V * N) if k % N != 0]
@@ -233,21 +306,21 @@ def test_hard_negatives_get_larger_gradient_weight(seed):
 # ---------------------------------------------------------------------------------------------------
 def tiny_net(seed=0, width=4):
     torch.manual_seed(seed)
-    return A.Net(width)
+    return A.Net(width).to(DEV)
 
 
 def images(seed, n=6):
-    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(DEV)
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_instance_pgd_properties(seed):
     net, x, x_pos = tiny_net(seed), images(seed), images(seed + 100)
     net.train()
-    net.encoder.stem.eval()  # a mixed state must come back exactly
+    net.encoder.layer1.eval()  # a mixed state must come back exactly
     eps = 8 / 255
     x_adv = A.instance_pgd(net, x, x_pos, eps=eps, steps=5)
-    assert net.training and not net.encoder.stem.training and net.encoder.layers.training
+    assert net.training and not net.encoder.layer1.training and net.encoder.layer2.training
     assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     with A.eval_mode(net), torch.no_grad():
         z_pos = net(x_pos)
@@ -278,21 +351,22 @@ class Linear2(nn.Module):
 
 def linear_data(n=400, seed=0, margin_max=0.06):
     """x = 0.5 + y_sign * delta * p, delta ~ U(0, margin_max), p in {-1,1}^d. The classifier's margin is
-    m = y_sign * mean((x - 0.5) p); an L_inf attack of radius eps lowers it by exactly eps (the corner
-    x - y_sign eps p), so RA(eps) = P(m > eps), computed here on the uint8 images."""
+    m = y_sign * mean((x - 0.5) p). An L_inf attack of radius eps lowers it by exactly eps (the corner
+    x - y_sign eps p), an L2 attack by eps |p| / d = eps / sqrt(d) (the point x - y_sign eps p / |p|; no pixel
+    leaves [0, 1] here), so RA(eps) = P(m > eps) and P(m > eps / sqrt(d)), computed on the uint8 images."""
     g = torch.Generator().manual_seed(seed)
     p = torch.randint(0, 2, (3, 32, 32), generator=g).float() * 2 - 1
     y = torch.randint(0, 2, (n,), generator=g)
     delta = torch.rand(n, generator=g) * margin_max
     x8 = ((0.5 + ((2 * y - 1).float() * delta)[:, None, None, None] * p) * 255).round().to(torch.uint8)
     margin = (2 * y - 1).float() * ((x8.float() / 255 - 0.5) * p).flatten(1).mean(1)
-    return Linear2(p), x8, y, margin
+    return Linear2(p).to(DEV), x8.to(DEV), y.to(DEV), margin.to(DEV)
 
 
 def independent_pgd(model, x, y, eps, alpha, steps, seed):
     """PGD from the definition (Madry et al. 2018), written apart from ainfonce.pgd."""
     g = torch.Generator().manual_seed(seed)
-    delta = (torch.rand(x.shape, generator=g) * 2 - 1) * eps
+    delta = ((torch.rand(x.shape, generator=g) * 2 - 1) * eps).to(x.device)
     delta = (x + delta).clamp(0, 1) - x
     for _ in range(steps):
         delta.requires_grad_(True)
@@ -303,16 +377,33 @@ def independent_pgd(model, x, y, eps, alpha, steps, seed):
     return (x + delta).detach()
 
 
-def test_pgd_properties():
+@pytest.mark.parametrize("norm,radii", [("linf", (0.0, 4 / 255, 8 / 255)), ("l2", (0.0, 0.25, 1.0))])
+def test_pgd_stays_in_its_ball_and_box_and_does_not_lower_the_loss(norm, radii):
+    torch.manual_seed(0)
     model, x8, y, _ = linear_data(64)
     x = x8.float() / 255
-    model.train()
-    for eps in (0.0, 4 / 255, 8 / 255):
-        x_adv = A.pgd(model, x, y, eps=eps, step=2 / 255, steps=10)
-        assert model.training
-        assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
-        assert F.cross_entropy(model(x_adv), y) >= F.cross_entropy(model(x), y) - 1e-6
-    assert torch.equal(A.pgd(model, x, y, eps=0.0), x)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 2)).to(DEV)
+    for m in (model, conv):
+        m.train()
+        for eps in radii:
+            x_adv = A.pgd(m, x, y, eps=eps, step=2.5 * eps / 10, steps=10, norm=norm)
+            assert m.training and x_adv.min() >= 0 and x_adv.max() <= 1
+            d = (x_adv - x).flatten(1)
+            assert (d.abs().amax(1) if norm == "linf" else d.norm(dim=1)).max() <= eps + 1e-5
+            assert F.cross_entropy(m(x_adv), y) >= F.cross_entropy(m(x), y) - 1e-6
+        assert torch.equal(A.pgd(m, x, y, eps=0.0, norm=norm), x)
+
+
+def test_robust_accuracy_per_norm_falls_with_eps_as_in_closed_form():
+    model, x, y, margin = linear_data(400)
+    sa = A.accuracy(model, x, y, 128)
+    assert sa == (margin > 0).float().mean().item()
+    d = x[0].numel()
+    for norm, radii, drop in (("linf", (2 / 255, 8 / 255, 16 / 255), 1.0), ("l2", (0.25, 1.0, 2.0), d ** -0.5)):
+        ra = [A.accuracy(model, x, y, 128, A.pgd_attack(norm, e, 2 / 255, 20)) for e in radii]
+        assert sa >= ra[0] >= ra[1] >= ra[2], (norm, ra)
+        for e, r in zip(radii, ra):
+            assert abs(r - (margin > e * drop).float().mean().item()) <= 0.01, (norm, e, r)
 
 
 def test_robust_accuracy_guards_and_parity_with_independent_pgd():
@@ -322,14 +413,14 @@ def test_robust_accuracy_guards_and_parity_with_independent_pgd():
           for e in (0, 2, 8, 16, 64)}
     assert ra[0] == sa and sa >= ra[2] >= ra[8] >= ra[16] >= ra[64]
     assert ra[64] == 0 and ra[16] <= 0.02
-    assert sa == (margin > 0).float().mean().item()
     assert abs(ra[8] - (margin > 8 / 255).float().mean().item()) <= 0.005
     more = A.accuracy(model, x, y, 128, lambda m, xb, yb: A.pgd(m, xb, yb, eps=8 / 255, step=2 / 255, steps=50))
     assert more <= ra[8] + 0.01
     ind = (model(independent_pgd(model, x.float() / 255, y, 8 / 255, 2 / 255, 20, seed=1)).argmax(1) == y)
     assert abs(ind.float().mean().item() - ra[8]) <= 0.02
-    g = A.guards(model, x, y, 128, 8 / 255, 20)
-    assert g["ok"] and g["sa"] == A.accuracy(model, x[:200], y[:200], 128)
+    g = A.guards(model, x, y, 128, 8 / 255, 20, [("linf", 8 / 255, ra[8]), ("linf", 16 / 255, ra[16])])
+    assert g["ok"] and g["threats_fall"]
+    assert not A.guards(model, x, y, 128, 8 / 255, 20, [("l2", 0.5, 0.2), ("l2", 1.0, 0.4)])["ok"]
 
 
 class Masked(Linear2):
@@ -345,17 +436,39 @@ def test_guards_flag_masked_gradients():
     assert not A.guards(masked, x, y, 128, 8 / 255, 20)["ok"]  # ... and the guards say so
 
 
+def test_guards_use_images_of_every_class():
+    x = torch.zeros(1000, 3, 32, 32, dtype=torch.uint8, device=DEV)
+    y = torch.arange(10, device=DEV).repeat_interleave(100)  # sorted by class, as ImageFolder lists them
+    always0 = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).to(DEV)
+    with torch.no_grad():
+        always0[1].weight.zero_()
+        always0[1].bias.copy_(torch.eye(10)[0])  # predicts class 0 for every image
+    assert A.guards(always0, x, y, 256, 8 / 255, 2)["sa"] < 0.25  # 200 images of class 0 would give 1.0
+
+
 def test_evaluation_is_fp32_under_autocast():
-    model = nn.Linear(4, 2)
-    with torch.autocast("cpu", dtype=torch.bfloat16), A.strict_fp32(torch.device("cpu")):
-        assert model(torch.randn(3, 4)).dtype == torch.float32
+    model = nn.Linear(4, 2).to(DEV)
+    with torch.autocast(DEV.type, dtype=torch.bfloat16), A.strict_fp32(DEV):
+        assert model(torch.randn(3, 4, device=DEV)).dtype == torch.float32
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def test_trades_loss_is_ce_plus_kl():
     torch.manual_seed(0)
-    model, x, y = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)), images(0, 8), torch.arange(8) % 3
+    model, x, y = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)).to(DEV), images(0, 8), torch.arange(8, device=DEV) % 3
     assert torch.allclose(A.trades_loss(model, x, y, eps=0.0), F.cross_entropy(model(x), y), atol=1e-6)
     assert A.trades_loss(model, x, y, beta=6.0) > F.cross_entropy(model(x), y)
+
+
+def test_autoattack_names_its_implementation(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyautoattack", types.SimpleNamespace(__version__="9.9"))
+    assert A.autoattack_impl() == "pyautoattack 9.9"
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)
+    monkeypatch.setitem(sys.modules, "torchattacks", types.SimpleNamespace(__version__="1.2"))
+    assert A.autoattack_impl() == "torchattacks 1.2"
+    monkeypatch.setitem(sys.modules, "torchattacks", None)
+    with pytest.raises(A.UsageError, match="pip install pyautoattack"):
+        A.autoattack_impl()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -367,15 +480,15 @@ def test_colour_ops_match_torchvision(op, factor):
     import torchvision.transforms.functional as TF
     x = images(op, 8)
     tv = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)[op]
-    ref = torch.stack([tv(img, factor) for img in x])
-    assert torch.allclose(A.adjust(x, op, torch.full((8,), factor)), ref, atol=1e-5)
+    ref = torch.stack([tv(img, factor) for img in x.cpu()])
+    assert torch.allclose(A.adjust(x, op, torch.full((8,), factor, device=DEV)).cpu(), ref, atol=1e-5)
 
 
 def test_crop_params_follow_random_resized_crop():
     from torchvision.transforms import RandomResizedCrop
     n, img = 10000, torch.zeros(3, 32, 32)
     torch.manual_seed(0)
-    w, h, x0, y0 = A.crop_params(n, "cpu")
+    w, h, x0, y0 = (t.cpu() for t in A.crop_params(n, DEV))
     ref = torch.tensor([RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)]).float()
     for ours, theirs in ((w * h, ref[:, 2] * ref[:, 3]), (w / h, ref[:, 3] / ref[:, 2]), (x0, ref[:, 1]), (y0, ref[:, 0])):
         q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
@@ -386,7 +499,7 @@ def test_crop_params_follow_random_resized_crop():
 
 def test_augment_rates_range_and_determinism():
     n = 4000
-    ramp = torch.linspace(0.2, 0.7, 32).expand(n, 3, 32, 32)  # a gray left-to-right ramp
+    ramp = torch.linspace(0.2, 0.7, 32, device=DEV).expand(n, 3, 32, 32)  # a gray left-to-right ramp
     torch.manual_seed(0)
     out = A.augment((ramp * 255).round().to(torch.uint8))
     assert out.shape == (n, 3, 32, 32) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
@@ -404,15 +517,18 @@ def test_augment_rates_range_and_determinism():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Model and optimisation
+# Model, optimisation, the training step
 # ---------------------------------------------------------------------------------------------------
-def test_model_shapes():
-    net = A.Net(8)
+def test_model_shapes_and_the_fields_layout():
+    net = A.Net(8).to(DEV)
     assert net.encoder.dim == 64 and net.encoder(images(0, 2)).shape == (2, 64)
     assert net(images(0, 2)).shape == (2, 128)
     assert [m.out_features for m in net.projector if isinstance(m, nn.Linear)] == [2048, 128]
     assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
-    assert net.encoder.stem[0].stride == (1, 1) and net.encoder.stem[0].kernel_size == (3, 3)
+    assert net.encoder.conv1.stride == (1, 1) and net.encoder.conv1.kernel_size == (3, 3)
+    keys = set(net.encoder.state_dict())
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer4.1.bn2.weight",
+            "layer2.0.shortcut.0.weight", "layer4.0.shortcut.1.running_var"} <= keys
 
 
 def test_lr_schedule():
@@ -420,6 +536,16 @@ def test_lr_schedule():
     assert lrs[0] == 0.1 and A.lr_at(10, 100, 10, 0.1) == pytest.approx(1.5)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert A.lr_at(100, 100, 10, 0.1) == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("dataset,method,lr,tau_plus", [
+    ("cifar10", "hardneg", 0.2, 0.12), ("cifar10", "both", 0.3, 0.12), ("cifar10", "rocl", 0.1, 0.12),
+    ("folder", "both", 0.3, 0.12), ("cifar100", "hardneg", 0.1, 0.1), ("cifar100", "both", 0.2, 0.1),
+    ("cifar100", "infpos", 0.1, 0.1)])
+def test_defaults_per_data_set_follow_the_official_scripts(dataset, method, lr, tau_plus):
+    args = A.resolve(A.parse_args(["--dataset", dataset, "--method", method]))
+    assert args.lr == lr and args.tau_plus == tau_plus
+    assert A.resolve(A.parse_args(["--dataset", dataset, "--method", method, "--lr", "0.05"])).lr == 0.05
 
 
 def test_lars_scales_each_tensor():
@@ -430,27 +556,52 @@ def test_lars_scales_each_tensor():
     assert torch.allclose(p.grad, expected)
 
 
+def test_regulariser_forward_runs_before_the_main_forward():
+    """BN running statistics after one step equal the official order's: [x_adv; x2] first, then [x1; x2; x_adv]."""
+    args = A.resolve(A.parse_args(["--method", "rocl", "--width", "4"]))
+    x1, x2, xa = images(0, 4), images(1, 4), images(2, 4)
+    ours, official, reverse = tiny_net(), tiny_net(), tiny_net()
+    A.pretrain_loss(ours.train(), x1, x2, xa, args)
+    official.train()(torch.cat([xa, x2]))
+    official(torch.cat([x1, x2, xa]))
+    reverse.train()(torch.cat([x1, x2, xa]))
+    reverse(torch.cat([xa, x2]))
+    stats = lambda n: torch.cat([b for k, b in n.state_dict().items() if "running" in k])
+    assert torch.equal(stats(ours), stats(official)) and not torch.allclose(stats(ours), stats(reverse))
+
+
 # ---------------------------------------------------------------------------------------------------
 # End to end: main() on a tiny generated folder data set
 # ---------------------------------------------------------------------------------------------------
+def make_folder(root, classes=2, n_train=16, n_test=8, seed=0):
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class{c}"))
+            for i in range(n):
+                x = (torch.rand(32, 32, 3, generator=g) * 100 + 110 * c / max(1, classes - 1)).to(torch.uint8).numpy()
+                Image.fromarray(x).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
+    return str(root)
+
+
 @pytest.fixture(scope="session")
 def folder(tmp_path_factory):
-    from PIL import Image
-    root = tmp_path_factory.mktemp("data")
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", 16), ("test", 8)):
-        for c in range(2):
-            os.makedirs(root / split / f"class{c}")
-            for i in range(n):
-                x = (torch.rand(32, 32, 3, generator=g) * 100 + 110 * c).to(torch.uint8).numpy()
-                Image.fromarray(x).save(root / split / f"class{c}" / f"{i}.png")
-    return str(root)
+    return make_folder(tmp_path_factory.mktemp("data"))
+
+
+GPU_FLAGS = ["--device", DEVICE, "--amp", "--channels-last", "--deterministic"] if CUDA else []
 
 
 def tiny(folder, out, *extra):
     return ["--dataset", "folder", "--data-dir", folder, "--width", "8", "--batch-size", "8", "--epochs", "1",
             "--attack-steps", "2", "--warmup-epochs", "0", "--eval-steps", "2", "--ft-epochs", "1",
-            "--eval-batch-size", "64", *extra, "--out", str(out)]
+            "--eval-batch-size", "64", *GPU_FLAGS, *extra, "--out", str(out)]
+
+
+def weights(path):
+    ck = torch.load(path, weights_only=True)
+    return {**ck["encoder"], **{f"p.{k}": v for k, v in ck["projector"].items()}}, ck
 
 
 @pytest.mark.parametrize("method", A.METHODS)
@@ -458,52 +609,172 @@ def test_end_to_end_every_method(folder, tmp_path, method):
     res = A.main(tiny(folder, tmp_path / "run", "--method", method))
     saved = json.load(open(tmp_path / "run" / "results.json"))
     assert saved == json.loads(json.dumps(res))
-    for k in ("slf_sa", "slf_ra"):
-        assert 0 <= saved[k] <= 1
-    assert saved["slf_ra"] <= saved["slf_sa"]
-    assert saved["method"] == method and saved["epochs"] == 1 and saved["seed"] == 0
-    assert saved["pretrain_s"] > 0 and saved["images_per_s"] > 0 and saved["eval_step"] == 2 / 255
-    assert saved["wall_s"] > saved["pretrain_s"]  # the invocation: data, pretraining and evaluation
-    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert 0 <= saved["slf_ra"] <= saved["slf_sa"] <= 1 and saved["slf_ra"] == saved["slf_robust"]["linf:8/255"]
+    assert saved["method"] == method and saved["epochs"] == 1 and saved["seed"] == 0 and saved["n_classes"] == 2
+    assert saved["protocol"]["eval_step"] == 2 / 255 and saved["protocol"]["n_test"] == 16
+    assert saved["pretrain_s"] > 0 and saved["images_per_s"] > 0
+    inv = saved["invocations"][-1]
+    assert inv["wall_s"] > saved["pretrain_s"] and inv["env"]["torch"] == str(torch.__version__)
+    assert inv["env"]["device_name"] and inv["command"].startswith("--dataset folder") and saved["train_env"]["torch"]
+    w, ck = weights(tmp_path / "run" / "last.pt")
     assert ck["epoch"] == 1 and ck["step"] == 4 and ck["args"]["method"] == method
-    net = A.Net(8)
-    net.encoder.load_state_dict(ck["encoder"], strict=True)
-    net.projector.load_state_dict(ck["projector"], strict=True)
+    assert all(v.device.type == "cpu" for v in w.values())
+    A.load_strict(A.Net(8).encoder, ck["encoder"], "encoder")
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    assert len(log) == 1 and math.isfinite(log[0]["loss"])
+    assert len(log) == 1 and math.isfinite(log[0]["loss"]) and log[0] == ck["history"][0]
 
 
-def test_all_schemes_and_eval_only(folder, tmp_path):
-    res = A.main(tiny(folder, tmp_path / "run", "--eval", "slf", "alf", "aff", "--eval-subset", "10"))
-    for k in ("slf", "alf", "aff"):
-        assert 0 <= res[f"{k}_ra"] <= res[f"{k}_sa"] <= 1
-    assert res["n_test"] == 10 and res["eval_subset"] == 10 and "guards" in res
-    same = A.main(["--eval-only", str(tmp_path / "run"), "--eval", "slf", "alf", "aff", "--eval-subset", "10",
-                   "--eval-steps", "2", "--ft-epochs", "1", "--eval-batch-size", "64"])
-    assert all(same[k] == res[k] for k in res if k.endswith(("_sa", "_ra")))  # the checkpoint's own numbers
-    again = A.main(["--eval-only", str(tmp_path / "run"), "--eval", "slf", "--eval-step", "0.00314"])
-    assert again["width"] == 8 and again["eval_step"] == 0.00314 and again["n_test"] == 16
-    merged = json.load(open(tmp_path / "run" / "results.json"))
-    assert merged["eval_step"] == 0.00314 and "alf_sa" in merged and "pretrain_s" in merged
+def eval_only(run, *extra):
+    return A.main(["--eval-only", str(run), "--eval-steps", "2", "--ft-epochs", "1", "--eval-batch-size", "64",
+                   *GPU_FLAGS[:2], *extra])
 
 
-def test_amp_pretraining_keeps_the_loss_in_fp32(folder, tmp_path):
+def scheme_keys(res):
+    return {k: v for k, v in res.items() if k.startswith(A.SCHEMES) and not k.endswith("_s")}
+
+
+def test_all_schemes_threats_and_eval_only(folder, tmp_path):
+    threats = ["--eval-threats", "linf:8/255", "linf:16/255", "l2:0.5"]
+    res = A.main(tiny(folder, tmp_path / "run", "--eval", "slf", "alf", "aff", "--eval-subset", "10", *threats))
+    for k in A.SCHEMES:
+        assert 0 <= res[f"{k}_ra"] <= res[f"{k}_sa"] <= 1 and list(res[f"{k}_robust"]) == threats[1:]
+    assert res["protocol"]["n_test"] == 10 and res["slf_guards"]["threats_fall"] is not None
+    before = open(tmp_path / "run" / "results.json").read()
+    # the same protocol: the finished schemes are kept, nothing is recomputed, the numbers stay
+    same = eval_only(tmp_path / "run", "--eval", "slf", "alf", "aff", "--eval-subset", "10", *threats)
+    assert scheme_keys(same) == scheme_keys(res) and open(tmp_path / "run" / "results.json").read() == before
+    # recomputing them (--overwrite) gives the same numbers: evaluation seeds its own RNG, per scheme
+    again = eval_only(tmp_path / "run", "--eval", "alf", "aff", "slf", "--eval-subset", "10", *threats, "--overwrite")
+    assert {k: v for k, v in scheme_keys(again).items() if k != "slf_guards"} == \
+        {k: v for k, v in scheme_keys(res).items() if k != "slf_guards"}
+    assert json.loads(before)["slf_sa"] == json.load(open(tmp_path / "run" / "results.json"))["slf_sa"]
+
+
+def test_eval_only_never_changes_the_training_runs_numbers(folder, tmp_path):
+    A.main(tiny(folder, tmp_path / "run", "--eval-subset", "10", "--batch-size", "4", "--attack-steps", "1"))
+    before = open(tmp_path / "run" / "results.json").read()
+    full = eval_only(tmp_path / "run")  # CLI defaults differ from the run's: 10,000-image protocol, batch 512
+    assert open(tmp_path / "run" / "results.json").read() == before
+    other = glob.glob(str(tmp_path / "run" / "results-*.json"))
+    assert len(other) == 1 and json.load(open(other[0])) == json.loads(json.dumps(full))
+    assert full["protocol"]["n_test"] == 16 and full["batch_size"] == 4 and full["attack_steps"] == 1
+    assert full["pretrain_s"] == json.loads(before)["pretrain_s"]
+
+
+def test_eval_only_finds_moved_data_and_checks_classes(folder, tmp_path, capsys, monkeypatch):
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    rel = os.path.relpath(moved)
+    A.main(tiny(rel, tmp_path / "run", "--eval", "none"))
+    shutil.move(str(moved), tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path)
+    fails(["--eval-only", str(tmp_path / "run")], capsys, r"data directory .*moved does not exist")
+    res = eval_only(tmp_path / "run", "--data-dir", str(tmp_path / "elsewhere"))
+    assert 0 <= res["slf_sa"] <= 1
+    three = make_folder(tmp_path / "three", classes=3)
+    fails(["--eval-only", str(tmp_path / "run"), "--data-dir", three], capsys, r"has 3 classes, .* had 2: .*--eval-dataset")
+
+
+def test_eval_dataset_with_other_classes_end_to_end(folder, tmp_path):
+    three = make_folder(tmp_path / "three", classes=3, n_train=8, n_test=4, seed=1)
+    res = A.main(tiny(folder, tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", three))
+    assert res["dataset"] == "folder" and res["n_classes"] == 2
+    assert res["protocol"]["eval_dataset"] == "folder" and res["protocol"]["n_classes"] == 3
+    assert res["protocol"]["n_train"] == 24 and res["protocol"]["n_test"] == 12 and 0 <= res["slf_sa"] <= 1
+
+
+def test_transfer_from_itself_equals_white_box_pgd(folder, tmp_path):
+    A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
+    res = eval_only(tmp_path / "run", "--transfer-from", str(tmp_path / "run"), "--eval-steps", "5",
+                    "--eval-step", "4/255")
+    assert res["slf_ra_transfer"] == res["slf_ra"] and res["protocol"]["transfer_from"] == str(tmp_path / "run")
+    assert res["slf_ra"] < res["slf_sa"]  # the attack does something, so the equality says something
+
+
+def field_state_dict(encoder_sd, dual=False, prefix="module."):
+    """Our encoder's weights in the layouts published checkpoints use."""
+    out = {}
+    for k, v in encoder_sd.items():
+        k = k.replace("shortcut.0.", "downsample.conv.").replace("shortcut.1.", "downsample.bn.")
+        if dual and re.search(r"(bn\d?|downsample\.bn)\.", k):
+            head, tail = re.match(r"(.*(?:bn\d?|downsample\.bn))\.(.*)", k).groups()
+            out[f"{prefix}{head}.bn_list.1.{tail}"] = v
+            out[f"{prefix}{head}.bn_list.0.{tail}"] = v * 0.5 if v.is_floating_point() else v
+        else:
+            out[prefix + k] = v
+    out[prefix + "fc.weight"], out[prefix + "fc.bias"] = torch.randn(10, 64), torch.randn(10)
+    return out
+
+
+def test_field_layout_state_dicts_evaluate_exactly_as_our_checkpoint(folder, tmp_path, capsys):
+    A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
+    strong = ["--eval-steps", "5", "--eval-step", "4/255"]
+    ours = eval_only(tmp_path / "run", *strong, "--out", str(tmp_path / "ours"))
+    assert ours["slf_ra"] < ours["slf_sa"]
+    enc = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["encoder"]
+    data = ["--dataset", "folder", "--data-dir", folder]
+    torch.save({"state_dict": field_state_dict(enc)}, tmp_path / "plain.pt")
+    dual = field_state_dict(enc, dual=True, prefix="encoder.")
+    dual["normalize.mean"], dual["normalize.std"] = torch.zeros(3), torch.ones(3)  # ACL/DynACL's buffers
+    torch.save(dual, tmp_path / "dual.pt")
+    x, reference = images(3, 8).cpu(), A.load_checkpoint(str(tmp_path / "run"))[2].encoder.eval()
+    for name, ignored in (("plain", 2), ("dual", 102)):  # fc.*; and 20 BN layers x 5 tensors of the other branch
+        encoder = A.load_checkpoint(str(tmp_path / f"{name}.pt"))[2].eval()
+        assert f"ignored {ignored} keys" in capsys.readouterr().out
+        assert torch.equal(encoder(x), reference(x))
+        res = eval_only(tmp_path / f"{name}.pt", *data, *strong, "--out", str(tmp_path / name))
+        assert res["checkpoint"].endswith(f"{name}.pt")
+        assert {k: res[k] for k in ("slf_sa", "slf_ra")} == {k: ours[k] for k in ("slf_sa", "slf_ra")}
+    branch0 = A.load_checkpoint(str(tmp_path / "dual.pt"), bn_branch=0)[2].eval()
+    assert not torch.allclose(branch0(x), reference(x))
+    fails(["--eval-only", str(tmp_path / "plain.pt")], capsys, r"plain state dict: name its data set with --dataset")
+    bad = dict(field_state_dict(enc), **{"module.layer5.0.conv1.weight": torch.zeros(1)})
+    torch.save(bad, tmp_path / "bad.pt")
+    fails(["--eval-only", str(tmp_path / "bad.pt"), *data], capsys, r"does not match the model .*unexpected layer5")
+    torch.save({"net": {"features.0.weight": torch.zeros(1)}}, tmp_path / "alien.pt")
+    fails(["--eval-only", str(tmp_path / "alien.pt"), *data], capsys, r"neither an ainfonce checkpoint nor .*layout")
+
+
+def test_autoattack_runs_and_records_its_implementation(folder, tmp_path, capsys):
+    fails(tiny(folder, tmp_path / "two", "--autoattack"), capsys, r"AutoAttack needs >= 4 classes", tmp_path / "two")
+    if not any(importlib.util.find_spec(m) for m in ("pyautoattack", "torchattacks")):
+        pytest.skip("optional: pip install pyautoattack (or torchattacks)")
+    four = make_folder(tmp_path / "four", classes=4, n_train=4, n_test=2)
+    threats = ["linf:64/255", "l2:8"]  # radii that break every image fast: AutoAttack's later attacks have no work
+    res = A.main(tiny(four, tmp_path / "run", "--autoattack", "--eval-threats", *threats))
+    assert res["protocol"]["autoattack"] == A.autoattack_impl() and list(res["slf_aa_robust"]) == threats
+    assert 0 <= res["slf_aa"] <= res["slf_sa"] and 0 <= res["slf_aa_robust"]["l2:8"] <= res["slf_sa"]
+
+
+def test_amp_pretraining_keeps_the_loss_and_weights_in_fp32(folder, tmp_path):
     res = A.main(tiny(folder, tmp_path / "run", "--amp", "--method", "both", "--eval", "none"))
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert res["images_per_s"] > 0 and math.isfinite(log[0]["loss"])
     saved = json.load(open(tmp_path / "run" / "results.json"))  # written with --eval none too
-    assert saved == json.loads(json.dumps(res)) and "slf_sa" not in saved and saved["wall_s"] > 0
-    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert all(v.dtype == torch.float32 for v in ck["encoder"].values() if v.is_floating_point())
+    assert saved == json.loads(json.dumps(res)) and "slf_sa" not in saved and "protocol" not in saved
+    w, _ = weights(tmp_path / "run" / "last.pt")
+    assert all(v.dtype == torch.float32 for v in w.values() if v.is_floating_point())
 
 
 def test_benchmark_prints_json_last(capsys):
     res = A.main(["--benchmark", "--width", "4", "--batch-size", "4", "--attack-steps", "1",
-                  "--benchmark-steps", "1", "--method", "rocl"])
+                  "--benchmark-steps", "1", "--method", "rocl", *GPU_FLAGS[:2]])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(res))
     assert last["images_per_s"] > 0 and last["attack_s"] > 0 and last["fwd_bwd_s"] > 0 and last["data_s"] > 0
-    assert last["ratio_vs_official"] > 0
+    assert last["ratio_vs_official"] > 0 and ("peak_mem_gib" in last) == CUDA
+
+
+def test_progress_lines_and_help(capsys):
+    tick = A.progress("decoding", 10, every=0)
+    tick(5)
+    tick(10)  # a finished phase prints nothing more
+    assert re.fullmatch(r"  decoding: 5/10 \(\d+\.\d/s, ETA \d+:\d\d:\d\d\)\n", capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        A.main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: 8/255)" in out and "(default: 1/256)" in out and "None" not in out
+    assert re.search(r"--method .*\n\s+rocl: symmetric", out)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -513,11 +784,6 @@ def launch(argv, **env):
     return subprocess.Popen([sys.executable, os.path.join(HERE, "ainfonce.py"), *argv], cwd=HERE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def weights(path):
-    ck = torch.load(path, weights_only=True)
-    return {**ck["encoder"], **{f"p.{k}": v for k, v in ck["projector"].items()}}, ck
 
 
 def wait_for_checkpoint(proc, path, done):
@@ -532,28 +798,56 @@ def wait_for_checkpoint(proc, path, done):
 
 
 @pytest.mark.parametrize("how", ["sigkill_after_epoch", "sigterm_mid_epoch"])
-def test_killed_run_resumes_bit_exactly(folder, tmp_path, how):
-    argv = tiny(folder, tmp_path / "full", "--epochs", "3", "--eval", "none", "--ckpt-every", "1")
-    assert launch(argv).wait() == 0
-    argv = tiny(folder, tmp_path / "cut", "--epochs", "3", "--eval", "none", "--ckpt-every", "1")
-    proc = launch(argv)
+def test_killed_run_resumes_from_the_printed_hint_bit_exactly(folder, tmp_path, how):
+    argv = lambda out: tiny(folder, out, "--epochs", "3", "--eval", "none", "--ckpt-every", "1", "--batch-size", "4")
+    assert launch(argv(tmp_path / "full")).wait() == 0
+    proc = launch(argv(tmp_path / "cut"))
     if how == "sigkill_after_epoch":
         wait_for_checkpoint(proc, tmp_path / "cut" / "last.pt", lambda ck: ck["epoch"] >= 1)
         proc.kill()
         assert proc.wait() == -signal.SIGKILL
+        hint = ["--resume", str(tmp_path / "cut")]
     else:
-        wait_for_checkpoint(proc, tmp_path / "cut" / "last.pt", lambda ck: ck["step"] >= 2)
+        wait_for_checkpoint(proc, tmp_path / "cut" / "last.pt", lambda ck: ck["step"] >= 10)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait() == 130 and "--resume" in proc.communicate()[1]
+        assert proc.wait() == 130
+        hint = re.search(r"continue with: python ainfonce.py (.*)", proc.communicate()[1]).group(1).split()
     cut, ck = weights(tmp_path / "cut" / "last.pt")
-    assert ck["step"] < 12  # the run really was cut short
-    resumed = launch(["--resume", str(tmp_path / "cut"), *argv[:-2]])
+    assert ck["step"] < 24  # the run really was cut short
+    resumed = launch(hint)  # exactly what was printed: the checkpoint holds the arguments
     out, err = resumed.communicate()
     assert resumed.returncode == 0, err
+    assert how == "sigkill_after_epoch" or re.search(r"resuming .* at epoch (\d), step (\d+)/8", out).groups() == \
+        (str(ck["step"] // 8 + 1), str(ck["step"] % 8))
     full, _ = weights(tmp_path / "full" / "last.pt")
     done, ck = weights(tmp_path / "cut" / "last.pt")
-    assert ck["epoch"] == 3 and ck["step"] == 12
+    assert ck["epoch"] == 3 and ck["step"] == 24
     assert full.keys() == done.keys() and all(torch.equal(full[k], done[k]) for k in full)
+    logs = [[json.loads(line) for line in open(tmp_path / r / "log.jsonl")] for r in ("full", "cut")]
+    assert [r["epoch"] for r in logs[1]] == [1, 2, 3]  # every epoch, the interrupted one too
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
+
+
+def test_interrupt_during_evaluation_keeps_the_finished_schemes(folder, tmp_path, monkeypatch, capsys):
+    argv = tiny(folder, tmp_path / "run", "--eval", "slf", "alf", "aff")
+    full = A.main(tiny(folder, tmp_path / "full", "--eval", "slf", "alf", "aff"))
+    real = A.train_head
+
+    def interrupted(*a, label=None, **kw):
+        if label == "ALF":
+            raise KeyboardInterrupt
+        return real(*a, label=label, **kw)
+    monkeypatch.setattr(A, "train_head", interrupted)
+    with pytest.raises(SystemExit) as e:
+        A.main(argv)
+    assert e.value.code == 130 and f"finish with: python ainfonce.py --resume {tmp_path / 'run'}" in capsys.readouterr().err
+    kept = json.load(open(tmp_path / "run" / "results.json"))
+    assert "slf_sa" in kept and "alf_sa" not in kept
+    monkeypatch.setattr(A, "train_head", real)
+    done = A.main(["--resume", str(tmp_path / "run")])
+    assert done["slf_s"] == kept["slf_s"] and {"alf_sa", "aff_sa"} <= set(done)
+    assert {k: v for k, v in scheme_keys(done).items() if "guards" not in k} == \
+        {k: v for k, v in scheme_keys(full).items() if "guards" not in k}
 
 
 def test_kill_during_save_keeps_previous_checkpoint(folder, tmp_path, monkeypatch):
@@ -590,9 +884,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, 
     w, ck = weights(tmp_path / "run" / "last.pt")
     assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
     monkeypatch.setattr(A, "pretrain_loss", real)
-    res = A.main(["--resume", str(tmp_path / "run"), *tiny(folder, tmp_path / "run", "--epochs", "3",
-                                                           "--eval", "none", "--lr", "0.01")[:-2]])
-    assert res["epochs"] == 3 and torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 3
+    res = A.main(["--resume", str(tmp_path / "run"), "--lr", "0.01"])
+    assert res["epochs"] == 3 and res["lr"] == 0.01 and weights(tmp_path / "run" / "last.pt")[1]["epoch"] == 3
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -611,21 +904,26 @@ def fails(argv, capsys, pattern, out=None):
 @pytest.mark.parametrize("extra,pattern", [
     (["--method", "bogus"], r"invalid choice: 'bogus'"),
     (["--dataset", "mnist"], r"invalid choice: 'mnist'"),
-    (["--eps", "2"], r"outside \[0, 1\]"),
+    (["--eps", "8"], r"outside \[0, 1\] \(pixels are in \[0, 1\]: did you mean 8/255\?\)"),
     (["--eps", "-0.1"], r"outside \[0, 1\]"),
     (["--eps", "eight"], r"not a number or fraction"),
     (["--eps", "8/0"], r"not a number or fraction"),
     (["--step", "1.5"], r"outside \[0, 1\]"),
     (["--eval-step", "nan"], r"not a number or fraction|outside"),
+    (["--eval-threats", "l1:0.5"], r"--eval-threats l1:0.5: expected NORM:EPS"),
+    (["--eval-threats", "linf:8"], r"--eval-threats linf:8: .*did you mean 8/255"),
+    (["--eval-threats", "l2:"], r"not a number"),
     (["--epochs", "0"], r"must be at least 1"),
     (["--batch-size", "-8"], r"must be at least 2"),
     (["--batch-size", "1"], r"must be at least 2"),
-    (["--hn-beta", "nan"], r"finite number >= 0"),
-    (["--adv-weight", "-1"], r"finite number >= 0"),
+    (["--hn-beta", "nan"], r"must be at least 0"),
+    (["--adv-weight", "-1"], r"must be at least 0"),
     (["--device", "mps"], r"only cpu and cuda"),
     (["--batch-size", "1000"], r"larger than the 32 training images"),
+    (["--subset", "100"], r"--subset 100 is larger than the 32 train images"),
+    (["--eval-subset", "100"], r"--eval-subset 100 is larger than the 16 test images"),
     (["--epochs", "two"], r"not an integer"),
-    (["--lr", "0"], r"finite number > 0"),
+    (["--lr", "0"], r"must be above 0"),
     (["--tau-plus", "1"], r"tau-plus"),
 ])
 def test_bad_arguments(folder, tmp_path, capsys, extra, pattern):
@@ -633,57 +931,75 @@ def test_bad_arguments(folder, tmp_path, capsys, extra, pattern):
 
 
 def test_eps_fraction_parses_exactly():
-    assert A.parse_args(["--eps", "8/255"]).eps == 8 / 255
+    assert A.parse_args(["--eps", "8/255"]).eps == 8 / 255 and A.parse_args([]).eps == 8 / 255
     assert A.parse_args(["--eps", "0.0314"]).eps == 0.0314
 
 
 def test_bad_data(tmp_path, capsys, folder):
     out = tmp_path / "run"
     fails(tiny(str(tmp_path / "nowhere"), out), capsys, r"does not exist", out)
+    (tmp_path / "afile").write_text("x")
+    fails(tiny(str(tmp_path / "afile"), out), capsys, r"afile is a file, not a directory", out)
     (tmp_path / "empty").mkdir()
     fails(tiny(str(tmp_path / "empty"), out), capsys, r"train is missing", out)
-    subprocess.run(["cp", "-r", folder, str(tmp_path / "notest")], check=True)
-    subprocess.run(["rm", "-r", str(tmp_path / "notest" / "test")], check=True)
+    shutil.copytree(folder, tmp_path / "notest")
+    shutil.rmtree(tmp_path / "notest" / "test")
     fails(tiny(str(tmp_path / "notest"), out), capsys, r"test is missing", out)
     (tmp_path / "noimg" / "train" / "a").mkdir(parents=True)
     (tmp_path / "noimg" / "test" / "a").mkdir(parents=True)
-    fails(tiny(str(tmp_path / "noimg"), out), capsys, r"holds no images", out)
+    fails(tiny(str(tmp_path / "noimg"), out), capsys, r"Found no valid file for the classes a", out)
     bad = tmp_path / "bad"
-    subprocess.run(["cp", "-r", folder, str(bad)], check=True)
+    shutil.copytree(folder, bad)
     (bad / "train" / "class0" / "3.png").write_bytes(b"not an image")
     fails(tiny(str(bad), out), capsys, r"cannot read image .*class0/3\.png", out)
+    shutil.copytree(folder, tmp_path / "extra")
+    (tmp_path / "extra" / "test" / "class9").mkdir()
+    shutil.copy(tmp_path / "extra" / "test" / "class0" / "0.png", tmp_path / "extra" / "test" / "class9")
+    fails(tiny(str(tmp_path / "extra"), out), capsys, r"test classes not in train/: \['class9'\]", out)
+
+
+def test_stray_files_are_skipped_and_empty_classes_refused_as_imagefolder_does(folder, tmp_path, capsys):
+    d = tmp_path / "stray"
+    shutil.copytree(folder, d)
+    (d / "train" / "class0" / "notes.txt").write_text("not an image")
+    (d / "test" / ".DS_Store").write_bytes(b"\0")
+    res = A.main(tiny(str(d), tmp_path / "run"))
+    assert res["n_classes"] == 2 and res["protocol"]["n_train"] == 32
+    (d / "train" / "class2").mkdir()
+    fails(tiny(str(d), tmp_path / "run2"), capsys, r"Found no valid file for the classes class2", tmp_path / "run2")
 
 
 def test_images_of_another_size_are_resized(folder, tmp_path, capsys):
     from PIL import Image
     d = tmp_path / "mixed"
-    subprocess.run(["cp", "-r", folder, str(d)], check=True)
+    shutil.copytree(folder, d)
     Image.new("RGB", (40, 28), (200, 10, 10)).save(d / "train" / "class1" / "big.png")
     A.main(tiny(str(d), tmp_path / "run", "--eval", "none"))
-    assert "resized 1 images" in capsys.readouterr().out
+    assert "resized 1 train images" in capsys.readouterr().out
 
 
-def test_offline_cifar_download(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("dataset,cls", [("cifar10", "CIFAR10"), ("stl10", "STL10")])
+def test_offline_download(tmp_path, capsys, monkeypatch, dataset, cls):
     import urllib.error
     import torchvision
 
     def offline(self):
         raise urllib.error.URLError("network is unreachable")
-    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
-    fails(["--dataset", "cifar10", "--data-dir", str(tmp_path / "cifar"), "--out", str(tmp_path / "run")],
-          capsys, r"could not get cifar10 .* offline\? .*--dataset folder", tmp_path / "run")
+    monkeypatch.setattr(getattr(torchvision.datasets, cls), "download", offline)
+    fails(["--dataset", dataset, "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "run")],
+          capsys, rf"could not get {dataset} .* offline\? .*--dataset folder", tmp_path / "run")
 
 
 def test_refuses_to_clobber_and_checks_resume(folder, tmp_path, capsys):
     run = tmp_path / "run"
     A.main(tiny(folder, run, "--eval", "none"))
     before = open(run / "last.pt", "rb").read()
-    fails(tiny(folder, run, "--eval", "none"), capsys, r"already holds a run: pass --resume")
-    for extra, name in ((["--method", "rocl"], "--method"), (["--width", "16"], "--width")):
-        fails(["--resume", str(run), *tiny(folder, run, "--eval", "none", *extra)[:-2]], capsys,
-              rf"cannot resume .*{name} ")
-    fails(["--resume", str(run), *tiny(folder, run, "--eval", "none")[:-2], "--dataset", "cifar10"], capsys,
-          r"cannot resume .*--dataset folder \(checkpoint\) vs cifar10")
+    fails(tiny(folder, run, "--eval", "none"), capsys, r"already holds a run: continue it with --resume")
+    fails(["--resume", str(run), "--method", "rocl"], capsys, r"cannot resume .*--method hardneg \(checkpoint\) vs rocl")
+    fails(["--resume", str(run), "--width", "16", "--dataset", "cifar10"], capsys,
+          r"cannot resume .*--dataset folder \(checkpoint\) vs cifar10, --width 8 \(checkpoint\) vs 16")
+    assert open(run / "last.pt", "rb").read() == before
+    assert A.main(["--resume", str(run), "--eval", "none"])["epochs"] == 1  # finished: nothing to do
     assert open(run / "last.pt", "rb").read() == before
     A.main(tiny(folder, run, "--eval", "none", "--overwrite"))
 
@@ -695,16 +1011,16 @@ def test_corrupt_and_mismatched_checkpoints(folder, tmp_path, capsys):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(open(run / "last.pt", "rb").read()[:1000])
     fails(["--eval-only", str(truncated)], capsys, r"not a readable checkpoint")
-    fails(["--resume", str(truncated), "--out", str(tmp_path / "x")], capsys, r"not a readable checkpoint")
-    prefixed = dict(ck, encoder={f"module.{k}": v for k, v in ck["encoder"].items()})
-    torch.save(prefixed, tmp_path / "prefixed.pt")
-    fails(["--eval-only", str(tmp_path / "prefixed.pt")], capsys, r"encoder does not match .*missing stem\.0\.weight")
-    wider = dict(ck, args=dict(ck["args"], width=16))
-    torch.save(wider, tmp_path / "wider.pt")
-    fails(["--eval-only", str(tmp_path / "wider.pt")], capsys, r"stem\.0\.weight \(8, 3, 3, 3\) vs \(16, 3, 3, 3\)")
-    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
-    fails(["--eval-only", str(tmp_path / "foreign.pt")], capsys, r"not an ainfonce checkpoint")
+    fails(["--resume", str(truncated)], capsys, r"not a readable checkpoint")
+    torch.save(dict(ck, encoder={f"module.{k}": v for k, v in ck["encoder"].items()}), tmp_path / "prefixed.pt")
+    fails(["--eval-only", str(tmp_path / "prefixed.pt")], capsys, r"encoder does not match .*missing conv1\.weight")
+    torch.save(dict(ck, args=dict(ck["args"], width=16)), tmp_path / "wider.pt")
+    fails(["--eval-only", str(tmp_path / "wider.pt")], capsys, r"conv1\.weight \(8, 3, 3, 3\) vs \(16, 3, 3, 3\)")
+    torch.save({k: v for k, v in ck.items() if k != "history"}, tmp_path / "old.pt")
+    fails(["--eval-only", str(tmp_path / "old.pt")], capsys, r"not a complete ainfonce checkpoint: it lacks \['history'\]")
     fails(["--eval-only", str(tmp_path / "missing.pt")], capsys, r"no checkpoint at")
+    torch.save({"state_dict": field_state_dict(ck["encoder"])}, tmp_path / "plain.pt")
+    fails(["--resume", str(tmp_path / "plain.pt")], capsys, r"plain state dict: --resume needs an ainfonce checkpoint")
 
 
 def test_unwritable_or_full_output_fails_before_training(folder, tmp_path, capsys, monkeypatch):
@@ -715,8 +1031,9 @@ def test_unwritable_or_full_output_fails_before_training(folder, tmp_path, capsy
 
 
 def test_autoattack_missing_is_a_clear_error(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)
     monkeypatch.setitem(sys.modules, "torchattacks", None)
-    fails(tiny(folder, tmp_path / "run", "--autoattack"), capsys, r"pip install torchattacks", tmp_path / "run")
+    fails(tiny(folder, tmp_path / "run", "--autoattack"), capsys, r"pip install pyautoattack", tmp_path / "run")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -724,10 +1041,11 @@ def test_cuda_requested_without_gpu(folder, tmp_path, capsys):
     fails(tiny(folder, tmp_path / "run", "--device", "cuda"), capsys, r"no CUDA GPU", tmp_path / "run")
 
 
-def test_autoattack_runs_when_installed(folder, tmp_path):
-    pytest.importorskip("torchattacks", reason="optional: pip install torchattacks")
-    res = A.main(tiny(folder, tmp_path / "run", "--autoattack", "--eval-subset", "4"))
-    assert 0 <= res["slf_aa"] <= res["slf_sa"]
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_the_cuda_test_switch_fails_at_once_without_a_gpu():
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", os.path.join(HERE, "test_ainfonce.py")],
+                       env={**os.environ, "AINFONCE_TEST_DEVICE": "cuda"}, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "sees no CUDA GPU" in p.stdout + p.stderr and " passed" not in p.stdout
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -745,10 +1063,10 @@ def _ddp_worker(rank, world, port, out, method):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     A.instance_pgd = functools.partial(A.instance_pgd, random_start=False)  # the only other randomness
-    args = A.parse_args(["--method", method, "--attack-steps", "3", "--width", "4"])
+    args = A.resolve(A.parse_args(["--method", method, "--attack-steps", "3", "--width", "4"]))
     torch.manual_seed(0)
     net = A.Net(4)
-    x1, x2 = images(0, 8), images(1, 8)
+    x1, x2 = images(0, 8).cpu(), images(1, 8).cpu()
     b = 8 // world
     x1, x2 = x1[rank * b:(rank + 1) * b], x2[rank * b:(rank + 1) * b]
     gather = A.gather_cat if world > 1 else None
@@ -760,10 +1078,14 @@ def _ddp_worker(rank, world, port, out, method):
         A.allreduce_grads(params, world)
     if rank == 0:
         torch.save({"loss": loss.detach(), "grads": [p.grad for p in params],
-                    "running_mean": net.encoder.stem[1].running_mean}, out)
+                    "running_mean": net.encoder.bn1.running_mean}, out)
+    group = weakref.ref(dist.distributed_c10d._get_default_group())
     dist.destroy_process_group()
+    # nothing keeps the group (and gloo's threads) alive past teardown, into interpreter finalization
+    assert group() is None, "the process group outlives destroy_process_group"
 
 
+@cpu_only
 @pytest.mark.parametrize("method", ["both", "simclr"])
 def test_two_ranks_equal_one_rank_with_the_global_batch(tmp_path, method):
     import torch.multiprocessing as mp
@@ -776,6 +1098,7 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(tmp_path, method):
         assert torch.allclose(g1, g2, atol=1e-5, rtol=1e-3), (g1 - g2).abs().max()
 
 
+@cpu_only
 def test_torchrun_style_launch_trains_and_evaluates(folder, tmp_path):
     port, procs = free_port(), []
     for rank in range(2):
