@@ -122,7 +122,8 @@ class Parser(argparse.ArgumentParser):
 class Help(argparse.HelpFormatter):
     def _get_help_string(self, action):  # a default only where there is one to show
         h = action.help or ""
-        return h + (" (default: %(default)s)" if action.default not in (None, False, argparse.SUPPRESS) and "default" not in h else "")
+        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in h
+        return h + (" (default: %(default)s)" if shown else "")
 
 
 def build_parser():
@@ -133,11 +134,13 @@ def build_parser():
     g("--dataset", choices=DATASETS, default="cifar10", help="torchvision data set (downloaded when missing; "
       "STL-10 resized to 32x32) or a folder DATA_DIR/{train,test}/<class>/<image>")
     g("--data-dir", default="./data", help="download root, or the folder data set")
-    g("--subset", type=I, default=0, help="pretrain and finetune on the first N training images of a fixed shuffle (0: all)")
+    g("--subset", type=I, default=0, help="pretrain and finetune on the first N training images of a fixed "
+      "shuffle (0: all)")
     g = p.add_argument_group("model").add_argument
     g("--width", type=D, default=64, help="ResNet-18 base width: 64 is the paper's; the README's CPU runs use 8")
     g = p.add_argument_group("attack (pretraining)").add_argument
-    g("--eps", type=fraction, default="8/255", help="L_inf radius, [0,1] pixel units; fractions parse (RoCL code 0.0314)")
+    g("--eps", type=fraction, default="8/255", help="L_inf radius, [0,1] pixel units; fractions parse (RoCL "
+      "code 0.0314)")
     g("--step", type=fraction, default="0.007", help="PGD step, pixel units (paper 0.007)")
     g("--attack-steps", type=I, default=7, help="PGD steps (paper 7)")
     g = p.add_argument_group("loss").add_argument
@@ -167,7 +170,8 @@ def build_parser():
       "field's layout (then --dataset is required)")
     g("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS", help="threat models, e.g. linf:8/255 "
       "linf:16/255 l2:0.25 l2:0.5; RA is the first (default: linf:8/255)")
-    g("--eval-step", type=fraction, default="2/255", help="L_inf PGD step (AdvCL 2/255, RoCL code 0.00314); L2: 2.5 eps/steps")
+    g("--eval-step", type=fraction, default="2/255", help="L_inf PGD step (AdvCL 2/255, RoCL code 0.00314); "
+      "L2: 2.5 eps/steps")
     g("--eval-steps", type=D, default=20, help="PGD steps of RA")
     g("--eval-subset", type=I, default=0, help="evaluate on the first N test images of a fixed shuffle (0: all)")
     g("--ft-epochs", type=D, default=25, help="ALF/AFF epochs, lr 0.1 /10 at 60%% and 80%% (paper 25: 15, 20)")
@@ -176,7 +180,8 @@ def build_parser():
       "pyautoattack, Croce and Hein's reference code; torchattacks also works)")
     g("--transfer-from", metavar="CKPT", help="black-box RA: PGD examples crafted on this run's (or checkpoint's) SLF "
       "classifier, trained with the same protocol")
-    g("--eval-dataset", choices=DATASETS, help="finetune and evaluate on another data set (default: the pretraining one)")
+    g("--eval-dataset", choices=DATASETS, help="finetune and evaluate on another data set (default: the "
+      "pretraining one)")
     g("--eval-data-dir", help="its directory (default: --data-dir)")
     g("--bn-branch", type=I, default=1, help="dual-BN checkpoints (ACL, DynACL: bn_list.K): the branch to evaluate, "
       "as RobustSSL's bnNameCnt (1: adversarial)")
@@ -337,8 +342,9 @@ def provenance(device):
             line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     git = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        git = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "describe", "--always",
-                              "--dirty", "--abbrev=12"], capture_output=True, text=True, timeout=5).stdout.strip() or None
+        here = os.path.dirname(os.path.abspath(__file__))
+        git = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=12"],
+                             capture_output=True, text=True, timeout=5).stdout.strip() or None
     return {"torch": str(torch.__version__), "device_name": name, "threads": torch.get_num_threads(), "git": git}
 
 
@@ -354,7 +360,8 @@ def fixed_shuffle(n_items, n):
 
 def pick(n_items, n, split):
     if n > n_items:
-        raise UsageError(f"--{'subset' if split == 'train' else 'eval-subset'} {n} is larger than the {n_items} {split} images")
+        flag = "--subset" if split == "train" else "--eval-subset"
+        raise UsageError(f"{flag} {n} is larger than the {n_items} {split} images")
     return fixed_shuffle(n_items, n)
 
 
@@ -364,9 +371,11 @@ def image_folder(root, split, classes=None):
     from torchvision.datasets import ImageFolder
     d = os.path.join(root, split)
     if not os.path.isdir(root):
-        raise UsageError(f"data directory {root} " + ("is a file, not a directory" if os.path.exists(root) else "does not exist"))
+        raise UsageError(f"data directory {root} "
+                         + ("is a file, not a directory" if os.path.exists(root) else "does not exist"))
     if not os.path.isdir(d):
-        raise UsageError(f"{d} is missing: --dataset folder reads DATA_DIR/train/<class>/<image> and DATA_DIR/test/<class>/<image>")
+        raise UsageError(f"{d} is missing: --dataset folder reads DATA_DIR/train/<class>/<image> and "
+                         f"DATA_DIR/test/<class>/<image>")
     try:
         ds = ImageFolder(d)
     except (FileNotFoundError, OSError) as e:
@@ -843,7 +852,9 @@ def evaluate(args, encoder, data, device, res, save, source=None):
     bs, (key0, norm0, eps0) = args.eval_batch_size, args.threats[0]
     ft_eps = next((e for _, n, e in args.threats if n == "linf"), 8 / 255)  # ALF/AFF train against L_inf
     milestones = [max(1, int(0.6 * args.ft_epochs)), max(1, int(0.8 * args.ft_epochs))]  # 15, 20 of 25
-    prep = lambda enc: copy.deepcopy(enc).float().to(device, memory_format=torch.contiguous_format).requires_grad_(False)
+
+    def prep(enc):  # a frozen fp32 copy on the device, in the default memory layout
+        return copy.deepcopy(enc).float().to(device, memory_format=torch.contiguous_format).requires_grad_(False)
     encoder, x_transfer = prep(encoder), None
     if source is not None and any(f"{s}_sa" not in res for s in args.eval):
         src = slf_classifier(prep(source), x_tr, y_tr, n_classes, bs, args.seed)
@@ -867,9 +878,11 @@ def evaluate(args, encoder, data, device, res, save, source=None):
                 with eval_mode(encoder), torch.no_grad():
                     f = encoder(xa)
                 return F.cross_entropy(head(f), y_tr[i])
-            train_head(head.parameters(), alf_loss, len(x_tr), args.ft_epochs, milestones, bs, 0.1, 2e-4, device, label="ALF")
+            train_head(head.parameters(), alf_loss, len(x_tr), args.ft_epochs, milestones, bs, 0.1, 2e-4, device,
+                       label="ALF")
         else:  # AFF: TRADES on the whole network, from the pretrained encoder
-            clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True), nn.Linear(encoder.dim, n_classes)).to(device).train()
+            clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True), nn.Linear(encoder.dim, n_classes))
+            clf = clf.to(device).train()
             train_head(clf.parameters(), lambda i: trades_loss(clf, x_tr[i].float() / 255, y_tr[i], eps=ft_eps),
                        len(x_tr), args.ft_epochs, milestones, bs, 0.1, 2e-4, device, label="AFF")
         with strict_fp32(device):
@@ -889,12 +902,12 @@ def evaluate(args, encoder, data, device, res, save, source=None):
                 r["guards"] = guards(clf, x_te, y_te, bs, ft_eps, args.eval_steps,
                                      [(n, e, r["robust"][k_]) for k_, n, e in args.threats])
         res.update({f"{name}_{k_}": v for k_, v in r.items()}, **{f"{name}_s": time.time() - t0})
-        print(f"{name.upper()}: SA {100 * r['sa']:.2f}%  RA {100 * r['ra']:.2f}%"
-              + "".join(f"  {k_} {100 * v:.2f}%" for k_, v in list(r["robust"].items())[1:])
-              + (f"  AA {100 * r['aa']:.2f}%" if "aa" in r else "")
-              + (f"  transfer RA {100 * r['ra_transfer']:.2f}%" if "ra_transfer" in r else "")
-              + (f"  guards {'ok' if r['guards']['ok'] else 'FAILED: ' + json.dumps(r['guards'])}" if "guards" in r else "")
-              + f"  ({hms(time.time() - t0)})", flush=True)
+        shown = {"SA": r["sa"], "RA": r["ra"], **dict(list(r["robust"].items())[1:]), "AA": r.get("aa"),
+                 "transfer RA": r.get("ra_transfer")}
+        line = "  ".join(f"{k_} {100 * v:.2f}%" for k_, v in shown.items() if v is not None)
+        if name == "slf":
+            line += "  guards " + ("ok" if r["guards"]["ok"] else "FAILED: " + json.dumps(r["guards"]))
+        print(f"{name.upper()}: {line}  ({hms(time.time() - t0)})", flush=True)
         save(res)
     return res
 
@@ -947,8 +960,8 @@ def pretrain_loss(net, x1, x2, x_adv, args, gather=None):
 
 
 def pretrain(args, net, x_train, device, rank, world, ck=None):
-    """Pretraining loop, step by step; checkpoints after every epoch (and every --ckpt-every steps).
-    The checkpoint holds the epoch log, so log.jsonl has one line per completed epoch, resumed or not."""
+    """Pretraining loop, step by step; checkpoints after every epoch (and every --ckpt-every steps). The
+    checkpoint holds the epoch log, so log.jsonl has one line per completed epoch, resumed or not."""
     x_train, b = x_train.to(device), args.batch_size // world  # b: instances per rank
     spe = len(x_train) // args.batch_size  # steps per epoch: the last partial batch is dropped
     total, warmup = spe * args.epochs, spe * args.warmup_epochs
@@ -981,7 +994,8 @@ def pretrain(args, net, x_train, device, rank, world, ck=None):
                      "args": {k: v for k, v in vars(args).items() if k != "explicit"}, "rng": states,
                      "env": provenance(device)}
             atomic_write(path, lambda f: torch.save(state, f))
-            atomic_write(os.path.join(args.out, "log.jsonl"), lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))
+            lines = "".join(json.dumps(r) + "\n" for r in history).encode()
+            atomic_write(os.path.join(args.out, "log.jsonl"), lambda f: f.write(lines))
 
     perm, last = None, time.time()
     try:
@@ -1006,14 +1020,16 @@ def pretrain(args, net, x_train, device, rank, world, ck=None):
             grad_norm = lars_(params, args.wd)
             # One host sync per step, and device-resident flags (NCCL has no CPU tensors): a non-finite loss or
             # gradient on any rank, or a stop request to any rank, stops every rank at this step.
-            flags = torch.stack([~torch.isfinite(loss.detach() + grad_norm), torch.tensor(bool(stopping), device=device)])
+            flags = torch.stack([~torch.isfinite(loss.detach() + grad_norm),
+                                 torch.tensor(bool(stopping), device=device)]).float()
             if world > 1:
                 dist.all_reduce(flags, dist.ReduceOp.MAX)
             bad, stop = flags.tolist()
             if bad:  # before the update: the weights stay good
                 raise NonFiniteLoss(
                     f"non-finite loss at epoch {epoch + 1}, step {step} (loss {loss.item():.4g}: "
-                    + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()) + f"; grad norm {grad_norm.item():.4g}); "
+                    + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
+                    + f"; grad norm {grad_norm.item():.4g}); "
                     + (f"last good checkpoint: {path} (epoch {len(history)}); resume it with --resume {args.out} "
                        f"--lr <smaller>" if os.path.exists(path) else "no checkpoint yet; restart with a smaller --lr"))
             opt.step()
@@ -1030,9 +1046,9 @@ def pretrain(args, net, x_train, device, rank, world, ck=None):
                 save()
                 if rank == 0:
                     rec = history[-1]
+                    eta = hms((total - step) * args.batch_size / rec["images_per_s"])
                     print(f"epoch {epoch + 1:4d}/{args.epochs} | loss {rec['loss']:.4f} | lr {lr:.4f} | "
-                          f"{rec['images_per_s']:7.1f} img/s | ETA {hms((total - step) * args.batch_size / rec['images_per_s'])}",
-                          flush=True)
+                          f"{rec['images_per_s']:7.1f} img/s | ETA {eta}", flush=True)
             elif stop or (args.ckpt_every and step % args.ckpt_every == 0):
                 save()
             last = time.time()
@@ -1046,7 +1062,6 @@ def pretrain(args, net, x_train, device, rank, world, ck=None):
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
-    return train_s, step * args.batch_size / max(train_s, 1e-9)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1262,7 +1277,8 @@ def run(args):
         if "out" not in args.explicit:
             args.out = os.path.dirname(path) or "."
         if ck:
-            merge_checkpoint_args(args, ck["args"], EVAL_KEYS if args.eval_only else ("resume", "out", "overwrite", "argv"))
+            keep = EVAL_KEYS if args.eval_only else ("resume", "out", "overwrite", "argv")
+            merge_checkpoint_args(args, ck["args"], keep)
     resolve(args)
     if args.autoattack:
         autoattack_impl()  # fails now, not after training, when neither package is installed
@@ -1283,7 +1299,9 @@ def run(args):
         args.n_classes = n_classes
     if train and args.batch_size > len(x_tr):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(x_tr)} training images")
-    data = load_data(*eval_set, args.subset, args.eval_subset) if args.eval and not same else (x_tr, y_tr, x_te, y_te, n_classes)
+    data = (x_tr, y_tr, x_te, y_te, n_classes)
+    if args.eval and not same:
+        data = load_data(*eval_set, args.subset, args.eval_subset)
     if args.autoattack and data[4] < 4:
         raise UsageError(f"--autoattack: standard AutoAttack needs >= 4 classes (its DLR loss uses the 3rd and 4th "
                          f"largest logits); {args.eval_dataset or args.dataset} has {data[4]}")
