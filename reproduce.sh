@@ -71,7 +71,7 @@ r0 = runs[methods[0]][0]
 p, threats = r0["protocol"], r0["protocol"]["threats"]
 keys = [f"{sc}_{k}" for sc in ("slf", "alf", "aff") for k in ("sa", "ra", "aa")]
 keys = [(k, k.replace("_", " ").upper()) for k in keys] + [(f"{sc}_robust/{t}", f"{sc.upper()} RA {t}") for sc in ("slf", "alf", "aff") for t in threats[1:]]
-keys += [(k, k.replace("slf_", "SLF_").replace("alf_", "ALF_").replace("aff_", "AFF_").replace("_sa", " SA").replace("_ra", " RA"))
+keys += [(k, k.rpartition(": ")[0] + ": " + k.rpartition(": ")[2].replace("_", " ").upper())  # "to folder: SLF SA"
          for k in r0 if k.startswith("to ") and k.endswith(("_sa", "_ra"))]
 
 def get(r, k):

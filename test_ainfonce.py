@@ -737,7 +737,8 @@ def test_field_layout_state_dicts_evaluate_exactly_as_our_checkpoint(folder, tmp
 
 def test_autoattack_runs_and_records_its_implementation(folder, tmp_path, capsys):
     if not any(importlib.util.find_spec(m) for m in ("pyautoattack", "torchattacks")):
-        fails(tiny(folder, tmp_path / "none", "--autoattack"), capsys, r"needs an optional package: pip install pyauto")
+        fails(tiny(folder, tmp_path / "none", "--autoattack"), capsys, r"needs an optional package: pip install pyauto",
+              tmp_path / "none")
         pytest.skip("optional: pip install pyautoattack (or torchattacks)")
     fails(tiny(folder, tmp_path / "two", "--autoattack"), capsys, r"AutoAttack needs >= 4 classes", tmp_path / "two")
     four = make_folder(tmp_path / "four", classes=4, n_train=4, n_test=2)
