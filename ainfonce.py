@@ -41,7 +41,9 @@ import os
 import platform
 import re
 import shutil
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,6 +60,7 @@ import torch.nn.functional as F
 METHODS = ("simclr", "rocl", "infpos", "hardneg", "both")
 SCHEMES = ("slf", "alf", "aff")
 DATASETS = ("cifar10", "cifar100", "stl10", "folder")
+KNN_BANK, KNN_QUERIES = 5000, 1000  # the kNN monitor's training and test images (a fixed shuffle)
 # Base lr of the official scripts (Asym-RoCL/shell); every other method uses 0.1.
 BASE_LR = {"cifar100": {"hardneg": 0.1, "both": 0.2}, "other": {"hardneg": 0.2, "both": 0.3}}
 # A resumed run must agree with its checkpoint on everything that defines its math (not --lr, not the data's path).
@@ -66,8 +69,9 @@ RESUME_KEYS = ("method", "dataset", "subset", "width", "eps", "step", "attack_st
                "batch_size", "warmup_epochs", "wd", "seed")
 # What --eval-only takes from the command line; everything else comes from the checkpoint.
 EVAL_KEYS = ("eval", "eval_threats", "eval_step", "eval_steps", "eval_subset", "ft_epochs", "eval_batch_size",
-             "autoattack", "transfer_from", "eval_dataset", "eval_data_dir", "bn_branch", "out", "overwrite",
-             "device", "deterministic", "eval_only", "resume", "argv")
+             "autoattack", "transfer_from", "eval_dataset", "eval_data_dir", "bn_branch", "stem_padding", "protocol",
+             "pretraining", "out", "overwrite",
+             "device", "deterministic", "eval_only", "resume", "command")
 
 
 class UsageError(Exception):
@@ -174,23 +178,32 @@ def build_parser():
       "L2: 2.5 eps/steps")
     g("--eval-steps", type=D, default=20, help="PGD steps of RA")
     g("--eval-subset", type=I, default=0, help="evaluate on the first N test images of a fixed shuffle (0: all)")
-    g("--ft-epochs", type=D, default=25, help="ALF/AFF epochs, lr 0.1 /10 at 60%% and 80%% (paper 25: 15, 20)")
+    g("--protocol", choices=PROTOCOLS, default="asym-rocl", help="finetuning protocol: the official Asym-RoCL one, or "
+      "RobustSSL's per pretraining method (README)")
+    g("--pretraining", choices=list(ROBUSTSSL), help="with --protocol robustssl: the method that pretrained the encoder "
+      "(default: read from the file where it can be)")
+    g("--ft-epochs", type=D, default=None, help="ALF/AFF epochs, lr 0.1 /10 at 60%% and 80%% (default 25: 15, 20); "
+      "robustssl: every scheme's, milestones scaled")
     g("--eval-batch-size", type=D, default=1024, help="images per finetuning step and attack batch (official 1024)")
-    g("--autoattack", action="store_true", help="also standard AutoAttack under every threat (pip install "
-      "pyautoattack, Croce and Hein's reference code; torchattacks also works)")
+    g("--autoattack", action=argparse.BooleanOptionalAction, default=None, help="also standard AutoAttack under every "
+      "threat (pip install pyautoattack; torchattacks also works); default on with --protocol robustssl")
     g("--transfer-from", metavar="CKPT", help="black-box RA: PGD examples crafted on this run's (or checkpoint's) SLF "
       "classifier, trained with the same protocol")
     g("--eval-dataset", choices=DATASETS, help="finetune and evaluate on another data set (default: the "
       "pretraining one)")
     g("--eval-data-dir", help="its directory (default: --data-dir)")
-    g("--bn-branch", type=I, default=1, help="dual-BN checkpoints (ACL, DynACL: bn_list.K): the branch to evaluate, "
-      "as RobustSSL's bnNameCnt (1: adversarial)")
+    g("--bn-branch", type=I, default=None, help="multi-BN state dicts (bn_list.K: ACL, DynACL, AdvCL): the branch to "
+      "evaluate (default: the only one, else 1, the adversarial one, as RobustSSL's bnNameCnt)")
+    g("--stem-padding", type=int, choices=(1, 2), help="padding of the CIFAR stem of a torchvision-style state dict: 2 "
+      "for solo-learn/DeACL, 1 for DynACL++/RobustSSL (other layouts say it)")
     g = p.add_argument_group("system").add_argument
     g("--out", default=None, help="run directory (default runs/METHOD-DATASET-sSEED)")
     g("--resume", metavar="DIR", help="continue the run in DIR (or a checkpoint) with its own arguments, then its "
       "evaluation; flags given here override those allowed to change")
     g("--overwrite", action="store_true", help="start over in an --out that holds a run; with --eval-only, recompute")
     g("--ckpt-every", type=I, default=0, help="also checkpoint every N steps (0: off)")
+    g("--knn-every", type=I, default=1, help=f"kNN accuracy (k 200, cosine, t 0.1; {KNN_BANK} training images, "
+      f"{KNN_QUERIES} test images) every N epochs, in the log (0: off)")
     g("--seed", type=I, default=0, help="seed of weights, augmentations and attacks")
     g("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for pretraining and its "
@@ -227,6 +240,8 @@ def resolve(args):
     args.threats = [threat(t) for t in args.eval_threats]
     if args.out is None:
         args.out = f"runs/{args.method}-{args.dataset}-s{args.seed}"
+    if args.autoattack is None:
+        args.autoattack = args.protocol == "robustssl"  # its preset: PGD-20 and AutoAttack
     return args
 
 
@@ -322,15 +337,17 @@ def hms(s):
 
 
 def progress(label, total, every=10.0):
-    """tick(done): prints 'label: done/total, rate, ETA' at most every `every` seconds, never for short phases."""
+    """tick(done, extra=None): prints 'label: done/total (rate/s, ETA), extra()' at most every `every` seconds, and
+    never for a short phase; extra is a callable, so that what it reports (a loss: a host sync) costs only when shown."""
     t0 = last = time.time()
 
-    def tick(done):
+    def tick(done, extra=None):
         nonlocal last
         now = time.time()
         if now - last >= every and done < total:
             last, rate = now, done / (now - t0)
-            print(f"  {label}: {done}/{total} ({rate:.1f}/s, ETA {hms((total - done) / rate)})", flush=True)
+            print(f"  {label}: {done}/{total} ({rate:.1f}/s, ETA {hms((total - done) / rate)})"
+                  + (f", {extra()}" if extra else ""), flush=True)
     return tick
 
 
@@ -550,12 +567,12 @@ class ResNet18(nn.Module):
     stride-1 stem, no max-pool, BasicBlocks [2,2,2,2]; 8*width features. normalise=True adds the input
     normalisation (buffers mean, std) that some published encoders carry inside the model; ours has none."""
 
-    def __init__(self, width=64, normalise=False):
+    def __init__(self, width=64, normalise=False, stem_padding=1):
         super().__init__()
         if normalise:
             self.register_buffer("mean", torch.zeros(3))
             self.register_buffer("std", torch.ones(3))
-        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, 1, 1, bias=False), BatchNorm2d(width)
+        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, 1, stem_padding, bias=False), BatchNorm2d(width)
         chans = [width, width, 2 * width, 4 * width, 8 * width]
         for i in range(4):
             setattr(self, f"layer{i + 1}", nn.Sequential(Block(chans[i], chans[i + 1], 1 if i == 0 else 2),
@@ -768,33 +785,115 @@ def pgd_attack(norm, eps, step, steps):
     return lambda m, xb, yb: pgd(m, xb, yb, eps=eps, step=step, steps=steps, norm=norm)
 
 
-def train_head(params, loss_fn, n, epochs, milestones, bs, lr, wd, device, label=None):
-    """SGD(momentum 0.9) with lr/10 at each milestone epoch; loss_fn(idx) -> loss of that batch."""
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
-    for epoch in range(epochs):
-        tick = progress(f"{label} epoch {epoch + 1}/{epochs}, images", n)
-        for k, idx in enumerate(batches(n, bs, shuffle=True, device=device)):
+# Finetuning protocols, each a table of settings per scheme, recorded with the results. "asym-rocl" (the default):
+# the official Asym-RoCL finetuning. "robustssl": the field's benchmark (GodXuxilie/RobustSSL_Benchmark,
+# vanilla_finetuning.py --mode ALL and setup_hyperparameter in its utils.py), per pretraining method; as in its code,
+# a setting made for one scheme carries over to the next (DynACL-AIR's 5 SLF epochs on CIFAR-10 hold for ALF and AFF).
+_LF = dict(batch_size={"cifar10": 512, "cifar100": 512, "stl10": 128}, milestones=[10, 20])
+_ACL = dict(_LF, lr={"cifar10": 0.01, "cifar100": 0.05, "stl10": 0.01})
+_AIR = dict(_LF, lr={"cifar10": 0.01, "cifar100": 0.1, "stl10": 0.01})
+_AIR2 = dict(_LF, batch_size={"cifar10": 512, "cifar100": 512})
+_AFF = dict(batch_size=128, lr=0.1, milestones=[15, 20])
+_ADVCL = {"slf": dict(batch_size=512, lr=0.01, milestones=[15, 20]), "alf": dict(batch_size=512, lr=0.01,
+          milestones=[15, 20]), "aff": _AFF}
+ROBUSTSSL = {
+    "acl": {"slf": _ACL, "alf": _ACL, "aff": dict(_AFF, epochs=100, milestones=[40, 60])},
+    "dynacl": {"slf": _ACL, "alf": _ACL, "aff": _AFF}, "dynacl++": {"slf": _ACL, "alf": _ACL, "aff": _AFF},
+    "advcl": _ADVCL, "a-infonce": _ADVCL, "deacl": _ADVCL,
+    "dynacl-air": {"slf": dict(_AIR, epochs={"cifar10": 5}), "alf": _AIR, "aff": _AFF},
+    "dynacl-air++": {"slf": dict(_AIR2, lr={"cifar10": 0.01, "cifar100": 0.09}), "alf": dict(
+        _AIR2, lr={"cifar10": 0.01, "cifar100": 0.1}, epochs={"cifar10": 4}), "aff": _AFF},
+    "dynacl-rcs": {},  # setup_hyperparameter tests for 'DynACL_RCS', its command line says 'DynACL-RCS': defaults
+}
+PROTOCOLS = ("asym-rocl", "robustssl")
+
+
+def scheme_settings(protocol, method, dataset, ft_epochs, batch_size):
+    """Per scheme: epochs, lr milestones (lr/10 at each), lr, momentum, weight decay, batch, training augmentation
+    (RobustSSL: RandomCrop(32, padding 4) + flip), and the training attacks (ALF: PGD-10 of 2/255; AFF: TRADES,
+    beta 6, 10 steps of 2/255). ft_epochs: the ALF/AFF epochs (asym-rocl), or every scheme's (robustssl)."""
+    attacks = {"slf": {}, "alf": dict(attack_steps=10, attack_step=2 / 255),
+               "aff": dict(attack_steps=10, attack_step=2 / 255, trades_beta=6.0)}
+    if protocol == "asym-rocl":
+        e = ft_epochs or 25
+        s = {"slf": dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4)}
+        s["alf"] = s["aff"] = dict(epochs=e, milestones=[max(1, int(0.6 * e)), max(1, int(0.8 * e))], lr=0.1, wd=2e-4)
+        return {k: dict(v, momentum=0.9, batch_size=batch_size, augment=False, **attacks[k]) for k, v in s.items()}
+    s, out = dict(epochs=25, milestones=[15, 20], lr=0.1, momentum=0.9, wd=2e-4, batch_size=128, augment=True), {}
+    for scheme in SCHEMES:  # its argparse defaults, then setup_hyperparameter's changes, carried over
+        for k, v in ROBUSTSSL[method].get(scheme, {}).items():
+            v = v.get("cifar10" if dataset == "folder" else dataset) if isinstance(v, dict) else v
+            s[k] = s[k] if v is None else v
+        out[scheme] = dict(s, **attacks[scheme])
+        if ft_epochs:  # a shorter run: the milestones keep their place in it
+            out[scheme].update(epochs=ft_epochs, milestones=[max(1, m * ft_epochs // s["epochs"]) for m in s["milestones"]])
+    return out
+
+
+def train_head(params, loss_fn, n, s, device, label):
+    """SGD with lr/10 at each milestone epoch, settings s of scheme_settings; loss_fn(idx) -> loss of that batch.
+    Returns the lr of every epoch."""
+    opt = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["wd"])
+    sched, lrs = torch.optim.lr_scheduler.MultiStepLR(opt, s["milestones"], 0.1), []
+    epochs_tick = progress(f"{label} head, epoch", s["epochs"])
+    for epoch in range(s["epochs"]):
+        tick = progress(f"{label} epoch {epoch + 1}/{s['epochs']}, images", n)
+        lrs.append(opt.param_groups[0]["lr"])
+        for k, idx in enumerate(batches(n, s["batch_size"], shuffle=True, device=device)):
             loss = loss_fn(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tick(min(n, (k + 1) * bs))
+            tick(min(n, (k + 1) * s["batch_size"]))
         sched.step()
-        if label:
-            print(f"  {label} epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}", flush=True)
+        epochs_tick(epoch + 1, lambda: f"loss {loss.item():.4f}")
+    return lrs
 
 
-def slf_classifier(encoder, x_tr, y_tr, n_classes, bs, seed):
-    """SLF: the frozen encoder's features (eval mode) computed once; a linear head trained on them for
-    150 epochs, SGD lr 0.1, wd 5e-4, lr/10 at 30, 50, 100."""
-    torch.manual_seed(seed)
-    with eval_mode(encoder), torch.no_grad():
-        feats = torch.cat([encoder(x_tr[i].float() / 255) for i in batches(len(x_tr), bs, device=x_tr.device)])
-    head = nn.Linear(encoder.dim, n_classes).to(x_tr.device)
-    train_head(head.parameters(), lambda i: F.cross_entropy(head(feats[i]), y_tr[i]), len(feats), 150,
-               [30, 50, 100], bs, 0.1, 5e-4, x_tr.device)
-    return nn.Sequential(encoder, head)
+def crop_flip(xb):
+    """RandomCrop(32, padding=4) and RandomHorizontalFlip of uint8 images [B,3,32,32] -> float in [0, 1]."""
+    b, dev = len(xb), xb.device
+    dy, dx = (torch.randint(0, 9, (b, 1, 1, 1), device=dev) for _ in range(2))
+    rows, cols = torch.arange(32, device=dev).view(1, 1, 32, 1) + dy, torch.arange(32, device=dev).view(1, 1, 1, 32) + dx
+    x = F.pad(xb, (4, 4, 4, 4))[torch.arange(b, device=dev).view(b, 1, 1, 1), torch.arange(3, device=dev).view(1, 3, 1, 1),
+                                rows, cols]
+    return torch.where(torch.rand(b, 1, 1, 1, device=dev) < 0.5, x.flip(3), x).float() / 255
+
+
+def finetune(scheme, encoder, x, y, n_classes, s, eps):
+    """Fine-tune one scheme on uint8 images x with settings s -> classifier (encoder + linear head). SLF: a head on
+    the frozen encoder's features (eval mode; without augmentation computed once); ALF: a head on PGD examples made
+    through encoder + head; AFF: TRADES on the whole network, from the pretrained encoder. ALF/AFF attack at eps."""
+    device, view = x.device, crop_flip if s["augment"] else (lambda xb: xb.float() / 255)
+    if scheme == "slf":
+        if not s["augment"]:
+            with eval_mode(encoder), torch.no_grad():
+                feats = torch.cat([encoder(view(x[i])) for i in batches(len(x), s["batch_size"], device=device)])
+        head = nn.Linear(encoder.dim, n_classes).to(device)
+
+        def loss(i):
+            if not s["augment"]:
+                return F.cross_entropy(head(feats[i]), y[i])
+            with eval_mode(encoder), torch.no_grad():
+                f = encoder(view(x[i]))
+            return F.cross_entropy(head(f), y[i])
+        params, clf = head.parameters(), nn.Sequential(encoder, head)
+    elif scheme == "alf":
+        head = nn.Linear(encoder.dim, n_classes).to(device)
+        params, clf = head.parameters(), nn.Sequential(encoder, head)
+
+        def loss(i):
+            xa = pgd(clf, view(x[i]), y[i], eps=eps, step=s["attack_step"], steps=s["attack_steps"])
+            with eval_mode(encoder), torch.no_grad():
+                f = encoder(xa)
+            return F.cross_entropy(head(f), y[i])
+    else:
+        clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True), nn.Linear(encoder.dim, n_classes))
+        params, clf = clf.parameters(), clf.to(device).train()
+        loss = lambda i: trades_loss(clf, view(x[i]), y[i], beta=s["trades_beta"], eps=eps, step=s["attack_step"],
+                                     steps=s["attack_steps"])
+    train_head(params, loss, len(x), s, device, label=scheme.upper())
+    return clf
 
 
 def guards(classifier, x, y, bs, eps, steps, robust=()):
@@ -844,47 +943,28 @@ def autoattack(classifier, x, y, bs, norm, eps, n_classes, seed):
     return accuracy(classifier, x_adv, y, bs)
 
 
-def evaluate(args, encoder, data, device, res, save, source=None):
-    """SLF / ALF / AFF heads on the frozen (AFF: finetuned) encoder; SA, RA under every threat, AutoAttack,
-    and transfer RA from source's SLF classifier. Schemes already in res are kept (not recomputed); save(res)
-    runs after each scheme. Finetuning uses PyTorch's default precision; every measured number is strict fp32."""
+def evaluate(args, encoder, data, device, done=(), source=None):
+    """Yields (scheme, numbers) for each scheme of args.eval not in done: fine-tune (settings args.schemes), then
+    measure SA, RA under every threat, AutoAttack, and transfer RA from source's SLF classifier. Finetuning uses
+    PyTorch's default precision; every measured number is strict fp32."""
     x_tr, y_tr, x_te, y_te, n_classes = data
     bs, (key0, norm0, eps0) = args.eval_batch_size, args.threats[0]
     ft_eps = next((e for _, n, e in args.threats if n == "linf"), 8 / 255)  # ALF/AFF train against L_inf
-    milestones = [max(1, int(0.6 * args.ft_epochs)), max(1, int(0.8 * args.ft_epochs))]  # 15, 20 of 25
 
     def prep(enc):  # a frozen fp32 copy on the device, in the default memory layout
         return copy.deepcopy(enc).float().to(device, memory_format=torch.contiguous_format).requires_grad_(False)
-    encoder, x_transfer = prep(encoder), None
-    if source is not None and any(f"{s}_sa" not in res for s in args.eval):
-        src = slf_classifier(prep(source), x_tr, y_tr, n_classes, bs, args.seed)
+    encoder, x_transfer, todo = prep(encoder), None, [s for s in SCHEMES if s in args.eval and s not in done]
+    if source is not None and todo:
+        torch.manual_seed(args.seed)
+        src = finetune("slf", prep(source), x_tr, y_tr, n_classes, args.schemes["slf"], ft_eps)
         with strict_fp32(device):
             torch.manual_seed(args.seed)  # the random starts of white-box RA: transfer from itself equals it
             x_transfer = attacked(src, x_te, y_te, bs, pgd_attack(norm0, eps0, args.eval_step, args.eval_steps),
                                   f"transfer source PGD {key0}")
-    for k, name in enumerate(SCHEMES):
-        if name not in args.eval or f"{name}_sa" in res:
-            continue
+    for name in todo:
         t0 = time.time()
-        torch.manual_seed(args.seed + k)  # each scheme its own draws: one can be (re)run without the others
-        if name == "slf":
-            clf = slf_classifier(encoder, x_tr, y_tr, n_classes, bs, args.seed)
-        elif name == "alf":  # linear head trained on PGD-10 examples made through the frozen encoder + head
-            head = nn.Linear(encoder.dim, n_classes).to(device)
-            clf = nn.Sequential(encoder, head)
-
-            def alf_loss(i):
-                xa = pgd(clf, x_tr[i].float() / 255, y_tr[i], eps=ft_eps, step=2 / 255, steps=10)
-                with eval_mode(encoder), torch.no_grad():
-                    f = encoder(xa)
-                return F.cross_entropy(head(f), y_tr[i])
-            train_head(head.parameters(), alf_loss, len(x_tr), args.ft_epochs, milestones, bs, 0.1, 2e-4, device,
-                       label="ALF")
-        else:  # AFF: TRADES on the whole network, from the pretrained encoder
-            clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True), nn.Linear(encoder.dim, n_classes))
-            clf = clf.to(device).train()
-            train_head(clf.parameters(), lambda i: trades_loss(clf, x_tr[i].float() / 255, y_tr[i], eps=ft_eps),
-                       len(x_tr), args.ft_epochs, milestones, bs, 0.1, 2e-4, device, label="AFF")
+        torch.manual_seed(args.seed + SCHEMES.index(name))  # each scheme its own draws: one can be (re)run alone
+        clf = finetune(name, encoder, x_tr, y_tr, n_classes, args.schemes[name], ft_eps)
         with strict_fp32(device):
             r = {"sa": accuracy(clf, x_te, y_te, bs), "robust": {}}
             for key, norm, eps in args.threats:
@@ -900,16 +980,16 @@ def evaluate(args, encoder, data, device, res, save, source=None):
                 r["ra_transfer"] = accuracy(clf, x_transfer, y_te, bs)
             if name == "slf":
                 r["guards"] = guards(clf, x_te, y_te, bs, ft_eps, args.eval_steps,
-                                     [(n, e, r["robust"][k_]) for k_, n, e in args.threats])
-        res.update({f"{name}_{k_}": v for k_, v in r.items()}, **{f"{name}_s": time.time() - t0})
-        shown = {"SA": r["sa"], "RA": r["ra"], **dict(list(r["robust"].items())[1:]), "AA": r.get("aa"),
-                 "transfer RA": r.get("ra_transfer")}
-        line = "  ".join(f"{k_} {100 * v:.2f}%" for k_, v in shown.items() if v is not None)
+                                     [(n, e, r["robust"][k]) for k, n, e in args.threats])
+        r["s"] = time.time() - t0
+        shown = {"SA": r["sa"], **{f"RA {k}": v for k, v in r["robust"].items()},
+                 **{f"AA {k}": v for k, v in r.get("aa_robust", {}).items()},
+                 f"transfer RA {key0}": r.get("ra_transfer")}
+        line = "  ".join(f"{k} {100 * v:.2f}%" for k, v in shown.items() if v is not None)
         if name == "slf":
             line += "  guards " + ("ok" if r["guards"]["ok"] else "FAILED: " + json.dumps(r["guards"]))
-        print(f"{name.upper()}: {line}  ({hms(time.time() - t0)})", flush=True)
-        save(res)
-    return res
+        print(f"{name.upper()}: {line}  ({hms(r['s'])})", flush=True)
+        yield name, r
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -959,10 +1039,27 @@ def pretrain_loss(net, x1, x2, x_adv, args, gather=None):
     return infonce + args.reg_weight * reg, {"infonce": infonce.detach(), "reg": reg.detach()}
 
 
-def pretrain(args, net, x_train, device, rank, world, ck=None):
+@torch.no_grad()
+def knn_accuracy(encoder, x_bank, y_bank, x_query, y_query, n_classes, k=200, t=0.1, bs=1024):
+    """The weighted kNN monitor of InstDisc and MoCo: cosine similarities of eval-mode fp32 encoder features; the k
+    nearest bank images vote for their class with weight exp(similarity / t). No randomness, no BN update."""
+    def features(x):
+        return F.normalize(torch.cat([encoder(x[i].float() / 255) for i in batches(len(x), bs, device=x.device)]), dim=1)
+    with eval_mode(encoder), strict_fp32(x_bank.device):
+        bank, query = features(x_bank), features(x_query)
+        sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)
+        votes = torch.zeros(len(query), n_classes, device=query.device).scatter_add_(1, y_bank[idx], (sim / t).exp())
+    return (votes.argmax(1) == y_query).float().mean().item()
+
+
+def pretrain(args, net, data, device, rank, world, ck=None):
     """Pretraining loop, step by step; checkpoints after every epoch (and every --ckpt-every steps). The
-    checkpoint holds the epoch log, so log.jsonl has one line per completed epoch, resumed or not."""
-    x_train, b = x_train.to(device), args.batch_size // world  # b: instances per rank
+    checkpoint holds the epoch log, so log.jsonl has one line per completed epoch, resumed or not. Every
+    --knn-every epochs, rank 0 adds the kNN accuracy of fixed train/test subsets (data) to the epoch's line."""
+    x_train, b = data[0].to(device), args.batch_size // world  # b: instances per rank
+    if args.knn_every and rank == 0:
+        bank, query = fixed_shuffle(len(data[0]), KNN_BANK), fixed_shuffle(len(data[2]), KNN_QUERIES)
+        knn_data = [t.to(device) for t in (data[0][bank], data[1][bank], data[2][query], data[3][query])]
     spe = len(x_train) // args.batch_size  # steps per epoch: the last partial batch is dropped
     total, warmup = spe * args.epochs, spe * args.warmup_epochs
     params = list(net.parameters())
@@ -1004,7 +1101,7 @@ def pretrain(args, net, x_train, device, rank, world, ck=None):
             if perm is None or s == 0:
                 g = torch.Generator().manual_seed(args.seed * 100003 + epoch)  # the same order on every rank
                 perm = torch.randperm(len(x_train), generator=g).to(device)
-                tick = progress(f"epoch {epoch + 1} step", spe) if rank == 0 else (lambda done: None)
+                tick = progress(f"epoch {epoch + 1} step", spe) if rank == 0 else (lambda *_: None)
             idx = perm[s * args.batch_size + rank * b:s * args.batch_size + (rank + 1) * b]
             x1, x2 = (augment(x_train[idx]).contiguous(memory_format=layout) for _ in range(2))
             lr = lr_at(step, total, warmup, args.lr)
@@ -1038,17 +1135,20 @@ def pretrain(args, net, x_train, device, rank, world, ck=None):
                 sums[k] = sums.get(k, 0) + v
             now = time.time()
             train_s, ep_s, last = train_s + now - last, ep_s + now - last, now
-            tick(s + 1)
+            tick(s + 1, lambda: f"loss {float(sums['loss']) / (s + 1):.4f}")
             if step % spe == 0:  # epoch complete: its log line, then the checkpoint that holds it
                 history.append({"epoch": epoch + 1, "step": step, **{k: float(v) / spe for k, v in sums.items()},
                                 "lr": lr, "images_per_s": spe * args.batch_size / ep_s, "train_s": train_s})
+                if args.knn_every and rank == 0 and (epoch + 1) % args.knn_every == 0:  # outside the training time
+                    history[-1]["knn"] = knn_accuracy(net.encoder, *knn_data, args.n_classes)
                 sums, ep_s = {}, 0.0
                 save()
                 if rank == 0:
                     rec = history[-1]
                     eta = hms((total - step) * args.batch_size / rec["images_per_s"])
                     print(f"epoch {epoch + 1:4d}/{args.epochs} | loss {rec['loss']:.4f} | lr {lr:.4f} | "
-                          f"{rec['images_per_s']:7.1f} img/s | ETA {eta}", flush=True)
+                          + (f"kNN {100 * rec['knn']:5.2f}% | " if "knn" in rec else "")
+                          + f"{rec['images_per_s']:7.1f} img/s | ETA {eta}", flush=True)
             elif stop or (args.ckpt_every and step % args.ckpt_every == 0):
                 save()
             last = time.time()
@@ -1095,62 +1195,103 @@ def load_strict(module, state, what):
     module.load_state_dict(state, strict=True)
 
 
-PREFIXES = ("module.", "encoder.", "backbone.", "model.", "_orig_mod.")  # DataParallel, wrappers, compile
-IGNORED = ("fc.", "linear.", "classifier.", "head.", "projector.", "proj_head.", "projection.")  # heads
+ENCODER = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "normalize.")
+HEADS = ("fc", "linear", "classifier", "head", "proj", "predictor")  # inside the encoder's module; all else must fit
+SECOND_ENCODERS = ("encoder_q.", "momentum_backbone.")  # DynACL's online encoder, solo-learn's momentum teacher
 
 
-def field_layout(sd, bn_branch):
-    """A CIFAR ResNet-18 state dict in the field's layout -> (our encoder's state dict, ignored keys).
-    Prefixes are stripped; dual-BN keys (bn_list.K, ACL/DynACL) keep branch bn_branch; downsample.* is our
-    shortcut.*; normalize.mean/std (an input normalisation inside the model) become mean/std; classifier
-    and projector keys are ignored and named. Whatever else does not fit fails in load_strict."""
-    out, ignored = {}, []
+def field_encoder(ck, path, bn_branch=None, stem_padding=None):
+    """A CIFAR ResNet-18 in one of the field's layouts -> (ResNet18 with exactly its weights, what was read).
+
+    The encoder is the sub-network whose keys hold conv1 and layer1..4 (after DataParallel's module. and
+    compile's _orig_mod.), DynACL's encoder_k rather than encoder_q, solo-learn's backbone rather than its
+    momentum_backbone; the other sub-networks, heads and other BN branches are ignored and named; every other
+    key must fit the encoder (strict).
+    bn_list.K (ACL, DynACL, AdvCL): the only branch, else --bn-branch, else 1 (pgd, as their evaluations).
+    downsample.conv/bn and downsample.0/1 are our shortcut.0/1; normalize.mean/std our mean/std. The CIFAR stem
+    has padding 1 (RoCL, ACL, AdvCL, DynACL) except solo-learn's padding 2 (DeACL): torchvision-style names
+    (downsample.0/1) are written by both, so outside a solo-learn Lightning checkpoint the stem must be named."""
+    lightning = isinstance(ck, dict) and "pytorch-lightning_version" in ck
+    sd = ck.get("state_dict", ck.get("model", ck)) if isinstance(ck, dict) else None
+    sd = {re.sub(r"(^|\.)(module|_orig_mod)\.", r"\1", k): v for k, v in (sd or {}).items() if torch.is_tensor(v)}
+    roots = {k[:-12] for k in sd if k.endswith("conv1.weight") and k[:-12] + "layer1.0.conv1.weight" in sd}
+    roots = roots - {r for r in roots if r.endswith(SECOND_ENCODERS)} or roots
+    if len(roots) != 1:
+        raise UsageError(f"{path} is neither an ainfonce checkpoint nor a CIFAR ResNet-18 in the field's layouts ("
+                         + (f"it holds {len(roots)} encoders: {', '.join(sorted(roots))}" if roots else
+                            f"no conv1 and layer1..4; keys: {', '.join(list(sd)[:4])} ...") + ")")
+    root, ignored = roots.pop(), []
+    enc = {k[len(root):]: v for k, v in sd.items() if k.startswith(root) and k[len(root):].startswith(ENCODER)}
+    branches = sorted({int(b) for b in re.findall(r"\.bn_list\.(\d+)\.", " ".join(enc))})
+    if bn_branch is not None and bn_branch not in branches:
+        raise UsageError(f"--bn-branch {bn_branch}: {path} holds " + (f"BN branches {branches}: pass one of them" if
+                         branches else "one set of BN statistics (no bn_list): leave --bn-branch out"))
+    if branches:
+        bn_branch = bn_branch if bn_branch is not None else branches[0] if len(branches) == 1 else 1
+        if bn_branch not in branches:
+            raise UsageError(f"{path} holds BN branches {branches}, none of them 1 (adversarial): pass --bn-branch K")
+    state = {}
     for k, v in sd.items():
-        name = k
-        while name.startswith(PREFIXES):
-            name = name.split(".", 1)[1]
+        inside = k.startswith(root)
+        name = k[len(root):] if inside else k
         m = re.search(r"\.bn_list\.(\d+)\.", name)
-        if m and int(m.group(1)) != bn_branch or name.startswith(IGNORED) or not torch.is_tensor(v):
-            ignored.append(k)
+        if not inside or name.startswith(HEADS) or m and int(m.group(1)) != bn_branch:
+            ignored.append(name.split(".")[0] if not inside or name.startswith(HEADS) else f"bn_list.{m.group(1)}")
             continue
-        name = name.replace(m.group(0), ".") if m else name
+        name = re.sub(r"\.bn_list(\.\d+)?\.", ".", name)
         name = re.sub(r"downsample\.(0|conv)\.", "shortcut.0.", re.sub(r"downsample\.(1|bn)\.", "shortcut.1.", name))
-        out[re.sub(r"^normalize\.", "", name)] = v
-    return out, ignored
+        state[re.sub(r"^normalize\.", "", name)] = v
+    torchvision = any(re.search(r"\.downsample\.[01]\.", k) for k in enc)
+    solo = lightning and root == "backbone."
+    if stem_padding is None:
+        if torchvision and not solo:
+            raise UsageError(f"{path} has torchvision-style keys (downsample.0/1), which solo-learn/DeACL write with a "
+                             f"CIFAR stem of padding 2 and DynACL++/RobustSSL with padding 1: pass --stem-padding 2 or 1")
+        stem_padding = 2 if solo else 1
+    encoder = ResNet18(state["conv1.weight"].shape[0], normalise="mean" in state, stem_padding=stem_padding)
+    load_strict(encoder, state, f"{path}: state dict")
+    kinds = {}
+    for kind in ignored:
+        kinds[kind] = kinds.get(kind, 0) + 1
+    layout = "dynacl" if root == "encoder_k." else "deacl" if solo else "advcl" if branches == [0, 1, 2] else "other"
+    info = {"checkpoint": path, "layout": layout, "encoder": root.rstrip(".") or None, "bn_branch": bn_branch,
+            "bn_branches": branches or None, "stem_padding": stem_padding, "normalise_inside": "mean" in state,
+            "ignored": kinds}
+    print(f"{path}: ResNet-18 width {encoder.dim // 8}" + (f" from {root.rstrip('.')}" if root else "")
+          + f", stem padding {stem_padding}" + (f", BN branch {bn_branch} of {branches}" if branches else "")
+          + (", normalising inputs inside" if "mean" in state else "")
+          + (f"; ignored {len(ignored)} keys: " + ", ".join(f"{k} ({n})" for k, n in kinds.items()) if ignored else ""))
+    return encoder, info
 
 
-def load_checkpoint(path, bn_branch=1):
-    """-> (path, ainfonce checkpoint or None, Net or ResNet18 with its weights). An ainfonce checkpoint
-    (a run directory or its last.pt), or a plain ResNet-18 state dict in the field's layout."""
+def load_checkpoint(path, bn_branch=None, stem_padding=None):
+    """-> (path, ainfonce checkpoint or None, Net, or ResNet18 with its weights, what was read). An ainfonce
+    checkpoint (a run directory or its last.pt), or a CIFAR ResNet-18 in one of the field's layouts."""
     path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"{path} is not a readable checkpoint (corrupt, truncated, or holding Python objects "
-                         f"that weights_only=True refuses): {type(e).__name__}")
+        raise UsageError(f"{path} is not a readable checkpoint (corrupt, truncated, or holding Python objects that "
+                         f"weights_only=True refuses: {type(e).__name__}); if you trust it, keep its tensors: python -c "
+                         f"\"import torch; c = torch.load('{path}', weights_only=False); torch.save({{k: c[k] for k in "
+                         f"('state_dict', 'model', 'pytorch-lightning_version') if k in c}}, 'weights.pt')\"")
     if isinstance(ck, dict) and {"encoder", "projector", "args"} <= set(ck):
         missing = {"optimizer", "epoch", "step", "history", "sums", "rng"} - set(ck)
         if missing:
             raise UsageError(f"{path} is not a complete ainfonce checkpoint: it lacks {sorted(missing)}")
+        if bn_branch is not None or stem_padding not in (None, 1):
+            raise UsageError(f"{path} is an ainfonce checkpoint (one BN, stem padding 1): --bn-branch and "
+                             f"--stem-padding are for the field's state dicts")
         net = Net(ck["args"]["width"])
         load_strict(net.encoder, ck["encoder"], f"{path}: encoder")
         load_strict(net.projector, ck["projector"], f"{path}: projector")
-        return path, ck, net
-    sd = ck.get("state_dict", ck.get("model", ck)) if isinstance(ck, dict) else None
-    state, ignored = field_layout(sd, bn_branch) if isinstance(sd, dict) else ({}, [])
-    if "conv1.weight" not in state:
-        raise UsageError(f"{path} is neither an ainfonce checkpoint nor a CIFAR ResNet-18 state dict in the field's "
-                         f"layout (no conv1.weight; keys: {', '.join(list(sd or {})[:4])} ...)")
-    encoder = ResNet18(state["conv1.weight"].shape[0], normalise="mean" in state)
-    load_strict(encoder, state, f"{path}: state dict")
-    print(f"{path}: ResNet-18 width {encoder.dim // 8}" + (", normalising inputs inside" if "mean" in state else "")
-          + (f"; ignored {len(ignored)} keys ({', '.join(ignored[:3])}, ...)" if ignored else ""))
-    return path, None, encoder
+        return path, ck, net, {"checkpoint": path, "layout": "ainfonce", "stem_padding": 1}
+    return (path, None, *field_encoder(ck, path, bn_branch, stem_padding))
 
 
-def prepare_out(args, n_params):
+def check_out(args, n_params):
     """Refuse to clobber another run; fail now, not after training, if the output cannot be written."""
     if os.path.exists(os.path.join(args.out, "last.pt")) and not args.resume and not args.overwrite:
         raise UsageError(f"{args.out} already holds a run: continue it with --resume {args.out}, "
@@ -1163,16 +1304,58 @@ def prepare_out(args, n_params):
     need, free = 3 * 4 * n_params, shutil.disk_usage(parent).free  # params + momentum, twice during a save
     if free < need:
         raise UsageError(f"only {free / 2**20:.0f} MiB free for {args.out}; checkpoints need {need / 2**20:.0f} MiB")
+
+
+@contextlib.contextmanager
+def owning(directory):
+    """Owns `directory` while this process writes to it (None: nothing to own). directory/.lock holds the owner's
+    pid and host under an flock, which the OS drops when a process dies: a live owner is refused, a dead one's lock
+    is taken over, and a clean exit leaves the file empty."""
     try:
-        os.makedirs(args.out, exist_ok=True)
-        write_json(os.path.join(args.out, ".write-test"), {})
-        os.remove(os.path.join(args.out, ".write-test"))
+        import fcntl
+    except ImportError:  # no flock on this platform (Windows): no lock
+        fcntl = directory = None
+    if directory is None:
+        yield
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+        f = open(os.path.join(directory, ".lock"), "a+")
     except OSError as e:
-        raise UsageError(f"cannot write to {args.out}: {e.strerror or e}")
+        raise UsageError(f"cannot write to {directory}: {e.strerror or e}")
+    with f:
+        f.seek(0)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UsageError(f"{directory} is in use by {f.read().strip() or 'another process'}: wait for it to end, "
+                             f"or write elsewhere with --out")
+        owner = f.read().strip()
+        if owner:
+            print(f"{directory}: taking over the lock of {owner}, which is no longer running")
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+
+
+def clear_out(args):
+    """--overwrite: a new run removes the old one's checkpoint, log and results."""
     if args.overwrite and not args.resume:
         for name in os.listdir(args.out):
             if name == "last.pt" or name.startswith(("log.jsonl", "results")):
                 os.remove(os.path.join(args.out, name))
+
+
+def weights_digest(module):
+    """A digest of a module's weights and buffers: an evaluation records it, and counts only for those weights."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode() + v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1262,14 +1445,17 @@ def merge_checkpoint_args(args, ck_args, keep):
             setattr(args, k, v)
 
 
+FIELD_METHODS = {"ainfonce": "a-infonce", "advcl": "advcl", "dynacl": "dynacl", "deacl": "deacl"}  # a file's method
+
+
 def run(args):
     t_start = time.time()
     device, rank, world = setup(args)
     if args.benchmark:
         return benchmark(resolve(args), device)
-    ck, net, source = None, None, None
+    ck, net, source, read = None, None, None, {}
     if args.resume or args.eval_only:
-        path, ck, net = load_checkpoint(args.resume or args.eval_only, args.bn_branch)
+        path, ck, net, read = load_checkpoint(args.resume or args.eval_only, args.bn_branch, args.stem_padding)
         if ck is None and args.resume:
             raise UsageError(f"{path} is a plain state dict: --resume needs an ainfonce checkpoint")
         if ck is None and "dataset" not in args.explicit:
@@ -1277,16 +1463,27 @@ def run(args):
         if "out" not in args.explicit:
             args.out = os.path.dirname(path) or "."
         if ck:
-            keep = EVAL_KEYS if args.eval_only else ("resume", "out", "overwrite", "argv")
+            keep = EVAL_KEYS if args.eval_only else ("resume", "out", "overwrite", "command")
             merge_checkpoint_args(args, ck["args"], keep)
     resolve(args)
+    if args.protocol == "robustssl" and args.pretraining is None:
+        args.pretraining = FIELD_METHODS.get(read.get("layout", "ainfonce"))  # a new run: ours
+        if args.pretraining is None:
+            raise UsageError(f"--protocol robustssl: its settings differ per pretraining method, and {path} does not "
+                             f"say which: name it with --pretraining {{{','.join(ROBUSTSSL)}}}")
+    args.schemes = scheme_settings(args.protocol, args.pretraining, args.eval_dataset or args.dataset, args.ft_epochs,
+                                   args.eval_batch_size)
     if args.autoattack:
         autoattack_impl()  # fails now, not after training, when neither package is installed
     if args.transfer_from:
-        source = load_checkpoint(args.transfer_from, args.bn_branch)[2]
+        source = load_checkpoint(args.transfer_from, args.bn_branch, args.stem_padding)[2]
         source = source.encoder if isinstance(source, Net) else source
     if world > 1 and args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    for flag in ("data_dir", "eval_data_dir"):  # a checkpoint's relative path read from another directory
+        if ck and flag not in args.explicit and getattr(args, flag) and not os.path.exists(getattr(args, flag)):
+            raise UsageError(f"data directory {getattr(args, flag)} does not exist (the path came from the checkpoint's "
+                             f"--{flag.replace('_', '-')}): pass --data-dir (or --eval-data-dir) to say where the images are")
     train = not args.eval_only and (ck is None or ck["epoch"] < args.epochs)
     eval_set = (args.eval_dataset or args.dataset, args.eval_data_dir or args.data_dir)
     same = eval_set == (args.dataset, args.data_dir)
@@ -1306,61 +1503,90 @@ def run(args):
         raise UsageError(f"--autoattack: standard AutoAttack needs >= 4 classes (its DLR loss uses the 3rd and 4th "
                          f"largest logits); {args.eval_dataset or args.dataset} has {data[4]}")
     net = net if net is not None else Net(args.width)
-    if train and rank == 0:  # every check above has passed: only now is anything written
-        prepare_out(args, sum(p.numel() for p in net.parameters()))
-        write_json(os.path.join(args.out, "config.json"), {k: v for k, v in vars(args).items() if k != "explicit"})
-    net = net.to(device).to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    if train:
-        if ck and ck["step"]:
-            spe = len(x_tr) // args.batch_size
-            print(f"resuming {args.out} at epoch {ck['step'] // spe + 1}, step {ck['step'] % spe}/{spe}")
-        pretrain(args, net, x_tr, device, rank, world, ck)
-        ck = torch.load(os.path.join(args.out, "last.pt"), map_location="cpu", weights_only=True) if rank == 0 else ck
-    if world > 1:  # evaluation runs on rank 0 alone, with batch norm back to per-process statistics
-        dist.barrier()
-        dist.destroy_process_group()
-    if rank != 0:
-        return {}
-    # results: one file per evaluation protocol; a file's finished schemes are never recomputed unless asked
-    info = {k: getattr(args, k, None) for k in ("method", "dataset", "data_dir", "subset", "n_classes", "width",
-            "epochs", "batch_size", "attack_steps", "eps", "lr", "hn_normalise", "seed")} if ck else {"checkpoint": path}
+    if train and rank == 0:
+        check_out(args, sum(p.numel() for p in net.parameters()))
+    with owning(args.out if rank == 0 else None):  # every check above has passed: only now is anything written
+        if train:
+            if rank == 0:
+                clear_out(args)
+                write_json(os.path.join(args.out, "config.json"), {k: v for k, v in vars(args).items()
+                                                                    if k != "explicit"})
+                spe, at = len(x_tr) // args.batch_size, ck["step"] if ck else 0
+                print(f"ainfonce: {args.out} | {device} ({provenance(device)['device_name']}) | {args.dataset} "
+                      f"{args.data_dir}: {len(x_tr)} training / {len(x_te)} test images, {n_classes} classes | "
+                      f"{args.method} | {args.epochs} epochs of {spe} steps | "
+                      + (f"resuming last.pt at epoch {at // spe + 1}, step {at % spe}/{spe}" if at else "new run"), flush=True)
+            net = net.to(device).to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
+            pretrain(args, net, (x_tr, y_tr, x_te, y_te), device, rank, world, ck)
+            ck = torch.load(os.path.join(args.out, "last.pt"), map_location="cpu", weights_only=True) if rank == 0 else ck
+            if rank == 0:
+                net = load_checkpoint(args.out)[2]
+        if world > 1:  # evaluation runs on rank 0 alone, with batch norm back to per-process statistics
+            dist.barrier()
+            dist.destroy_process_group()
+        if rank != 0:
+            return {}
+        return report(args, ck, net, read, data, device, source, t_start, train)
+
+
+def report(args, ck, net, read, data, device, source, t_start, train):
+    """Results: one file per protocol and weights. results.json is the run's own: the final weights of an ainfonce
+    run with the run's protocol. Other protocols, other or unfinished weights go to results-<digest>.json. A file's
+    finished schemes are never recomputed unless asked (--overwrite)."""
+    encoder = net.encoder if isinstance(net, Net) else net
+    weights = {"digest": weights_digest(encoder)}
     if ck:
+        weights.update(step=ck["step"], epoch=ck["epoch"], final=ck["epoch"] >= ck["args"]["epochs"])
+        info = {k: getattr(args, k, None) for k in ("method", "dataset", "data_dir", "subset", "n_classes", "width",
+                "epochs", "batch_size", "attack_steps", "eps", "lr", "hn_normalise", "seed")}
         info.update(pretrain_s=ck["train_s"], images_per_s=ck["step"] * args.batch_size / max(ck["train_s"], 1e-9),
                     train_env=ck["env"])
+        if not weights["final"]:
+            print(f"note: {read['checkpoint']} holds epoch {ck['epoch']} of {ck['args']['epochs']} (step {ck['step']}): "
+                  f"not the end of its run, so these numbers stay out of {args.out}/results.json")
+    else:
+        info = dict(read)
     protocol = None if not args.eval else {
+        "name": args.protocol, "pretraining": args.pretraining, "schemes": args.schemes,
         "eval_dataset": args.eval_dataset or args.dataset, "n_classes": data[4], "n_train": len(data[0]),
         "n_test": len(data[2]), "threats": [k for k, _, _ in args.threats], "eval_step": args.eval_step,
-        "eval_steps": args.eval_steps, "ft_epochs": args.ft_epochs, "eval_batch_size": args.eval_batch_size,
+        "eval_steps": args.eval_steps, "eval_batch_size": args.eval_batch_size,
         "autoattack": autoattack_impl() if args.autoattack else None, "transfer_from": args.transfer_from,
-        "bn_branch": None if ck else args.bn_branch, "seed": args.seed, "precision": "fp32, no TF32, no autocast"}
+        "seed": args.seed, "precision": "fp32, no TF32, no autocast"}
     res_path = os.path.join(args.out, "results.json")
-    res = read_json(res_path)
-    if protocol and res.get("protocol", protocol) != protocol:
-        digest = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:8]
-        res_path = os.path.join(args.out, f"results-{digest}.json")
+    res = read_json(res_path) if ck and weights["final"] else {}
+    if res and res.get("weights", {}).get("digest") != weights["digest"]:
+        print(f"{res_path} held numbers of other weights (step {res.get('weights', {}).get('step')}): recomputing")
+        res = {k: v for k, v in res.items() if k == "invocations"}
+    if not (ck and weights["final"]) or protocol and res.get("protocol", protocol) != protocol:
+        digest = hashlib.sha1(json.dumps([protocol, weights["digest"]], sort_keys=True).encode()).hexdigest()[:8]
+        name = "" if ck else os.path.splitext(os.path.basename(read["checkpoint"]))[0] + "-"
+        res_path = os.path.join(args.out, f"results-{name}{digest}.json")
         res = read_json(res_path)
     if args.eval_only and args.overwrite:
         res = {k: v for k, v in res.items() if not k.startswith(tuple(f"{s}_" for s in args.eval))}
     if not train and res and all(f"{s}_sa" in res for s in args.eval):
         print(f"nothing to do: {res_path} holds every evaluation asked for")
         return res
-    res.update(info, **({"protocol": protocol} if protocol else {}))
-    inv = {"command": args.argv, "wall_s": 0.0, "env": provenance(device)}
+    res.update(info, weights=weights, **({"protocol": protocol} if protocol else {}))
+    inv = {"command": args.command, "wall_s": 0.0, "env": provenance(device)}
     res["invocations"] = res.get("invocations", []) + [inv]
 
-    def save(r):
+    def save():
         inv["wall_s"] = time.time() - t_start  # the whole invocation: data, pretraining, evaluation
-        os.makedirs(args.out, exist_ok=True)
-        write_json(res_path, r)
-    save(res)
+        write_json(res_path, res)
+    save()
     if args.eval:
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # during evaluation SIGTERM is a Ctrl-C
+        done = [s for s in SCHEMES if f"{s}_sa" in res]
         try:
-            evaluate(args, net.encoder if isinstance(net, Net) else net, [t.to(device) if torch.is_tensor(t) else t
-                                                                       for t in data], device, res, save, source)
+            for name, r in evaluate(args, encoder, [t.to(device) if torch.is_tensor(t) else t for t in data], device,
+                                    done, source):
+                res.update({f"{name}_{k}": v for k, v in r.items()})
+                save()
         except KeyboardInterrupt:
-            print(f"interrupted: the finished schemes are in {res_path}; finish with: python ainfonce.py "
-                  + (f"--resume {args.out}" if not args.eval_only else "(the same command)"), file=sys.stderr)
+            print(f"interrupted: the finished schemes are in {res_path}; finish with: "
+                  + (f"python ainfonce.py --resume {args.out}" if not args.eval_only else args.command), file=sys.stderr)
             raise SystemExit(130)
     return res
 
@@ -1368,8 +1594,9 @@ def run(args):
 def main(argv=None):
     """CLI entry point; returns the results dict (for tests). Bad input: one line on stderr, exit 2."""
     try:
+        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
         args = parse_args(argv)
-        args.argv = " ".join(sys.argv[1:] if argv is None else map(str, argv))
+        args.command = shlex.join(["python", os.path.relpath(__file__), *argv])  # pastes back into a shell
         return run(args)
     except UsageError as e:
         print(f"ainfonce.py: error: {e}", file=sys.stderr)

@@ -615,7 +615,7 @@ def test_end_to_end_every_method(folder, tmp_path, method):
     assert saved["pretrain_s"] > 0 and saved["images_per_s"] > 0
     inv = saved["invocations"][-1]
     assert inv["wall_s"] > saved["pretrain_s"] and inv["env"]["torch"] == str(torch.__version__)
-    assert inv["env"]["device_name"] and inv["command"].startswith("--dataset folder") and saved["train_env"]["torch"]
+    assert inv["env"]["device_name"] and inv["command"].startswith("python ainfonce.py --dataset folder") and saved["train_env"]["torch"]
     w, ck = weights(tmp_path / "run" / "last.pt")
     assert ck["epoch"] == 1 and ck["step"] == 4 and ck["args"]["method"] == method
     assert all(v.device.type == "cpu" for v in w.values())
@@ -669,6 +669,7 @@ def test_eval_only_finds_moved_data_and_checks_classes(folder, tmp_path, capsys,
     shutil.move(str(moved), tmp_path / "elsewhere")
     monkeypatch.chdir(tmp_path)
     fails(["--eval-only", str(tmp_path / "run")], capsys, r"data directory .*moved does not exist")
+    fails(["--eval-only", str(tmp_path / "run")], capsys, r"came from the checkpoint's --data-dir\): pass --data-dir")
     res = eval_only(tmp_path / "run", "--data-dir", str(tmp_path / "elsewhere"))
     assert 0 <= res["slf_sa"] <= 1
     three = make_folder(tmp_path / "three", classes=3)
@@ -715,7 +716,7 @@ def test_field_layout_state_dicts_evaluate_exactly_as_our_checkpoint(folder, tmp
     data = ["--dataset", "folder", "--data-dir", folder]
     torch.save({"state_dict": field_state_dict(enc)}, tmp_path / "plain.pt")
     dual = field_state_dict(enc, dual=True, prefix="encoder.")
-    dual["normalize.mean"], dual["normalize.std"] = torch.zeros(3), torch.ones(3)  # ACL/DynACL's buffers
+    dual["encoder.normalize.mean"], dual["encoder.normalize.std"] = torch.zeros(3), torch.ones(3)  # ACL/DynACL's
     torch.save(dual, tmp_path / "dual.pt")
     x, reference = images(3, 8).cpu(), A.load_checkpoint(str(tmp_path / "run"))[2].encoder.eval()
     for name, ignored in (("plain", 2), ("dual", 102)):  # fc.*; and 20 BN layers x 5 tensors of the other branch
@@ -733,6 +734,225 @@ def test_field_layout_state_dicts_evaluate_exactly_as_our_checkpoint(folder, tmp
     fails(["--eval-only", str(tmp_path / "bad.pt"), *data], capsys, r"does not match the model .*unexpected layer5")
     torch.save({"net": {"features.0.weight": torch.zeros(1)}}, tmp_path / "alien.pt")
     fails(["--eval-only", str(tmp_path / "alien.pt"), *data], capsys, r"neither an ainfonce checkpoint nor .*layout")
+
+
+def resnet18_tensors(width, seed):
+    """Random weights and BN statistics of a CIFAR ResNet-18 under canonical names (conv1, bn1, layerI.J.conv1/bn1/
+    conv2/bn2, layerI.0.down.conv/bn), written from the architecture, not from ainfonce's modules."""
+    g, t = torch.Generator().manual_seed(seed), {}
+
+    def conv(name, cout, cin, k):
+        t[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=g) * (2 / (cin * k * k)) ** 0.5
+
+    def bn(name, c):
+        t.update({f"{name}.weight": torch.rand(c, generator=g) + 0.5, f"{name}.bias": torch.randn(c, generator=g) * 0.1,
+                  f"{name}.running_mean": torch.randn(c, generator=g) * 0.1,
+                  f"{name}.running_var": torch.rand(c, generator=g) + 0.5, f"{name}.num_batches_tracked": torch.tensor(7)})
+    conv("conv1", width, 3, 3)
+    bn("bn1", width)
+    chans = [width, width, 2 * width, 4 * width, 8 * width]
+    for i in range(1, 5):
+        for j in range(2):
+            p, cin, cout = f"layer{i}.{j}", chans[i - 1] if j == 0 else chans[i], chans[i]
+            conv(f"{p}.conv1", cout, cin, 3), bn(f"{p}.bn1", cout), conv(f"{p}.conv2", cout, cout, 3), bn(f"{p}.bn2", cout)
+            if j == 0 and i > 1:
+                conv(f"{p}.down.conv", cout, cin, 1), bn(f"{p}.down.bn", cout)
+    return t
+
+
+def reference_features(t, x, padding=1, mean=None, std=None):
+    """The ResNet-18 forward in eval mode, in plain functional ops on canonical names (not ainfonce's model)."""
+    if mean is not None:
+        x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    bn = lambda h, n: F.batch_norm(h, t[f"{n}.running_mean"], t[f"{n}.running_var"], t[f"{n}.weight"], t[f"{n}.bias"],
+                                   False, 0.0, 1e-5)
+    h = F.relu(bn(F.conv2d(x, t["conv1.weight"], padding=padding), "bn1"))
+    for i in range(1, 5):
+        for j in range(2):
+            p, stride = f"layer{i}.{j}", 2 if i > 1 and j == 0 else 1
+            o = F.relu(bn(F.conv2d(h, t[f"{p}.conv1.weight"], stride=stride, padding=1), f"{p}.bn1"))
+            o = bn(F.conv2d(o, t[f"{p}.conv2.weight"], padding=1), f"{p}.bn2")
+            h = F.relu(o + (bn(F.conv2d(h, t[f"{p}.down.conv.weight"], stride=stride), f"{p}.down.bn")
+                            if f"{p}.down.conv.weight" in t else h))
+    return h.mean((2, 3))
+
+
+def in_layout(branches, down, bn_list=True):
+    """Canonical tensors -> a repository's names: BN branches [{canonical: tensor}] as bn_list.K (or one plain BN),
+    the downsampling branch as `down` ("shortcut.0/1", "downsample.conv/bn", "downsample.0/1")."""
+    out = {}
+    for k, t in enumerate(branches):
+        for name, v in t.items():
+            name = name.replace("down.conv", down[0]).replace("down.bn", down[1])
+            is_bn = re.search(r"(bn\d|downsample\.bn|downsample\.1|shortcut\.1)\.[a-z_]+$", name)
+            if is_bn and bn_list:
+                head, tail = name.rsplit(".", 1)
+                out[f"{head}.bn_list.{k}.{tail}"] = v
+            elif not is_bn or k == 0:
+                out[name] = v
+    return out
+
+
+IMAGENET = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+CIFAR = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.247, 0.243, 0.261])
+
+
+def published_files(tmp_path, width=8):
+    """A file in each published layout (README, Evaluating published checkpoints), saved the way each repository's
+    training script saves it -> {name: (path, tensors of the encoder to evaluate, stem padding, normalisation)}."""
+    def branches(seed, n):  # one set of weights, n sets of BN statistics
+        base, out = resnet18_tensors(width, seed), []
+        for k in range(n):
+            other = resnet18_tensors(width, seed * 10 + k + 1)
+            out.append({n_: (other[n_] if re.search(r"bn\d?\.|down\.bn\.", n_) else v) for n_, v in base.items()})
+        return out
+    heads = lambda prefix, names: {f"{prefix}{n}.weight": torch.randn(3, 8 * width) for n in names}
+    acl = branches(1, 2)
+    files = {
+        "rocl": ({"epoch": 1, "acc": 0.0, "optimizer_state": {}, "rng_state": torch.get_rng_state(),
+                  "model": {f"module.{k}": v for k, v in in_layout(branches(0, 1), ("shortcut.0", "shortcut.1"),
+                                                                  bn_list=False).items()}}, branches(0, 1)[0], 1, None),
+        "acl": ({"epoch": 1, "optim": {}, "state_dict": {**in_layout(acl, ("downsample.conv", "downsample.bn")),
+                 "normalize.mean": IMAGENET[0], "normalize.std": IMAGENET[1], **heads("fc.", ["fc1", "fc2"])}},
+                acl[1], 1, IMAGENET),
+        "acl-single": ({"epoch": 1, "optim": {}, "state_dict": {**in_layout(acl[:1], ("downsample.conv",
+                        "downsample.bn")), "normalize.mean": IMAGENET[0], "normalize.std": IMAGENET[1]}},
+                       acl[0], 1, IMAGENET),
+    }
+    advcl = branches(2, 3)
+    files["advcl"] = ({"epoch": 1, "rng_state": torch.get_rng_state(), "model": {
+        f"module.{k}": v for k, v in {**in_layout(advcl, ("downsample.conv", "downsample.bn")),
+                                      **heads("", ["fc_002", "fc_500", "head_ce.0", "head_proj.3", "head_pred.0"])}.items()}},
+        advcl[1], 1, None)
+    dyn_q, dyn_k = branches(3, 2), branches(4, 2)
+    norm = {"normalize.mean": IMAGENET[0], "normalize.std": IMAGENET[1]}
+    files["dynacl"] = ({"epoch": 1, "optim": {}, "state_dict": {
+        **{f"encoder_q.{k}": v for k, v in {**in_layout(dyn_q, ("downsample.conv", "downsample.bn")), **norm}.items()},
+        **{f"encoder_k.{k}": v for k, v in {**in_layout(dyn_k, ("downsample.conv", "downsample.bn")), **norm}.items()}}},
+        dyn_k[1], 1, IMAGENET)
+    pp = branches(5, 1)
+    files["dynacl++"] = ({"epoch": 1, "optim": {}, "state_dict": {**in_layout(pp, ("downsample.0", "downsample.1"),
+                          bn_list=False), **norm, **heads("", ["fc"])}}, pp[0], 1, IMAGENET)
+    student, teacher = branches(6, 1), branches(7, 1)
+    solo = lambda prefix, t: {f"{prefix}{k}": v for k, v in {**in_layout(t, ("downsample.0", "downsample.1"), bn_list=False),
+                              "normalize.mean": CIFAR[0], "normalize.std": CIFAR[1]}.items()}
+    files["deacl"] = ({"epoch": 99, "global_step": 1, "pytorch-lightning_version": "1.6.0", "state_dict": {
+        **solo("backbone.", student), **solo("momentum_backbone.", teacher), **heads("", ["classifier", "classifier_adv"])}},
+        student[0], 2, CIFAR)
+    files["deacl-backbone"] = ({"state_dict": solo("backbone.", student)}, student[0], 2, CIFAR)
+    out = {}
+    for name, (ck, t, padding, norm) in files.items():
+        torch.save(ck, tmp_path / f"{name}.pt")
+        out[name] = (str(tmp_path / f"{name}.pt"), t, padding, norm)
+    return out
+
+
+def test_every_published_layout_loads_to_its_own_encoder(tmp_path, capsys):
+    x = images(4, 6).cpu()
+    flags = {"dynacl++": dict(stem_padding=1), "deacl-backbone": dict(stem_padding=2)}
+    expect = {"rocl": (1, None, []), "acl": (1, 1, ["bn_list.0", "fc"]), "acl-single": (1, 0, []),
+              "advcl": (1, 1, ["bn_list.0", "bn_list.2", "fc_002", "head_ce"]), "dynacl": (1, 1, ["encoder_q", "bn_list.0"]),
+              "dynacl++": (1, None, ["fc"]), "deacl": (2, None, ["momentum_backbone", "classifier", "classifier_adv"]),
+              "deacl-backbone": (2, None, [])}
+    for name, (path, t, padding, norm) in published_files(tmp_path).items():
+        _, ck, encoder, read = A.load_checkpoint(path, **flags.get(name, {}))
+        ref = reference_features(t, x, padding, *(norm or (None, None)))
+        with torch.no_grad():
+            ours = encoder.eval()(x)
+        assert ck is None and ((ours - ref).abs().max() / ref.abs().max()) < 1e-4, name
+        assert (read["stem_padding"], read["bn_branch"]) == expect[name][:2] and encoder.conv1.padding == (padding,) * 2
+        assert set(expect[name][2]) <= set(read["ignored"]), (name, read["ignored"])
+        assert read["layout"] == {"advcl": "advcl", "dynacl": "dynacl", "deacl": "deacl"}.get(name, "other")
+        assert f"stem padding {padding}" in capsys.readouterr().out
+    for name in ("dynacl++", "deacl-backbone"):  # torchvision-style names without a solo-learn Lightning container
+        with pytest.raises(A.UsageError, match=r"torchvision-style keys .* pass --stem-padding 2 or 1"):
+            A.load_checkpoint(str(tmp_path / f"{name}.pt"))
+
+
+def test_a_padding_2_file_is_never_evaluated_with_a_padding_1_stem(folder, tmp_path, capsys):
+    files = published_files(tmp_path)
+    path, t, _, norm = files["deacl"]
+    x = images(5, 6).cpu()
+    with torch.no_grad():
+        assert not torch.allclose(reference_features(t, x, 1, *norm), reference_features(t, x, 2, *norm), rtol=1e-2)
+    fails(["--eval-only", files["deacl-backbone"][0], "--dataset", "folder", "--data-dir", folder], capsys,
+          r"pass --stem-padding 2 or 1")
+    res = eval_only(path, "--dataset", "folder", "--data-dir", folder, "--out", str(tmp_path / "deacl"))
+    assert res["stem_padding"] == 2 and res["encoder"] == "backbone" and 0 <= res["slf_ra"] <= res["slf_sa"] <= 1
+    assert res["ignored"]["momentum_backbone"] == 122  # the teacher: 20 convs/BNs, 122 tensors
+    saved = json.load(open(glob.glob(str(tmp_path / "deacl" / "results-deacl-*.json"))[0]))
+    assert saved["stem_padding"] == 2 and saved["weights"]["digest"] == res["weights"]["digest"]
+
+
+def test_bn_branches_are_read_from_the_file_or_named(tmp_path):
+    files = published_files(tmp_path)
+    assert A.load_checkpoint(files["acl-single"][0])[3]["bn_branch"] == 0  # the only branch: no flag needed
+    with pytest.raises(A.UsageError, match=r"holds BN branches \[0, 1\]: pass one of them"):
+        A.load_checkpoint(files["acl"][0], bn_branch=2)
+    with pytest.raises(A.UsageError, match=r"one set of BN statistics .* leave --bn-branch out"):
+        A.load_checkpoint(files["rocl"][0], bn_branch=1)
+    ck = torch.load(files["advcl"][0], weights_only=True)
+    ck["model"] = {k: v for k, v in ck["model"].items() if ".bn_list.1." not in k}
+    torch.save(ck, tmp_path / "no-pgd.pt")
+    with pytest.raises(A.UsageError, match=r"holds BN branches \[0, 2\], none of them 1 .* --bn-branch"):
+        A.load_checkpoint(str(tmp_path / "no-pgd.pt"))
+
+
+def test_protocol_settings_are_the_official_and_robustssl_ones():
+    asym = A.scheme_settings("asym-rocl", None, "cifar10", None, 1024)
+    assert asym["slf"] == dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4, momentum=0.9, batch_size=1024,
+                               augment=False)
+    for s in ("alf", "aff"):
+        assert {k: asym[s][k] for k in ("epochs", "milestones", "lr", "wd", "attack_steps", "attack_step")} == dict(
+            epochs=25, milestones=[15, 20], lr=0.1, wd=2e-4, attack_steps=10, attack_step=2 / 255)
+    assert asym["aff"]["trades_beta"] == 6.0 and A.scheme_settings("asym-rocl", None, "cifar10", 10, 8)["alf"][
+        "milestones"] == [6, 8]
+    # RobustSSL's setup_hyperparameter, --mode ALL (GodXuxilie/RobustSSL_Benchmark)
+    acl = A.scheme_settings("robustssl", "acl", "cifar100", None, 1024)
+    assert {k: acl["slf"][k] for k in ("epochs", "milestones", "lr", "batch_size", "wd", "augment")} == dict(
+        epochs=25, milestones=[10, 20], lr=0.05, batch_size=512, wd=2e-4, augment=True)
+    assert {k: acl["aff"][k] for k in ("epochs", "milestones", "lr", "batch_size")} == dict(
+        epochs=100, milestones=[40, 60], lr=0.1, batch_size=128)
+    advcl = A.scheme_settings("robustssl", "a-infonce", "folder", None, 1024)  # folder: CIFAR-10's settings
+    assert (advcl["alf"]["lr"], advcl["alf"]["milestones"], advcl["aff"]["epochs"]) == (0.01, [15, 20], 25)
+    air = A.scheme_settings("robustssl", "dynacl-air", "cifar10", None, 1024)  # 5 SLF epochs carry over
+    assert [air[s]["epochs"] for s in A.SCHEMES] == [5, 5, 5] and air["aff"]["batch_size"] == 128
+    assert A.scheme_settings("robustssl", "dynacl-rcs", "cifar10", None, 1024)["slf"]["lr"] == 0.1
+    short = A.scheme_settings("robustssl", "acl", "cifar10", 5, 1024)
+    assert (short["slf"]["epochs"], short["slf"]["milestones"], short["aff"]["milestones"]) == (5, [2, 4], [2, 3])
+
+
+def test_crop_flip_is_a_padded_crop_and_a_flip():
+    import torchvision.transforms.functional as TF
+    x = (images(6, 400) * 255).to(torch.uint8)
+    torch.manual_seed(0)
+    out = A.crop_flip(x).cpu()
+    padded = F.pad(x.cpu().float() / 255, (4, 4, 4, 4))
+    seen, flips = set(), 0
+    for img, p in zip(out, padded):
+        hits = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (0, 1)
+                if torch.equal(img, TF.crop(p, dy, dx, 32, 32).flip(2) if f else TF.crop(p, dy, dx, 32, 32))]
+        assert len(hits) == 1
+        seen.add(hits[0][:2])
+        flips += hits[0][2]
+    assert len(seen) > 70 and abs(flips / len(out) - 0.5) < 0.1  # offsets 0..8 each way, flips half the time
+
+
+def test_robustssl_protocol_runs_and_never_mixes_with_the_default(folder, tmp_path, capsys):
+    A.main(tiny(folder, tmp_path / "run", "--eval", "slf"))
+    default = json.load(open(tmp_path / "run" / "results.json"))
+    res = eval_only(tmp_path / "run", "--protocol", "robustssl", "--no-autoattack", "--ft-epochs", "2",
+                    "--eval", "slf", "alf", "aff")
+    p = res["protocol"]
+    assert p["name"] == "robustssl" and p["pretraining"] == "a-infonce" and p["schemes"]["slf"]["augment"]
+    assert p["schemes"]["slf"]["batch_size"] == 512 and p["schemes"]["aff"]["epochs"] == 2
+    assert json.load(open(tmp_path / "run" / "results.json")) == default and default["protocol"]["name"] == "asym-rocl"
+    assert len(glob.glob(str(tmp_path / "run" / "results-*.json"))) == 1
+    files = published_files(tmp_path)
+    fails(["--eval-only", files["acl"][0], "--dataset", "folder", "--data-dir", folder, "--protocol", "robustssl"],
+          capsys, r"differ per pretraining method, and .*acl.pt does not say which: name it with --pretraining")
+    fails(["--eval-only", files["acl"][0], "--dataset", "folder", "--data-dir", folder, "--protocol", "robustssl",
+           "--pretraining", "acl"], capsys, r"pip install pyautoattack|AutoAttack needs >= 4 classes")
 
 
 def test_autoattack_runs_and_records_its_implementation(folder, tmp_path, capsys):
