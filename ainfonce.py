@@ -119,8 +119,14 @@ def number(kind, lo, inclusive=True):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit code 2 (argparse would also print the usage block)
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        say(f"{self.prog}: error: {message}")
         sys.exit(2)
+
+
+def say(message):
+    """An error for the user, printed by one process: under torchrun, rank 0."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message, file=sys.stderr)
 
 
 class Help(argparse.HelpFormatter):
@@ -405,7 +411,9 @@ def image_folder(root, split, classes=None):
 
 
 def decode(ds, idx, split):
-    """Decode the images idx of an ImageFolder -> (uint8 [n, 3, 32, 32], labels); other sizes are resized."""
+    """Decode the images idx of an ImageFolder -> (uint8 [n, 3, 32, 32], labels). As torchvision's loader does,
+    images are converted to RGB (an alpha channel is dropped, gray is repeated); other sizes are resized; images in
+    nested sub-folders count in their class. Each of these quiet choices is said once."""
     from concurrent.futures import ThreadPoolExecutor
     from PIL import Image
     x, tick = torch.empty(len(idx), 32, 32, 3, dtype=torch.uint8), progress(f"decoding {split} images", len(idx))
@@ -414,19 +422,25 @@ def decode(ds, idx, split):
         path = ds.samples[idx[i]][0]
         try:
             with Image.open(path) as im:
+                alpha = "A" in im.getbands() or "transparency" in im.info
+                gray, size = im.mode in ("1", "L", "LA", "I", "I;16", "F"), im.size
                 im = im.convert("RGB")
                 x[i] = torch.frombuffer(bytearray((im if im.size == (32, 32) else im.resize((32, 32), Image.BILINEAR))
                                                   .tobytes()), dtype=torch.uint8).view(32, 32, 3)
-                return im.size != (32, 32)
         except Exception as e:
             raise UsageError(f"cannot read image {path}: {e}")
+        return size != (32, 32), alpha, gray, os.path.relpath(path, ds.root).count(os.sep) > 1
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL releases the GIL while decoding
-        resized = 0
-        for k, r in enumerate(pool.map(one, range(len(idx)))):
-            resized += r
+        counts = [0] * 4
+        for k, flags in enumerate(pool.map(one, range(len(idx)))):
+            counts = [c + f for c, f in zip(counts, flags)]
             tick(k + 1)
-    if resized:
-        print(f"data: resized {resized} {split} images of another size to 32x32 (bilinear)")
+    said = [what.format(n=n, split=split) for n, what in zip(counts, (
+        "resized {n} {split} images of another size to 32x32 (bilinear)", "dropped the alpha channel of {n} {split} "
+        "images", "repeated {n} grayscale {split} images to RGB", "counted {n} {split} images of nested sub-folders in "
+        "their class folder's class")) if n]
+    if said:
+        print("data: " + "; ".join(said))
     return x.permute(0, 3, 1, 2).contiguous(), torch.tensor([ds.samples[i][1] for i in idx.tolist()])
 
 
@@ -439,11 +453,14 @@ def load_data(dataset, data_dir, n_train=0, n_test=0):
         (x_tr, y_tr), (x_te, y_te) = (decode(ds, pick(len(ds.samples), n, split), split) for ds, n, split in splits)
         return x_tr, y_tr, x_te, y_te, len(train.classes)
     import torchvision.datasets as tvd
+    created = not os.path.exists(data_dir)
     try:
         sets = [tvd.STL10(data_dir, split=split, download=True) if dataset == "stl10" else
                 (tvd.CIFAR10 if dataset == "cifar10" else tvd.CIFAR100)(data_dir, train=split == "train", download=True)
                 for split in ("train", "test")]
     except Exception as e:  # offline (URLError) or a corrupt archive (RuntimeError)
+        if created and os.path.isdir(data_dir) and not os.listdir(data_dir):
+            os.rmdir(data_dir)  # nothing was downloaded: leave nothing behind
         raise UsageError(f"could not get {dataset} into {data_dir} ({type(e).__name__}: {e}); offline? copy "
                          f"torchvision's archive there, or use --dataset folder".replace("\n", " "))
     out = []
@@ -612,7 +629,10 @@ def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0
     hn_beta=None: plain denominator; a float: the HCL hard-negative estimator with tau_plus, its importance
     weights normalised over row i's negatives (hn_normalise="negatives", HCL's definition) or as the
     official Asym-RoCL code does ("official": column j divided by the mean of row j over all V*N columns,
-    positives and self included). With V=2 and nothing else set this is SimCLR's NT-Xent."""
+    positives and self included). With V=2 and nothing else set this is SimCLR's NT-Xent.
+
+    The gradient is that of the stop-gradient loss (keys detached), not the derivative of the loss value with
+    respect to z: torch.autograd.gradcheck against the value is not expected to pass."""
     if not (torch.is_tensor(z) and z.dim() == 3):
         raise ValueError(f"a_infonce needs z of shape [V views, N instances, D], got {getattr(z, 'shape', type(z))}")
     V, N, _ = z.shape
@@ -624,8 +644,16 @@ def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0
         raise ValueError(f"adv_views must be a sequence of view indices in [0, {V}), got {adv_views!r}")
     if hn_normalise not in ("negatives", "official"):
         raise ValueError(f"hn_normalise must be 'negatives' or 'official', got {hn_normalise!r}")
-    with torch.autocast(z.device.type, enabled=False):  # the loss runs in fp32, also under --amp
-        return _a_infonce(z.float(), adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus, hn_normalise)
+    for name, value, ok, rule in (("temperature", temperature, temperature > 0, "> 0"),
+                                  ("tau_plus", tau_plus, 0 <= tau_plus < 1, "in [0, 1)"),
+                                  ("hn_beta", hn_beta, hn_beta is None or hn_beta >= 0, ">= 0 or None"),
+                                  ("ip_alpha", ip_alpha, ip_alpha is None or 0 <= ip_alpha <= 1, "in [0, 1] or None"),
+                                  ("adv_weight", adv_weight, adv_weight >= 0, ">= 0")):
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {value!r}")
+    with torch.autocast(z.device.type, enabled=False):  # fp32 (fp64 stays fp64), also under --amp
+        z = z if z.dtype == torch.float64 else z.float()
+        return _a_infonce(z, adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus, hn_normalise)
 
 
 def _a_infonce(z, adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus, hn_normalise):
@@ -781,7 +809,7 @@ def accuracy(classifier, x, y, bs, attack=None, label=None):
 
 def pgd_attack(norm, eps, step, steps):
     """The RA attack of one threat: L_inf with step `step`, L2 with step 2.5 eps / steps."""
-    step = step if norm == "linf" else 2.5 * eps / steps
+    step = step if norm == "linf" else 2.5 * eps / max(steps, 1)
     return lambda m, xb, yb: pgd(m, xb, yb, eps=eps, step=step, steps=steps, norm=norm)
 
 
@@ -1439,7 +1467,8 @@ def merge_checkpoint_args(args, ck_args, keep):
         diff = [f"--{k.replace('_', '-')} {ck_args.get(k)} (checkpoint) vs {getattr(args, k)}"
                 for k in RESUME_KEYS if k in args.explicit and ck_args.get(k) != getattr(args, k)]
         if diff:
-            raise UsageError(f"cannot resume {args.resume} with other arguments: " + ", ".join(diff))
+            raise UsageError(f"cannot resume {args.resume} with other arguments: " + ", ".join(diff)
+                             + "; a run with these needs its own --out")
     for k, v in ck_args.items():
         if k not in keep and k not in args.explicit:
             setattr(args, k, v)
@@ -1599,13 +1628,13 @@ def main(argv=None):
         args.command = shlex.join(["python", os.path.relpath(__file__), *argv])  # pastes back into a shell
         return run(args)
     except UsageError as e:
-        print(f"ainfonce.py: error: {e}", file=sys.stderr)
+        say(f"ainfonce.py: error: {e}")
         raise SystemExit(2)
     except NonFiniteLoss as e:
-        print(f"ainfonce.py: {e}", file=sys.stderr)
+        say(f"ainfonce.py: {e}")
         raise SystemExit(3)
     except KeyboardInterrupt:  # before training or evaluation began: nothing to keep
-        print("ainfonce.py: interrupted", file=sys.stderr)
+        say("ainfonce.py: interrupted")
         raise SystemExit(130)
     finally:
         if dist.is_available() and dist.is_initialized():  # on every way out: no rank leaves a live group

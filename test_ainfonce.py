@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -238,10 +239,26 @@ def test_large_norms_give_the_unit_norm_value():
     (torch.randn(3, 4, 8), {"adv_views": 2}, r"adv_views must be a sequence of view indices in \[0, 3\)"),
     (torch.randn(3, 4, 8), {"adv_views": (5,)}, r"adv_views must be .*got \(5,\)"),
     (torch.randn(3, 4, 8), {"hn_beta": 1.0, "hn_normalise": "rows"}, r"hn_normalise must be"),
+    (torch.randn(3, 4, 8), {"hn_beta": 1.0, "tau_plus": 1.0}, r"tau_plus must be in \[0, 1\), got 1.0"),
+    (torch.randn(3, 4, 8), {"hn_beta": 1.0, "tau_plus": -0.1}, r"tau_plus must be in \[0, 1\)"),
+    (torch.randn(3, 4, 8), {"temperature": 0.0}, r"temperature must be > 0, got 0.0"),
+    (torch.randn(3, 4, 8), {"temperature": -0.5}, r"temperature must be > 0"),
+    (torch.randn(3, 4, 8), {"hn_beta": -1.0}, r"hn_beta must be >= 0"),
+    (torch.randn(3, 4, 8), {"adv_views": (2,), "ip_alpha": 1.5}, r"ip_alpha must be in \[0, 1\]"),
+    (torch.randn(3, 4, 8), {"adv_views": (2,), "ip_alpha": -0.1}, r"ip_alpha must be in \[0, 1\]"),
 ])
 def test_loss_rejects_bad_input_with_a_message(z, kw, pattern):
     with pytest.raises(ValueError, match=pattern):
         A.a_infonce(z, **kw)
+
+
+def test_float64_in_gives_float64_out():
+    z = randz(1, 3, 5, 8).double()
+    for kw in ({}, dict(adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.1)):
+        loss = A.a_infonce(z, **kw)
+        assert loss.dtype == torch.float64 and torch.allclose(loss.float(), A.a_infonce(z.float(), **kw), atol=1e-5)
+    ref = ref_hn(z, ip_weights(3, {2}, 0.2), 0.5, 1.0, 0.1)
+    assert abs(A.a_infonce(z, adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.1).item() - ref.item()) < 1e-12
 
 
 def test_loss_is_float32_under_bf16_autocast():
@@ -460,6 +477,42 @@ def test_trades_loss_is_ce_plus_kl():
     assert A.trades_loss(model, x, y, beta=6.0) > F.cross_entropy(model(x), y)
 
 
+def test_trades_beta_weighs_the_kl_term():
+    model, x, y = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)).to(DEV), images(0, 8), torch.arange(8, device=DEV) % 3
+    ce = F.cross_entropy(model(x), y)
+    losses = {}
+    for beta in (0.0, 1.0, 6.0):
+        torch.manual_seed(1)  # the same inner attack for every beta
+        losses[beta] = A.trades_loss(model, x, y, beta=beta)
+    kl = losses[1.0] - ce
+    assert torch.allclose(losses[0.0], ce, atol=1e-6) and kl > 1e-4
+    assert torch.allclose(losses[6.0], ce + 6 * kl, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_attacks_start_at_a_random_point_in_the_ball(norm, eps):
+    model, x8, y, _ = linear_data(64)
+    x = x8.float() / 255
+    for start in (A.pgd(model, x, y, eps=eps, steps=0, norm=norm), A.pgd_attack(norm, eps, 2 / 255, 0)(model, x, y)):
+        d = (start - x).flatten(1)
+        assert (d.abs().amax(1) if norm == "linf" else d.norm(dim=1)).max() <= eps + 1e-6
+        assert (d.abs().amax(1) > 0).float().mean() > 0.9 and 0 <= start.min() and start.max() <= 1
+    if norm == "linf":  # the training attack too
+        net = tiny_net()
+        start = A.instance_pgd(net, images(0, 4), images(1, 4), eps=eps, steps=0)
+        assert (start - images(0, 4)).abs().max() > eps / 2 and (start - images(0, 4)).abs().max() <= eps + 1e-6
+
+
+def test_train_head_follows_the_milestones_it_is_given():
+    w = nn.Parameter(torch.zeros(2, device=DEV))
+    s = dict(A.scheme_settings("asym-rocl", None, "cifar10", None, 4)["slf"])
+    lrs = A.train_head([w], lambda i: (w ** 2).sum() + w.sum(), 8, s, DEV, label="SLF")
+    assert lrs == pytest.approx([0.1] * 30 + [0.01] * 20 + [0.001] * 50 + [0.0001] * 50)
+    s.update(epochs=25, milestones=[15, 20])
+    assert A.train_head([w], lambda i: (w ** 2).sum(), 8, s, DEV, label="ALF") == pytest.approx(
+        [0.1] * 15 + [0.01] * 5 + [0.001] * 5)
+
+
 def test_autoattack_names_its_implementation(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyautoattack", types.SimpleNamespace(__version__="9.9"))
     assert A.autoattack_impl() == "pyautoattack 9.9"
@@ -556,6 +609,47 @@ def test_lars_scales_each_tensor():
     assert torch.allclose(p.grad, expected)
 
 
+def test_lars_default_trust_is_torchlars():
+    p, q = (nn.Parameter(torch.tensor([3.0, 4.0])) for _ in range(2))
+    p.grad, q.grad = torch.tensor([1.0, 10.0]), torch.tensor([1.0, 10.0])
+    A.lars_([p], wd=1e-6)
+    A.lars_([q], wd=1e-6, trust=1e-3)
+    assert torch.equal(p.grad, q.grad)
+
+
+def test_recipe_defaults_are_the_papers():
+    args = A.resolve(A.parse_args([]))
+    recipe = dict(eps=8 / 255, step=0.007, attack_steps=7, temperature=0.5, ip_alpha=0.2, adv_weight=1.0, hn_beta=1.0,
+                  reg_weight=1 / 256, width=64, epochs=1000, batch_size=512, warmup_epochs=10, wd=1e-6, lr=0.2,
+                  tau_plus=0.12, eval_step=2 / 255, eval_steps=20, eval_batch_size=1024, method="hardneg",
+                  hn_normalise="negatives", reg_forward="separate", protocol="asym-rocl", autoattack=False)
+    assert {k: getattr(args, k) for k in recipe} == recipe
+    assert args.threats == [("linf:8/255", "linf", 8 / 255)] and args.eval == ["slf"]
+
+
+def test_the_step_uses_the_recipe(monkeypatch):
+    """The training step passes the recipe's numbers to the attack and the losses, and its loss is the main term
+    plus 1/256 of RoCL's regulariser, both as logged."""
+    args = A.resolve(A.parse_args(["--method", "both", "--width", "4", "--attack-steps", "2"]))
+    calls = {"pgd": [], "loss": []}
+    real_pgd, real_loss = A.instance_pgd, A.a_infonce
+    monkeypatch.setattr(A, "instance_pgd", lambda *a, **kw: calls["pgd"].append(kw) or real_pgd(*a, **kw))
+    monkeypatch.setattr(A, "a_infonce", lambda z, *a, **kw: calls["loss"].append((z.shape[0], kw)) or real_loss(z, *a, **kw))
+    net, x1, x2 = tiny_net(), images(0, 4), images(1, 4)
+    x_adv = A.attack_views(net, x1, x2, args)
+    assert calls["pgd"][0] == dict(eps=8 / 255, step=0.007, steps=2, temperature=0.5, gather=None)
+    calls["loss"].clear()
+    loss, terms = A.pretrain_loss(net.train(), x1, x2, x_adv, args)
+    [(_, main)], [(_, reg)] = [c for c in calls["loss"] if c[0] == 3], [c for c in calls["loss"] if c[0] == 2]
+    assert main == dict(adv_views=(2,), temperature=0.5, ip_alpha=0.2, adv_weight=1.0, tau_plus=0.12,
+                        hn_normalise="negatives", hn_beta=1.0)
+    assert reg == dict(temperature=0.5)
+    assert terms["reg"] > 0 and torch.allclose(loss, terms["infonce"] + terms["reg"] / 256, rtol=1e-6)
+    z = net(torch.cat([x1, x2, x_adv])).view(3, 4, -1)
+    assert torch.allclose(terms["infonce"], real_loss(z, adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.12))
+    assert torch.allclose(terms["reg"], real_loss(net(torch.cat([x_adv, x2])).view(2, 4, -1)))
+
+
 def test_regulariser_forward_runs_before_the_main_forward():
     """BN running statistics after one step equal the official order's: [x_adv; x2] first, then [x1; x2; x_adv]."""
     args = A.resolve(A.parse_args(["--method", "rocl", "--width", "4"]))
@@ -633,9 +727,14 @@ def scheme_keys(res):
     return {k: v for k, v in res.items() if k.startswith(A.SCHEMES) and not k.endswith("_s")}
 
 
-def test_all_schemes_threats_and_eval_only(folder, tmp_path):
+def test_all_schemes_threats_and_eval_only(folder, tmp_path, capsys):
     threats = ["--eval-threats", "linf:8/255", "linf:16/255", "l2:0.5"]
     res = A.main(tiny(folder, tmp_path / "run", "--eval", "slf", "alf", "aff", "--eval-subset", "10", *threats))
+    console = capsys.readouterr().out  # every robust number is labelled with its threat
+    for k in A.SCHEMES:
+        r = res[f"{k}_robust"]
+        assert (f"{k.upper()}: SA {100 * res[f'{k}_sa']:.2f}%  RA linf:8/255 {100 * r['linf:8/255']:.2f}%  RA linf:16/255 "
+                f"{100 * r['linf:16/255']:.2f}%  RA l2:0.5 {100 * r['l2:0.5']:.2f}%") in console
     for k in A.SCHEMES:
         assert 0 <= res[f"{k}_ra"] <= res[f"{k}_sa"] <= 1 and list(res[f"{k}_robust"]) == threats[1:]
     assert res["protocol"]["n_test"] == 10 and res["slf_guards"]["threats_fall"] is not None
@@ -992,6 +1091,13 @@ def test_progress_lines_and_help(capsys):
     tick(5)
     tick(10)  # a finished phase prints nothing more
     assert re.fullmatch(r"  decoding: 5/10 \(\d+\.\d/s, ETA \d+:\d\d:\d\d\)\n", capsys.readouterr().out)
+    shown = []
+    tick = A.progress("epoch 1 step", 10, every=0)
+    tick(3, lambda: shown.append(1) or "loss 2.5000")
+    assert re.fullmatch(r"  epoch 1 step: 3/10 \(.*\), loss 2\.5000\n", capsys.readouterr().out) and shown == [1]
+    tick = A.progress("epoch 1 step", 10)
+    tick(4, lambda: shown.append(2) or "loss")  # not shown yet: the loss is not even computed
+    assert shown == [1] and capsys.readouterr().out == ""
     with pytest.raises(SystemExit):
         A.main(["--help"])
     out = capsys.readouterr().out
@@ -1070,6 +1176,153 @@ def test_interrupt_during_evaluation_keeps_the_finished_schemes(folder, tmp_path
     assert done["slf_s"] == kept["slf_s"] and {"alf_sa", "aff_sa"} <= set(done)
     assert {k: v for k, v in scheme_keys(done).items() if "guards" not in k} == \
         {k: v for k, v in scheme_keys(full).items() if "guards" not in k}
+
+
+def test_evaluating_an_unfinished_run_never_changes_what_the_finished_run_reports(folder, tmp_path, monkeypatch,
+                                                                                    capsys):
+    full = A.main(tiny(folder, tmp_path / "full", "--epochs", "2"))
+    real = A.lr_at
+
+    def cut(step, *a):  # Ctrl-C in the middle of epoch 2 (step 5 of 8); --ckpt-every 1 saved step 5
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(step, *a)
+    monkeypatch.setattr(A, "lr_at", cut)
+    with pytest.raises(SystemExit):
+        A.main(tiny(folder, tmp_path / "run", "--epochs", "2", "--ckpt-every", "1"))
+    monkeypatch.setattr(A, "lr_at", real)
+    capsys.readouterr()
+    early = eval_only(tmp_path / "run")  # the run's own protocol, on unfinished weights
+    assert "holds epoch 1 of 2 (step 5): not the end of its run" in capsys.readouterr().out
+    assert early["weights"]["final"] is False and early["weights"]["step"] == 5
+    assert not os.path.exists(tmp_path / "run" / "results.json")
+    assert len(glob.glob(str(tmp_path / "run" / "results-*.json"))) == 1
+    done = A.main(["--resume", str(tmp_path / "run")])
+    assert "SLF: SA" in capsys.readouterr().out  # evaluated again, on the final weights
+    assert done["weights"]["final"] and done["weights"]["digest"] == full["weights"]["digest"] != early["weights"]["digest"]
+    assert scheme_keys(done) == scheme_keys(full) == scheme_keys(json.load(open(tmp_path / "run" / "results.json")))
+    # numbers of other weights in results.json (an older version's poisoned file) are recomputed, not kept
+    poisoned = dict(json.load(open(tmp_path / "run" / "results.json")), slf_sa=0.07)
+    del poisoned["weights"]
+    write = open(tmp_path / "run" / "results.json", "w")
+    write.write(json.dumps(poisoned))
+    write.close()
+    again = A.main(["--resume", str(tmp_path / "run")])
+    assert "held numbers of other weights" in capsys.readouterr().out and again["slf_sa"] == full["slf_sa"]
+
+
+def test_a_live_owner_is_refused_and_a_dead_ones_lock_is_taken_over(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    A.main(tiny(folder, out))
+    assert open(out / ".lock").read() == ""  # a clean exit releases it
+    before = {name: open(out / name, "rb").read() for name in os.listdir(out)}
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 4242 on elsewhere'); f.flush(); "
+                               "print('locked', flush=True); time.sleep(120)", str(out / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    fails(tiny(folder, out, "--overwrite"), capsys, r"run is in use by pid 4242 on elsewhere: wait for it to end")
+    fails(["--eval-only", str(out), "--eval-threats", "l2:0.5"], capsys, r"run is in use by pid 4242 on elsewhere")
+    fails(["--resume", str(out)], capsys, r"run is in use by pid 4242")
+    after = {name: open(out / name, "rb").read() for name in os.listdir(out)}
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    holder.kill()
+    holder.wait()  # died holding the lock: its line stays in the file, the flock is gone
+    res = eval_only(out, "--eval-threats", "l2:0.5")
+    assert "taking over the lock of pid 4242 on elsewhere" in capsys.readouterr().out and 0 <= res["slf_sa"] <= 1
+    assert open(out / ".lock").read() == ""
+
+
+@cpu_only
+def test_two_runs_started_together_on_one_out_do_not_mix(folder, tmp_path):
+    argv = lambda method, seed: tiny(folder, tmp_path / "run", "--method", method, "--seed", seed, "--epochs", "2")
+    procs = [launch(argv("hardneg", "0")), launch(argv("rocl", "1"))]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], outs
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    assert re.search(r"in use by pid \d+ on|already holds a run", outs[loser][1])
+    method = ("hardneg", "rocl")[winner]
+    res = json.load(open(tmp_path / "run" / "results.json"))
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    assert res["method"] == ck["args"]["method"] == config["method"] == method
+    assert sorted(glob.glob(str(tmp_path / "run" / "results*.json"))) == [str(tmp_path / "run" / "results.json")]
+
+
+@cpu_only
+def test_reproduce_sh_never_mixes_scales_and_says_how_to_continue(tmp_path):
+    data = make_folder(tmp_path / "data", classes=4, n_train=32, n_test=16)  # smoke: 128 training, 64 test images
+    env = {**os.environ, "SCALE": "smoke", "DATASET": "folder", "DATA_DIR": data, "OUT": str(tmp_path / "out"),
+           "METHODS": "rocl", "PYTHON": sys.executable}
+    script = os.path.join(HERE, "reproduce.sh")
+    p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    table = open(tmp_path / "out" / "table.md").read()
+    assert table.startswith("folder, 128 training images, ResNet-18 width 4, 1 epochs, batch 32, 1-step training "
+                            "attack; asym-rocl finetuning; RA = PGD-2 at linf:8/255")  # read from the runs it shows
+    p = subprocess.run(["bash", script], env={**env, "SCALE": "small"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert re.search(r"cannot resume .*rocl-s0 with other arguments: --subset 128 \(checkpoint\) vs 5000", p.stderr)
+    assert open(tmp_path / "out" / "table.md").read() == table
+    proc = subprocess.Popen(["bash", script], env={**env, "OUT": str(tmp_path / "out2")}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while "steps | new run" not in proc.stdout.readline():  # the first cell is training
+        assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and err.count("continue the whole table with:") == 1
+    hint = re.search(r"continue the whole table with: (.*)", err).group(1)
+    assert hint.startswith("SCALE=smoke DATASET=folder DATA_DIR=") and f"OUT={tmp_path / 'out2'}" in hint
+    assert hint.endswith("METHODS=rocl PYTHON=" + sys.executable + " bash reproduce.sh")
+
+
+def test_the_recorded_command_and_the_interrupt_hint_paste_back_into_a_shell(folder, tmp_path, monkeypatch, capsys):
+    spaced = tmp_path / "my data"
+    shutil.copytree(folder, spaced)
+    argv = tiny(str(spaced), tmp_path / "a run", "--eval", "none")
+    res = A.main(argv)
+    command = shlex.split(res["invocations"][-1]["command"])
+    assert command[0] == "python" and os.path.samefile(command[1], A.__file__) and command[2:] == argv
+    real = A.train_head
+
+    def interrupted(*a, label=None, **kw):
+        if label == "ALF":
+            raise KeyboardInterrupt
+        return real(*a, label=label, **kw)
+    monkeypatch.setattr(A, "train_head", interrupted)
+    argv = ["--eval-only", str(tmp_path / "a run"), "--eval", "slf", "alf", "--eval-steps", "2", "--ft-epochs", "1",
+            "--eval-batch-size", "64", *GPU_FLAGS[:2]]
+    with pytest.raises(SystemExit) as e:
+        A.main(argv)
+    hint = re.search(r"finish with: (.*)", capsys.readouterr().err).group(1)
+    assert e.value.code == 130 and shlex.split(hint)[0] == "python" and shlex.split(hint)[2:] == argv
+    monkeypatch.setattr(A, "train_head", real)
+    done = A.main(shlex.split(hint)[2:])  # the hint finishes the evaluation: SLF kept, ALF added
+    assert "slf_sa" in done and "alf_sa" in done
+
+
+def test_the_start_line_and_the_knn_monitor_leave_training_bit_identical(folder, tmp_path, capsys):
+    on = A.main(tiny(folder, tmp_path / "on", "--epochs", "2", "--knn-every", "1", "--eval", "none"))
+    start = capsys.readouterr().out.splitlines()[0]
+    assert start == (f"ainfonce: {tmp_path / 'on'} | {DEV.type} ({on['invocations'][-1]['env']['device_name']}) | "
+                     f"folder {folder}: 32 training / 16 test images, 2 classes | hardneg | 2 epochs of 4 steps | new run")
+    A.main(tiny(folder, tmp_path / "off", "--epochs", "2", "--knn-every", "0", "--eval", "none"))
+    logs = {r: [json.loads(line) for line in open(tmp_path / r / "log.jsonl")] for r in ("on", "off")}
+    assert [0 <= rec["knn"] <= 1 for rec in logs["on"]] == [True, True] and all("knn" not in r for r in logs["off"])
+    strip = lambda log: [{k: v for k, v in rec.items() if k not in ("knn", "images_per_s", "train_s")} for rec in log]
+    assert strip(logs["on"]) == strip(logs["off"])
+    (w_on, ck_on), (w_off, ck_off) = weights(tmp_path / "on" / "last.pt"), weights(tmp_path / "off" / "last.pt")
+    assert all(torch.equal(w_on[k], w_off[k]) for k in w_on)  # BN statistics included
+    assert all(torch.equal(a, b) for a, b in zip(ck_on["rng"][0].values(), ck_off["rng"][0].values())
+               if torch.is_tensor(a))
+
+
+@cpu_only
+def test_a_bad_argument_under_torchrun_is_reported_once(tmp_path):
+    procs = [launch(["--method", "bogus"], WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r)) for r in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2] and "invalid choice: 'bogus'" in errs[0] and errs[1] == ""
 
 
 def test_kill_during_save_keeps_previous_checkpoint(folder, tmp_path, monkeypatch):
@@ -1200,6 +1453,21 @@ def test_images_of_another_size_are_resized(folder, tmp_path, capsys):
     assert "resized 1 train images" in capsys.readouterr().out
 
 
+def test_imagefolders_quiet_choices_are_said_once(folder, tmp_path, capsys):
+    from PIL import Image
+    d = tmp_path / "odd"
+    shutil.copytree(folder, d)
+    Image.new("RGBA", (32, 32), (200, 10, 10, 7)).save(d / "train" / "class0" / "alpha.png")
+    Image.new("L", (32, 32), 90).save(d / "train" / "class0" / "gray.png")
+    (d / "train" / "class1" / "deeper" / "still").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(d / "train" / "class1" / "deeper" / "still" / "nested.png")
+    res = A.main(tiny(str(d), tmp_path / "run", "--eval", "none"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data:")]
+    assert lines == ["data: dropped the alpha channel of 1 train images; repeated 1 grayscale train images to RGB; "
+                     "counted 1 train images of nested sub-folders in their class folder's class"]
+    assert res["n_classes"] == 2
+
+
 @pytest.mark.parametrize("dataset,cls", [("cifar10", "CIFAR10"), ("stl10", "STL10")])
 def test_offline_download(tmp_path, capsys, monkeypatch, dataset, cls):
     import urllib.error
@@ -1210,6 +1478,22 @@ def test_offline_download(tmp_path, capsys, monkeypatch, dataset, cls):
     monkeypatch.setattr(getattr(torchvision.datasets, cls), "download", offline)
     fails(["--dataset", dataset, "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "run")],
           capsys, rf"could not get {dataset} .* offline\? .*--dataset folder", tmp_path / "run")
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "stl10"])
+def test_offline_leaves_nothing_behind(tmp_path, capsys, monkeypatch, dataset):
+    import urllib.error
+    import urllib.request
+
+    def offline(*a, **kw):
+        raise urllib.error.URLError("network is unreachable")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    fails(["--dataset", dataset, "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "run")], capsys,
+          rf"could not get {dataset}", tmp_path / "run")
+    assert not os.path.exists(tmp_path / "d")  # torchvision made it to download into; nothing came
+    (tmp_path / "mine").mkdir()
+    fails(["--dataset", dataset, "--data-dir", str(tmp_path / "mine")], capsys, rf"could not get {dataset}")
+    assert os.path.isdir(tmp_path / "mine")  # the user's own directory stays
 
 
 def test_refuses_to_clobber_and_checks_resume(folder, tmp_path, capsys):
