@@ -19,7 +19,6 @@ z^ = z/|z| and S_ij = z^_i . sg(z^_j) / tau (keys detached: a directed term l(i-
     + RoCL's regulariser 1/256 * NT-Xent[x_adv; x2] for every adversarial method; simclr has no attack.
 
 Usage (README.md has the measured numbers, with machine and command):
-    pip install -r requirements.txt
     python ainfonce.py --method hardneg --dataset cifar10                   # paper recipe, one GPU
     python ainfonce.py --method hardneg --dataset folder --data-dir data/cifar10-jpeg --subset 5000 \\
         --width 8 --epochs 6 --batch-size 128 --attack-steps 3 --warmup-epochs 1 --eval-subset 1000   # CPU
@@ -27,7 +26,7 @@ Usage (README.md has the measured numbers, with machine and command):
     python ainfonce.py --resume runs/hardneg-cifar10-s0                    # continue a run and its evaluation
     python ainfonce.py --eval-only runs/hardneg-cifar10-s0 --eval slf alf aff --autoattack \\
         --eval-threats linf:8/255 l2:0.5 --transfer-from runs/rocl-cifar10-s0 --eval-dataset cifar100
-    python ainfonce.py --eval-only published.pt --dataset cifar10 --bn-branch 1   # a field-layout ResNet-18
+    python ainfonce.py --eval-only ACL.pt --dataset cifar10 --protocol robustssl --pretraining acl   # published
     python ainfonce.py --benchmark --width 64 --batch-size 512 --amp       # speed against the official step
     python -m pytest -q                                  # tests; AINFONCE_TEST_DEVICE=cuda runs them on a GPU
 """
@@ -40,8 +39,8 @@ import math
 import os
 import platform
 import re
-import shutil
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,326 +53,670 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------------------------------------------
-# Config / CLI
-# ---------------------------------------------------------------------------------------------------
 METHODS = ("simclr", "rocl", "infpos", "hardneg", "both")
 SCHEMES = ("slf", "alf", "aff")
-DATASETS = ("cifar10", "cifar100", "stl10", "folder")
-KNN_BANK, KNN_QUERIES = 5000, 1000  # the kNN monitor's training and test images (a fixed shuffle)
-# Base lr of the official scripts (Asym-RoCL/shell); every other method uses 0.1.
-BASE_LR = {"cifar100": {"hardneg": 0.1, "both": 0.2}, "other": {"hardneg": 0.2, "both": 0.3}}
-# A resumed run must agree with its checkpoint on everything that defines its math (not --lr, not the data's path).
-RESUME_KEYS = ("method", "dataset", "subset", "width", "eps", "step", "attack_steps", "temperature", "ip_alpha",
-               "adv_weight", "hn_beta", "hn_normalise", "tau_plus", "reg_weight", "reg_forward", "epochs",
-               "batch_size", "warmup_epochs", "wd", "seed")
-# What --eval-only takes from the command line; everything else comes from the checkpoint.
-EVAL_KEYS = ("eval", "eval_threats", "eval_step", "eval_steps", "eval_subset", "ft_epochs", "eval_batch_size",
-             "autoattack", "transfer_from", "eval_dataset", "eval_data_dir", "bn_branch", "stem_padding", "protocol",
-             "pretraining", "out", "overwrite",
-             "device", "deterministic", "eval_only", "resume", "command")
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2, before anything is written."""
+# ===================================================================================================
+# The loss
+# ===================================================================================================
+def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0, hn_beta=None, tau_plus=0.0,
+              hn_normalise="negatives"):
+    """Generic (asymmetric) InfoNCE of V >= 2 views of N >= 2 instances.
 
+    z: [V, N, D] raw projections (normalised here, in fp32; fp64 stays fp64). adv_views: indices of adversarial
+    views. Returns 1/(V N) sum over instances and ordered view pairs u != v of weight(u,v) * l(u->v), where
+    every directed term moves only its anchor (keys are detached). ip_alpha=None: all weights 1;
+    a float: clean->adv adv_weight*ip_alpha, adv->clean adv_weight*(1-ip_alpha), other pairs 1.
+    hn_beta=None: plain denominator; a float: the HCL hard-negative estimator with tau_plus, its importance
+    weights normalised over row i's negatives (hn_normalise="negatives", HCL's definition) or as the
+    official Asym-RoCL code does ("official": column j divided by the mean of row j over all V*N columns,
+    positives and self included). With V=2 and nothing else set this is SimCLR's NT-Xent.
 
-class NonFiniteLoss(Exception):
-    """A NaN/inf loss or gradient: the run stops (exit code 3) and keeps its last good checkpoint."""
+    The gradient is that of the stop-gradient loss (keys detached), not the derivative of the loss value with
+    respect to z: torch.autograd.gradcheck against the value is not expected to pass.
 
-
-def fraction(s, hi=1.0):
-    """A number in [0, hi], written as a decimal or a fraction: 8/255 == 0.031372..."""
+    >>> loss = a_infonce(torch.stack([z1, z2, z_adv]), adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.12)
+    """
+    if not (torch.is_tensor(z) and z.dim() == 3):
+        raise ValueError(f"a_infonce needs z of shape [V views, N instances, D], got {getattr(z, 'shape', type(z))}")
+    V, N, _ = z.shape
+    if V < 2 or N < 2:
+        raise ValueError(f"a_infonce needs >= 2 views of >= 2 instances, got z of shape {tuple(z.shape)}")
     try:
-        v = float(Fraction(s))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number or fraction like 8/255")
-    if not 0 <= v <= hi:
-        hint = f" (pixels are in [0, 1]: did you mean {s}/255?)" if 1 < v <= 255 and "/" not in s else ""
-        raise argparse.ArgumentTypeError(f"{s} is outside [0, {hi:g}]{hint}")
-    return v
+        adv = {range(V)[int(i)] for i in adv_views}
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"adv_views must be a sequence of view indices in [0, {V}), got {adv_views!r}")
+    for name, value, ok, rule in (("hn_normalise", hn_normalise, hn_normalise in ("negatives", "official"),
+                                   "'negatives' or 'official'"),
+                                  ("temperature", temperature, temperature > 0, "> 0"),
+                                  ("tau_plus", tau_plus, 0 <= tau_plus < 1, "in [0, 1)"),
+                                  ("hn_beta", hn_beta, hn_beta is None or hn_beta >= 0, ">= 0 or None"),
+                                  ("ip_alpha", ip_alpha, ip_alpha is None or 0 <= ip_alpha <= 1, "in [0, 1] or None"),
+                                  ("adv_weight", adv_weight, adv_weight >= 0, ">= 0")):
+        if not ok:
+            raise ValueError(f"{name} must be {rule}, got {value!r}")
+    with torch.autocast(z.device.type, enabled=False):  # the loss runs in fp32, also under --amp
+        return _a_infonce(z if z.dtype == torch.float64 else z.float(), adv, temperature, ip_alpha, adv_weight,
+                          hn_beta, tau_plus, hn_normalise)
 
 
-def threat(s):
-    """NORM:EPS, e.g. linf:8/255 or l2:0.5 (pixel units) -> (key, norm, eps)."""
-    norm, _, eps = s.lower().partition(":")
+def _a_infonce(z, adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus, hn_normalise):
+    V, N, _ = z.shape
+    z = z / z.abs().amax(-1, keepdim=True).clamp_min(1e-30)  # so |z|^2 neither overflows nor underflows
+    zn = F.normalize(z.flatten(0, 1), dim=1)  # [M, D], M = V*N; row m is view m // N of instance m % N
+    S = zn @ zn.detach().T / temperature  # S_ij = z^_i . sg(z^_j) / tau: gradient reaches anchors only
+    inst = torch.arange(V * N, device=z.device) % N
+    same = inst[:, None] == inst[None, :]
+    eye = torch.eye(V * N, dtype=torch.bool, device=z.device)
+    if hn_beta is None:
+        log_denom = S.masked_fill(eye, -math.inf).logsumexp(1)  # log sum_{k != i} exp(S_ik)
+    else:  # A-InfoNCE (HN): HCL's debiased, hardness-weighted negatives, per row i over its M negatives
+        M, c = V * (N - 1), 1 / temperature  # S <= 1/tau: exponents are shifted by c, none overflows
+        e = (S - c).exp()
+        pos = (e * (same & ~eye)).sum(1) / (V - 1)  # mean over the V-1 positives of exp(S_ip)
+        if hn_normalise == "negatives":
+            w = M * torch.softmax((hn_beta * S).masked_fill(same, -math.inf), 1)  # A-InfoNCE: w_ij, mean 1
+        else:  # official: imp_jk = (1e-9)^beta on positives and self; the broadcast divides column j by row j's mean
+            log_mean = torch.where(same, hn_beta * math.log(1e-9), hn_beta * S).logsumexp(1) - math.log(V * N)
+            w = (hn_beta * S - log_mean[None, :]).exp().masked_fill(same, 0)
+        ng = ((w * e).sum(1) - tau_plus * M * pos) / (1 - tau_plus)
+        log_denom = (pos + ng.clamp_min(M * math.exp(-2 * c))).log() + c  # clamp: M e^(-1/tau)
+    logp = (S - log_denom[:, None]).view(V, N, V, N).diagonal(dim1=1, dim2=3)  # [V, V, N]: l = -logp
+    loss = S.new_zeros(())
+    for u in range(V):
+        for v in range(V):
+            weight = 1.0
+            if ip_alpha is not None and (u in adv) != (v in adv):  # A-InfoNCE (IP): inferior positives
+                weight = adv_weight * (ip_alpha if v in adv else 1 - ip_alpha)  # clean->adv weak, adv->clean strong
+            if u != v and weight:
+                loss = loss - weight * logp[u, v].sum()
+    return loss / (V * N)
+
+
+# ===================================================================================================
+# Attacks: inputs are images in [0, 1] (not 0-255, not mean/std-normalised); outputs stay in [0, 1]
+# ===================================================================================================
+@contextlib.contextmanager
+def eval_mode(module):
+    """Eval mode (BN running statistics) inside; every submodule's previous mode restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
     try:
-        if norm not in ("linf", "l2"):
-            raise argparse.ArgumentTypeError("expected NORM:EPS with NORM linf or l2, e.g. linf:8/255 l2:0.5")
-        return f"{norm}:{eps}", norm, fraction(eps, 1.0 if norm == "linf" else 64.0)
-    except argparse.ArgumentTypeError as e:
-        raise UsageError(f"--eval-threats {s}: {e}")
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
-def number(kind, lo, inclusive=True):
-    def parse(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}")
-        if not (math.isfinite(v) and (v >= lo if inclusive else v > lo)):
-            raise argparse.ArgumentTypeError(f"{s} must be {'at least' if inclusive else 'above'} {lo}")
-        return v
-    return parse
+def _flat_norm(t):  # per-image L2 norm, shaped to broadcast over [B, C, H, W]
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse would also print the usage block)
-        say(f"{self.prog}: error: {message}")
-        sys.exit(2)
+def _ascend(loss_fn, x, x_adv, eps, step, steps, norm="linf"):
+    """steps of gradient ascent on loss_fn from x_adv, projected to the eps-ball around x and to [0,1]:
+    L_inf takes sign steps, L2 steps along the normalised gradient and projects radially."""
+    with torch.enable_grad():
+        for _ in range(steps):
+            x_adv = x_adv.detach().requires_grad_(True)
+            grad, = torch.autograd.grad(loss_fn(x_adv), x_adv)
+            if norm == "linf":
+                x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps)
+            else:
+                d = x_adv.detach() + step * grad / _flat_norm(grad) - x
+                x_adv = x + d * (eps / _flat_norm(d)).clamp(max=1)
+            x_adv = x_adv.clamp(0, 1)  # moves every pixel toward x: stays inside either ball
+    return x_adv.detach()
 
 
-def say(message):
-    """An error for the user, printed by one process: under torchrun, rank 0."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(message, file=sys.stderr)
+def _random_start(x, eps, norm="linf"):
+    if norm == "linf":
+        return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    d = torch.randn_like(x)  # a random direction, at a radius uniform in [0, eps]
+    return (x + d / _flat_norm(d) * eps * torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device)).clamp(0, 1)
 
 
-class Help(argparse.HelpFormatter):
-    def _get_help_string(self, action):  # a default only where there is one to show
-        h = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in h
-        return h + (" (default: %(default)s)" if shown else "")
+def instance_pgd(embed, x, x_pos, *, eps=8 / 255, step=0.007, steps=7, temperature=0.5,
+                 random_start=True, gather=None):
+    """RoCL's instance-wise attack on images x, x_pos in [0, 1]: perturb x to maximise the NT-Xent of
+    [x_adv; x_pos]. embed (encoder + projector) runs in eval mode, so x_pos's embedding is fixed: computed
+    once. gather(t, dim) concatenates over ranks, so that the attack sees the global batch's negatives."""
+    gather = gather or (lambda t, dim: t)
+    with eval_mode(embed):
+        with torch.no_grad():
+            z_pos = embed(x_pos)  # [N, D]
+        loss = lambda xa: a_infonce(gather(torch.stack([embed(xa), z_pos]), 1), temperature=temperature)
+        return _ascend(loss, x, _random_start(x, eps) if random_start else x, eps, step, steps)
 
 
-def build_parser():
-    p = Parser(prog="ainfonce.py", formatter_class=Help, description="Adversarial contrastive pretraining with "
-               "A-InfoNCE; evaluation of robust encoders (SLF/ALF/AFF under PGD and AutoAttack).")
-    D, I, P, N = number(int, 1), number(int, 0), number(float, 0, False), number(float, 0)
-    g = p.add_argument_group("data").add_argument
-    g("--dataset", choices=DATASETS, default="cifar10", help="torchvision data set (downloaded when missing; "
-      "STL-10 resized to 32x32) or a folder DATA_DIR/{train,test}/<class>/<image>")
-    g("--data-dir", default="./data", help="download root, or the folder data set")
-    g("--subset", type=I, default=0, help="pretrain and finetune on the first N training images of a fixed "
-      "shuffle (0: all)")
-    g = p.add_argument_group("model").add_argument
-    g("--width", type=D, default=64, help="ResNet-18 base width: 64 is the paper's; the README's CPU runs use 8")
-    g = p.add_argument_group("attack (pretraining)").add_argument
-    g("--eps", type=fraction, default="8/255", help="L_inf radius, [0,1] pixel units; fractions parse (RoCL "
-      "code 0.0314)")
-    g("--step", type=fraction, default="0.007", help="PGD step, pixel units (paper 0.007)")
-    g("--attack-steps", type=I, default=7, help="PGD steps (paper 7)")
-    g = p.add_argument_group("loss").add_argument
-    g("--method", choices=METHODS, default="hardneg", help="rocl: symmetric; infpos: inferior positives (IP); "
-      "hardneg: hard negatives (HN); both: IP+HN; simclr: no adversary")
-    g("--temperature", type=P, default=0.5, help="tau of the loss, the attack and the regulariser (paper 0.5; the "
-      "official code keeps 0.5 in its attack, regulariser and HN clamp whatever its flag says)")
-    g("--ip-alpha", type=fraction, default=0.2, help="IP weight of clean->adv terms (paper 0.2)")
-    g("--adv-weight", type=N, default=1.0, help="IP scale of the clean<->adv terms")
-    g("--hn-beta", type=N, default=1.0, help="HN concentration beta (paper 1.0)")
-    g("--hn-normalise", choices=("negatives", "official"), default="negatives", help="HN importance weights "
-      "normalised over the anchor's negatives (HCL), or the official code's formula (see README)")
-    g("--tau-plus", type=N, default=None, help="HN class prior in [0,1): 0.1 on cifar100, else 0.12 (official scripts)")
-    g("--reg-weight", type=lambda v: fraction(v, math.inf), default="1/256", help="RoCL regulariser weight")
-    g("--reg-forward", choices=("separate", "shared"), default="separate", help="regulariser embeddings from its own "
-      "forward before the main one (RoCL), or from the main forward (saves 2N forward+backward; other BN statistics)")
-    g = p.add_argument_group("optimisation").add_argument
-    g("--epochs", type=D, default=1000, help="pretraining epochs (paper 1000)")
-    g("--batch-size", type=number(int, 2), default=512, help="images per step, all ranks together (paper 2 GPUs x 256)")
-    g("--lr", type=P, default=None, help="base lr, warmed up to 15x: 0.1; hardneg 0.2, both 0.3 (cifar100: 0.1, 0.2)")
-    g("--warmup-epochs", type=I, default=10, help="linear warm-up (paper 10)")
-    g("--wd", type=N, default=1e-6, help="weight decay inside LARS (paper 1e-6)")
-    g = p.add_argument_group("evaluation").add_argument
-    g("--eval", nargs="*", choices=("none",) + SCHEMES, default=["slf"], help="finetuning after pretraining: slf "
-      "(linear, clean), alf (linear, PGD-10), aff (whole network, TRADES) (default: slf)")
-    g("--eval-only", metavar="CKPT", help="evaluate a run, an ainfonce checkpoint, or a ResNet-18 state dict in the "
-      "field's layout (then --dataset is required)")
-    g("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS", help="threat models, e.g. linf:8/255 "
-      "linf:16/255 l2:0.25 l2:0.5; RA is the first (default: linf:8/255)")
-    g("--eval-step", type=fraction, default="2/255", help="L_inf PGD step (AdvCL 2/255, RoCL code 0.00314); "
-      "L2: 2.5 eps/steps")
-    g("--eval-steps", type=D, default=20, help="PGD steps of RA")
-    g("--eval-subset", type=I, default=0, help="evaluate on the first N test images of a fixed shuffle (0: all)")
-    g("--protocol", choices=PROTOCOLS, default="asym-rocl", help="finetuning protocol: the official Asym-RoCL one, or "
-      "RobustSSL's per pretraining method (README)")
-    g("--pretraining", choices=list(ROBUSTSSL), help="with --protocol robustssl: the method that pretrained the encoder "
-      "(default: read from the file where it can be)")
-    g("--ft-epochs", type=D, default=None, help="ALF/AFF epochs, lr 0.1 /10 at 60%% and 80%% (default 25: 15, 20); "
-      "robustssl: every scheme's, milestones scaled")
-    g("--eval-batch-size", type=D, default=1024, help="images per finetuning step and attack batch (official 1024)")
-    g("--autoattack", action=argparse.BooleanOptionalAction, default=None, help="also standard AutoAttack under every "
-      "threat (pip install pyautoattack; torchattacks also works); default on with --protocol robustssl")
-    g("--transfer-from", metavar="CKPT", help="black-box RA: PGD examples crafted on this run's (or checkpoint's) SLF "
-      "classifier, trained with the same protocol")
-    g("--eval-dataset", choices=DATASETS, help="finetune and evaluate on another data set (default: the "
-      "pretraining one)")
-    g("--eval-data-dir", help="its directory (default: --data-dir)")
-    g("--bn-branch", type=I, default=None, help="multi-BN state dicts (bn_list.K: ACL, DynACL, AdvCL): the branch to "
-      "evaluate (default: the only one, else 1, the adversarial one, as RobustSSL's bnNameCnt)")
-    g("--stem-padding", type=int, choices=(1, 2), help="padding of the CIFAR stem of a torchvision-style state dict: 2 "
-      "for solo-learn/DeACL, 1 for DynACL++/RobustSSL (other layouts say it)")
-    g = p.add_argument_group("system").add_argument
-    g("--out", default=None, help="run directory (default runs/METHOD-DATASET-sSEED)")
-    g("--resume", metavar="DIR", help="continue the run in DIR (or a checkpoint) with its own arguments, then its "
-      "evaluation; flags given here override those allowed to change")
-    g("--overwrite", action="store_true", help="start over in an --out that holds a run; with --eval-only, recompute")
-    g("--ckpt-every", type=I, default=0, help="also checkpoint every N steps (0: off)")
-    g("--knn-every", type=I, default=1, help=f"kNN accuracy (k 200, cosine, t 0.1; {KNN_BANK} training images, "
-      f"{KNN_QUERIES} test images) every N epochs, in the log (0: off)")
-    g("--seed", type=I, default=0, help="seed of weights, augmentations and attacks")
-    g("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast for pretraining and its "
-      "attack (evaluation attacks are always fp32)")
-    g("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="NHWC layout; default on for CUDA, "
-      "off on CPU (oneDNN's AVX2 1x1-conv backward hung with it at tiny widths)")
-    g("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the net")
-    g("--deterministic", action=argparse.BooleanOptionalAction, default=False, help="deterministic CUDA kernels, "
-      "for bit-exact resume on a GPU")
-    g("--benchmark", action="store_true", help="time pretraining steps on random data, against the official step")
-    g("--benchmark-steps", type=D, default=5, help="timed steps, after 2 warm-up steps")
-    return p
+def pgd(classifier, x, y, *, eps=8 / 255, step=2 / 255, steps=20, norm="linf"):
+    """Supervised PGD with random start on cross-entropy (Madry et al.), L_inf or L2, classifier in eval
+    mode. x: images in [0, 1]; eps and step in the same pixel units."""
+    with eval_mode(classifier):
+        return _ascend(lambda xa: F.cross_entropy(classifier(xa), y), x, _random_start(x, eps, norm), eps, step,
+                       steps, norm)
 
 
-def parse_args(argv=None):
-    """Parsed arguments; args.explicit holds the flags given on the command line (they win over a checkpoint)."""
-    p = build_parser()
-    args = p.parse_args(argv)
-    for a in p._actions:
-        a.default = argparse.SUPPRESS
-    args.explicit = sorted(vars(p.parse_args(argv)))
-    return args
+def trades_loss(model, x, y, *, beta=6.0, eps=8 / 255, step=2 / 255, steps=10):
+    """TRADES (Zhang et al. 2019) on images x in [0, 1]: CE(f(x), y) + beta KL(f(x) || f(x_adv))."""
+    with eval_mode(model):
+        with torch.no_grad():
+            p_nat = F.softmax(model(x), 1)
+        kl = lambda xa: F.kl_div(F.log_softmax(model(xa), 1), p_nat, reduction="sum")
+        x_adv = _ascend(kl, x, x + 0.001 * torch.randn_like(x), eps, step, steps)
+    logits = model(x)
+    return F.cross_entropy(logits, y) + beta * F.kl_div(
+        F.log_softmax(model(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
 
 
-def resolve(args):
-    """Derived values, in one place (after a checkpoint's arguments were merged in)."""
-    if args.lr is None:
-        args.lr = BASE_LR["cifar100" if args.dataset == "cifar100" else "other"].get(args.method, 0.1)
-    if args.tau_plus is None:
-        args.tau_plus = 0.1 if args.dataset == "cifar100" else 0.12
-    if not 0 <= args.tau_plus < 1:
-        raise UsageError(f"--tau-plus {args.tau_plus} must be in [0, 1)")
-    args.eval = [e for e in args.eval if e != "none"]
-    args.threats = [threat(t) for t in args.eval_threats]
-    if args.out is None:
-        args.out = f"runs/{args.method}-{args.dataset}-s{args.seed}"
-    if args.autoattack is None:
-        args.autoattack = args.protocol == "robustssl"  # its preset: PGD-20 and AutoAttack
-    return args
+# ===================================================================================================
+# Model: CIFAR ResNet-18 encoder f and MLP projector g. Inputs in [0,1], no normalisation (RoCL).
+# ===================================================================================================
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training statistics span all ranks, on gloo and NCCL alike (one code path,
+    tested on CPU; nn.SyncBatchNorm runs on GPUs only). One process: plain BatchNorm2d."""
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        xf = x.float()
+        n = xf.numel() // xf.size(1) * dist.get_world_size()
+        mean, sq = (AllReduce.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))])) / n).chunk(2)
+        var = sq - mean * mean  # biased variance of the global batch
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        y = (xf - mean.view(1, -1, 1, 1)) * (var.view(1, -1, 1, 1) + self.eps).rsqrt()
+        return (y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)).to(x.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Seeding, device, processes, progress
-# ---------------------------------------------------------------------------------------------------
-def setup(args):
-    """Device, process group (torchrun sets WORLD_SIZE/RANK) and seed. Returns (device, rank, world)."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet-18 in the layout the field's checkpoints share (conv1, bn1, layer1..4, shortcut): 3x3
+    stride-1 stem (padding 1; solo-learn's has 2), no max-pool, BasicBlocks [2,2,2,2]; 8*width features.
+    normalise=True adds the input normalisation (buffers mean, std) some published encoders carry inside."""
+
+    def __init__(self, width=64, normalise=False, stem_padding=1):
+        super().__init__()
+        if normalise:
+            self.register_buffer("mean", torch.zeros(3))
+            self.register_buffer("std", torch.ones(3))
+        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, 1, stem_padding, bias=False), BatchNorm2d(width)
+        chans = [width, width, 2 * width, 4 * width, 8 * width]
+        for i in range(4):
+            setattr(self, f"layer{i + 1}", nn.Sequential(Block(chans[i], chans[i + 1], 1 if i == 0 else 2),
+                                                         Block(chans[i + 1], chans[i + 1], 1)))
+        self.dim = 8 * width
+
+    def forward(self, x):  # [B,3,32,32] in [0,1] -> [B, 8*width]
+        if hasattr(self, "mean"):
+            x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x)))).mean((2, 3))  # global average pool
+
+
+class Net(nn.Module):
+    """z = g(f(x)): encoder f, projector g = Linear(8w -> 2048) -> ReLU -> Linear(-> 128), no BN."""
+
+    def __init__(self, width=64):
+        super().__init__()
+        self.encoder = ResNet18(width)
+        self.projector = nn.Sequential(nn.Linear(self.encoder.dim, 2048), nn.ReLU(), nn.Linear(2048, 128))
+
+    def forward(self, x):
+        return self.projector(self.encoder(x))
+
+
+# ===================================================================================================
+# The training step
+# ===================================================================================================
+@torch.no_grad()
+def lars_(params, wd, trust=1e-3, eps=1e-8):
+    """LARS as torchlars (You et al. 2017), in place on the gradients, before a plain SGD step:
+    g <- (g + wd w) * trust |w| / (|g| + wd |w| + eps); returns the global gradient norm."""
+    norms = []
+    for p in params:
+        w_norm, g_norm = p.norm(), p.grad.norm()
+        scale = torch.where((w_norm > 0) & (g_norm > 0), trust * w_norm / (g_norm + wd * w_norm + eps), 1.0)
+        p.grad.add_(p, alpha=wd).mul_(scale)
+        norms.append(g_norm)
+    return torch.stack(norms).norm()
+
+
+def lr_at(step, total, warmup, base, mult=15.0):
+    """Linear warm-up from base to mult*base over `warmup` steps, then cosine to 0 (per step)."""
+    if step < warmup:
+        return base * (1 + (mult - 1) * step / warmup)
+    return base * mult * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def attack_views(net, x1, x2, args, gather=None):
+    """x_adv: RoCL's instance-wise attack of x1 against its positive x2, at the run's eps, step and steps."""
+    return instance_pgd(net, x1, x2, eps=args.eps, step=args.step, steps=args.attack_steps,
+                        temperature=args.temperature, gather=gather)
+
+
+def pretrain_loss(net, x1, x2, x_adv, args, gather=None):
+    """The step's loss on views x1, x2 and (adversarial methods) x_adv; -> (loss, {term: value})."""
+    gather, n = gather or (lambda t, dim: t), len(x1)
+    if args.method == "simclr":
+        loss = a_infonce(gather(net(torch.cat([x1, x2])).view(2, n, -1), 1), temperature=args.temperature)
+        return loss, {"infonce": loss.detach()}
+    if args.reg_forward == "separate":  # RoCL's regulariser in its own train-mode forward, first, as the
+        z_reg = net(torch.cat([x_adv, x2])).view(2, n, -1)  # official step: BN running statistics see it first
+    z = net(torch.cat([x1, x2, x_adv])).view(3, n, -1)  # [V=3, N, D]: the main train-mode forward
+    infonce = a_infonce(gather(z, 1), adv_views=(2,), temperature=args.temperature,
+                        ip_alpha=args.ip_alpha if args.method in ("infpos", "both") else None,
+                        adv_weight=args.adv_weight, tau_plus=args.tau_plus, hn_normalise=args.hn_normalise,
+                        hn_beta=args.hn_beta if args.method in ("hardneg", "both") else None)
+    if args.reg_forward == "shared":  # x_adv and x2 rows of the main forward: its 3N-batch BN statistics
+        z_reg = torch.stack([z[2], z[1]])
+    reg = a_infonce(gather(z_reg, 1), temperature=args.temperature)  # global batch, as the main loss
+    return infonce + args.reg_weight * reg, {"infonce": infonce.detach(), "reg": reg.detach()}
+
+
+def train_step(model, params, x1, x2, args, gather=None, mark=lambda phase: None):
+    """One step up to the optimiser's: x_adv, the loss (bf16 autocast with --amp, the loss itself in fp32),
+    backward, gradients averaged over ranks (gather: several processes), LARS. mark(phase) is called after the
+    attack and at the end (the benchmark's clock). -> (loss, its terms, the gradient norm before LARS)."""
+    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=args.amp):
+        x_adv = None if args.method == "simclr" else attack_views(model, x1, x2, args, gather)
+        mark("attack_s")
+        loss, terms = pretrain_loss(model, x1, x2, x_adv, args, gather)
+    for p in params:
+        p.grad = None
+    loss.backward()
+    if gather:  # what DDP's hooks do, done once after the step's only backward
+        allreduce_grads(params, dist.get_world_size())
+    grad_norm = lars_(params, args.wd)
+    mark("fwd_bwd_s")
+    return loss, terms, grad_norm
+
+
+# ===================================================================================================
+# Pretraining
+# ===================================================================================================
+@torch.no_grad()
+def knn_accuracy(encoder, x_bank, y_bank, x_query, y_query, n_classes, k=200, t=0.1, bs=1024):
+    """The weighted kNN monitor of InstDisc and MoCo: cosine similarities of eval-mode fp32 encoder features; the k
+    nearest bank images vote for their class with weight exp(similarity / t). No randomness, no BN update."""
+    def features(x):
+        return F.normalize(torch.cat([encoder(x[i].float() / 255) for i in batches(len(x), bs, x.device)]), dim=1)
+    with eval_mode(encoder), strict_fp32(x_bank.device):
+        bank, query = features(x_bank), features(x_query)
+        sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)
+        votes = torch.zeros(len(query), n_classes, device=query.device).scatter_add_(1, y_bank[idx], (sim / t).exp())
+    return (votes.argmax(1) == y_query).float().mean().item()
+
+
+def pretrain(args, net, data, device, rank, world, ck=None):
+    """Pretraining loop, step by step; checkpoints after every epoch (and every --ckpt-every steps). The
+    checkpoint holds the epoch log, so log.jsonl has one line per completed epoch, resumed or not. Every
+    --knn-every epochs, rank 0 adds the kNN accuracy of fixed train/test subsets to the epoch's line."""
+    x_train, y_train, x_test, y_test, n_classes = data
+    x_train, b = x_train.to(device), args.batch_size // world  # b: instances per rank
+    steps = len(x_train) // args.batch_size  # per epoch: the last partial batch is dropped
+    total, warmup = steps * args.epochs, steps * args.warmup_epochs
+    params = list(net.parameters())
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)  # weight decay lives inside LARS
+    path, step, train_s, epoch_s, sums, history = os.path.join(args.out, "last.pt"), 0, 0.0, 0.0, {}, []
+    if ck:
+        opt.load_state_dict(ck["optimizer"])
+        step, train_s, epoch_s, history = ck["step"], ck["train_s"], ck["epoch_s"], ck["history"]
+        sums = {k: torch.tensor(v, device=device) for k, v in ck["sums"].items()}
+        if len(ck["rng"]) == world:
+            set_rng_state(ck["rng"][rank], device)
+        else:  # another number of processes: fresh streams, so not bit-exact
+            torch.manual_seed(args.seed + rank + 7919 * step)
+    if args.knn_every and rank == 0:
+        bank, query = fixed_shuffle(len(x_train), KNN_BANK), fixed_shuffle(len(x_test), KNN_QUERIES)
+        knn_data = [t.to(device) for t in (x_train[bank.to(device)], y_train[bank], x_test[query], y_test[query])]
+    model = torch.compile(net) if args.compile else net
+    gather = gather_cat if world > 1 else None
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    stopping = []  # SIGTERM / SIGINT: finish the step, save, exit
+    handlers = {s: signal.signal(s, lambda *_: stopping.append(1)) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def save():
+        states = [rng_state(device)] * world
+        if world > 1:
+            dist.all_gather_object(states, rng_state(device))
+        if rank == 0:
+            state = {"encoder": net.encoder.state_dict(), "projector": net.projector.state_dict(),
+                     "optimizer": opt.state_dict(), "epoch": len(history), "step": step, "train_s": train_s,
+                     "epoch_s": epoch_s, "sums": {k: float(v) for k, v in sums.items()}, "history": history,
+                     "args": {**vars(args), "n_classes": n_classes}, "rng": states, "env": provenance(device)}
+            atomic_write(path, lambda f: torch.save(state, f))
+            lines = "".join(json.dumps(r) + "\n" for r in history).encode()
+            atomic_write(os.path.join(args.out, "log.jsonl"), lambda f: f.write(lines))
+
+    perm, last = None, time.time()
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown --device {name!r}")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: only cpu and cuda are supported")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda but no CUDA GPU is visible")
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = not args.deterministic
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if args.channels_last is None:
-        args.channels_last = device.type == "cuda"
-    if world > 1 and not dist.is_initialized():
-        # Every collective runs on tensors of `device` (flags included), so one backend per device suffices.
-        # device_id binds NCCL's communicator to this rank's GPU (barrier and object collectives use it).
-        kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
-    torch.manual_seed(args.seed + rank)  # ranks draw different augmentations
-    return device, rank, world
+        while step < total:
+            epoch, s = divmod(step, steps)
+            if perm is None or s == 0:
+                g = torch.Generator().manual_seed(args.seed * 100003 + epoch)  # the same order on every rank
+                perm = torch.randperm(len(x_train), generator=g).to(device)
+                tick = progress(f"epoch {epoch + 1} step", steps) if rank == 0 else (lambda *_: None)
+            idx = perm[s * args.batch_size + rank * b:s * args.batch_size + (rank + 1) * b]
+            x1, x2 = (augment(x_train[idx]).contiguous(memory_format=layout) for _ in range(2))
+            lr = lr_at(step, total, warmup, args.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss, terms, grad_norm = train_step(model, params, x1, x2, args, gather)
+            # One host sync per step, and device-resident flags (NCCL has no CPU tensors): a non-finite loss or
+            # gradient on any rank, or a stop request to any rank, stops every rank at this step.
+            flags = torch.stack([~torch.isfinite(loss.detach() + grad_norm),
+                                 torch.tensor(bool(stopping), device=device)]).float()
+            if world > 1:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            bad, stop = flags.tolist()
+            if bad:  # before the update: the weights stay good
+                raise NonFiniteLoss(
+                    f"non-finite loss at epoch {epoch + 1}, step {step} (loss {loss.item():.4g}: "
+                    + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
+                    + f"; grad norm {grad_norm.item():.4g}); "
+                    + (f"last good checkpoint: {path} (epoch {len(history)}); resume it with --resume {args.out} "
+                       f"--lr <smaller>" if os.path.exists(path) else "no checkpoint yet; restart with a smaller --lr"))
+            opt.step()
+            step += 1
+            for k, v in {"loss": loss.detach(), **terms}.items():
+                sums[k] = sums.get(k, 0) + v
+            now = time.time()
+            train_s, epoch_s, last = train_s + now - last, epoch_s + now - last, now
+            tick(s + 1, lambda: f"loss {float(sums['loss']) / (s + 1):.4f}")
+            if step % steps == 0:  # epoch complete: its log line, then the checkpoint that holds it
+                history.append({"epoch": epoch + 1, "step": step, **{k: float(v) / steps for k, v in sums.items()},
+                                "lr": lr, "images_per_s": steps * args.batch_size / epoch_s, "train_s": train_s})
+                if args.knn_every and rank == 0 and (epoch + 1) % args.knn_every == 0:  # not in the training time
+                    history[-1]["knn"] = knn_accuracy(net.encoder, *knn_data, n_classes)
+                sums, epoch_s = {}, 0.0
+                save()
+                if rank == 0:
+                    rec = history[-1]
+                    eta = hms((total - step) * args.batch_size / rec["images_per_s"])
+                    print(f"epoch {epoch + 1:4d}/{args.epochs} | loss {rec['loss']:.4f} | lr {lr:.4f} | "
+                          + (f"kNN {100 * rec['knn']:5.2f}% | " if "knn" in rec else "")
+                          + f"{rec['images_per_s']:7.1f} img/s | ETA {eta}", flush=True)
+            elif stop or (args.ckpt_every and step % args.ckpt_every == 0):
+                save()
+            last = time.time()
+            if stop:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"interrupted: {path} holds step {step}; continue with: python ainfonce.py --resume {args.out}",
+                  file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
 
 
-class AllReduce(torch.autograd.Function):
-    """Sum over ranks, differentiably (the gradient is summed over ranks too). torch.distributed.nn's collectives
-    (deprecated) keep the process group alive after destroy_process_group; gloo's C++ threads then die during
-    interpreter finalization, and a rank can abort at exit. These keep no reference to the group."""
-
-    @staticmethod
-    def forward(ctx, t):
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    @staticmethod
-    def backward(ctx, grad):
-        return AllReduce.forward(ctx, grad)
-
-
-class GatherCat(torch.autograd.Function):
-    """Concatenate t over all ranks along dim; the backward sums every rank's gradient of this rank's slice."""
-
-    @staticmethod
-    def forward(ctx, t, dim):
-        parts, ctx.dim = [torch.empty_like(t) for _ in range(dist.get_world_size())], dim
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return AllReduce.forward(ctx, grad.contiguous()).chunk(dist.get_world_size(), ctx.dim)[dist.get_rank()], None
+# ===================================================================================================
+# Evaluation: fine-tune a scheme -> classifier; measure a classifier -> SA, RA (strict fp32)
+# ===================================================================================================
+# Finetuning protocols: settings per scheme, recorded with the results. "asym-rocl" (the default): the official
+# Asym-RoCL finetuning. "robustssl": the field's benchmark (GodXuxilie/RobustSSL_Benchmark, vanilla_finetuning.py
+# --mode ALL and setup_hyperparameter in its utils.py), per pretraining method; as in its code, a setting made for
+# one scheme carries over to the next (DynACL-AIR's 5 SLF epochs on CIFAR-10 hold for ALF and AFF).
+_LF = dict(batch_size={"cifar10": 512, "cifar100": 512, "stl10": 128}, milestones=[10, 20])
+_ACL = dict(_LF, lr={"cifar10": 0.01, "cifar100": 0.05, "stl10": 0.01})
+_AIR = dict(_LF, lr={"cifar10": 0.01, "cifar100": 0.1, "stl10": 0.01})
+_AIR2 = dict(_LF, batch_size={"cifar10": 512, "cifar100": 512})
+_AFF = dict(batch_size=128, lr=0.1, milestones=[15, 20])
+_ADVCL = {"slf": dict(batch_size=512, lr=0.01, milestones=[15, 20]), "alf": dict(batch_size=512, lr=0.01,
+          milestones=[15, 20]), "aff": _AFF}
+ROBUSTSSL = {
+    "acl": {"slf": _ACL, "alf": _ACL, "aff": dict(_AFF, epochs=100, milestones=[40, 60])},
+    "dynacl": {"slf": _ACL, "alf": _ACL, "aff": _AFF}, "dynacl++": {"slf": _ACL, "alf": _ACL, "aff": _AFF},
+    "advcl": _ADVCL, "a-infonce": _ADVCL, "deacl": _ADVCL,
+    "dynacl-air": {"slf": dict(_AIR, epochs={"cifar10": 5}), "alf": _AIR, "aff": _AFF},
+    "dynacl-air++": {"slf": dict(_AIR2, lr={"cifar10": 0.01, "cifar100": 0.09}), "alf": dict(
+        _AIR2, lr={"cifar10": 0.01, "cifar100": 0.1}, epochs={"cifar10": 4}), "aff": _AFF},
+    "dynacl-rcs": {},  # setup_hyperparameter tests for 'DynACL_RCS', its command line says 'DynACL-RCS': defaults
+}
 
 
-def gather_cat(t, dim):
-    return GatherCat.apply(t, dim)
+def scheme_settings(protocol, method, dataset, ft_epochs, batch_size):
+    """Per scheme: epochs, lr milestones (lr/10 at each), lr, momentum, weight decay, batch, training augmentation
+    (RobustSSL: RandomCrop(32, padding 4) + flip), and the training attacks (ALF: PGD-10 of 2/255; AFF: TRADES,
+    beta 6, 10 steps of 2/255). ft_epochs: the ALF/AFF epochs (asym-rocl), or every scheme's (robustssl)."""
+    attacks = {"slf": {}, "alf": dict(attack_steps=10, attack_step=2 / 255),
+               "aff": dict(attack_steps=10, attack_step=2 / 255, trades_beta=6.0)}
+    if protocol == "asym-rocl":
+        e = ft_epochs or 25
+        s = {"slf": dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4)}
+        s["alf"] = s["aff"] = dict(epochs=e, milestones=[max(1, int(0.6 * e)), max(1, int(0.8 * e))], lr=0.1, wd=2e-4)
+        return {k: dict(v, momentum=0.9, batch_size=batch_size, augment=False, **attacks[k]) for k, v in s.items()}
+    s, out = dict(epochs=25, milestones=[15, 20], lr=0.1, momentum=0.9, wd=2e-4, batch_size=128, augment=True), {}
+    for scheme in SCHEMES:  # its argparse defaults, then setup_hyperparameter's changes, carried over
+        for k, v in ROBUSTSSL[method].get(scheme, {}).items():
+            v = v.get("cifar10" if dataset == "folder" else dataset) if isinstance(v, dict) else v
+            s[k] = s[k] if v is None else v
+        out[scheme] = dict(s, **attacks[scheme])
+        if ft_epochs:  # a shorter run: the milestones keep their place in it
+            out[scheme].update(epochs=ft_epochs, milestones=[max(1, m * ft_epochs // s["epochs"])
+                                                             for m in s["milestones"]])
+    return out
 
 
-def allreduce_grads(params, world):
-    """Average gradients over ranks: what DDP's hooks do, done once after the step's only backward."""
-    grads = [p.grad for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    for g, f in zip(grads, flat.div_(world).split([g.numel() for g in grads])):
-        g.copy_(f.view_as(g))
+@contextlib.contextmanager
+def strict_fp32(device):
+    """No autocast and no TF32 (cuDNN allows TF32 convolutions by default): for every measured number."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
-def rng_state(device):  # this rank's generators: the CPU one and, on CUDA, its own GPU's (no other GPU's)
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+def batches(n, bs, device="cpu", shuffle=False):
+    return (torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)).split(bs)
 
 
-def set_rng_state(s, device):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(s["cuda"], device)
+def as_float(xb):  # uint8 images -> [0, 1]; float images (crafted adversarial examples) pass through
+    return xb.float() / 255 if xb.dtype == torch.uint8 else xb
 
 
-def hms(s):
-    return f"{s // 3600:.0f}:{s % 3600 // 60:02.0f}:{s % 60:02.0f}"
+def attacked(classifier, x, y, bs, attack, label=None):
+    """attack(classifier, xb, yb) over images x in batches -> adversarial images, float in [0, 1]."""
+    tick, out = progress(label or "attack", len(x)), []
+    for idx in batches(len(x), bs, x.device):
+        out.append(attack(classifier, as_float(x[idx]), y[idx]))
+        tick(sum(len(o) for o in out))
+    return torch.cat(out)
 
 
-def progress(label, total, every=10.0):
-    """tick(done, extra=None): prints 'label: done/total (rate/s, ETA), extra()' at most every `every` seconds, and
-    never for a short phase; extra is a callable, so that what it reports (a loss: a host sync) costs only when shown."""
-    t0 = last = time.time()
-
-    def tick(done, extra=None):
-        nonlocal last
-        now = time.time()
-        if now - last >= every and done < total:
-            last, rate = now, done / (now - t0)
-            print(f"  {label}: {done}/{total} ({rate:.1f}/s, ETA {hms((total - done) / rate)})"
-                  + (f", {extra()}" if extra else ""), flush=True)
-    return tick
+def accuracy(classifier, x, y, bs, attack=None, label=None):
+    """Top-1 accuracy of classifier on images x (uint8, or float in [0, 1]), after attack(classifier, x, y)."""
+    x = attacked(classifier, x, y, bs, attack, label) if attack else x
+    correct = 0
+    with eval_mode(classifier), torch.no_grad():
+        for idx in batches(len(x), bs, x.device):
+            correct += (classifier(as_float(x[idx])).argmax(1) == y[idx]).sum().item()
+    return correct / len(x)
 
 
-def provenance(device):
-    """What the numbers depend on: torch, the device (CPU model or GPU), threads, the code's git commit."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):  # platform.processor() is often empty on Linux
-        name = name if device.type == "cuda" else next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    git = None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        here = os.path.dirname(os.path.abspath(__file__))
-        git = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=12"],
-                             capture_output=True, text=True, timeout=5).stdout.strip() or None
-    return {"torch": str(torch.__version__), "device_name": name, "threads": torch.get_num_threads(), "git": git}
+def pgd_attack(norm, eps, step, steps):
+    """The RA attack of one threat: L_inf with step `step`, L2 with step 2.5 eps / steps."""
+    step = step if norm == "linf" else 2.5 * eps / max(steps, 1)
+    return lambda m, xb, yb: pgd(m, xb, yb, eps=eps, step=step, steps=steps, norm=norm)
 
 
-# ---------------------------------------------------------------------------------------------------
+def train_head(params, loss_fn, n, s, device, label):
+    """SGD with lr/10 at each milestone epoch, settings s of scheme_settings; loss_fn(idx) -> loss of that batch.
+    Returns the lr of every epoch."""
+    opt = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["wd"])
+    sched, lrs, epochs_tick = torch.optim.lr_scheduler.MultiStepLR(opt, s["milestones"], 0.1), [], progress(
+        f"{label} head, epoch", s["epochs"])
+    for epoch in range(s["epochs"]):
+        tick = progress(f"{label} epoch {epoch + 1}/{s['epochs']}, images", n)
+        lrs.append(opt.param_groups[0]["lr"])
+        for k, idx in enumerate(batches(n, s["batch_size"], device, shuffle=True)):
+            loss = loss_fn(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tick(min(n, (k + 1) * s["batch_size"]))
+        sched.step()
+        epochs_tick(epoch + 1, lambda: f"loss {loss.item():.4f}")
+    return lrs
+
+
+def crop_flip(xb):
+    """RandomCrop(32, padding=4) and RandomHorizontalFlip of uint8 images [B,3,32,32] -> float in [0, 1]."""
+    b, dev = len(xb), xb.device
+    dy, dx = (torch.randint(0, 9, (b, 1, 1, 1), device=dev) for _ in range(2))
+    rows, cols = torch.arange(32, device=dev).view(1, 1, 32, 1) + dy, torch.arange(32, device=dev).view(1, 1, 1, 32)
+    x = F.pad(xb, (4, 4, 4, 4))[torch.arange(b, device=dev).view(b, 1, 1, 1), torch.arange(3, device=dev).view(
+        1, 3, 1, 1), rows, cols + dx]
+    return torch.where(torch.rand(b, 1, 1, 1, device=dev) < 0.5, x.flip(3), x).float() / 255
+
+
+def finetune(scheme, encoder, x, y, n_classes, s, eps):
+    """Fine-tune one scheme on uint8 images x with settings s -> classifier (encoder + linear head). SLF: a head on
+    the frozen encoder's features (eval mode; without augmentation computed once); ALF: a head on PGD examples made
+    through encoder + head; AFF: TRADES on the whole network, from the pretrained encoder. ALF/AFF attack at eps."""
+    device, view = x.device, crop_flip if s["augment"] else (lambda xb: xb.float() / 255)
+    if scheme == "slf":
+        if not s["augment"]:
+            with eval_mode(encoder), torch.no_grad():
+                feats = torch.cat([encoder(view(x[i])) for i in batches(len(x), s["batch_size"], device)])
+        head = nn.Linear(encoder.dim, n_classes).to(device)
+
+        def loss(i):
+            if not s["augment"]:
+                return F.cross_entropy(head(feats[i]), y[i])
+            with eval_mode(encoder), torch.no_grad():
+                f = encoder(view(x[i]))
+            return F.cross_entropy(head(f), y[i])
+        params, clf = head.parameters(), nn.Sequential(encoder, head)
+    elif scheme == "alf":
+        head = nn.Linear(encoder.dim, n_classes).to(device)
+        params, clf = head.parameters(), nn.Sequential(encoder, head)
+
+        def loss(i):
+            xa = pgd(clf, view(x[i]), y[i], eps=eps, step=s["attack_step"], steps=s["attack_steps"])
+            with eval_mode(encoder), torch.no_grad():
+                f = encoder(xa)
+            return F.cross_entropy(head(f), y[i])
+    else:
+        clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True), nn.Linear(encoder.dim, n_classes))
+        params, clf = clf.parameters(), clf.to(device).train()
+        loss = lambda i: trades_loss(clf, view(x[i]), y[i], beta=s["trades_beta"], eps=eps, step=s["attack_step"],
+                                     steps=s["attack_steps"])
+    train_head(params, loss, len(x), s, device, label=scheme.upper())
+    return clf
+
+
+def guards(classifier, x, y, bs, eps, steps, robust=()):
+    """Cheap checks that catch masked or broken gradients, on 200 test images of a fixed shuffle: RA <= SA,
+    RA falls as eps grows and is ~0 at eps 64/255, 2.5x more PGD steps do not raise RA; and on the whole
+    test set, RA under each norm of robust [(norm, eps, RA)] falls as eps grows."""
+    idx = fixed_shuffle(len(x), 200).to(x.device)
+    x, y = x[idx], y[idx]
+    tol = 0.01 + 1 / len(x)
+    at = lambda e, k: accuracy(classifier, x, y, bs, lambda m, xb, yb: pgd(m, xb, yb, eps=e, step=2.5 * e / k, steps=k))
+    g = {"sa": accuracy(classifier, x, y, bs), "ra_eps": {f"{e}/255": at(e / 255, steps) for e in (2, 8, 16, 64)}}
+    g[f"ra_{steps}_steps"], g[f"ra_{5 * steps // 2}_steps"] = at(eps, steps), at(eps, 5 * steps // 2)
+    chain = [g["sa"], *g["ra_eps"].values()]
+    falls = lambda ras: all(a + tol >= b for a, b in zip(ras, ras[1:]))
+    g["threats_fall"] = all(falls([ra for n, _, ra in sorted(robust) if n == norm]) for norm in ("linf", "l2"))
+    g["ok"] = (falls(chain) and chain[-1] <= 0.05 and g["threats_fall"]
+               and g[f"ra_{5 * steps // 2}_steps"] <= g[f"ra_{steps}_steps"] + tol)
+    return g
+
+
+def autoattack_impl():
+    """The AutoAttack that --autoattack runs: Croce and Hein's reference code (the one RobustBench uses)."""
+    try:
+        import pyautoattack
+    except ImportError:
+        raise UsageError("--autoattack needs an optional package: pip install pyautoattack (Croce and Hein's "
+                         "reference AutoAttack)")
+    return f"pyautoattack {pyautoattack.__version__}"
+
+
+def autoattack(classifier, x, y, bs, norm, eps, n_classes, seed):
+    """Accuracy under standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) at radius eps."""
+    import pyautoattack
+    with eval_mode(classifier):
+        aa = pyautoattack.AutoAttack(classifier, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard",
+                                     device=x.device, seed=seed)
+        aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = min(9, n_classes - 1)
+        x_adv, _ = aa.run_standard_evaluation(as_float(x), y, batch_size=bs)
+    return accuracy(classifier, x_adv, y, bs)
+
+
+def evaluate(args, encoder, data, device, done=(), source=None):
+    """Yields (scheme, numbers) for each scheme of args.eval not in done: fine-tune (settings args.schemes), then
+    measure SA, RA under every threat, AutoAttack, and transfer RA from source's SLF classifier. Finetuning uses
+    PyTorch's default precision; every measured number is strict fp32."""
+    x_tr, y_tr, x_te, y_te, n_classes = data
+    bs, (key0, norm0, eps0) = args.eval_batch_size, args.threats[0]
+    ft_eps = next((e for _, n, e in args.threats if n == "linf"), 8 / 255)  # ALF/AFF train against L_inf
+
+    def prep(enc):  # a frozen fp32 copy on the device, in the default memory layout
+        return copy.deepcopy(enc).float().to(device, memory_format=torch.contiguous_format).requires_grad_(False)
+    encoder, x_transfer, todo = prep(encoder), None, [s for s in SCHEMES if s in args.eval and s not in done]
+    if source is not None and todo:
+        torch.manual_seed(args.seed)
+        src = finetune("slf", prep(source), x_tr, y_tr, n_classes, args.schemes["slf"], ft_eps)
+        with strict_fp32(device):
+            torch.manual_seed(args.seed)  # the random starts of white-box RA: transfer from itself equals it
+            x_transfer = attacked(src, x_te, y_te, bs, pgd_attack(norm0, eps0, args.eval_step, args.eval_steps),
+                                  f"transfer source PGD {key0}")
+    for name in todo:
+        t0 = time.time()
+        torch.manual_seed(args.seed + SCHEMES.index(name))  # each scheme its own draws: one can be (re)run alone
+        clf = finetune(name, encoder, x_tr, y_tr, n_classes, args.schemes[name], ft_eps)
+        with strict_fp32(device):
+            r = {"sa": accuracy(clf, x_te, y_te, bs), "robust": {}}
+            for key, norm, eps in args.threats:
+                torch.manual_seed(args.seed)  # every attack pass starts from the same random draws
+                r["robust"][key] = accuracy(clf, x_te, y_te, bs, pgd_attack(norm, eps, args.eval_step, args.eval_steps),
+                                            f"{name.upper()} PGD-{args.eval_steps} {key}")
+            r["ra"] = r["robust"][key0]
+            if args.autoattack:
+                r["aa_robust"] = {key: autoattack(clf, x_te, y_te, bs, norm, eps, n_classes, args.seed)
+                                  for key, norm, eps in args.threats}
+                r["aa"] = r["aa_robust"][key0]
+            if x_transfer is not None:
+                r["ra_transfer"] = accuracy(clf, x_transfer, y_te, bs)
+            if name == "slf":
+                r["guards"] = guards(clf, x_te, y_te, bs, ft_eps, args.eval_steps,
+                                     [(n, e, r["robust"][k]) for k, n, e in args.threats])
+        r["s"] = time.time() - t0
+        shown = {"SA": r["sa"], **{f"RA {k}": v for k, v in r["robust"].items()},
+                 **{f"AA {k}": v for k, v in r.get("aa_robust", {}).items()},
+                 f"transfer RA {key0}": r.get("ra_transfer")}
+        line = "  ".join(f"{k} {100 * v:.2f}%" for k, v in shown.items() if v is not None)
+        if name == "slf":
+            line += "  guards " + ("ok" if r["guards"]["ok"] else "FAILED: " + json.dumps(r["guards"]))
+        print(f"{name.upper()}: {line}  ({hms(r['s'])})", flush=True)
+        yield name, r
+
+
+# ===================================================================================================
 # Data: whole data sets as uint8 tensors [N, 3, 32, 32]; augmentation as batched tensor ops
-# ---------------------------------------------------------------------------------------------------
+# ===================================================================================================
 def fixed_shuffle(n_items, n):
     """Indices of the first n items of a fixed permutation (the same for every run, seed and method)."""
     if not 0 < n < n_items:
@@ -383,8 +726,8 @@ def fixed_shuffle(n_items, n):
 
 def pick(n_items, n, split):
     if n > n_items:
-        flag = "--subset" if split == "train" else "--eval-subset"
-        raise UsageError(f"{flag} {n} is larger than the {n_items} {split} images")
+        raise UsageError(f"{'--subset' if split == 'train' else '--eval-subset'} {n} is larger than the {n_items} "
+                         f"{split} images")
     return fixed_shuffle(n_items, n)
 
 
@@ -498,10 +841,7 @@ def adjust(x, op, f):
     if op == 3:
         return _hue(x, f)
     f = f.view(-1, 1, 1, 1)
-    if op == 0:
-        other = 0.0
-    else:
-        other = _gray(x).mean((1, 2, 3), keepdim=True) if op == 1 else _gray(x)
+    other = 0.0 if op == 0 else _gray(x).mean((1, 2, 3), keepdim=True) if op == 1 else _gray(x)
     return (f * x + (1 - f) * other).clamp(0, 1)
 
 
@@ -543,658 +883,9 @@ def augment(xb):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Model: CIFAR ResNet-18 encoder f and MLP projector g. Inputs in [0,1], no normalisation (RoCL).
-# ---------------------------------------------------------------------------------------------------
-class BatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d whose training statistics span all ranks, on gloo and NCCL alike (one code path,
-    tested on CPU; nn.SyncBatchNorm runs on GPUs only). One process: plain BatchNorm2d."""
-
-    def forward(self, x):
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        xf = x.float()
-        n = xf.numel() // xf.size(1) * dist.get_world_size()
-        mean, sq = (AllReduce.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))])) / n).chunk(2)
-        var = sq - mean * mean  # biased variance of the global batch
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-        y = (xf - mean.view(1, -1, 1, 1)) * (var.view(1, -1, 1, 1) + self.eps).rsqrt()
-        return (y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)).to(x.dtype)
-
-
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    """CIFAR ResNet-18 in the layout the field's checkpoints share (conv1, bn1, layer1..4, shortcut): 3x3
-    stride-1 stem, no max-pool, BasicBlocks [2,2,2,2]; 8*width features. normalise=True adds the input
-    normalisation (buffers mean, std) that some published encoders carry inside the model; ours has none."""
-
-    def __init__(self, width=64, normalise=False, stem_padding=1):
-        super().__init__()
-        if normalise:
-            self.register_buffer("mean", torch.zeros(3))
-            self.register_buffer("std", torch.ones(3))
-        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, 1, stem_padding, bias=False), BatchNorm2d(width)
-        chans = [width, width, 2 * width, 4 * width, 8 * width]
-        for i in range(4):
-            setattr(self, f"layer{i + 1}", nn.Sequential(Block(chans[i], chans[i + 1], 1 if i == 0 else 2),
-                                                         Block(chans[i + 1], chans[i + 1], 1)))
-        self.dim = 8 * width
-
-    def forward(self, x):  # [B,3,32,32] in [0,1] -> [B, 8*width]
-        if hasattr(self, "mean"):
-            x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x)))).mean((2, 3))  # global average pool
-
-
-class Net(nn.Module):
-    """z = g(f(x)): encoder f, projector g = Linear(8w -> 2048) -> ReLU -> Linear(-> 128), no BN."""
-
-    def __init__(self, width=64):
-        super().__init__()
-        self.encoder = ResNet18(width)
-        self.projector = nn.Sequential(nn.Linear(self.encoder.dim, 2048), nn.ReLU(), nn.Linear(2048, 128))
-
-    def forward(self, x):
-        return self.projector(self.encoder(x))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------------
-def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0, hn_beta=None, tau_plus=0.0,
-              hn_normalise="negatives"):
-    """Generic (asymmetric) InfoNCE of V >= 2 views of N >= 2 instances.
-
-    z: [V, N, D] raw projections (normalised here, in fp32). adv_views: indices of adversarial views.
-    Returns 1/(V N) sum over instances and ordered view pairs u != v of weight(u,v) * l(u->v), where
-    every directed term moves only its anchor (keys are detached). ip_alpha=None: all weights 1;
-    a float: clean->adv adv_weight*ip_alpha, adv->clean adv_weight*(1-ip_alpha), other pairs 1.
-    hn_beta=None: plain denominator; a float: the HCL hard-negative estimator with tau_plus, its importance
-    weights normalised over row i's negatives (hn_normalise="negatives", HCL's definition) or as the
-    official Asym-RoCL code does ("official": column j divided by the mean of row j over all V*N columns,
-    positives and self included). With V=2 and nothing else set this is SimCLR's NT-Xent.
-
-    The gradient is that of the stop-gradient loss (keys detached), not the derivative of the loss value with
-    respect to z: torch.autograd.gradcheck against the value is not expected to pass."""
-    if not (torch.is_tensor(z) and z.dim() == 3):
-        raise ValueError(f"a_infonce needs z of shape [V views, N instances, D], got {getattr(z, 'shape', type(z))}")
-    V, N, _ = z.shape
-    if V < 2 or N < 2:
-        raise ValueError(f"a_infonce needs >= 2 views of >= 2 instances, got z of shape {tuple(z.shape)}")
-    try:
-        adv = {range(V)[int(i)] for i in adv_views}
-    except (TypeError, ValueError, IndexError):
-        raise ValueError(f"adv_views must be a sequence of view indices in [0, {V}), got {adv_views!r}")
-    if hn_normalise not in ("negatives", "official"):
-        raise ValueError(f"hn_normalise must be 'negatives' or 'official', got {hn_normalise!r}")
-    for name, value, ok, rule in (("temperature", temperature, temperature > 0, "> 0"),
-                                  ("tau_plus", tau_plus, 0 <= tau_plus < 1, "in [0, 1)"),
-                                  ("hn_beta", hn_beta, hn_beta is None or hn_beta >= 0, ">= 0 or None"),
-                                  ("ip_alpha", ip_alpha, ip_alpha is None or 0 <= ip_alpha <= 1, "in [0, 1] or None"),
-                                  ("adv_weight", adv_weight, adv_weight >= 0, ">= 0")):
-        if not ok:
-            raise ValueError(f"{name} must be {rule}, got {value!r}")
-    with torch.autocast(z.device.type, enabled=False):  # fp32 (fp64 stays fp64), also under --amp
-        z = z if z.dtype == torch.float64 else z.float()
-        return _a_infonce(z, adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus, hn_normalise)
-
-
-def _a_infonce(z, adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus, hn_normalise):
-    V, N, _ = z.shape
-    z = z / z.abs().amax(-1, keepdim=True).clamp_min(1e-30)  # so |z|^2 neither overflows nor underflows
-    zn = F.normalize(z.flatten(0, 1), dim=1)  # [M, D], M = V*N; row m is view m // N of instance m % N
-    S = zn @ zn.detach().T / temperature  # S_ij = z^_i . sg(z^_j) / tau: gradient reaches anchors only
-    inst = torch.arange(V * N, device=z.device) % N
-    same = inst[:, None] == inst[None, :]
-    eye = torch.eye(V * N, dtype=torch.bool, device=z.device)
-    if hn_beta is None:
-        log_denom = S.masked_fill(eye, -math.inf).logsumexp(1)  # log sum_{k != i} exp(S_ik)
-    else:  # A-InfoNCE (HN): HCL's debiased, hardness-weighted negatives, per row i over its M negatives
-        M, c = V * (N - 1), 1 / temperature  # S <= 1/tau: exponents are shifted by c, none overflows
-        e = (S - c).exp()
-        pos = (e * (same & ~eye)).sum(1) / (V - 1)  # mean over the V-1 positives of exp(S_ip)
-        if hn_normalise == "negatives":
-            w = M * torch.softmax((hn_beta * S).masked_fill(same, -math.inf), 1)  # A-InfoNCE: w_ij, mean 1
-        else:  # official: imp_jk = (1e-9)^beta on positives and self; the broadcast divides column j by row j's mean
-            log_mean = torch.where(same, hn_beta * math.log(1e-9), hn_beta * S).logsumexp(1) - math.log(V * N)
-            w = (hn_beta * S - log_mean[None, :]).exp().masked_fill(same, 0)
-        ng = ((w * e).sum(1) - tau_plus * M * pos) / (1 - tau_plus)
-        log_denom = (pos + ng.clamp_min(M * math.exp(-2 * c))).log() + c  # clamp: M e^(-1/tau)
-    logp = (S - log_denom[:, None]).view(V, N, V, N).diagonal(dim1=1, dim2=3)  # [V, V, N]: l = -logp
-    loss = S.new_zeros(())
-    for u in range(V):
-        for v in range(V):
-            weight = 1.0
-            if ip_alpha is not None and (u in adv) != (v in adv):  # A-InfoNCE (IP): inferior positives
-                weight = adv_weight * (ip_alpha if v in adv else 1 - ip_alpha)  # clean->adv weak, adv->clean strong
-            if u != v and weight:
-                loss = loss - weight * logp[u, v].sum()
-    return loss / (V * N)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Attacks: inputs are images in [0, 1] (not 0-255, not mean/std-normalised); outputs stay in [0, 1]
-# ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def eval_mode(module):
-    """Eval mode (BN running statistics) inside; every submodule's previous mode restored after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def _flat_norm(t):  # per-image L2 norm, shaped to broadcast over [B, C, H, W]
-    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
-
-
-def _ascend(loss_fn, x, x_adv, eps, step, steps, norm="linf"):
-    """steps of gradient ascent on loss_fn from x_adv, projected to the eps-ball around x and to [0,1]:
-    L_inf takes sign steps, L2 steps along the normalised gradient and projects radially."""
-    with torch.enable_grad():
-        for _ in range(steps):
-            x_adv = x_adv.detach().requires_grad_(True)
-            grad, = torch.autograd.grad(loss_fn(x_adv), x_adv)
-            if norm == "linf":
-                x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps)
-            else:
-                d = x_adv.detach() + step * grad / _flat_norm(grad) - x
-                x_adv = x + d * (eps / _flat_norm(d)).clamp(max=1)
-            x_adv = x_adv.clamp(0, 1)  # moves every pixel toward x: stays inside either ball
-    return x_adv.detach()
-
-
-def _random_start(x, eps, norm="linf"):
-    if norm == "linf":
-        return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
-    d = torch.randn_like(x)  # a random direction, at a radius uniform in [0, eps]
-    return (x + d / _flat_norm(d) * eps * torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device)).clamp(0, 1)
-
-
-def instance_pgd(embed, x, x_pos, *, eps=8 / 255, step=0.007, steps=7, temperature=0.5,
-                 random_start=True, gather=None):
-    """RoCL's instance-wise attack on images x, x_pos in [0, 1]: perturb x to maximise the NT-Xent of
-    [x_adv; x_pos]. embed (encoder + projector) runs in eval mode, so x_pos's embedding is fixed: computed
-    once. gather(t, dim) concatenates over ranks, so that the attack sees the global batch's negatives."""
-    gather = gather or (lambda t, dim: t)
-    with eval_mode(embed):
-        with torch.no_grad():
-            z_pos = embed(x_pos)  # [N, D]
-        loss = lambda xa: a_infonce(gather(torch.stack([embed(xa), z_pos]), 1), temperature=temperature)
-        return _ascend(loss, x, _random_start(x, eps) if random_start else x, eps, step, steps)
-
-
-def pgd(classifier, x, y, *, eps=8 / 255, step=2 / 255, steps=20, norm="linf"):
-    """Supervised PGD with random start on cross-entropy (Madry et al.), L_inf or L2, classifier in eval
-    mode. x: images in [0, 1]; eps and step in the same pixel units."""
-    with eval_mode(classifier):
-        return _ascend(lambda xa: F.cross_entropy(classifier(xa), y), x, _random_start(x, eps, norm), eps, step,
-                       steps, norm)
-
-
-def trades_loss(model, x, y, *, beta=6.0, eps=8 / 255, step=2 / 255, steps=10):
-    """TRADES (Zhang et al. 2019) on images x in [0, 1]: CE(f(x), y) + beta KL(f(x) || f(x_adv))."""
-    with eval_mode(model):
-        with torch.no_grad():
-            p_nat = F.softmax(model(x), 1)
-        kl = lambda xa: F.kl_div(F.log_softmax(model(xa), 1), p_nat, reduction="sum")
-        x_adv = _ascend(kl, x, x + 0.001 * torch.randn_like(x), eps, step, steps)
-    logits = model(x)
-    return F.cross_entropy(logits, y) + beta * F.kl_div(
-        F.log_softmax(model(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation: SLF, ALF, AFF; SA = clean accuracy, RA = accuracy under PGD, measured in strict fp32
-# ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def strict_fp32(device):
-    """No autocast and no TF32 (cuDNN allows TF32 convolutions by default): for every measured number."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
-
-
-def batches(n, bs, shuffle=False, device="cpu"):
-    idx = torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)
-    return idx.split(bs)
-
-
-def as_float(xb):  # uint8 images -> [0, 1]; float images (crafted adversarial examples) pass through
-    return xb.float() / 255 if xb.dtype == torch.uint8 else xb
-
-
-def attacked(classifier, x, y, bs, attack, label=None):
-    """attack(classifier, xb, yb) over x in batches -> float images in [0, 1]."""
-    tick, out = progress(label or "attack", len(x)), []
-    for idx in batches(len(x), bs, device=x.device):
-        out.append(attack(classifier, as_float(x[idx]), y[idx]))
-        tick(sum(len(o) for o in out))
-    return torch.cat(out)
-
-
-def accuracy(classifier, x, y, bs, attack=None, label=None):
-    """Top-1 accuracy of classifier on images x (uint8, or float in [0, 1]), after attack(classifier, x, y)."""
-    x = attacked(classifier, x, y, bs, attack, label) if attack else x
-    correct = 0
-    with eval_mode(classifier), torch.no_grad():
-        for idx in batches(len(x), bs, device=x.device):
-            correct += (classifier(as_float(x[idx])).argmax(1) == y[idx]).sum().item()
-    return correct / len(x)
-
-
-def pgd_attack(norm, eps, step, steps):
-    """The RA attack of one threat: L_inf with step `step`, L2 with step 2.5 eps / steps."""
-    step = step if norm == "linf" else 2.5 * eps / max(steps, 1)
-    return lambda m, xb, yb: pgd(m, xb, yb, eps=eps, step=step, steps=steps, norm=norm)
-
-
-# Finetuning protocols, each a table of settings per scheme, recorded with the results. "asym-rocl" (the default):
-# the official Asym-RoCL finetuning. "robustssl": the field's benchmark (GodXuxilie/RobustSSL_Benchmark,
-# vanilla_finetuning.py --mode ALL and setup_hyperparameter in its utils.py), per pretraining method; as in its code,
-# a setting made for one scheme carries over to the next (DynACL-AIR's 5 SLF epochs on CIFAR-10 hold for ALF and AFF).
-_LF = dict(batch_size={"cifar10": 512, "cifar100": 512, "stl10": 128}, milestones=[10, 20])
-_ACL = dict(_LF, lr={"cifar10": 0.01, "cifar100": 0.05, "stl10": 0.01})
-_AIR = dict(_LF, lr={"cifar10": 0.01, "cifar100": 0.1, "stl10": 0.01})
-_AIR2 = dict(_LF, batch_size={"cifar10": 512, "cifar100": 512})
-_AFF = dict(batch_size=128, lr=0.1, milestones=[15, 20])
-_ADVCL = {"slf": dict(batch_size=512, lr=0.01, milestones=[15, 20]), "alf": dict(batch_size=512, lr=0.01,
-          milestones=[15, 20]), "aff": _AFF}
-ROBUSTSSL = {
-    "acl": {"slf": _ACL, "alf": _ACL, "aff": dict(_AFF, epochs=100, milestones=[40, 60])},
-    "dynacl": {"slf": _ACL, "alf": _ACL, "aff": _AFF}, "dynacl++": {"slf": _ACL, "alf": _ACL, "aff": _AFF},
-    "advcl": _ADVCL, "a-infonce": _ADVCL, "deacl": _ADVCL,
-    "dynacl-air": {"slf": dict(_AIR, epochs={"cifar10": 5}), "alf": _AIR, "aff": _AFF},
-    "dynacl-air++": {"slf": dict(_AIR2, lr={"cifar10": 0.01, "cifar100": 0.09}), "alf": dict(
-        _AIR2, lr={"cifar10": 0.01, "cifar100": 0.1}, epochs={"cifar10": 4}), "aff": _AFF},
-    "dynacl-rcs": {},  # setup_hyperparameter tests for 'DynACL_RCS', its command line says 'DynACL-RCS': defaults
-}
-PROTOCOLS = ("asym-rocl", "robustssl")
-
-
-def scheme_settings(protocol, method, dataset, ft_epochs, batch_size):
-    """Per scheme: epochs, lr milestones (lr/10 at each), lr, momentum, weight decay, batch, training augmentation
-    (RobustSSL: RandomCrop(32, padding 4) + flip), and the training attacks (ALF: PGD-10 of 2/255; AFF: TRADES,
-    beta 6, 10 steps of 2/255). ft_epochs: the ALF/AFF epochs (asym-rocl), or every scheme's (robustssl)."""
-    attacks = {"slf": {}, "alf": dict(attack_steps=10, attack_step=2 / 255),
-               "aff": dict(attack_steps=10, attack_step=2 / 255, trades_beta=6.0)}
-    if protocol == "asym-rocl":
-        e = ft_epochs or 25
-        s = {"slf": dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4)}
-        s["alf"] = s["aff"] = dict(epochs=e, milestones=[max(1, int(0.6 * e)), max(1, int(0.8 * e))], lr=0.1, wd=2e-4)
-        return {k: dict(v, momentum=0.9, batch_size=batch_size, augment=False, **attacks[k]) for k, v in s.items()}
-    s, out = dict(epochs=25, milestones=[15, 20], lr=0.1, momentum=0.9, wd=2e-4, batch_size=128, augment=True), {}
-    for scheme in SCHEMES:  # its argparse defaults, then setup_hyperparameter's changes, carried over
-        for k, v in ROBUSTSSL[method].get(scheme, {}).items():
-            v = v.get("cifar10" if dataset == "folder" else dataset) if isinstance(v, dict) else v
-            s[k] = s[k] if v is None else v
-        out[scheme] = dict(s, **attacks[scheme])
-        if ft_epochs:  # a shorter run: the milestones keep their place in it
-            out[scheme].update(epochs=ft_epochs, milestones=[max(1, m * ft_epochs // s["epochs"]) for m in s["milestones"]])
-    return out
-
-
-def train_head(params, loss_fn, n, s, device, label):
-    """SGD with lr/10 at each milestone epoch, settings s of scheme_settings; loss_fn(idx) -> loss of that batch.
-    Returns the lr of every epoch."""
-    opt = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["wd"])
-    sched, lrs = torch.optim.lr_scheduler.MultiStepLR(opt, s["milestones"], 0.1), []
-    epochs_tick = progress(f"{label} head, epoch", s["epochs"])
-    for epoch in range(s["epochs"]):
-        tick = progress(f"{label} epoch {epoch + 1}/{s['epochs']}, images", n)
-        lrs.append(opt.param_groups[0]["lr"])
-        for k, idx in enumerate(batches(n, s["batch_size"], shuffle=True, device=device)):
-            loss = loss_fn(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tick(min(n, (k + 1) * s["batch_size"]))
-        sched.step()
-        epochs_tick(epoch + 1, lambda: f"loss {loss.item():.4f}")
-    return lrs
-
-
-def crop_flip(xb):
-    """RandomCrop(32, padding=4) and RandomHorizontalFlip of uint8 images [B,3,32,32] -> float in [0, 1]."""
-    b, dev = len(xb), xb.device
-    dy, dx = (torch.randint(0, 9, (b, 1, 1, 1), device=dev) for _ in range(2))
-    rows, cols = torch.arange(32, device=dev).view(1, 1, 32, 1) + dy, torch.arange(32, device=dev).view(1, 1, 1, 32) + dx
-    x = F.pad(xb, (4, 4, 4, 4))[torch.arange(b, device=dev).view(b, 1, 1, 1), torch.arange(3, device=dev).view(1, 3, 1, 1),
-                                rows, cols]
-    return torch.where(torch.rand(b, 1, 1, 1, device=dev) < 0.5, x.flip(3), x).float() / 255
-
-
-def finetune(scheme, encoder, x, y, n_classes, s, eps):
-    """Fine-tune one scheme on uint8 images x with settings s -> classifier (encoder + linear head). SLF: a head on
-    the frozen encoder's features (eval mode; without augmentation computed once); ALF: a head on PGD examples made
-    through encoder + head; AFF: TRADES on the whole network, from the pretrained encoder. ALF/AFF attack at eps."""
-    device, view = x.device, crop_flip if s["augment"] else (lambda xb: xb.float() / 255)
-    if scheme == "slf":
-        if not s["augment"]:
-            with eval_mode(encoder), torch.no_grad():
-                feats = torch.cat([encoder(view(x[i])) for i in batches(len(x), s["batch_size"], device=device)])
-        head = nn.Linear(encoder.dim, n_classes).to(device)
-
-        def loss(i):
-            if not s["augment"]:
-                return F.cross_entropy(head(feats[i]), y[i])
-            with eval_mode(encoder), torch.no_grad():
-                f = encoder(view(x[i]))
-            return F.cross_entropy(head(f), y[i])
-        params, clf = head.parameters(), nn.Sequential(encoder, head)
-    elif scheme == "alf":
-        head = nn.Linear(encoder.dim, n_classes).to(device)
-        params, clf = head.parameters(), nn.Sequential(encoder, head)
-
-        def loss(i):
-            xa = pgd(clf, view(x[i]), y[i], eps=eps, step=s["attack_step"], steps=s["attack_steps"])
-            with eval_mode(encoder), torch.no_grad():
-                f = encoder(xa)
-            return F.cross_entropy(head(f), y[i])
-    else:
-        clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True), nn.Linear(encoder.dim, n_classes))
-        params, clf = clf.parameters(), clf.to(device).train()
-        loss = lambda i: trades_loss(clf, view(x[i]), y[i], beta=s["trades_beta"], eps=eps, step=s["attack_step"],
-                                     steps=s["attack_steps"])
-    train_head(params, loss, len(x), s, device, label=scheme.upper())
-    return clf
-
-
-def guards(classifier, x, y, bs, eps, steps, robust=()):
-    """Cheap checks that catch masked or broken gradients, on 200 test images of a fixed shuffle: RA <= SA,
-    RA falls as eps grows and is ~0 at eps 64/255, 2.5x more PGD steps do not raise RA; and on the whole
-    test set, RA under each norm of robust [(norm, eps, RA)] falls as eps grows."""
-    idx = fixed_shuffle(len(x), 200).to(x.device)
-    x, y = x[idx], y[idx]
-    tol = 0.01 + 1 / len(x)
-    at = lambda e, k: accuracy(classifier, x, y, bs, lambda m, xb, yb: pgd(m, xb, yb, eps=e, step=2.5 * e / k, steps=k))
-    g = {"sa": accuracy(classifier, x, y, bs), "ra_eps": {f"{e}/255": at(e / 255, steps) for e in (2, 8, 16, 64)}}
-    g[f"ra_{steps}_steps"], g[f"ra_{5 * steps // 2}_steps"] = at(eps, steps), at(eps, 5 * steps // 2)
-    chain = [g["sa"], *g["ra_eps"].values()]
-    falls = lambda ras: all(a + tol >= b for a, b in zip(ras, ras[1:]))
-    g["threats_fall"] = all(falls([ra for n, _, ra in sorted(robust) if n == norm]) for norm in ("linf", "l2"))
-    g["ok"] = (falls(chain) and chain[-1] <= 0.05 and g["threats_fall"]
-               and g[f"ra_{5 * steps // 2}_steps"] <= g[f"ra_{steps}_steps"] + tol)
-    return g
-
-
-def autoattack_impl():
-    """The AutoAttack that --autoattack runs: Croce and Hein's reference code if installed, else torchattacks."""
-    for name in ("pyautoattack", "torchattacks"):
-        try:
-            return f"{name} {__import__(name).__version__}"
-        except ImportError:
-            pass
-    raise UsageError("--autoattack needs an optional package: pip install pyautoattack "
-                     "(Croce and Hein's reference AutoAttack; torchattacks also works)")
-
-
-def autoattack(classifier, x, y, bs, norm, eps, n_classes, seed):
-    """Accuracy under standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) at radius eps."""
-    xf, lib = as_float(x), autoattack_impl().split()[0]
-    with eval_mode(classifier):
-        if lib == "pyautoattack":
-            import pyautoattack
-            aa = pyautoattack.AutoAttack(classifier, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
-                                         version="standard", device=x.device, seed=seed)
-            aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = min(9, n_classes - 1)
-            x_adv, _ = aa.run_standard_evaluation(xf, y, batch_size=bs)
-        else:
-            import torchattacks
-            aa = torchattacks.AutoAttack(classifier, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
-                                         version="standard", n_classes=n_classes, seed=seed)
-            x_adv = attacked(classifier, xf, y, bs, lambda m, xb, yb: aa(xb, yb), "AutoAttack")
-    return accuracy(classifier, x_adv, y, bs)
-
-
-def evaluate(args, encoder, data, device, done=(), source=None):
-    """Yields (scheme, numbers) for each scheme of args.eval not in done: fine-tune (settings args.schemes), then
-    measure SA, RA under every threat, AutoAttack, and transfer RA from source's SLF classifier. Finetuning uses
-    PyTorch's default precision; every measured number is strict fp32."""
-    x_tr, y_tr, x_te, y_te, n_classes = data
-    bs, (key0, norm0, eps0) = args.eval_batch_size, args.threats[0]
-    ft_eps = next((e for _, n, e in args.threats if n == "linf"), 8 / 255)  # ALF/AFF train against L_inf
-
-    def prep(enc):  # a frozen fp32 copy on the device, in the default memory layout
-        return copy.deepcopy(enc).float().to(device, memory_format=torch.contiguous_format).requires_grad_(False)
-    encoder, x_transfer, todo = prep(encoder), None, [s for s in SCHEMES if s in args.eval and s not in done]
-    if source is not None and todo:
-        torch.manual_seed(args.seed)
-        src = finetune("slf", prep(source), x_tr, y_tr, n_classes, args.schemes["slf"], ft_eps)
-        with strict_fp32(device):
-            torch.manual_seed(args.seed)  # the random starts of white-box RA: transfer from itself equals it
-            x_transfer = attacked(src, x_te, y_te, bs, pgd_attack(norm0, eps0, args.eval_step, args.eval_steps),
-                                  f"transfer source PGD {key0}")
-    for name in todo:
-        t0 = time.time()
-        torch.manual_seed(args.seed + SCHEMES.index(name))  # each scheme its own draws: one can be (re)run alone
-        clf = finetune(name, encoder, x_tr, y_tr, n_classes, args.schemes[name], ft_eps)
-        with strict_fp32(device):
-            r = {"sa": accuracy(clf, x_te, y_te, bs), "robust": {}}
-            for key, norm, eps in args.threats:
-                torch.manual_seed(args.seed)  # every attack pass starts from the same random draws
-                r["robust"][key] = accuracy(clf, x_te, y_te, bs, pgd_attack(norm, eps, args.eval_step, args.eval_steps),
-                                            f"{name.upper()} PGD-{args.eval_steps} {key}")
-            r["ra"] = r["robust"][key0]
-            if args.autoattack:
-                r["aa_robust"] = {key: autoattack(clf, x_te, y_te, bs, norm, eps, n_classes, args.seed)
-                                  for key, norm, eps in args.threats}
-                r["aa"] = r["aa_robust"][key0]
-            if x_transfer is not None:
-                r["ra_transfer"] = accuracy(clf, x_transfer, y_te, bs)
-            if name == "slf":
-                r["guards"] = guards(clf, x_te, y_te, bs, ft_eps, args.eval_steps,
-                                     [(n, e, r["robust"][k]) for k, n, e in args.threats])
-        r["s"] = time.time() - t0
-        shown = {"SA": r["sa"], **{f"RA {k}": v for k, v in r["robust"].items()},
-                 **{f"AA {k}": v for k, v in r.get("aa_robust", {}).items()},
-                 f"transfer RA {key0}": r.get("ra_transfer")}
-        line = "  ".join(f"{k} {100 * v:.2f}%" for k, v in shown.items() if v is not None)
-        if name == "slf":
-            line += "  guards " + ("ok" if r["guards"]["ok"] else "FAILED: " + json.dumps(r["guards"]))
-        print(f"{name.upper()}: {line}  ({hms(r['s'])})", flush=True)
-        yield name, r
-
-
-# ---------------------------------------------------------------------------------------------------
-# Pretraining
-# ---------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def lars_(params, wd, trust=1e-3, eps=1e-8):
-    """LARS as torchlars (You et al. 2017), in place on the gradients, before a plain SGD step:
-    g <- (g + wd w) * trust |w| / (|g| + wd |w| + eps); returns the global gradient norm."""
-    norms = []
-    for p in params:
-        w_norm, g_norm = p.norm(), p.grad.norm()
-        scale = torch.where((w_norm > 0) & (g_norm > 0), trust * w_norm / (g_norm + wd * w_norm + eps), 1.0)
-        p.grad.add_(p, alpha=wd).mul_(scale)
-        norms.append(g_norm)
-    return torch.stack(norms).norm()
-
-
-def lr_at(step, total, warmup, base, mult=15.0):
-    """Linear warm-up from base to mult*base over `warmup` steps, then cosine to 0 (per step)."""
-    if step < warmup:
-        return base * (1 + (mult - 1) * step / warmup)
-    return base * mult * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def attack_views(net, x1, x2, args, gather=None):
-    return instance_pgd(net, x1, x2, eps=args.eps, step=args.step, steps=args.attack_steps,
-                        temperature=args.temperature, gather=gather)
-
-
-def pretrain_loss(net, x1, x2, x_adv, args, gather=None):
-    """The step's loss on views x1, x2 and (adversarial methods) x_adv; -> (loss, {term: value})."""
-    gather, n = gather or (lambda t, dim: t), len(x1)
-    if args.method == "simclr":
-        loss = a_infonce(gather(net(torch.cat([x1, x2])).view(2, n, -1), 1), temperature=args.temperature)
-        return loss, {"infonce": loss.detach()}
-    if args.reg_forward == "separate":  # RoCL's regulariser in its own train-mode forward, first, as the
-        z_reg = net(torch.cat([x_adv, x2])).view(2, n, -1)  # official step: BN running statistics see it first
-    z = net(torch.cat([x1, x2, x_adv])).view(3, n, -1)  # [V=3, N, D]: the main train-mode forward
-    infonce = a_infonce(gather(z, 1), adv_views=(2,), temperature=args.temperature,
-                        ip_alpha=args.ip_alpha if args.method in ("infpos", "both") else None,
-                        adv_weight=args.adv_weight, tau_plus=args.tau_plus, hn_normalise=args.hn_normalise,
-                        hn_beta=args.hn_beta if args.method in ("hardneg", "both") else None)
-    if args.reg_forward == "shared":  # x_adv and x2 rows of the main forward: its 3N-batch BN statistics
-        z_reg = torch.stack([z[2], z[1]])
-    reg = a_infonce(gather(z_reg, 1), temperature=args.temperature)  # global batch, as the main loss
-    return infonce + args.reg_weight * reg, {"infonce": infonce.detach(), "reg": reg.detach()}
-
-
-@torch.no_grad()
-def knn_accuracy(encoder, x_bank, y_bank, x_query, y_query, n_classes, k=200, t=0.1, bs=1024):
-    """The weighted kNN monitor of InstDisc and MoCo: cosine similarities of eval-mode fp32 encoder features; the k
-    nearest bank images vote for their class with weight exp(similarity / t). No randomness, no BN update."""
-    def features(x):
-        return F.normalize(torch.cat([encoder(x[i].float() / 255) for i in batches(len(x), bs, device=x.device)]), dim=1)
-    with eval_mode(encoder), strict_fp32(x_bank.device):
-        bank, query = features(x_bank), features(x_query)
-        sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)
-        votes = torch.zeros(len(query), n_classes, device=query.device).scatter_add_(1, y_bank[idx], (sim / t).exp())
-    return (votes.argmax(1) == y_query).float().mean().item()
-
-
-def pretrain(args, net, data, device, rank, world, ck=None):
-    """Pretraining loop, step by step; checkpoints after every epoch (and every --ckpt-every steps). The
-    checkpoint holds the epoch log, so log.jsonl has one line per completed epoch, resumed or not. Every
-    --knn-every epochs, rank 0 adds the kNN accuracy of fixed train/test subsets (data) to the epoch's line."""
-    x_train, b = data[0].to(device), args.batch_size // world  # b: instances per rank
-    if args.knn_every and rank == 0:
-        bank, query = fixed_shuffle(len(data[0]), KNN_BANK), fixed_shuffle(len(data[2]), KNN_QUERIES)
-        knn_data = [t.to(device) for t in (data[0][bank], data[1][bank], data[2][query], data[3][query])]
-    spe = len(x_train) // args.batch_size  # steps per epoch: the last partial batch is dropped
-    total, warmup = spe * args.epochs, spe * args.warmup_epochs
-    params = list(net.parameters())
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)  # weight decay lives inside LARS
-    path, step, train_s, ep_s, sums, history = os.path.join(args.out, "last.pt"), 0, 0.0, 0.0, {}, []
-    if ck:
-        opt.load_state_dict(ck["optimizer"])
-        step, train_s, ep_s, history = ck["step"], ck["train_s"], ck["epoch_s"], ck["history"]
-        sums = {k: torch.tensor(v, device=device) for k, v in ck["sums"].items()}
-        if len(ck["rng"]) == world:
-            set_rng_state(ck["rng"][rank], device)
-        else:  # another number of processes: fresh streams, so not bit-exact
-            torch.manual_seed(args.seed + rank + 7919 * step)
-    model = torch.compile(net) if args.compile else net
-    gather = gather_cat if world > 1 else None
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
-    layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    stopping = []  # SIGTERM / SIGINT: finish the step, save, exit
-    handlers = {s: signal.signal(s, lambda *_: stopping.append(1)) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def save():
-        states = [rng_state(device)] * world
-        if world > 1:
-            dist.all_gather_object(states, rng_state(device))
-        if rank == 0:
-            state = {"encoder": net.encoder.state_dict(), "projector": net.projector.state_dict(),
-                     "optimizer": opt.state_dict(), "epoch": len(history), "step": step, "train_s": train_s,
-                     "epoch_s": ep_s, "sums": {k: float(v) for k, v in sums.items()}, "history": history,
-                     "args": {k: v for k, v in vars(args).items() if k != "explicit"}, "rng": states,
-                     "env": provenance(device)}
-            atomic_write(path, lambda f: torch.save(state, f))
-            lines = "".join(json.dumps(r) + "\n" for r in history).encode()
-            atomic_write(os.path.join(args.out, "log.jsonl"), lambda f: f.write(lines))
-
-    perm, last = None, time.time()
-    try:
-        while step < total:
-            epoch, s = divmod(step, spe)
-            if perm is None or s == 0:
-                g = torch.Generator().manual_seed(args.seed * 100003 + epoch)  # the same order on every rank
-                perm = torch.randperm(len(x_train), generator=g).to(device)
-                tick = progress(f"epoch {epoch + 1} step", spe) if rank == 0 else (lambda *_: None)
-            idx = perm[s * args.batch_size + rank * b:s * args.batch_size + (rank + 1) * b]
-            x1, x2 = (augment(x_train[idx]).contiguous(memory_format=layout) for _ in range(2))
-            lr = lr_at(step, total, warmup, args.lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with amp:
-                x_adv = None if args.method == "simclr" else attack_views(model, x1, x2, args, gather)
-                loss, terms = pretrain_loss(model, x1, x2, x_adv, args, gather)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                allreduce_grads(params, world)
-            grad_norm = lars_(params, args.wd)
-            # One host sync per step, and device-resident flags (NCCL has no CPU tensors): a non-finite loss or
-            # gradient on any rank, or a stop request to any rank, stops every rank at this step.
-            flags = torch.stack([~torch.isfinite(loss.detach() + grad_norm),
-                                 torch.tensor(bool(stopping), device=device)]).float()
-            if world > 1:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)
-            bad, stop = flags.tolist()
-            if bad:  # before the update: the weights stay good
-                raise NonFiniteLoss(
-                    f"non-finite loss at epoch {epoch + 1}, step {step} (loss {loss.item():.4g}: "
-                    + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
-                    + f"; grad norm {grad_norm.item():.4g}); "
-                    + (f"last good checkpoint: {path} (epoch {len(history)}); resume it with --resume {args.out} "
-                       f"--lr <smaller>" if os.path.exists(path) else "no checkpoint yet; restart with a smaller --lr"))
-            opt.step()
-            step += 1
-            for k, v in {"loss": loss.detach(), **terms}.items():
-                sums[k] = sums.get(k, 0) + v
-            now = time.time()
-            train_s, ep_s, last = train_s + now - last, ep_s + now - last, now
-            tick(s + 1, lambda: f"loss {float(sums['loss']) / (s + 1):.4f}")
-            if step % spe == 0:  # epoch complete: its log line, then the checkpoint that holds it
-                history.append({"epoch": epoch + 1, "step": step, **{k: float(v) / spe for k, v in sums.items()},
-                                "lr": lr, "images_per_s": spe * args.batch_size / ep_s, "train_s": train_s})
-                if args.knn_every and rank == 0 and (epoch + 1) % args.knn_every == 0:  # outside the training time
-                    history[-1]["knn"] = knn_accuracy(net.encoder, *knn_data, args.n_classes)
-                sums, ep_s = {}, 0.0
-                save()
-                if rank == 0:
-                    rec = history[-1]
-                    eta = hms((total - step) * args.batch_size / rec["images_per_s"])
-                    print(f"epoch {epoch + 1:4d}/{args.epochs} | loss {rec['loss']:.4f} | lr {lr:.4f} | "
-                          + (f"kNN {100 * rec['knn']:5.2f}% | " if "knn" in rec else "")
-                          + f"{rec['images_per_s']:7.1f} img/s | ETA {eta}", flush=True)
-            elif stop or (args.ckpt_every and step % args.ckpt_every == 0):
-                save()
-            last = time.time()
-            if stop:
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if rank == 0:
-            print(f"interrupted: {path} holds step {step}; continue with: python ainfonce.py --resume {args.out}",
-                  file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints and results
-# ---------------------------------------------------------------------------------------------------
+# ===================================================================================================
+# Checkpoints, the field's state dicts, and results
+# ===================================================================================================
 def atomic_write(path, write):
     """write(f) to path.tmp, fsync, rename: a kill at any moment leaves the old file whole."""
     with open(path + ".tmp", "wb") as f:
@@ -1234,11 +925,10 @@ def field_encoder(ck, path, bn_branch=None, stem_padding=None):
     The encoder is the sub-network whose keys hold conv1 and layer1..4 (after DataParallel's module. and
     compile's _orig_mod.), DynACL's encoder_k rather than encoder_q, solo-learn's backbone rather than its
     momentum_backbone; the other sub-networks, heads and other BN branches are ignored and named; every other
-    key must fit the encoder (strict).
-    bn_list.K (ACL, DynACL, AdvCL): the only branch, else --bn-branch, else 1 (pgd, as their evaluations).
-    downsample.conv/bn and downsample.0/1 are our shortcut.0/1; normalize.mean/std our mean/std. The CIFAR stem
-    has padding 1 (RoCL, ACL, AdvCL, DynACL) except solo-learn's padding 2 (DeACL): torchvision-style names
-    (downsample.0/1) are written by both, so outside a solo-learn Lightning checkpoint the stem must be named."""
+    key must fit the encoder (strict). bn_list.K (ACL, DynACL, AdvCL): the only branch, else --bn-branch, else 1
+    (pgd, as their evaluations). downsample.conv/bn and downsample.0/1 are our shortcut.0/1; normalize.mean/std our
+    mean/std. The CIFAR stem has padding 1 (RoCL, ACL, AdvCL, DynACL) except solo-learn's 2 (DeACL): torchvision-style
+    names (downsample.0/1) are written by both, so outside a solo-learn Lightning checkpoint the stem must be named."""
     lightning = isinstance(ck, dict) and "pytorch-lightning_version" in ck
     sd = ck.get("state_dict", ck.get("model", ck)) if isinstance(ck, dict) else None
     sd = {re.sub(r"(^|\.)(module|_orig_mod)\.", r"\1", k): v for k, v in (sd or {}).items() if torch.is_tensor(v)}
@@ -1248,8 +938,8 @@ def field_encoder(ck, path, bn_branch=None, stem_padding=None):
         raise UsageError(f"{path} is neither an ainfonce checkpoint nor a CIFAR ResNet-18 in the field's layouts ("
                          + (f"it holds {len(roots)} encoders: {', '.join(sorted(roots))}" if roots else
                             f"no conv1 and layer1..4; keys: {', '.join(list(sd)[:4])} ...") + ")")
-    root, ignored = roots.pop(), []
-    enc = {k[len(root):]: v for k, v in sd.items() if k.startswith(root) and k[len(root):].startswith(ENCODER)}
+    root = roots.pop()
+    enc = [k[len(root):] for k in sd if k.startswith(root) and k[len(root):].startswith(ENCODER)]
     branches = sorted({int(b) for b in re.findall(r"\.bn_list\.(\d+)\.", " ".join(enc))})
     if bn_branch is not None and bn_branch not in branches:
         raise UsageError(f"--bn-branch {bn_branch}: {path} holds " + (f"BN branches {branches}: pass one of them" if
@@ -1258,42 +948,39 @@ def field_encoder(ck, path, bn_branch=None, stem_padding=None):
         bn_branch = bn_branch if bn_branch is not None else branches[0] if len(branches) == 1 else 1
         if bn_branch not in branches:
             raise UsageError(f"{path} holds BN branches {branches}, none of them 1 (adversarial): pass --bn-branch K")
-    state = {}
+    state, ignored = {}, {}
     for k, v in sd.items():
         inside = k.startswith(root)
         name = k[len(root):] if inside else k
         m = re.search(r"\.bn_list\.(\d+)\.", name)
         if not inside or name.startswith(HEADS) or m and int(m.group(1)) != bn_branch:
-            ignored.append(name.split(".")[0] if not inside or name.startswith(HEADS) else f"bn_list.{m.group(1)}")
+            kind = name.split(".")[0] if not inside or name.startswith(HEADS) else f"bn_list.{m.group(1)}"
+            ignored[kind] = ignored.get(kind, 0) + 1
             continue
         name = re.sub(r"\.bn_list(\.\d+)?\.", ".", name)
         name = re.sub(r"downsample\.(0|conv)\.", "shortcut.0.", re.sub(r"downsample\.(1|bn)\.", "shortcut.1.", name))
         state[re.sub(r"^normalize\.", "", name)] = v
-    torchvision = any(re.search(r"\.downsample\.[01]\.", k) for k in enc)
     solo = lightning and root == "backbone."
     if stem_padding is None:
-        if torchvision and not solo:
-            raise UsageError(f"{path} has torchvision-style keys (downsample.0/1), which solo-learn/DeACL write with a "
-                             f"CIFAR stem of padding 2 and DynACL++/RobustSSL with padding 1: pass --stem-padding 2 or 1")
+        if any(re.search(r"\.downsample\.[01]\.", k) for k in enc) and not solo:
+            raise UsageError(f"{path} has torchvision-style keys (downsample.0/1), which solo-learn/DeACL write with "
+                             f"a CIFAR stem of padding 2 and DynACL++/RobustSSL with padding 1: pass --stem-padding 2 "
+                             f"or 1")
         stem_padding = 2 if solo else 1
     encoder = ResNet18(state["conv1.weight"].shape[0], normalise="mean" in state, stem_padding=stem_padding)
     load_strict(encoder, state, f"{path}: state dict")
-    kinds = {}
-    for kind in ignored:
-        kinds[kind] = kinds.get(kind, 0) + 1
     layout = "dynacl" if root == "encoder_k." else "deacl" if solo else "advcl" if branches == [0, 1, 2] else "other"
-    info = {"checkpoint": path, "layout": layout, "encoder": root.rstrip(".") or None, "bn_branch": bn_branch,
-            "bn_branches": branches or None, "stem_padding": stem_padding, "normalise_inside": "mean" in state,
-            "ignored": kinds}
     print(f"{path}: ResNet-18 width {encoder.dim // 8}" + (f" from {root.rstrip('.')}" if root else "")
           + f", stem padding {stem_padding}" + (f", BN branch {bn_branch} of {branches}" if branches else "")
-          + (", normalising inputs inside" if "mean" in state else "")
-          + (f"; ignored {len(ignored)} keys: " + ", ".join(f"{k} ({n})" for k, n in kinds.items()) if ignored else ""))
-    return encoder, info
+          + (", normalising inputs inside" if "mean" in state else "") + (f"; ignored {sum(ignored.values())} keys: "
+          + ", ".join(f"{k} ({n})" for k, n in ignored.items()) if ignored else ""))
+    return encoder, {"checkpoint": path, "layout": layout, "encoder": root.rstrip(".") or None, "bn_branch": bn_branch,
+                     "bn_branches": branches or None, "stem_padding": stem_padding,
+                     "normalise_inside": "mean" in state, "ignored": ignored}
 
 
 def load_checkpoint(path, bn_branch=None, stem_padding=None):
-    """-> (path, ainfonce checkpoint or None, Net, or ResNet18 with its weights, what was read). An ainfonce
+    """-> (path, ainfonce checkpoint or None, Net or ResNet18 with its weights, what was read). An ainfonce
     checkpoint (a run directory or its last.pt), or a CIFAR ResNet-18 in one of the field's layouts."""
     path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
@@ -1302,25 +989,34 @@ def load_checkpoint(path, bn_branch=None, stem_padding=None):
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(f"{path} is not a readable checkpoint (corrupt, truncated, or holding Python objects that "
-                         f"weights_only=True refuses: {type(e).__name__}); if you trust it, keep its tensors: python -c "
-                         f"\"import torch; c = torch.load('{path}', weights_only=False); torch.save({{k: c[k] for k in "
-                         f"('state_dict', 'model', 'pytorch-lightning_version') if k in c}}, 'weights.pt')\"")
-    if isinstance(ck, dict) and {"encoder", "projector", "args"} <= set(ck):
-        missing = {"optimizer", "epoch", "step", "history", "sums", "rng"} - set(ck)
-        if missing:
-            raise UsageError(f"{path} is not a complete ainfonce checkpoint: it lacks {sorted(missing)}")
-        if bn_branch is not None or stem_padding not in (None, 1):
-            raise UsageError(f"{path} is an ainfonce checkpoint (one BN, stem padding 1): --bn-branch and "
-                             f"--stem-padding are for the field's state dicts")
-        net = Net(ck["args"]["width"])
-        load_strict(net.encoder, ck["encoder"], f"{path}: encoder")
-        load_strict(net.projector, ck["projector"], f"{path}: projector")
-        return path, ck, net, {"checkpoint": path, "layout": "ainfonce", "stem_padding": 1}
-    return (path, None, *field_encoder(ck, path, bn_branch, stem_padding))
+                         f"weights_only=True refuses: {type(e).__name__}); if you trust it, keep its tensors: "
+                         f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+                         f"torch.save({{k: c[k] for k in ('state_dict', 'model', 'pytorch-lightning_version') "
+                         f"if k in c}}, 'weights.pt')\"")
+    if not (isinstance(ck, dict) and {"encoder", "projector", "args"} <= set(ck)):
+        return (path, None, *field_encoder(ck, path, bn_branch, stem_padding))
+    missing = {"optimizer", "epoch", "step", "history", "sums", "rng"} - set(ck)
+    if missing:
+        raise UsageError(f"{path} is not a complete ainfonce checkpoint: it lacks {sorted(missing)}")
+    if bn_branch is not None or stem_padding not in (None, 1):
+        raise UsageError(f"{path} is an ainfonce checkpoint (one BN, stem padding 1): --bn-branch and --stem-padding "
+                         f"are for the field's state dicts")
+    net = Net(ck["args"]["width"])
+    load_strict(net.encoder, ck["encoder"], f"{path}: encoder")
+    load_strict(net.projector, ck["projector"], f"{path}: projector")
+    return path, ck, net, {"checkpoint": path, "layout": "ainfonce", "stem_padding": 1}
+
+
+def weights_digest(module):
+    """A digest of a module's weights and buffers: an evaluation records it, and counts only for those weights."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode() + v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def check_out(args, n_params):
-    """Refuse to clobber another run; fail now, not after training, if the output cannot be written."""
+    """Before anything is written: refuse to clobber another run; fail if the output cannot hold the run."""
     if os.path.exists(os.path.join(args.out, "last.pt")) and not args.resume and not args.overwrite:
         raise UsageError(f"{args.out} already holds a run: continue it with --resume {args.out}, "
                          f"or pass --overwrite to start over")
@@ -1336,16 +1032,10 @@ def check_out(args, n_params):
 
 @contextlib.contextmanager
 def owning(directory):
-    """Owns `directory` while this process writes to it (None: nothing to own). directory/.lock holds the owner's
-    pid and host under an flock, which the OS drops when a process dies: a live owner is refused, a dead one's lock
-    is taken over, and a clean exit leaves the file empty."""
-    try:
-        import fcntl
-    except ImportError:  # no flock on this platform (Windows): no lock
-        fcntl = directory = None
-    if directory is None:
-        yield
-        return
+    """Owns `directory` while this process writes there: directory/.lock holds the owner's pid and host under an
+    flock, which the OS drops when a process dies, so a live owner is refused and a dead one's lock is taken over;
+    a clean exit leaves the file empty."""
+    import fcntl  # POSIX
     try:
         os.makedirs(directory, exist_ok=True)
         f = open(os.path.join(directory, ".lock"), "a+")
@@ -1370,25 +1060,469 @@ def owning(directory):
             f.truncate(0)
 
 
-def clear_out(args):
-    """--overwrite: a new run removes the old one's checkpoint, log and results."""
-    if args.overwrite and not args.resume:
-        for name in os.listdir(args.out):
-            if name == "last.pt" or name.startswith(("log.jsonl", "results")):
-                os.remove(os.path.join(args.out, name))
+def report(args, ck, encoder, read, data, device, source, t_start, train):
+    """Results: one file per protocol and weights. results.json is the run's own: its final weights, under the
+    run's protocol; other protocols and other or unfinished weights go to results-<digest>.json. A file's finished
+    schemes are kept (--overwrite recomputes them); each scheme is saved as soon as it is done."""
+    weights, info = {"digest": weights_digest(encoder)}, dict(read)
+    if ck:
+        weights.update(step=ck["step"], epoch=ck["epoch"], final=ck["epoch"] >= ck["args"]["epochs"])
+        run_args = {**ck["args"], **vars(args)}  # a new run's n_classes is the checkpoint's
+        info = {k: run_args.get(k) for k in ("method", "dataset", "data_dir", "subset", "n_classes", "width", "epochs",
+                                             "batch_size", "attack_steps", "eps", "lr", "hn_normalise", "seed")}
+        info.update(pretrain_s=ck["train_s"], images_per_s=ck["step"] * info["batch_size"] / max(ck["train_s"], 1e-9),
+                    train_env=ck["env"])
+        if not weights["final"]:
+            print(f"note: {read['checkpoint']} holds epoch {ck['epoch']} of {ck['args']['epochs']} "
+                  f"(step {ck['step']}): not the end of its run, so these numbers stay out of {args.out}/results.json")
+    protocol = None if not args.eval else {
+        "name": args.protocol, "pretraining": args.pretraining, "schemes": args.schemes,
+        "eval_dataset": args.eval_dataset or args.dataset, "n_classes": data[4], "n_train": len(data[0]),
+        "n_test": len(data[2]), "threats": [k for k, _, _ in args.threats], "eval_step": args.eval_step,
+        "eval_steps": args.eval_steps, "eval_batch_size": args.eval_batch_size,
+        "autoattack": autoattack_impl() if args.autoattack else None, "transfer_from": args.transfer_from,
+        "seed": args.seed, "precision": "fp32, no TF32, no autocast"}
+    path, own = os.path.join(args.out, "results.json"), ck and weights["final"]
+    res = read_json(path) if own else {}
+    if res and res.get("weights", {}).get("digest") != weights["digest"]:
+        print(f"{path} held numbers of other weights (step {res.get('weights', {}).get('step')}): recomputing")
+        res = {"invocations": res.get("invocations", [])}
+    if not own or protocol and res.get("protocol", protocol) != protocol:
+        digest = hashlib.sha1(json.dumps([protocol, weights["digest"]], sort_keys=True).encode()).hexdigest()[:8]
+        name = "" if ck else os.path.splitext(os.path.basename(read["checkpoint"]))[0] + "-"
+        path = os.path.join(args.out, f"results-{name}{digest}.json")
+        res = read_json(path)
+    if args.eval_only and args.overwrite:
+        res = {k: v for k, v in res.items() if not k.startswith(tuple(f"{s}_" for s in args.eval))}
+    if not train and res and all(f"{s}_sa" in res for s in args.eval):
+        print(f"nothing to do: {path} holds every evaluation asked for")
+        return res
+    invocation = {"command": args.command, "wall_s": 0.0, "env": provenance(device)}
+    res.update(info, weights=weights, invocations=res.get("invocations", []) + [invocation],
+               **({"protocol": protocol} if protocol else {}))
+
+    def save():
+        invocation["wall_s"] = time.time() - t_start  # the whole invocation: data, pretraining, evaluation
+        write_json(path, res)
+    save()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # during evaluation SIGTERM is a Ctrl-C
+    try:
+        for name, r in evaluate(args, encoder, [t.to(device) if torch.is_tensor(t) else t for t in data], device,
+                                [s for s in SCHEMES if f"{s}_sa" in res], source):
+            res.update({f"{name}_{k}": v for k, v in r.items()})
+            save()
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished schemes are in {path}; finish with: "
+              + (args.command if args.eval_only else f"python ainfonce.py --resume {args.out}"), file=sys.stderr)
+        raise SystemExit(130)
+    return res
 
 
-def weights_digest(module):
-    """A digest of a module's weights and buffers: an evaluation records it, and counts only for those weights."""
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode() + v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+# ===================================================================================================
+# Processes, devices, progress
+# ===================================================================================================
+def setup(args):
+    """The process group (torchrun sets WORLD_SIZE/RANK), this rank's device, and the seed -> (device, rank, world)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda but no CUDA GPU is visible")
+        device = device if device.index is not None else torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not args.deterministic
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if world > 1 and not dist.is_initialized():
+        # Every collective runs on tensors of `device` (flags included), so one backend per device suffices.
+        # device_id binds NCCL's communicator to this rank's GPU (barrier and object collectives use it).
+        kw = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
+    torch.manual_seed(args.seed + rank)  # ranks draw different augmentations
+    return device, rank, world
 
 
-# ---------------------------------------------------------------------------------------------------
+class AllReduce(torch.autograd.Function):
+    """Sum over ranks, differentiably (the gradient is summed over ranks too). torch.distributed.nn's collectives
+    keep the process group alive after destroy_process_group, and gloo's threads can then abort a rank at exit
+    (README, Data parallel); these keep no reference to the group."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduce.forward(ctx, grad)
+
+
+class GatherCat(torch.autograd.Function):
+    """Concatenate t over all ranks along dim; the backward sums every rank's gradient of this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, t, dim):
+        parts, ctx.dim = [torch.empty_like(t) for _ in range(dist.get_world_size())], dim
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduce.forward(ctx, grad.contiguous()).chunk(dist.get_world_size(), ctx.dim)[dist.get_rank()], None
+
+
+def gather_cat(t, dim):
+    return GatherCat.apply(t, dim)
+
+
+def allreduce_grads(params, world):
+    """Average gradients over ranks, with one all-reduce of them all."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for g, f in zip(grads, flat.div_(world).split([g.numel() for g in grads])):
+        g.copy_(f.view_as(g))
+
+
+def rng_state(device):  # this rank's generators: the CPU one and, on CUDA, its own GPU's (no other GPU's)
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(s, device):
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def hms(s):
+    return f"{s // 3600:.0f}:{s % 3600 // 60:02.0f}:{s % 60:02.0f}"
+
+
+def progress(label, total, every=10.0):
+    """tick(done, extra=None): prints 'label: done/total (rate/s, ETA), extra()' at most every `every` seconds, and
+    never for a short phase; extra is a callable, so that what it shows (a loss: a host sync) costs only when shown."""
+    t0 = last = time.time()
+
+    def tick(done, extra=None):
+        nonlocal last
+        now = time.time()
+        if now - last >= every and done < total:
+            last, rate = now, done / (now - t0)
+            print(f"  {label}: {done}/{total} ({rate:.1f}/s, ETA {hms((total - done) / rate)})"
+                  + (f", {extra()}" if extra else ""), flush=True)
+    return tick
+
+
+def provenance(device):
+    """What the numbers depend on: torch, the device (CPU model or GPU), threads, the code's git commit."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):  # platform.processor() is often empty on Linux
+        name = name if device.type == "cuda" else next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    git = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        here = os.path.dirname(os.path.abspath(__file__))
+        git = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=12"],
+                             capture_output=True, text=True, timeout=5).stdout.strip() or None
+    return {"torch": str(torch.__version__), "device_name": name, "threads": torch.get_num_threads(), "git": git}
+
+
+# ===================================================================================================
+# Command line
+# ===================================================================================================
+DATASETS = ("cifar10", "cifar100", "stl10", "folder")
+# Base lr of the official scripts (Asym-RoCL/shell); every other method uses 0.1.
+BASE_LR = {"cifar100": {"hardneg": 0.1, "both": 0.2}, "other": {"hardneg": 0.2, "both": 0.3}}
+KNN_BANK, KNN_QUERIES = 5000, 1000  # the kNN monitor's training and test images (a fixed shuffle)
+# A resumed run must agree with its checkpoint on everything that defines its math (not --lr, not the data's path).
+RESUME_KEYS = ("method", "dataset", "subset", "width", "eps", "step", "attack_steps", "temperature", "ip_alpha",
+               "adv_weight", "hn_beta", "hn_normalise", "tau_plus", "reg_weight", "reg_forward", "epochs",
+               "batch_size", "warmup_epochs", "wd", "seed")
+# What --eval-only takes from the command line; everything else comes from the checkpoint.
+EVAL_KEYS = ("eval", "eval_threats", "eval_step", "eval_steps", "eval_subset", "ft_epochs", "eval_batch_size",
+             "autoattack", "transfer_from", "eval_dataset", "eval_data_dir", "bn_branch", "stem_padding", "protocol",
+             "pretraining", "out", "overwrite", "device", "deterministic", "eval_only", "resume", "command")
+FIELD_METHODS = {"ainfonce": "a-infonce", "advcl": "advcl", "dynacl": "dynacl", "deacl": "deacl"}  # a file's method
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2, before anything is written."""
+
+
+class NonFiniteLoss(Exception):
+    """A NaN/inf loss or gradient: the run stops (exit code 3) and keeps its last good checkpoint."""
+
+
+def fraction(s, hi=1.0):
+    """A number in [0, hi], written as a decimal or a fraction: 8/255 == 0.031372..."""
+    try:
+        v = float(Fraction(s))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number or fraction like 8/255")
+    if not 0 <= v <= hi:
+        hint = f" (pixels are in [0, 1]: did you mean {s}/255?)" if 1 < v <= 255 and "/" not in s else ""
+        raise argparse.ArgumentTypeError(f"{s} is outside [0, {hi:g}]{hint}")
+    return v
+
+
+def threat(s):
+    """NORM:EPS, e.g. linf:8/255 or l2:0.5 (pixel units) -> (key, norm, eps)."""
+    norm, _, eps = s.lower().partition(":")
+    try:
+        if norm not in ("linf", "l2"):
+            raise argparse.ArgumentTypeError("expected NORM:EPS with NORM linf or l2, e.g. linf:8/255 l2:0.5")
+        return f"{norm}:{eps}", norm, fraction(eps, 1.0 if norm == "linf" else 64.0)
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"--eval-threats {s}: {e}")
+
+
+def number(kind, lo, inclusive=True):
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}")
+        if not (math.isfinite(v) and (v >= lo if inclusive else v > lo)):
+            raise argparse.ArgumentTypeError(f"{s} must be {'at least' if inclusive else 'above'} {lo}")
+        return v
+    return parse
+
+
+def say(message):
+    """An error for the user, printed by one process: under torchrun, rank 0."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(message, file=sys.stderr)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2 (argparse would also print the usage block)
+        say(f"{self.prog}: error: {message}")
+        sys.exit(2)
+
+
+class Help(argparse.HelpFormatter):
+    def _get_help_string(self, action):  # a default only where there is one to show
+        h = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in h
+        return h + (" (default: %(default)s)" if shown else "")
+
+
+def build_parser():
+    p = Parser(prog="ainfonce.py", formatter_class=Help, description="Adversarial contrastive pretraining with "
+               "A-InfoNCE; evaluation of robust encoders (SLF/ALF/AFF under PGD and AutoAttack).")
+    D, I, P, N = number(int, 1), number(int, 0), number(float, 0, False), number(float, 0)
+    g = p.add_argument_group("data").add_argument
+    g("--dataset", choices=DATASETS, help="torchvision's (STL-10 at 32x32), or DATA_DIR/{train,test}/<class>/<image>")
+    g("--data-dir", default="./data", help="download root, or the folder data set")
+    g("--subset", type=I, default=0, help="first N training images of a fixed shuffle (0: all)")
+    g = p.add_argument_group("model").add_argument
+    g("--width", type=D, default=64, help="ResNet-18 base width: 64 is the paper's; the README's CPU runs use 8")
+    g = p.add_argument_group("attack (pretraining)").add_argument
+    g("--eps", type=fraction, default="8/255", help="L_inf radius in [0,1] pixel units; fractions parse (code 0.0314)")
+    g("--step", type=fraction, default="0.007", help="PGD step, pixel units (paper 0.007)")
+    g("--attack-steps", type=I, default=7, help="PGD steps (paper 7)")
+    g = p.add_argument_group("loss").add_argument
+    g("--method", choices=METHODS, default="hardneg", help="rocl: symmetric; infpos: inferior positives (IP); "
+      "hardneg: hard negatives (HN); both: IP+HN; simclr: no adversary")
+    g("--temperature", type=P, default=0.5, help="tau of the loss, the attack and the regulariser (paper 0.5)")
+    g("--ip-alpha", type=fraction, default=0.2, help="IP weight of clean->adv terms (paper 0.2)")
+    g("--adv-weight", type=N, default=1.0, help="IP scale of the clean<->adv terms")
+    g("--hn-beta", type=N, default=1.0, help="HN concentration beta (paper 1.0)")
+    g("--hn-normalise", choices=("negatives", "official"), default="negatives", help="HN weights: HCL's, or the code's")
+    g("--tau-plus", type=N, help="HN class prior in [0,1): 0.1 on cifar100, else 0.12 (official scripts)")
+    g("--reg-weight", type=lambda v: fraction(v, math.inf), default="1/256", help="RoCL regulariser weight")
+    g("--reg-forward", choices=("separate", "shared"), default="separate", help="regulariser: own forward (RoCL) or "
+      "the main one's rows (faster; other BN statistics)")
+    g = p.add_argument_group("optimisation").add_argument
+    g("--epochs", type=D, default=1000, help="pretraining epochs (paper 1000)")
+    g("--batch-size", type=number(int, 2), default=512, help="images per step, all ranks together (paper 2 GPUs x 256)")
+    g("--lr", type=P, help="base lr, warmed up to 15x: 0.1; hardneg 0.2, both 0.3 (cifar100: 0.1, 0.2)")
+    g("--warmup-epochs", type=I, default=10, help="linear warm-up (paper 10)")
+    g("--wd", type=N, default=1e-6, help="weight decay inside LARS (paper 1e-6)")
+    g = p.add_argument_group("evaluation").add_argument
+    g("--eval", nargs="*", choices=("none",) + SCHEMES, default=["slf"], help="after pretraining: slf (linear, clean), "
+      "alf (linear, PGD-10), aff (all, TRADES) (default: slf)")
+    g("--eval-only", metavar="CKPT", help="evaluate a run, a checkpoint, or a published ResNet-18 (with --dataset)")
+    g("--protocol", choices=("asym-rocl", "robustssl"), default="asym-rocl", help="finetuning protocol (README)")
+    g("--pretraining", choices=list(ROBUSTSSL), help="robustssl: the encoder's method, where its file does not say it")
+    g("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS", help="e.g. linf:8/255 l2:0.5; RA is "
+      "the first (default: linf:8/255)")
+    g("--eval-step", type=fraction, default="2/255", help="L_inf PGD step (AdvCL 2/255, RoCL 0.00314); L2: 2.5 eps/n")
+    g("--eval-steps", type=D, default=20, help="PGD steps of RA")
+    g("--eval-subset", type=I, default=0, help="first N test images of a fixed shuffle (0: all)")
+    g("--ft-epochs", type=D, help="ALF/AFF epochs (asym-rocl: 25, lr/10 at 60%% and 80%%); robustssl: all schemes'")
+    g("--eval-batch-size", type=D, default=1024, help="images per finetuning step and attack batch (official 1024)")
+    g("--autoattack", action=argparse.BooleanOptionalAction, help="standard AutoAttack too (pip install pyautoattack; "
+      "on with robustssl)")
+    g("--transfer-from", metavar="CKPT", help="black-box RA: PGD crafted on this encoder's SLF classifier")
+    g("--eval-dataset", choices=DATASETS, help="finetune and evaluate on another data set")
+    g("--eval-data-dir", help="its directory (default: --data-dir)")
+    g("--bn-branch", type=I, help="bn_list.K of a multi-BN state dict (default: its only one, else 1)")
+    g("--stem-padding", type=int, choices=(1, 2), help="stem of a torchvision-style state dict: solo-learn 2, "
+      "DynACL++ 1")
+    g = p.add_argument_group("system").add_argument
+    g("--out", help="run directory (default runs/METHOD-DATASET-sSEED)")
+    g("--resume", metavar="DIR", help="continue the run in DIR with its own arguments, then its evaluation")
+    g("--overwrite", action="store_true", help="start over in an --out that holds a run; with --eval-only, recompute")
+    g("--ckpt-every", type=I, default=0, help="also checkpoint every N steps (0: off)")
+    g("--knn-every", type=I, default=2, help="kNN monitor every N epochs (0: off)")
+    g("--seed", type=I, default=0, help="seed of weights, augmentations and attacks")
+    g("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 pretraining (evaluation is fp32)")
+    g("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC layout (default: on for CUDA)")
+    g("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the net")
+    g("--deterministic", action=argparse.BooleanOptionalAction, default=False, help="for bit-exact resume on a GPU")
+    g("--benchmark", action="store_true", help="time pretraining steps on random data, against the official step")
+    g("--benchmark-steps", type=D, default=5, help="timed steps, after 2 warm-up steps")
+    return p
+
+
+def parse_args(argv=None):
+    """The arguments, resolved once, in one place -> (args, loaded). With --resume or --eval-only the checkpoint is
+    loaded (loaded: its path, the checkpoint, the network, what was read) and its arguments become the parser's
+    defaults, so that flags given here win; then come the values derived from others. After this, args is only read."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    p = build_parser()
+    args, loaded = p.parse_args(argv), None
+    if args.resume or args.eval_only:
+        loaded = load_checkpoint(args.resume or args.eval_only, args.bn_branch, args.stem_padding)
+        path, ck = loaded[:2]
+        if ck is None and args.resume:
+            raise UsageError(f"{path} is a plain state dict: --resume needs an ainfonce checkpoint")
+        if ck is None and args.dataset is None:
+            raise UsageError(f"{path} is a plain state dict: name its data set with --dataset (and --data-dir)")
+        if ck:
+            keep = EVAL_KEYS if args.eval_only else ("resume", "out", "overwrite", "command")
+            p.set_defaults(**{k: v for k, v in ck["args"].items() if k not in keep})
+            args = p.parse_args(argv)
+            diff = [f"--{k.replace('_', '-')} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
+                    for k in RESUME_KEYS if args.resume and k in ck["args"] and getattr(args, k) != ck["args"][k]]
+            if diff:
+                raise UsageError(f"cannot resume {args.resume} with other arguments: " + ", ".join(diff)
+                                 + "; a run with these needs its own --out")
+        if args.out is None:
+            args.out = os.path.dirname(path) or "."
+    # derived values
+    args.dataset = args.dataset or "cifar10"
+    if args.lr is None:
+        args.lr = BASE_LR["cifar100" if args.dataset == "cifar100" else "other"].get(args.method, 0.1)
+    if args.tau_plus is None:
+        args.tau_plus = 0.1 if args.dataset == "cifar100" else 0.12
+    if not 0 <= args.tau_plus < 1:
+        raise UsageError(f"--tau-plus {args.tau_plus} must be in [0, 1)")
+    args.eval = [e for e in args.eval if e != "none"]
+    args.threats = [threat(t) for t in args.eval_threats]
+    args.out = args.out or f"runs/{args.method}-{args.dataset}-s{args.seed}"
+    args.autoattack = args.protocol == "robustssl" if args.autoattack is None else args.autoattack  # its preset
+    if args.autoattack:
+        autoattack_impl()  # fails now, not after training, when the package is missing
+    if args.protocol == "robustssl" and args.pretraining is None:
+        args.pretraining = FIELD_METHODS.get(loaded[3]["layout"] if loaded else "ainfonce")
+        if args.pretraining is None:
+            raise UsageError(f"--protocol robustssl: its settings differ per pretraining method, and {loaded[0]} does "
+                             f"not say which: name it with --pretraining {{{','.join(ROBUSTSSL)}}}")
+    args.schemes = scheme_settings(args.protocol, args.pretraining, args.eval_dataset or args.dataset, args.ft_epochs,
+                                   args.eval_batch_size)
+    if args.channels_last is None:  # on by default on CUDA
+        args.channels_last = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
+    args.command = shlex.join(["python", os.path.relpath(__file__), *argv])  # pastes back into a shell
+    return args, loaded
+
+
+def run(args, loaded=None):
+    """Set up, read the data, pretrain (unless the run is done or only evaluated), then evaluate and report."""
+    t_start = time.time()
+    device, rank, world = setup(args)
+    if args.benchmark:
+        return benchmark(args, device)
+    path, ck, net, read = loaded or (None, None, None, {})
+    source = load_checkpoint(args.transfer_from)[2] if args.transfer_from else None
+    if world > 1 and args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    for flag in ("data_dir", "eval_data_dir"):  # a checkpoint's relative path, read from another directory
+        given = getattr(args, flag)
+        if ck and given and given == ck["args"].get(flag) and not os.path.exists(given):
+            raise UsageError(f"data directory {given} does not exist (the path came from the checkpoint's "
+                             f"--{flag.replace('_', '-')}): pass --data-dir (or --eval-data-dir) to say where the "
+                             f"images are")
+    train = not args.eval_only and (ck is None or ck["epoch"] < args.epochs)
+    eval_set = (args.eval_dataset or args.dataset, args.eval_data_dir or args.data_dir)
+    same = eval_set == (args.dataset, args.data_dir)
+    data = (None,) * 5
+    if train or (args.eval and same):
+        data = load_data(args.dataset, args.data_dir, args.subset, args.eval_subset)
+        if ck and ck["args"].get("n_classes", data[4]) != data[4]:
+            raise UsageError(f"{args.dataset} in {args.data_dir} has {data[4]} classes, the checkpoint's data set had "
+                             f"{ck['args']['n_classes']}: to evaluate on another data set use --eval-dataset")
+    if train and args.batch_size > len(data[0]):
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(data[0])} training images")
+    train_data = data
+    if args.eval and not same:
+        data = load_data(*eval_set, args.subset, args.eval_subset)
+    if args.autoattack and data[4] < 4:
+        raise UsageError(f"--autoattack: standard AutoAttack needs >= 4 classes (its DLR loss uses the 3rd and 4th "
+                         f"largest logits); {args.eval_dataset or args.dataset} has {data[4]}")
+    net = net if net is not None else Net(args.width)
+    if train and rank == 0:
+        check_out(args, sum(p.numel() for p in net.parameters()))
+    with owning(args.out) if rank == 0 else contextlib.nullcontext():  # checks passed: only now does it write
+        if train:
+            if rank == 0:
+                if args.overwrite and not args.resume:  # a new run removes the old one's checkpoint, log and results
+                    for name in os.listdir(args.out):
+                        if name == "last.pt" or name.startswith(("log.jsonl", "results")):
+                            os.remove(os.path.join(args.out, name))
+                write_json(os.path.join(args.out, "config.json"), vars(args))
+                steps, at = len(train_data[0]) // args.batch_size, ck["step"] if ck else 0
+                print(f"ainfonce: {args.out} | {device} ({provenance(device)['device_name']}) | {args.dataset} "
+                      f"{args.data_dir}: {len(train_data[0])} training / {len(train_data[2])} test images, "
+                      f"{train_data[4]} classes | {args.method} | {args.epochs} epochs of {steps} steps | "
+                      + (f"resuming last.pt at epoch {at // steps + 1}, step {at % steps}/{steps}" if at
+                         else "new run"), flush=True)
+            layout = torch.channels_last if args.channels_last else torch.contiguous_format
+            net = net.to(device).to(memory_format=layout)
+            pretrain(args, net, train_data, device, rank, world, ck)
+            if rank == 0:
+                path, ck, net, read = load_checkpoint(args.out)  # the evaluation measures the saved weights
+        if world > 1:  # evaluation runs on rank 0 alone, with batch norm back to per-process statistics
+            dist.barrier()
+            dist.destroy_process_group()
+        if rank != 0:
+            return {}
+        source = source.encoder if isinstance(source, Net) else source
+        encoder = net.encoder if isinstance(net, Net) else net
+        return report(args, ck, encoder, read, data, device, source, t_start, train)
+
+
+def main(argv=None):
+    """CLI entry point; returns the results dict (for tests). Bad input: one line on stderr, exit 2."""
+    try:
+        return run(*parse_args(argv))
+    except UsageError as e:
+        say(f"ainfonce.py: error: {e}")
+        raise SystemExit(2)
+    except NonFiniteLoss as e:
+        say(f"ainfonce.py: {e}")
+        raise SystemExit(3)
+    except KeyboardInterrupt:  # before training or evaluation began: nothing to keep
+        say("ainfonce.py: interrupted")
+        raise SystemExit(130)
+    finally:
+        if dist.is_available() and dist.is_initialized():  # on every way out: no rank leaves a live group
+            dist.destroy_process_group()
+
+
+# ===================================================================================================
 # Benchmark: our step against a straightforward version of the official step, on random data
-# ---------------------------------------------------------------------------------------------------
+# ===================================================================================================
 def official_step(net, opt, x1, x2, args):
     """The official step's work: the attack re-embeds x2 at every PGD step, fp32, NCHW."""
     n = len(x1)
@@ -1403,47 +1537,37 @@ def official_step(net, opt, x1, x2, args):
 
 
 def benchmark(args, device):
-    cuda = device.type == "cuda"
+    """Seconds per step of train_step (split: data, attack, forward-backward-LARS) and of official_step, after 2
+    warm-up steps, on random images; peak memory on CUDA. The last printed line is JSON."""
+    cuda, warmup, n = device.type == "cuda", 2, args.benchmark_steps
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randint(0, 256, (4 * args.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
     net = Net(args.width).to(device).to(memory_format=layout)
     ref = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
     opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9) for m in (net, ref))
-    model = torch.compile(net) if args.compile else net
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
-    warmup, n = 2, args.benchmark_steps
-    times, mem = {"data_s": 0.0, "attack_s": 0.0, "fwd_bwd_s": 0.0, "official_step_s": 0.0}, {}
-
-    def timed(key, i, fn):
-        sync()
+    model, params = torch.compile(net) if args.compile else net, list(net.parameters())
+    times, mem = dict.fromkeys(("data_s", "attack_s", "fwd_bwd_s", "official_step_s"), 0.0), {}
+    for i in range(warmup + n):
         if cuda and i == warmup:
             torch.cuda.reset_peak_memory_stats(device)
-        t = time.perf_counter()
-        out = fn()
-        sync()
-        if i >= warmup:
-            times[key] += (time.perf_counter() - t) / n
-        return out
-
-    for i in range(warmup + n):
+        marks = []  # (phase, time): the time since the previous mark counts for `phase`
+        mark = lambda phase: (sync(), marks.append((phase, time.perf_counter())))
+        mark(None)
         xb = x[torch.randint(0, len(x), (args.batch_size,), device=device)]
-        x1, x2 = timed("data_s", i, lambda: [augment(xb).contiguous(memory_format=layout) for _ in range(2)])
-        with amp:
-            x_adv = timed("attack_s", i, lambda: None if args.method == "simclr" else attack_views(model, x1, x2, args))
-
-            def fwd_bwd():
-                loss, _ = pretrain_loss(model, x1, x2, x_adv, args)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                lars_(list(net.parameters()), args.wd)
-                opt.step()
-            timed("fwd_bwd_s", i, fwd_bwd)
+        x1, x2 = [augment(xb).contiguous(memory_format=layout) for _ in range(2)]
+        mark("data_s")
+        train_step(model, params, x1, x2, args, mark=mark)  # marks attack_s, fwd_bwd_s
+        opt.step()
+        mark("fwd_bwd_s")
         if cuda and i == warmup + n - 1:
             mem["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # our step only
         if args.method != "simclr":
-            x1c, x2c = x1.contiguous(), x2.contiguous()
-            timed("official_step_s", i, lambda: official_step(ref, ref_opt, x1c, x2c, args))
+            mark(None)
+            official_step(ref, ref_opt, x1.contiguous(), x2.contiguous(), args)
+            mark("official_step_s")
+        for (_, t0), (phase, t1) in zip(marks, marks[1:]):
+            times[phase or "none"] = times.get(phase or "none", 0.0) + (t1 - t0) / n * (i >= warmup)
     step_s = times["data_s"] + times["attack_s"] + times["fwd_bwd_s"]
     res = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu x{torch.get_num_threads()}",
            "torch": str(torch.__version__), "method": args.method, "width": args.width, "batch_size": args.batch_size,
@@ -1451,194 +1575,11 @@ def benchmark(args, device):
            "compile": args.compile, "reg_forward": args.reg_forward, "steps": n, "step_s": step_s,
            "images_per_s": args.batch_size / step_s, **times, **mem,
            "ratio_vs_official": step_s / times["official_step_s"] if times["official_step_s"] else None}
+    res.pop("none")
     print(f"ours {step_s:.3f} s/step ({res['images_per_s']:.1f} img/s): data {times['data_s']:.3f}, "
           f"attack {times['attack_s']:.3f}, fwd+bwd {times['fwd_bwd_s']:.3f}; official {times['official_step_s']:.3f}")
     print(json.dumps(res))
     return res
-
-
-# ---------------------------------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------------------------------
-def merge_checkpoint_args(args, ck_args, keep):
-    """Arguments of a checkpoint's run, except `keep` and the flags given explicitly on the command line;
-    an explicit flag that changes the run's math (RESUME_KEYS) is refused, by name."""
-    if args.resume:
-        diff = [f"--{k.replace('_', '-')} {ck_args.get(k)} (checkpoint) vs {getattr(args, k)}"
-                for k in RESUME_KEYS if k in args.explicit and ck_args.get(k) != getattr(args, k)]
-        if diff:
-            raise UsageError(f"cannot resume {args.resume} with other arguments: " + ", ".join(diff)
-                             + "; a run with these needs its own --out")
-    for k, v in ck_args.items():
-        if k not in keep and k not in args.explicit:
-            setattr(args, k, v)
-
-
-FIELD_METHODS = {"ainfonce": "a-infonce", "advcl": "advcl", "dynacl": "dynacl", "deacl": "deacl"}  # a file's method
-
-
-def run(args):
-    t_start = time.time()
-    device, rank, world = setup(args)
-    if args.benchmark:
-        return benchmark(resolve(args), device)
-    ck, net, source, read = None, None, None, {}
-    if args.resume or args.eval_only:
-        path, ck, net, read = load_checkpoint(args.resume or args.eval_only, args.bn_branch, args.stem_padding)
-        if ck is None and args.resume:
-            raise UsageError(f"{path} is a plain state dict: --resume needs an ainfonce checkpoint")
-        if ck is None and "dataset" not in args.explicit:
-            raise UsageError(f"{path} is a plain state dict: name its data set with --dataset (and --data-dir)")
-        if "out" not in args.explicit:
-            args.out = os.path.dirname(path) or "."
-        if ck:
-            keep = EVAL_KEYS if args.eval_only else ("resume", "out", "overwrite", "command")
-            merge_checkpoint_args(args, ck["args"], keep)
-    resolve(args)
-    if args.protocol == "robustssl" and args.pretraining is None:
-        args.pretraining = FIELD_METHODS.get(read.get("layout", "ainfonce"))  # a new run: ours
-        if args.pretraining is None:
-            raise UsageError(f"--protocol robustssl: its settings differ per pretraining method, and {path} does not "
-                             f"say which: name it with --pretraining {{{','.join(ROBUSTSSL)}}}")
-    args.schemes = scheme_settings(args.protocol, args.pretraining, args.eval_dataset or args.dataset, args.ft_epochs,
-                                   args.eval_batch_size)
-    if args.autoattack:
-        autoattack_impl()  # fails now, not after training, when neither package is installed
-    if args.transfer_from:
-        source = load_checkpoint(args.transfer_from, args.bn_branch, args.stem_padding)[2]
-        source = source.encoder if isinstance(source, Net) else source
-    if world > 1 and args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    for flag in ("data_dir", "eval_data_dir"):  # a checkpoint's relative path read from another directory
-        if ck and flag not in args.explicit and getattr(args, flag) and not os.path.exists(getattr(args, flag)):
-            raise UsageError(f"data directory {getattr(args, flag)} does not exist (the path came from the checkpoint's "
-                             f"--{flag.replace('_', '-')}): pass --data-dir (or --eval-data-dir) to say where the images are")
-    train = not args.eval_only and (ck is None or ck["epoch"] < args.epochs)
-    eval_set = (args.eval_dataset or args.dataset, args.eval_data_dir or args.data_dir)
-    same = eval_set == (args.dataset, args.data_dir)
-    x_tr, y_tr, x_te, y_te, n_classes = (None,) * 5
-    if train or (args.eval and same):
-        x_tr, y_tr, x_te, y_te, n_classes = load_data(args.dataset, args.data_dir, args.subset, args.eval_subset)
-        if ck and ck["args"].get("n_classes", n_classes) != n_classes:
-            raise UsageError(f"{args.dataset} in {args.data_dir} has {n_classes} classes, the checkpoint's data set had "
-                             f"{ck['args']['n_classes']}: to evaluate on another data set use --eval-dataset")
-        args.n_classes = n_classes
-    if train and args.batch_size > len(x_tr):
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(x_tr)} training images")
-    data = (x_tr, y_tr, x_te, y_te, n_classes)
-    if args.eval and not same:
-        data = load_data(*eval_set, args.subset, args.eval_subset)
-    if args.autoattack and data[4] < 4:
-        raise UsageError(f"--autoattack: standard AutoAttack needs >= 4 classes (its DLR loss uses the 3rd and 4th "
-                         f"largest logits); {args.eval_dataset or args.dataset} has {data[4]}")
-    net = net if net is not None else Net(args.width)
-    if train and rank == 0:
-        check_out(args, sum(p.numel() for p in net.parameters()))
-    with owning(args.out if rank == 0 else None):  # every check above has passed: only now is anything written
-        if train:
-            if rank == 0:
-                clear_out(args)
-                write_json(os.path.join(args.out, "config.json"), {k: v for k, v in vars(args).items()
-                                                                    if k != "explicit"})
-                spe, at = len(x_tr) // args.batch_size, ck["step"] if ck else 0
-                print(f"ainfonce: {args.out} | {device} ({provenance(device)['device_name']}) | {args.dataset} "
-                      f"{args.data_dir}: {len(x_tr)} training / {len(x_te)} test images, {n_classes} classes | "
-                      f"{args.method} | {args.epochs} epochs of {spe} steps | "
-                      + (f"resuming last.pt at epoch {at // spe + 1}, step {at % spe}/{spe}" if at else "new run"), flush=True)
-            net = net.to(device).to(memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-            pretrain(args, net, (x_tr, y_tr, x_te, y_te), device, rank, world, ck)
-            ck = torch.load(os.path.join(args.out, "last.pt"), map_location="cpu", weights_only=True) if rank == 0 else ck
-            if rank == 0:
-                net = load_checkpoint(args.out)[2]
-        if world > 1:  # evaluation runs on rank 0 alone, with batch norm back to per-process statistics
-            dist.barrier()
-            dist.destroy_process_group()
-        if rank != 0:
-            return {}
-        return report(args, ck, net, read, data, device, source, t_start, train)
-
-
-def report(args, ck, net, read, data, device, source, t_start, train):
-    """Results: one file per protocol and weights. results.json is the run's own: the final weights of an ainfonce
-    run with the run's protocol. Other protocols, other or unfinished weights go to results-<digest>.json. A file's
-    finished schemes are never recomputed unless asked (--overwrite)."""
-    encoder = net.encoder if isinstance(net, Net) else net
-    weights = {"digest": weights_digest(encoder)}
-    if ck:
-        weights.update(step=ck["step"], epoch=ck["epoch"], final=ck["epoch"] >= ck["args"]["epochs"])
-        info = {k: getattr(args, k, None) for k in ("method", "dataset", "data_dir", "subset", "n_classes", "width",
-                "epochs", "batch_size", "attack_steps", "eps", "lr", "hn_normalise", "seed")}
-        info.update(pretrain_s=ck["train_s"], images_per_s=ck["step"] * args.batch_size / max(ck["train_s"], 1e-9),
-                    train_env=ck["env"])
-        if not weights["final"]:
-            print(f"note: {read['checkpoint']} holds epoch {ck['epoch']} of {ck['args']['epochs']} (step {ck['step']}): "
-                  f"not the end of its run, so these numbers stay out of {args.out}/results.json")
-    else:
-        info = dict(read)
-    protocol = None if not args.eval else {
-        "name": args.protocol, "pretraining": args.pretraining, "schemes": args.schemes,
-        "eval_dataset": args.eval_dataset or args.dataset, "n_classes": data[4], "n_train": len(data[0]),
-        "n_test": len(data[2]), "threats": [k for k, _, _ in args.threats], "eval_step": args.eval_step,
-        "eval_steps": args.eval_steps, "eval_batch_size": args.eval_batch_size,
-        "autoattack": autoattack_impl() if args.autoattack else None, "transfer_from": args.transfer_from,
-        "seed": args.seed, "precision": "fp32, no TF32, no autocast"}
-    res_path = os.path.join(args.out, "results.json")
-    res = read_json(res_path) if ck and weights["final"] else {}
-    if res and res.get("weights", {}).get("digest") != weights["digest"]:
-        print(f"{res_path} held numbers of other weights (step {res.get('weights', {}).get('step')}): recomputing")
-        res = {k: v for k, v in res.items() if k == "invocations"}
-    if not (ck and weights["final"]) or protocol and res.get("protocol", protocol) != protocol:
-        digest = hashlib.sha1(json.dumps([protocol, weights["digest"]], sort_keys=True).encode()).hexdigest()[:8]
-        name = "" if ck else os.path.splitext(os.path.basename(read["checkpoint"]))[0] + "-"
-        res_path = os.path.join(args.out, f"results-{name}{digest}.json")
-        res = read_json(res_path)
-    if args.eval_only and args.overwrite:
-        res = {k: v for k, v in res.items() if not k.startswith(tuple(f"{s}_" for s in args.eval))}
-    if not train and res and all(f"{s}_sa" in res for s in args.eval):
-        print(f"nothing to do: {res_path} holds every evaluation asked for")
-        return res
-    res.update(info, weights=weights, **({"protocol": protocol} if protocol else {}))
-    inv = {"command": args.command, "wall_s": 0.0, "env": provenance(device)}
-    res["invocations"] = res.get("invocations", []) + [inv]
-
-    def save():
-        inv["wall_s"] = time.time() - t_start  # the whole invocation: data, pretraining, evaluation
-        write_json(res_path, res)
-    save()
-    if args.eval:
-        signal.signal(signal.SIGTERM, signal.default_int_handler)  # during evaluation SIGTERM is a Ctrl-C
-        done = [s for s in SCHEMES if f"{s}_sa" in res]
-        try:
-            for name, r in evaluate(args, encoder, [t.to(device) if torch.is_tensor(t) else t for t in data], device,
-                                    done, source):
-                res.update({f"{name}_{k}": v for k, v in r.items()})
-                save()
-        except KeyboardInterrupt:
-            print(f"interrupted: the finished schemes are in {res_path}; finish with: "
-                  + (f"python ainfonce.py --resume {args.out}" if not args.eval_only else args.command), file=sys.stderr)
-            raise SystemExit(130)
-    return res
-
-
-def main(argv=None):
-    """CLI entry point; returns the results dict (for tests). Bad input: one line on stderr, exit 2."""
-    try:
-        argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-        args = parse_args(argv)
-        args.command = shlex.join(["python", os.path.relpath(__file__), *argv])  # pastes back into a shell
-        return run(args)
-    except UsageError as e:
-        say(f"ainfonce.py: error: {e}")
-        raise SystemExit(2)
-    except NonFiniteLoss as e:
-        say(f"ainfonce.py: {e}")
-        raise SystemExit(3)
-    except KeyboardInterrupt:  # before training or evaluation began: nothing to keep
-        say("ainfonce.py: interrupted")
-        raise SystemExit(130)
-    finally:
-        if dist.is_available() and dist.is_initialized():  # on every way out: no rank leaves a live group
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

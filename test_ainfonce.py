@@ -42,11 +42,6 @@ CUDA = DEV.type == "cuda"
 cpu_only = pytest.mark.skipif(CUDA, reason="runs gloo processes on the CPU; NCCL would need 2 GPUs")
 
 
-def randz(seed, V, N, D, scale=1.0):
-    return (torch.randn(V, N, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
-            * scale).to(DEV)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Independent references, written from the definitions and not from ainfonce.py
 # ---------------------------------------------------------------------------------------------------
@@ -124,8 +119,155 @@ def ip_weights(V, adv, alpha, adv_weight=1.0):
 shapes = dict(seed=st.integers(0, 10**6), N=st.integers(2, 6), D=st.integers(2, 16))
 
 
+def independent_pgd(model, x, y, eps, alpha, steps, seed):
+    """PGD from the definition (Madry et al. 2018), written apart from ainfonce.pgd."""
+    g = torch.Generator().manual_seed(seed)
+    delta = ((torch.rand(x.shape, generator=g) * 2 - 1) * eps).to(x.device)
+    delta = (x + delta).clamp(0, 1) - x
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+        loss.backward()
+        delta = (delta.detach() + alpha * delta.grad.sign()).clamp(-eps, eps)
+        delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
+def resnet18_tensors(width, seed):
+    """Random weights and BN statistics of a CIFAR ResNet-18 under canonical names (conv1, bn1, layerI.J.conv1/bn1/
+    conv2/bn2, layerI.0.down.conv/bn), written from the architecture, not from ainfonce's modules."""
+    g, t = torch.Generator().manual_seed(seed), {}
+
+    def conv(name, cout, cin, k):
+        t[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=g) * (2 / (cin * k * k)) ** 0.5
+
+    def bn(name, c):
+        t.update({f"{name}.weight": torch.rand(c, generator=g) + 0.5, f"{name}.bias": torch.randn(c, generator=g) * 0.1,
+                  f"{name}.running_mean": torch.randn(c, generator=g) * 0.1,
+                  f"{name}.running_var": torch.rand(c, generator=g) + 0.5,
+                  f"{name}.num_batches_tracked": torch.tensor(7)})
+    conv("conv1", width, 3, 3)
+    bn("bn1", width)
+    chans = [width, width, 2 * width, 4 * width, 8 * width]
+    for i in range(1, 5):
+        for j in range(2):
+            p, cin, cout = f"layer{i}.{j}", chans[i - 1] if j == 0 else chans[i], chans[i]
+            conv(f"{p}.conv1", cout, cin, 3), bn(f"{p}.bn1", cout)
+            conv(f"{p}.conv2", cout, cout, 3), bn(f"{p}.bn2", cout)
+            if j == 0 and i > 1:
+                conv(f"{p}.down.conv", cout, cin, 1), bn(f"{p}.down.bn", cout)
+    return t
+
+
+def reference_features(t, x, padding=1, mean=None, std=None):
+    """The ResNet-18 forward in eval mode, in plain functional ops on canonical names (not ainfonce's model)."""
+    if mean is not None:
+        x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    bn = lambda h, n: F.batch_norm(h, t[f"{n}.running_mean"], t[f"{n}.running_var"], t[f"{n}.weight"], t[f"{n}.bias"],
+                                   False, 0.0, 1e-5)
+    h = F.relu(bn(F.conv2d(x, t["conv1.weight"], padding=padding), "bn1"))
+    for i in range(1, 5):
+        for j in range(2):
+            p, stride = f"layer{i}.{j}", 2 if i > 1 and j == 0 else 1
+            o = F.relu(bn(F.conv2d(h, t[f"{p}.conv1.weight"], stride=stride, padding=1), f"{p}.bn1"))
+            o = bn(F.conv2d(o, t[f"{p}.conv2.weight"], padding=1), f"{p}.bn2")
+            h = F.relu(o + (bn(F.conv2d(h, t[f"{p}.down.conv.weight"], stride=stride), f"{p}.down.bn")
+                            if f"{p}.down.conv.weight" in t else h))
+    return h.mean((2, 3))
+
+
 # ---------------------------------------------------------------------------------------------------
-# a_infonce: values
+# Shared set-up: tiny networks, images, folder data sets, runs of main()
+# ---------------------------------------------------------------------------------------------------
+def randz(seed, V, N, D, scale=1.0):
+    return (torch.randn(V, N, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
+            * scale).to(DEV)
+
+
+def tiny_net(seed=0, width=4):
+    torch.manual_seed(seed)
+    return A.Net(width).to(DEV)
+
+
+def images(seed, n=6):
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(DEV)
+
+
+def make_folder(root, classes=2, n_train=16, n_test=8, seed=0):
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class{c}"))
+            for i in range(n):
+                x = (torch.rand(32, 32, 3, generator=g) * 100 + 110 * c / max(1, classes - 1)).to(torch.uint8).numpy()
+                Image.fromarray(x).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("data"))
+
+
+GPU_FLAGS = ["--device", DEVICE, "--amp", "--channels-last", "--deterministic"] if CUDA else []
+
+
+def tiny(folder, out, *extra):
+    return ["--dataset", "folder", "--data-dir", folder, "--width", "8", "--batch-size", "8", "--epochs", "1",
+            "--attack-steps", "2", "--warmup-epochs", "0", "--eval-steps", "2", "--ft-epochs", "1",
+            "--eval-batch-size", "64", *GPU_FLAGS, *extra, "--out", str(out)]
+
+
+def weights(path):
+    ck = torch.load(path, weights_only=True)
+    return {**ck["encoder"], **{f"p.{k}": v for k, v in ck["projector"].items()}}, ck
+
+
+def eval_only(run, *extra):
+    return A.main(["--eval-only", str(run), "--eval-steps", "2", "--ft-epochs", "1", "--eval-batch-size", "64",
+                   *GPU_FLAGS[:2], *extra])
+
+
+def scheme_keys(res):
+    return {k: v for k, v in res.items() if k.startswith(A.SCHEMES) and not k.endswith("_s")}
+
+
+def fails(argv, capsys, pattern, out=None):
+    with pytest.raises(SystemExit) as e:
+        A.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, err), err
+    if out is not None:
+        assert not os.path.exists(out)
+
+
+def launch(argv, **env):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "ainfonce.py"), *argv], cwd=HERE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(proc, path, done):
+    while proc.poll() is None:
+        try:
+            if done(torch.load(path, weights_only=True)):
+                return
+        except (FileNotFoundError, RuntimeError, EOFError):
+            pass
+        time.sleep(0.02)
+    pytest.fail(f"run ended before the checkpoint appeared: {proc.communicate()}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loss: values
 # ---------------------------------------------------------------------------------------------------
 @given(**shapes, t=st.floats(0.1, 2.0))
 def test_two_views_is_ntxent(seed, N, D, t):
@@ -222,7 +364,8 @@ def test_invariant_to_row_scale_and_instance_order(seed, N, D, V, hn, data):
 ])
 def test_finite_on_extreme_inputs(make, hn):
     z = make().requires_grad_(True)
-    loss = A.a_infonce(z, adv_views=(2,), ip_alpha=0.2, hn_beta=hn and 1.0, tau_plus=0.12, hn_normalise=hn or "negatives")
+    loss = A.a_infonce(z, adv_views=(2,), ip_alpha=0.2, hn_beta=hn and 1.0, tau_plus=0.12,
+                       hn_normalise=hn or "negatives")
     grad, = torch.autograd.grad(loss, z)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
@@ -270,7 +413,7 @@ def test_loss_is_float32_under_bf16_autocast():
 
 
 # ---------------------------------------------------------------------------------------------------
-# a_infonce: gradients (stop-gradient on keys, IP, HN hardness)
+# The loss: gradients (stop-gradient on keys, IP, HN hardness)
 # ---------------------------------------------------------------------------------------------------
 @given(**shapes, hn=st.sampled_from([None, 1.0]))
 def test_keys_get_no_gradient(seed, N, D, hn):
@@ -321,15 +464,6 @@ def test_hard_negatives_get_larger_gradient_weight(seed):
 # ---------------------------------------------------------------------------------------------------
 # Attacks
 # ---------------------------------------------------------------------------------------------------
-def tiny_net(seed=0, width=4):
-    torch.manual_seed(seed)
-    return A.Net(width).to(DEV)
-
-
-def images(seed, n=6):
-    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(DEV)
-
-
 @pytest.mark.parametrize("seed", range(3))
 def test_instance_pgd_properties(seed):
     net, x, x_pos = tiny_net(seed), images(seed), images(seed + 100)
@@ -380,20 +514,6 @@ def linear_data(n=400, seed=0, margin_max=0.06):
     return Linear2(p).to(DEV), x8.to(DEV), y.to(DEV), margin.to(DEV)
 
 
-def independent_pgd(model, x, y, eps, alpha, steps, seed):
-    """PGD from the definition (Madry et al. 2018), written apart from ainfonce.pgd."""
-    g = torch.Generator().manual_seed(seed)
-    delta = ((torch.rand(x.shape, generator=g) * 2 - 1) * eps).to(x.device)
-    delta = (x + delta).clamp(0, 1) - x
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = F.cross_entropy(model(x + delta), y, reduction="sum")
-        loss.backward()
-        delta = (delta.detach() + alpha * delta.grad.sign()).clamp(-eps, eps)
-        delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
-
-
 @pytest.mark.parametrize("norm,radii", [("linf", (0.0, 4 / 255, 8 / 255)), ("l2", (0.0, 0.25, 1.0))])
 def test_pgd_stays_in_its_ball_and_box_and_does_not_lower_the_loss(norm, radii):
     torch.manual_seed(0)
@@ -409,6 +529,241 @@ def test_pgd_stays_in_its_ball_and_box_and_does_not_lower_the_loss(norm, radii):
             assert (d.abs().amax(1) if norm == "linf" else d.norm(dim=1)).max() <= eps + 1e-5
             assert F.cross_entropy(m(x_adv), y) >= F.cross_entropy(m(x), y) - 1e-6
         assert torch.equal(A.pgd(m, x, y, eps=0.0, norm=norm), x)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_attacks_start_at_a_random_point_in_the_ball(norm, eps):
+    model, x8, y, _ = linear_data(64)
+    x = x8.float() / 255
+    for start in (A.pgd(model, x, y, eps=eps, steps=0, norm=norm), A.pgd_attack(norm, eps, 2 / 255, 0)(model, x, y)):
+        d = (start - x).flatten(1)
+        assert (d.abs().amax(1) if norm == "linf" else d.norm(dim=1)).max() <= eps + 1e-6
+        assert (d.abs().amax(1) > 0).float().mean() > 0.9 and 0 <= start.min() and start.max() <= 1
+    if norm == "linf":  # the training attack too
+        net = tiny_net()
+        start = A.instance_pgd(net, images(0, 4), images(1, 4), eps=eps, steps=0)
+        assert (start - images(0, 4)).abs().max() > eps / 2 and (start - images(0, 4)).abs().max() <= eps + 1e-6
+
+
+def test_trades_loss_is_ce_plus_kl():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)).to(DEV)
+    x, y = images(0, 8), torch.arange(8, device=DEV) % 3
+    assert torch.allclose(A.trades_loss(model, x, y, eps=0.0), F.cross_entropy(model(x), y), atol=1e-6)
+    assert A.trades_loss(model, x, y, beta=6.0) > F.cross_entropy(model(x), y)
+
+
+def test_trades_beta_weighs_the_kl_term():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)).to(DEV)
+    x, y = images(0, 8), torch.arange(8, device=DEV) % 3
+    ce = F.cross_entropy(model(x), y)
+    losses = {}
+    for beta in (0.0, 1.0, 6.0):
+        torch.manual_seed(1)  # the same inner attack for every beta
+        losses[beta] = A.trades_loss(model, x, y, beta=beta)
+    kl = losses[1.0] - ce
+    assert torch.allclose(losses[0.0], ce, atol=1e-6) and kl > 1e-4
+    assert torch.allclose(losses[6.0], ce + 6 * kl, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model and the training step
+# ---------------------------------------------------------------------------------------------------
+def test_model_shapes_and_the_fields_layout():
+    net = A.Net(8).to(DEV)
+    assert net.encoder.dim == 64 and net.encoder(images(0, 2)).shape == (2, 64)
+    assert net(images(0, 2)).shape == (2, 128)
+    assert [m.out_features for m in net.projector if isinstance(m, nn.Linear)] == [2048, 128]
+    assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
+    assert net.encoder.conv1.stride == (1, 1) and net.encoder.conv1.kernel_size == (3, 3)
+    keys = set(net.encoder.state_dict())
+    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer4.1.bn2.weight",
+            "layer2.0.shortcut.0.weight", "layer4.0.shortcut.1.running_var"} <= keys
+
+
+def test_lars_scales_each_tensor():
+    p = nn.Parameter(torch.tensor([3.0, 4.0]))
+    p.grad = torch.tensor([0.0, 10.0])
+    A.lars_([p], wd=0.1, trust=1e-3)
+    expected = (torch.tensor([0.0, 10.0]) + 0.1 * p.detach()) * 1e-3 * 5 / (10 + 0.1 * 5 + 1e-8)
+    assert torch.allclose(p.grad, expected)
+
+
+def test_lars_default_trust_is_torchlars():
+    p, q = (nn.Parameter(torch.tensor([3.0, 4.0])) for _ in range(2))
+    p.grad, q.grad = torch.tensor([1.0, 10.0]), torch.tensor([1.0, 10.0])
+    A.lars_([p], wd=1e-6)
+    A.lars_([q], wd=1e-6, trust=1e-3)
+    assert torch.equal(p.grad, q.grad)
+
+
+def test_lr_schedule():
+    lrs = [A.lr_at(s, 100, 10, 0.1) for s in range(100)]
+    assert lrs[0] == 0.1 and A.lr_at(10, 100, 10, 0.1) == pytest.approx(1.5)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert A.lr_at(100, 100, 10, 0.1) == pytest.approx(0, abs=1e-12)
+
+
+def test_recipe_defaults_are_the_papers():
+    args = A.parse_args([])[0]
+    recipe = dict(eps=8 / 255, step=0.007, attack_steps=7, temperature=0.5, ip_alpha=0.2, adv_weight=1.0, hn_beta=1.0,
+                  reg_weight=1 / 256, width=64, epochs=1000, batch_size=512, warmup_epochs=10, wd=1e-6, lr=0.2,
+                  tau_plus=0.12, eval_step=2 / 255, eval_steps=20, eval_batch_size=1024, method="hardneg",
+                  hn_normalise="negatives", reg_forward="separate", protocol="asym-rocl", autoattack=False)
+    assert {k: getattr(args, k) for k in recipe} == recipe
+    assert args.threats == [("linf:8/255", "linf", 8 / 255)] and args.eval == ["slf"]
+
+
+@pytest.mark.parametrize("dataset,method,lr,tau_plus", [
+    ("cifar10", "hardneg", 0.2, 0.12), ("cifar10", "both", 0.3, 0.12), ("cifar10", "rocl", 0.1, 0.12),
+    ("folder", "both", 0.3, 0.12), ("cifar100", "hardneg", 0.1, 0.1), ("cifar100", "both", 0.2, 0.1),
+    ("cifar100", "infpos", 0.1, 0.1)])
+def test_defaults_per_data_set_follow_the_official_scripts(dataset, method, lr, tau_plus):
+    args = A.parse_args(["--dataset", dataset, "--method", method])[0]
+    assert args.lr == lr and args.tau_plus == tau_plus
+    assert A.parse_args(["--dataset", dataset, "--method", method, "--lr", "0.05"])[0].lr == 0.05
+
+
+def test_the_step_uses_the_recipe(monkeypatch):
+    """The training step passes the recipe's numbers to the attack and the losses, and its loss is the main term
+    plus 1/256 of RoCL's regulariser, both as logged."""
+    args = A.parse_args(["--method", "both", "--width", "4", "--attack-steps", "2"])[0]
+    calls = {"pgd": [], "loss": []}
+    real_pgd, real_loss = A.instance_pgd, A.a_infonce
+    monkeypatch.setattr(A, "instance_pgd", lambda *a, **kw: calls["pgd"].append(kw) or real_pgd(*a, **kw))
+    monkeypatch.setattr(A, "a_infonce",
+                        lambda z, *a, **kw: calls["loss"].append((z.shape[0], kw)) or real_loss(z, *a, **kw))
+    net, x1, x2 = tiny_net(), images(0, 4), images(1, 4)
+    x_adv = A.attack_views(net, x1, x2, args)
+    assert calls["pgd"][0] == dict(eps=8 / 255, step=0.007, steps=2, temperature=0.5, gather=None)
+    calls["loss"].clear()
+    loss, terms = A.pretrain_loss(net.train(), x1, x2, x_adv, args)
+    [(_, main)], [(_, reg)] = [c for c in calls["loss"] if c[0] == 3], [c for c in calls["loss"] if c[0] == 2]
+    assert main == dict(adv_views=(2,), temperature=0.5, ip_alpha=0.2, adv_weight=1.0, tau_plus=0.12,
+                        hn_normalise="negatives", hn_beta=1.0)
+    assert reg == dict(temperature=0.5)
+    assert terms["reg"] > 0 and torch.allclose(loss, terms["infonce"] + terms["reg"] / 256, rtol=1e-6)
+    z = net(torch.cat([x1, x2, x_adv])).view(3, 4, -1)
+    assert torch.allclose(terms["infonce"], real_loss(z, adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.12))
+    assert torch.allclose(terms["reg"], real_loss(net(torch.cat([x_adv, x2])).view(2, 4, -1)))
+
+
+def test_regulariser_forward_runs_before_the_main_forward():
+    """BN running statistics after one step equal the official order's: [x_adv; x2] first, then [x1; x2; x_adv]."""
+    args = A.parse_args(["--method", "rocl", "--width", "4"])[0]
+    x1, x2, xa = images(0, 4), images(1, 4), images(2, 4)
+    ours, official, reverse = tiny_net(), tiny_net(), tiny_net()
+    A.pretrain_loss(ours.train(), x1, x2, xa, args)
+    official.train()(torch.cat([xa, x2]))
+    official(torch.cat([x1, x2, xa]))
+    reverse.train()(torch.cat([x1, x2, xa]))
+    reverse(torch.cat([xa, x2]))
+    stats = lambda n: torch.cat([b for k, b in n.state_dict().items() if "running" in k])
+    assert torch.equal(stats(ours), stats(official)) and not torch.allclose(stats(ours), stats(reverse))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pretraining, end to end
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", A.METHODS)
+def test_end_to_end_every_method(folder, tmp_path, method):
+    res = A.main(tiny(folder, tmp_path / "run", "--method", method))
+    saved = json.load(open(tmp_path / "run" / "results.json"))
+    assert saved == json.loads(json.dumps(res))
+    assert 0 <= saved["slf_ra"] <= saved["slf_sa"] <= 1 and saved["slf_ra"] == saved["slf_robust"]["linf:8/255"]
+    assert saved["method"] == method and saved["epochs"] == 1 and saved["seed"] == 0 and saved["n_classes"] == 2
+    assert saved["protocol"]["eval_step"] == 2 / 255 and saved["protocol"]["n_test"] == 16
+    assert saved["pretrain_s"] > 0 and saved["images_per_s"] > 0
+    inv = saved["invocations"][-1]
+    assert inv["wall_s"] > saved["pretrain_s"] and inv["env"]["torch"] == str(torch.__version__)
+    assert inv["env"]["device_name"] and inv["command"].startswith("python ainfonce.py --dataset folder")
+    assert saved["train_env"]["torch"]
+    w, ck = weights(tmp_path / "run" / "last.pt")
+    assert ck["epoch"] == 1 and ck["step"] == 4 and ck["args"]["method"] == method
+    assert all(v.device.type == "cpu" for v in w.values())
+    A.load_strict(A.Net(8).encoder, ck["encoder"], "encoder")
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert len(log) == 1 and math.isfinite(log[0]["loss"]) and log[0] == ck["history"][0]
+
+
+def test_amp_pretraining_keeps_the_loss_and_weights_in_fp32(folder, tmp_path):
+    res = A.main(tiny(folder, tmp_path / "run", "--amp", "--method", "both", "--eval", "none"))
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert res["images_per_s"] > 0 and math.isfinite(log[0]["loss"])
+    saved = json.load(open(tmp_path / "run" / "results.json"))  # written with --eval none too
+    assert saved == json.loads(json.dumps(res)) and "slf_sa" not in saved and "protocol" not in saved
+    w, _ = weights(tmp_path / "run" / "last.pt")
+    assert all(v.dtype == torch.float32 for v in w.values() if v.is_floating_point())
+
+
+def test_the_start_line_and_the_knn_monitor_leave_training_bit_identical(folder, tmp_path, capsys):
+    on = A.main(tiny(folder, tmp_path / "on", "--epochs", "2", "--knn-every", "1", "--eval", "none"))
+    start = capsys.readouterr().out.splitlines()[0]
+    assert start == (f"ainfonce: {tmp_path / 'on'} | {DEV.type} ({on['invocations'][-1]['env']['device_name']}) | "
+                     f"folder {folder}: 32 training / 16 test images, 2 classes | hardneg | 2 epochs of 4 steps | "
+                     f"new run")
+    A.main(tiny(folder, tmp_path / "off", "--epochs", "2", "--knn-every", "0", "--eval", "none"))
+    logs = {r: [json.loads(line) for line in open(tmp_path / r / "log.jsonl")] for r in ("on", "off")}
+    assert [0 <= rec["knn"] <= 1 for rec in logs["on"]] == [True, True] and all("knn" not in r for r in logs["off"])
+    strip = lambda log: [{k: v for k, v in rec.items() if k not in ("knn", "images_per_s", "train_s")} for rec in log]
+    assert strip(logs["on"]) == strip(logs["off"])
+    (w_on, ck_on), (w_off, ck_off) = weights(tmp_path / "on" / "last.pt"), weights(tmp_path / "off" / "last.pt")
+    assert all(torch.equal(w_on[k], w_off[k]) for k in w_on)  # BN statistics included
+    assert all(torch.equal(a, b) for a, b in zip(ck_on["rng"][0].values(), ck_off["rng"][0].values())
+               if torch.is_tensor(a))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation: protocols, finetuning, robust accuracy, guards, AutoAttack
+# ---------------------------------------------------------------------------------------------------
+def test_protocol_settings_are_the_official_and_robustssl_ones():
+    asym = A.scheme_settings("asym-rocl", None, "cifar10", None, 1024)
+    assert asym["slf"] == dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4, momentum=0.9, batch_size=1024,
+                               augment=False)
+    for s in ("alf", "aff"):
+        assert {k: asym[s][k] for k in ("epochs", "milestones", "lr", "wd", "attack_steps", "attack_step")} == dict(
+            epochs=25, milestones=[15, 20], lr=0.1, wd=2e-4, attack_steps=10, attack_step=2 / 255)
+    assert asym["aff"]["trades_beta"] == 6.0 and A.scheme_settings("asym-rocl", None, "cifar10", 10, 8)["alf"][
+        "milestones"] == [6, 8]
+    # RobustSSL's setup_hyperparameter, --mode ALL (GodXuxilie/RobustSSL_Benchmark)
+    acl = A.scheme_settings("robustssl", "acl", "cifar100", None, 1024)
+    assert {k: acl["slf"][k] for k in ("epochs", "milestones", "lr", "batch_size", "wd", "augment")} == dict(
+        epochs=25, milestones=[10, 20], lr=0.05, batch_size=512, wd=2e-4, augment=True)
+    assert {k: acl["aff"][k] for k in ("epochs", "milestones", "lr", "batch_size")} == dict(
+        epochs=100, milestones=[40, 60], lr=0.1, batch_size=128)
+    advcl = A.scheme_settings("robustssl", "a-infonce", "folder", None, 1024)  # folder: CIFAR-10's settings
+    assert (advcl["alf"]["lr"], advcl["alf"]["milestones"], advcl["aff"]["epochs"]) == (0.01, [15, 20], 25)
+    air = A.scheme_settings("robustssl", "dynacl-air", "cifar10", None, 1024)  # 5 SLF epochs carry over
+    assert [air[s]["epochs"] for s in A.SCHEMES] == [5, 5, 5] and air["aff"]["batch_size"] == 128
+    assert A.scheme_settings("robustssl", "dynacl-rcs", "cifar10", None, 1024)["slf"]["lr"] == 0.1
+    short = A.scheme_settings("robustssl", "acl", "cifar10", 5, 1024)
+    assert (short["slf"]["epochs"], short["slf"]["milestones"], short["aff"]["milestones"]) == (5, [2, 4], [2, 3])
+
+
+def test_train_head_follows_the_milestones_it_is_given():
+    w = nn.Parameter(torch.zeros(2, device=DEV))
+    s = dict(A.scheme_settings("asym-rocl", None, "cifar10", None, 4)["slf"])
+    lrs = A.train_head([w], lambda i: (w ** 2).sum() + w.sum(), 8, s, DEV, label="SLF")
+    assert lrs == pytest.approx([0.1] * 30 + [0.01] * 20 + [0.001] * 50 + [0.0001] * 50)
+    s.update(epochs=25, milestones=[15, 20])
+    assert A.train_head([w], lambda i: (w ** 2).sum(), 8, s, DEV, label="ALF") == pytest.approx(
+        [0.1] * 15 + [0.01] * 5 + [0.001] * 5)
+
+
+def test_crop_flip_is_a_padded_crop_and_a_flip():
+    import torchvision.transforms.functional as TF
+    x = (images(6, 400) * 255).to(torch.uint8)
+    torch.manual_seed(0)
+    out = A.crop_flip(x).cpu()
+    padded = F.pad(x.cpu().float() / 255, (4, 4, 4, 4))
+    seen, flips = set(), 0
+    for img, p in zip(out, padded):
+        hits = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (0, 1)
+                if torch.equal(img, TF.crop(p, dy, dx, 32, 32).flip(2) if f else TF.crop(p, dy, dx, 32, 32))]
+        assert len(hits) == 1
+        seen.add(hits[0][:2])
+        flips += hits[0][2]
+    assert len(seen) > 70 and abs(flips / len(out) - 0.5) < 0.1  # offsets 0..8 each way, flips half the time
 
 
 def test_robust_accuracy_per_norm_falls_with_eps_as_in_closed_form():
@@ -448,7 +803,8 @@ class Masked(Linear2):
 def test_guards_flag_masked_gradients():
     model, x, y, _ = linear_data(200)
     masked = Masked(model.p.view(3, 32, 32))
-    masked_ra = A.accuracy(masked, x, y, 128, lambda m, xb, yb: A.pgd(m, xb, yb, eps=64 / 255, step=2.5 * 64 / 255 / 20))
+    masked_ra = A.accuracy(masked, x, y, 128,
+                           lambda m, xb, yb: A.pgd(m, xb, yb, eps=64 / 255, step=2.5 * 64 / 255 / 20))
     assert masked_ra > 0.05  # the attack is fooled ...
     assert not A.guards(masked, x, y, 128, 8 / 255, 20)["ok"]  # ... and the guards say so
 
@@ -470,62 +826,85 @@ def test_evaluation_is_fp32_under_autocast():
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
 
 
-def test_trades_loss_is_ce_plus_kl():
-    torch.manual_seed(0)
-    model, x, y = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)).to(DEV), images(0, 8), torch.arange(8, device=DEV) % 3
-    assert torch.allclose(A.trades_loss(model, x, y, eps=0.0), F.cross_entropy(model(x), y), atol=1e-6)
-    assert A.trades_loss(model, x, y, beta=6.0) > F.cross_entropy(model(x), y)
-
-
-def test_trades_beta_weighs_the_kl_term():
-    model, x, y = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)).to(DEV), images(0, 8), torch.arange(8, device=DEV) % 3
-    ce = F.cross_entropy(model(x), y)
-    losses = {}
-    for beta in (0.0, 1.0, 6.0):
-        torch.manual_seed(1)  # the same inner attack for every beta
-        losses[beta] = A.trades_loss(model, x, y, beta=beta)
-    kl = losses[1.0] - ce
-    assert torch.allclose(losses[0.0], ce, atol=1e-6) and kl > 1e-4
-    assert torch.allclose(losses[6.0], ce + 6 * kl, rtol=1e-5)
-
-
-@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
-def test_attacks_start_at_a_random_point_in_the_ball(norm, eps):
-    model, x8, y, _ = linear_data(64)
-    x = x8.float() / 255
-    for start in (A.pgd(model, x, y, eps=eps, steps=0, norm=norm), A.pgd_attack(norm, eps, 2 / 255, 0)(model, x, y)):
-        d = (start - x).flatten(1)
-        assert (d.abs().amax(1) if norm == "linf" else d.norm(dim=1)).max() <= eps + 1e-6
-        assert (d.abs().amax(1) > 0).float().mean() > 0.9 and 0 <= start.min() and start.max() <= 1
-    if norm == "linf":  # the training attack too
-        net = tiny_net()
-        start = A.instance_pgd(net, images(0, 4), images(1, 4), eps=eps, steps=0)
-        assert (start - images(0, 4)).abs().max() > eps / 2 and (start - images(0, 4)).abs().max() <= eps + 1e-6
-
-
-def test_train_head_follows_the_milestones_it_is_given():
-    w = nn.Parameter(torch.zeros(2, device=DEV))
-    s = dict(A.scheme_settings("asym-rocl", None, "cifar10", None, 4)["slf"])
-    lrs = A.train_head([w], lambda i: (w ** 2).sum() + w.sum(), 8, s, DEV, label="SLF")
-    assert lrs == pytest.approx([0.1] * 30 + [0.01] * 20 + [0.001] * 50 + [0.0001] * 50)
-    s.update(epochs=25, milestones=[15, 20])
-    assert A.train_head([w], lambda i: (w ** 2).sum(), 8, s, DEV, label="ALF") == pytest.approx(
-        [0.1] * 15 + [0.01] * 5 + [0.001] * 5)
-
-
 def test_autoattack_names_its_implementation(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyautoattack", types.SimpleNamespace(__version__="9.9"))
     assert A.autoattack_impl() == "pyautoattack 9.9"
+    monkeypatch.setitem(sys.modules, "torchattacks", types.SimpleNamespace(__version__="1.2"))  # not the reference
     monkeypatch.setitem(sys.modules, "pyautoattack", None)
-    monkeypatch.setitem(sys.modules, "torchattacks", types.SimpleNamespace(__version__="1.2"))
-    assert A.autoattack_impl() == "torchattacks 1.2"
-    monkeypatch.setitem(sys.modules, "torchattacks", None)
     with pytest.raises(A.UsageError, match="pip install pyautoattack"):
         A.autoattack_impl()
 
 
+def test_autoattack_runs_and_records_its_implementation(folder, tmp_path, capsys):
+    if not importlib.util.find_spec("pyautoattack"):
+        fails(tiny(folder, tmp_path / "none", "--autoattack"), capsys, r"needs an optional package: pip install pyauto",
+              tmp_path / "none")
+        pytest.skip("optional: pip install pyautoattack")
+    fails(tiny(folder, tmp_path / "two", "--autoattack"), capsys, r"AutoAttack needs >= 4 classes", tmp_path / "two")
+    four = make_folder(tmp_path / "four", classes=4, n_train=4, n_test=2)
+    threats = ["linf:64/255", "l2:8"]  # radii that break every image fast: AutoAttack's later attacks have no work
+    res = A.main(tiny(four, tmp_path / "run", "--autoattack", "--eval-threats", *threats))
+    assert res["protocol"]["autoattack"] == A.autoattack_impl() and list(res["slf_aa_robust"]) == threats
+    assert 0 <= res["slf_aa"] <= res["slf_sa"] and 0 <= res["slf_aa_robust"]["l2:8"] <= res["slf_sa"]
+
+
+def test_all_schemes_threats_and_eval_only(folder, tmp_path, capsys):
+    threats = ["--eval-threats", "linf:8/255", "linf:16/255", "l2:0.5"]
+    res = A.main(tiny(folder, tmp_path / "run", "--eval", "slf", "alf", "aff", "--eval-subset", "10", *threats))
+    console = capsys.readouterr().out  # every robust number is labelled with its threat
+    for k in A.SCHEMES:
+        r = res[f"{k}_robust"]
+        assert (f"{k.upper()}: SA {100 * res[f'{k}_sa']:.2f}%  RA linf:8/255 {100 * r['linf:8/255']:.2f}%  "
+                f"RA linf:16/255 {100 * r['linf:16/255']:.2f}%  RA l2:0.5 {100 * r['l2:0.5']:.2f}%") in console
+    for k in A.SCHEMES:
+        assert 0 <= res[f"{k}_ra"] <= res[f"{k}_sa"] <= 1 and list(res[f"{k}_robust"]) == threats[1:]
+    assert res["protocol"]["n_test"] == 10 and res["slf_guards"]["threats_fall"] is not None
+    before = open(tmp_path / "run" / "results.json").read()
+    # the same protocol: the finished schemes are kept, nothing is recomputed, the numbers stay
+    same = eval_only(tmp_path / "run", "--eval", "slf", "alf", "aff", "--eval-subset", "10", *threats)
+    assert scheme_keys(same) == scheme_keys(res) and open(tmp_path / "run" / "results.json").read() == before
+    # recomputing them (--overwrite) gives the same numbers: evaluation seeds its own RNG, per scheme
+    again = eval_only(tmp_path / "run", "--eval", "alf", "aff", "slf", "--eval-subset", "10", *threats, "--overwrite")
+    assert {k: v for k, v in scheme_keys(again).items() if k != "slf_guards"} == \
+        {k: v for k, v in scheme_keys(res).items() if k != "slf_guards"}
+    assert json.loads(before)["slf_sa"] == json.load(open(tmp_path / "run" / "results.json"))["slf_sa"]
+
+
+def test_transfer_from_itself_equals_white_box_pgd(folder, tmp_path):
+    A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
+    res = eval_only(tmp_path / "run", "--transfer-from", str(tmp_path / "run"), "--eval-steps", "5",
+                    "--eval-step", "4/255")
+    assert res["slf_ra_transfer"] == res["slf_ra"] and res["protocol"]["transfer_from"] == str(tmp_path / "run")
+    assert res["slf_ra"] < res["slf_sa"]  # the attack does something, so the equality says something
+
+
+def test_eval_dataset_with_other_classes_end_to_end(folder, tmp_path):
+    three = make_folder(tmp_path / "three", classes=3, n_train=8, n_test=4, seed=1)
+    res = A.main(tiny(folder, tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", three))
+    assert res["dataset"] == "folder" and res["n_classes"] == 2
+    assert res["protocol"]["eval_dataset"] == "folder" and res["protocol"]["n_classes"] == 3
+    assert res["protocol"]["n_train"] == 24 and res["protocol"]["n_test"] == 12 and 0 <= res["slf_sa"] <= 1
+
+
+def test_robustssl_protocol_runs_and_never_mixes_with_the_default(folder, tmp_path, capsys):
+    A.main(tiny(folder, tmp_path / "run", "--eval", "slf"))
+    default = json.load(open(tmp_path / "run" / "results.json"))
+    res = eval_only(tmp_path / "run", "--protocol", "robustssl", "--no-autoattack", "--ft-epochs", "2",
+                    "--eval", "slf", "alf", "aff")
+    p = res["protocol"]
+    assert p["name"] == "robustssl" and p["pretraining"] == "a-infonce" and p["schemes"]["slf"]["augment"]
+    assert p["schemes"]["slf"]["batch_size"] == 512 and p["schemes"]["aff"]["epochs"] == 2
+    assert json.load(open(tmp_path / "run" / "results.json")) == default and default["protocol"]["name"] == "asym-rocl"
+    assert len(glob.glob(str(tmp_path / "run" / "results-*.json"))) == 1
+    files = published_files(tmp_path)
+    fails(["--eval-only", files["acl"][0], "--dataset", "folder", "--data-dir", folder, "--protocol", "robustssl"],
+          capsys, r"differ per pretraining method, and .*acl.pt does not say which: name it with --pretraining")
+    fails(["--eval-only", files["acl"][0], "--dataset", "folder", "--data-dir", folder, "--protocol", "robustssl",
+           "--pretraining", "acl"], capsys, r"pip install pyautoattack|AutoAttack needs >= 4 classes")
+
+
 # ---------------------------------------------------------------------------------------------------
-# Augmentation
+# Data and augmentation
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("op,factor", [(0, 0.6), (0, 1.4), (1, 0.6), (1, 1.4), (2, 0.6), (2, 1.4),
                                        (3, -0.1), (3, 0.07), (3, 0.0)])
@@ -543,7 +922,8 @@ def test_crop_params_follow_random_resized_crop():
     torch.manual_seed(0)
     w, h, x0, y0 = (t.cpu() for t in A.crop_params(n, DEV))
     ref = torch.tensor([RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)]).float()
-    for ours, theirs in ((w * h, ref[:, 2] * ref[:, 3]), (w / h, ref[:, 3] / ref[:, 2]), (x0, ref[:, 1]), (y0, ref[:, 0])):
+    pairs = (w * h, ref[:, 2] * ref[:, 3]), (w / h, ref[:, 3] / ref[:, 2]), (x0, ref[:, 1]), (y0, ref[:, 0])
+    for ours, theirs in pairs:
         q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
         assert torch.allclose(ours.quantile(q), theirs.quantile(q), rtol=0.06, atol=1.0)
         assert ours.min() >= theirs.min() - 1 and ours.max() <= theirs.max() + 1
@@ -567,847 +947,6 @@ def test_augment_rates_range_and_determinism():
     a = A.augment(colour[:16])
     torch.manual_seed(2)
     assert torch.equal(a, A.augment(colour[:16])) and not torch.equal(a, A.augment(colour[:16]))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Model, optimisation, the training step
-# ---------------------------------------------------------------------------------------------------
-def test_model_shapes_and_the_fields_layout():
-    net = A.Net(8).to(DEV)
-    assert net.encoder.dim == 64 and net.encoder(images(0, 2)).shape == (2, 64)
-    assert net(images(0, 2)).shape == (2, 128)
-    assert [m.out_features for m in net.projector if isinstance(m, nn.Linear)] == [2048, 128]
-    assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
-    assert net.encoder.conv1.stride == (1, 1) and net.encoder.conv1.kernel_size == (3, 3)
-    keys = set(net.encoder.state_dict())
-    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer4.1.bn2.weight",
-            "layer2.0.shortcut.0.weight", "layer4.0.shortcut.1.running_var"} <= keys
-
-
-def test_lr_schedule():
-    lrs = [A.lr_at(s, 100, 10, 0.1) for s in range(100)]
-    assert lrs[0] == 0.1 and A.lr_at(10, 100, 10, 0.1) == pytest.approx(1.5)
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert A.lr_at(100, 100, 10, 0.1) == pytest.approx(0, abs=1e-12)
-
-
-@pytest.mark.parametrize("dataset,method,lr,tau_plus", [
-    ("cifar10", "hardneg", 0.2, 0.12), ("cifar10", "both", 0.3, 0.12), ("cifar10", "rocl", 0.1, 0.12),
-    ("folder", "both", 0.3, 0.12), ("cifar100", "hardneg", 0.1, 0.1), ("cifar100", "both", 0.2, 0.1),
-    ("cifar100", "infpos", 0.1, 0.1)])
-def test_defaults_per_data_set_follow_the_official_scripts(dataset, method, lr, tau_plus):
-    args = A.resolve(A.parse_args(["--dataset", dataset, "--method", method]))
-    assert args.lr == lr and args.tau_plus == tau_plus
-    assert A.resolve(A.parse_args(["--dataset", dataset, "--method", method, "--lr", "0.05"])).lr == 0.05
-
-
-def test_lars_scales_each_tensor():
-    p = nn.Parameter(torch.tensor([3.0, 4.0]))
-    p.grad = torch.tensor([0.0, 10.0])
-    A.lars_([p], wd=0.1, trust=1e-3)
-    expected = (torch.tensor([0.0, 10.0]) + 0.1 * p.detach()) * 1e-3 * 5 / (10 + 0.1 * 5 + 1e-8)
-    assert torch.allclose(p.grad, expected)
-
-
-def test_lars_default_trust_is_torchlars():
-    p, q = (nn.Parameter(torch.tensor([3.0, 4.0])) for _ in range(2))
-    p.grad, q.grad = torch.tensor([1.0, 10.0]), torch.tensor([1.0, 10.0])
-    A.lars_([p], wd=1e-6)
-    A.lars_([q], wd=1e-6, trust=1e-3)
-    assert torch.equal(p.grad, q.grad)
-
-
-def test_recipe_defaults_are_the_papers():
-    args = A.resolve(A.parse_args([]))
-    recipe = dict(eps=8 / 255, step=0.007, attack_steps=7, temperature=0.5, ip_alpha=0.2, adv_weight=1.0, hn_beta=1.0,
-                  reg_weight=1 / 256, width=64, epochs=1000, batch_size=512, warmup_epochs=10, wd=1e-6, lr=0.2,
-                  tau_plus=0.12, eval_step=2 / 255, eval_steps=20, eval_batch_size=1024, method="hardneg",
-                  hn_normalise="negatives", reg_forward="separate", protocol="asym-rocl", autoattack=False)
-    assert {k: getattr(args, k) for k in recipe} == recipe
-    assert args.threats == [("linf:8/255", "linf", 8 / 255)] and args.eval == ["slf"]
-
-
-def test_the_step_uses_the_recipe(monkeypatch):
-    """The training step passes the recipe's numbers to the attack and the losses, and its loss is the main term
-    plus 1/256 of RoCL's regulariser, both as logged."""
-    args = A.resolve(A.parse_args(["--method", "both", "--width", "4", "--attack-steps", "2"]))
-    calls = {"pgd": [], "loss": []}
-    real_pgd, real_loss = A.instance_pgd, A.a_infonce
-    monkeypatch.setattr(A, "instance_pgd", lambda *a, **kw: calls["pgd"].append(kw) or real_pgd(*a, **kw))
-    monkeypatch.setattr(A, "a_infonce", lambda z, *a, **kw: calls["loss"].append((z.shape[0], kw)) or real_loss(z, *a, **kw))
-    net, x1, x2 = tiny_net(), images(0, 4), images(1, 4)
-    x_adv = A.attack_views(net, x1, x2, args)
-    assert calls["pgd"][0] == dict(eps=8 / 255, step=0.007, steps=2, temperature=0.5, gather=None)
-    calls["loss"].clear()
-    loss, terms = A.pretrain_loss(net.train(), x1, x2, x_adv, args)
-    [(_, main)], [(_, reg)] = [c for c in calls["loss"] if c[0] == 3], [c for c in calls["loss"] if c[0] == 2]
-    assert main == dict(adv_views=(2,), temperature=0.5, ip_alpha=0.2, adv_weight=1.0, tau_plus=0.12,
-                        hn_normalise="negatives", hn_beta=1.0)
-    assert reg == dict(temperature=0.5)
-    assert terms["reg"] > 0 and torch.allclose(loss, terms["infonce"] + terms["reg"] / 256, rtol=1e-6)
-    z = net(torch.cat([x1, x2, x_adv])).view(3, 4, -1)
-    assert torch.allclose(terms["infonce"], real_loss(z, adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.12))
-    assert torch.allclose(terms["reg"], real_loss(net(torch.cat([x_adv, x2])).view(2, 4, -1)))
-
-
-def test_regulariser_forward_runs_before_the_main_forward():
-    """BN running statistics after one step equal the official order's: [x_adv; x2] first, then [x1; x2; x_adv]."""
-    args = A.resolve(A.parse_args(["--method", "rocl", "--width", "4"]))
-    x1, x2, xa = images(0, 4), images(1, 4), images(2, 4)
-    ours, official, reverse = tiny_net(), tiny_net(), tiny_net()
-    A.pretrain_loss(ours.train(), x1, x2, xa, args)
-    official.train()(torch.cat([xa, x2]))
-    official(torch.cat([x1, x2, xa]))
-    reverse.train()(torch.cat([x1, x2, xa]))
-    reverse(torch.cat([xa, x2]))
-    stats = lambda n: torch.cat([b for k, b in n.state_dict().items() if "running" in k])
-    assert torch.equal(stats(ours), stats(official)) and not torch.allclose(stats(ours), stats(reverse))
-
-
-# ---------------------------------------------------------------------------------------------------
-# End to end: main() on a tiny generated folder data set
-# ---------------------------------------------------------------------------------------------------
-def make_folder(root, classes=2, n_train=16, n_test=8, seed=0):
-    from PIL import Image
-    g = torch.Generator().manual_seed(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for c in range(classes):
-            os.makedirs(os.path.join(root, split, f"class{c}"))
-            for i in range(n):
-                x = (torch.rand(32, 32, 3, generator=g) * 100 + 110 * c / max(1, classes - 1)).to(torch.uint8).numpy()
-                Image.fromarray(x).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
-    return str(root)
-
-
-@pytest.fixture(scope="session")
-def folder(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp("data"))
-
-
-GPU_FLAGS = ["--device", DEVICE, "--amp", "--channels-last", "--deterministic"] if CUDA else []
-
-
-def tiny(folder, out, *extra):
-    return ["--dataset", "folder", "--data-dir", folder, "--width", "8", "--batch-size", "8", "--epochs", "1",
-            "--attack-steps", "2", "--warmup-epochs", "0", "--eval-steps", "2", "--ft-epochs", "1",
-            "--eval-batch-size", "64", *GPU_FLAGS, *extra, "--out", str(out)]
-
-
-def weights(path):
-    ck = torch.load(path, weights_only=True)
-    return {**ck["encoder"], **{f"p.{k}": v for k, v in ck["projector"].items()}}, ck
-
-
-@pytest.mark.parametrize("method", A.METHODS)
-def test_end_to_end_every_method(folder, tmp_path, method):
-    res = A.main(tiny(folder, tmp_path / "run", "--method", method))
-    saved = json.load(open(tmp_path / "run" / "results.json"))
-    assert saved == json.loads(json.dumps(res))
-    assert 0 <= saved["slf_ra"] <= saved["slf_sa"] <= 1 and saved["slf_ra"] == saved["slf_robust"]["linf:8/255"]
-    assert saved["method"] == method and saved["epochs"] == 1 and saved["seed"] == 0 and saved["n_classes"] == 2
-    assert saved["protocol"]["eval_step"] == 2 / 255 and saved["protocol"]["n_test"] == 16
-    assert saved["pretrain_s"] > 0 and saved["images_per_s"] > 0
-    inv = saved["invocations"][-1]
-    assert inv["wall_s"] > saved["pretrain_s"] and inv["env"]["torch"] == str(torch.__version__)
-    assert inv["env"]["device_name"] and inv["command"].startswith("python ainfonce.py --dataset folder") and saved["train_env"]["torch"]
-    w, ck = weights(tmp_path / "run" / "last.pt")
-    assert ck["epoch"] == 1 and ck["step"] == 4 and ck["args"]["method"] == method
-    assert all(v.device.type == "cpu" for v in w.values())
-    A.load_strict(A.Net(8).encoder, ck["encoder"], "encoder")
-    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    assert len(log) == 1 and math.isfinite(log[0]["loss"]) and log[0] == ck["history"][0]
-
-
-def eval_only(run, *extra):
-    return A.main(["--eval-only", str(run), "--eval-steps", "2", "--ft-epochs", "1", "--eval-batch-size", "64",
-                   *GPU_FLAGS[:2], *extra])
-
-
-def scheme_keys(res):
-    return {k: v for k, v in res.items() if k.startswith(A.SCHEMES) and not k.endswith("_s")}
-
-
-def test_all_schemes_threats_and_eval_only(folder, tmp_path, capsys):
-    threats = ["--eval-threats", "linf:8/255", "linf:16/255", "l2:0.5"]
-    res = A.main(tiny(folder, tmp_path / "run", "--eval", "slf", "alf", "aff", "--eval-subset", "10", *threats))
-    console = capsys.readouterr().out  # every robust number is labelled with its threat
-    for k in A.SCHEMES:
-        r = res[f"{k}_robust"]
-        assert (f"{k.upper()}: SA {100 * res[f'{k}_sa']:.2f}%  RA linf:8/255 {100 * r['linf:8/255']:.2f}%  RA linf:16/255 "
-                f"{100 * r['linf:16/255']:.2f}%  RA l2:0.5 {100 * r['l2:0.5']:.2f}%") in console
-    for k in A.SCHEMES:
-        assert 0 <= res[f"{k}_ra"] <= res[f"{k}_sa"] <= 1 and list(res[f"{k}_robust"]) == threats[1:]
-    assert res["protocol"]["n_test"] == 10 and res["slf_guards"]["threats_fall"] is not None
-    before = open(tmp_path / "run" / "results.json").read()
-    # the same protocol: the finished schemes are kept, nothing is recomputed, the numbers stay
-    same = eval_only(tmp_path / "run", "--eval", "slf", "alf", "aff", "--eval-subset", "10", *threats)
-    assert scheme_keys(same) == scheme_keys(res) and open(tmp_path / "run" / "results.json").read() == before
-    # recomputing them (--overwrite) gives the same numbers: evaluation seeds its own RNG, per scheme
-    again = eval_only(tmp_path / "run", "--eval", "alf", "aff", "slf", "--eval-subset", "10", *threats, "--overwrite")
-    assert {k: v for k, v in scheme_keys(again).items() if k != "slf_guards"} == \
-        {k: v for k, v in scheme_keys(res).items() if k != "slf_guards"}
-    assert json.loads(before)["slf_sa"] == json.load(open(tmp_path / "run" / "results.json"))["slf_sa"]
-
-
-def test_eval_only_never_changes_the_training_runs_numbers(folder, tmp_path):
-    A.main(tiny(folder, tmp_path / "run", "--eval-subset", "10", "--batch-size", "4", "--attack-steps", "1"))
-    before = open(tmp_path / "run" / "results.json").read()
-    full = eval_only(tmp_path / "run")  # CLI defaults differ from the run's: 10,000-image protocol, batch 512
-    assert open(tmp_path / "run" / "results.json").read() == before
-    other = glob.glob(str(tmp_path / "run" / "results-*.json"))
-    assert len(other) == 1 and json.load(open(other[0])) == json.loads(json.dumps(full))
-    assert full["protocol"]["n_test"] == 16 and full["batch_size"] == 4 and full["attack_steps"] == 1
-    assert full["pretrain_s"] == json.loads(before)["pretrain_s"]
-
-
-def test_eval_only_finds_moved_data_and_checks_classes(folder, tmp_path, capsys, monkeypatch):
-    moved = tmp_path / "moved"
-    shutil.copytree(folder, moved)
-    rel = os.path.relpath(moved)
-    A.main(tiny(rel, tmp_path / "run", "--eval", "none"))
-    shutil.move(str(moved), tmp_path / "elsewhere")
-    monkeypatch.chdir(tmp_path)
-    fails(["--eval-only", str(tmp_path / "run")], capsys, r"data directory .*moved does not exist")
-    fails(["--eval-only", str(tmp_path / "run")], capsys, r"came from the checkpoint's --data-dir\): pass --data-dir")
-    res = eval_only(tmp_path / "run", "--data-dir", str(tmp_path / "elsewhere"))
-    assert 0 <= res["slf_sa"] <= 1
-    three = make_folder(tmp_path / "three", classes=3)
-    fails(["--eval-only", str(tmp_path / "run"), "--data-dir", three], capsys, r"has 3 classes, .* had 2: .*--eval-dataset")
-
-
-def test_eval_dataset_with_other_classes_end_to_end(folder, tmp_path):
-    three = make_folder(tmp_path / "three", classes=3, n_train=8, n_test=4, seed=1)
-    res = A.main(tiny(folder, tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", three))
-    assert res["dataset"] == "folder" and res["n_classes"] == 2
-    assert res["protocol"]["eval_dataset"] == "folder" and res["protocol"]["n_classes"] == 3
-    assert res["protocol"]["n_train"] == 24 and res["protocol"]["n_test"] == 12 and 0 <= res["slf_sa"] <= 1
-
-
-def test_transfer_from_itself_equals_white_box_pgd(folder, tmp_path):
-    A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
-    res = eval_only(tmp_path / "run", "--transfer-from", str(tmp_path / "run"), "--eval-steps", "5",
-                    "--eval-step", "4/255")
-    assert res["slf_ra_transfer"] == res["slf_ra"] and res["protocol"]["transfer_from"] == str(tmp_path / "run")
-    assert res["slf_ra"] < res["slf_sa"]  # the attack does something, so the equality says something
-
-
-def field_state_dict(encoder_sd, dual=False, prefix="module."):
-    """Our encoder's weights in the layouts published checkpoints use."""
-    out = {}
-    for k, v in encoder_sd.items():
-        k = k.replace("shortcut.0.", "downsample.conv.").replace("shortcut.1.", "downsample.bn.")
-        if dual and re.search(r"(bn\d?|downsample\.bn)\.", k):
-            head, tail = re.match(r"(.*(?:bn\d?|downsample\.bn))\.(.*)", k).groups()
-            out[f"{prefix}{head}.bn_list.1.{tail}"] = v
-            out[f"{prefix}{head}.bn_list.0.{tail}"] = v * 0.5 if v.is_floating_point() else v
-        else:
-            out[prefix + k] = v
-    out[prefix + "fc.weight"], out[prefix + "fc.bias"] = torch.randn(10, 64), torch.randn(10)
-    return out
-
-
-def test_field_layout_state_dicts_evaluate_exactly_as_our_checkpoint(folder, tmp_path, capsys):
-    A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
-    strong = ["--eval-steps", "5", "--eval-step", "4/255"]
-    ours = eval_only(tmp_path / "run", *strong, "--out", str(tmp_path / "ours"))
-    assert ours["slf_ra"] < ours["slf_sa"]
-    enc = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["encoder"]
-    data = ["--dataset", "folder", "--data-dir", folder]
-    torch.save({"state_dict": field_state_dict(enc)}, tmp_path / "plain.pt")
-    dual = field_state_dict(enc, dual=True, prefix="encoder.")
-    dual["encoder.normalize.mean"], dual["encoder.normalize.std"] = torch.zeros(3), torch.ones(3)  # ACL/DynACL's
-    torch.save(dual, tmp_path / "dual.pt")
-    x, reference = images(3, 8).cpu(), A.load_checkpoint(str(tmp_path / "run"))[2].encoder.eval()
-    for name, ignored in (("plain", 2), ("dual", 102)):  # fc.*; and 20 BN layers x 5 tensors of the other branch
-        encoder = A.load_checkpoint(str(tmp_path / f"{name}.pt"))[2].eval()
-        assert f"ignored {ignored} keys" in capsys.readouterr().out
-        assert torch.equal(encoder(x), reference(x))
-        res = eval_only(tmp_path / f"{name}.pt", *data, *strong, "--out", str(tmp_path / name))
-        assert res["checkpoint"].endswith(f"{name}.pt")
-        assert {k: res[k] for k in ("slf_sa", "slf_ra")} == {k: ours[k] for k in ("slf_sa", "slf_ra")}
-    branch0 = A.load_checkpoint(str(tmp_path / "dual.pt"), bn_branch=0)[2].eval()
-    assert not torch.allclose(branch0(x), reference(x))
-    fails(["--eval-only", str(tmp_path / "plain.pt")], capsys, r"plain state dict: name its data set with --dataset")
-    bad = dict(field_state_dict(enc), **{"module.layer5.0.conv1.weight": torch.zeros(1)})
-    torch.save(bad, tmp_path / "bad.pt")
-    fails(["--eval-only", str(tmp_path / "bad.pt"), *data], capsys, r"does not match the model .*unexpected layer5")
-    torch.save({"net": {"features.0.weight": torch.zeros(1)}}, tmp_path / "alien.pt")
-    fails(["--eval-only", str(tmp_path / "alien.pt"), *data], capsys, r"neither an ainfonce checkpoint nor .*layout")
-
-
-def resnet18_tensors(width, seed):
-    """Random weights and BN statistics of a CIFAR ResNet-18 under canonical names (conv1, bn1, layerI.J.conv1/bn1/
-    conv2/bn2, layerI.0.down.conv/bn), written from the architecture, not from ainfonce's modules."""
-    g, t = torch.Generator().manual_seed(seed), {}
-
-    def conv(name, cout, cin, k):
-        t[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=g) * (2 / (cin * k * k)) ** 0.5
-
-    def bn(name, c):
-        t.update({f"{name}.weight": torch.rand(c, generator=g) + 0.5, f"{name}.bias": torch.randn(c, generator=g) * 0.1,
-                  f"{name}.running_mean": torch.randn(c, generator=g) * 0.1,
-                  f"{name}.running_var": torch.rand(c, generator=g) + 0.5, f"{name}.num_batches_tracked": torch.tensor(7)})
-    conv("conv1", width, 3, 3)
-    bn("bn1", width)
-    chans = [width, width, 2 * width, 4 * width, 8 * width]
-    for i in range(1, 5):
-        for j in range(2):
-            p, cin, cout = f"layer{i}.{j}", chans[i - 1] if j == 0 else chans[i], chans[i]
-            conv(f"{p}.conv1", cout, cin, 3), bn(f"{p}.bn1", cout), conv(f"{p}.conv2", cout, cout, 3), bn(f"{p}.bn2", cout)
-            if j == 0 and i > 1:
-                conv(f"{p}.down.conv", cout, cin, 1), bn(f"{p}.down.bn", cout)
-    return t
-
-
-def reference_features(t, x, padding=1, mean=None, std=None):
-    """The ResNet-18 forward in eval mode, in plain functional ops on canonical names (not ainfonce's model)."""
-    if mean is not None:
-        x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-    bn = lambda h, n: F.batch_norm(h, t[f"{n}.running_mean"], t[f"{n}.running_var"], t[f"{n}.weight"], t[f"{n}.bias"],
-                                   False, 0.0, 1e-5)
-    h = F.relu(bn(F.conv2d(x, t["conv1.weight"], padding=padding), "bn1"))
-    for i in range(1, 5):
-        for j in range(2):
-            p, stride = f"layer{i}.{j}", 2 if i > 1 and j == 0 else 1
-            o = F.relu(bn(F.conv2d(h, t[f"{p}.conv1.weight"], stride=stride, padding=1), f"{p}.bn1"))
-            o = bn(F.conv2d(o, t[f"{p}.conv2.weight"], padding=1), f"{p}.bn2")
-            h = F.relu(o + (bn(F.conv2d(h, t[f"{p}.down.conv.weight"], stride=stride), f"{p}.down.bn")
-                            if f"{p}.down.conv.weight" in t else h))
-    return h.mean((2, 3))
-
-
-def in_layout(branches, down, bn_list=True):
-    """Canonical tensors -> a repository's names: BN branches [{canonical: tensor}] as bn_list.K (or one plain BN),
-    the downsampling branch as `down` ("shortcut.0/1", "downsample.conv/bn", "downsample.0/1")."""
-    out = {}
-    for k, t in enumerate(branches):
-        for name, v in t.items():
-            name = name.replace("down.conv", down[0]).replace("down.bn", down[1])
-            is_bn = re.search(r"(bn\d|downsample\.bn|downsample\.1|shortcut\.1)\.[a-z_]+$", name)
-            if is_bn and bn_list:
-                head, tail = name.rsplit(".", 1)
-                out[f"{head}.bn_list.{k}.{tail}"] = v
-            elif not is_bn or k == 0:
-                out[name] = v
-    return out
-
-
-IMAGENET = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-CIFAR = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.247, 0.243, 0.261])
-
-
-def published_files(tmp_path, width=8):
-    """A file in each published layout (README, Evaluating published checkpoints), saved the way each repository's
-    training script saves it -> {name: (path, tensors of the encoder to evaluate, stem padding, normalisation)}."""
-    def branches(seed, n):  # one set of weights, n sets of BN statistics
-        base, out = resnet18_tensors(width, seed), []
-        for k in range(n):
-            other = resnet18_tensors(width, seed * 10 + k + 1)
-            out.append({n_: (other[n_] if re.search(r"bn\d?\.|down\.bn\.", n_) else v) for n_, v in base.items()})
-        return out
-    heads = lambda prefix, names: {f"{prefix}{n}.weight": torch.randn(3, 8 * width) for n in names}
-    acl = branches(1, 2)
-    files = {
-        "rocl": ({"epoch": 1, "acc": 0.0, "optimizer_state": {}, "rng_state": torch.get_rng_state(),
-                  "model": {f"module.{k}": v for k, v in in_layout(branches(0, 1), ("shortcut.0", "shortcut.1"),
-                                                                  bn_list=False).items()}}, branches(0, 1)[0], 1, None),
-        "acl": ({"epoch": 1, "optim": {}, "state_dict": {**in_layout(acl, ("downsample.conv", "downsample.bn")),
-                 "normalize.mean": IMAGENET[0], "normalize.std": IMAGENET[1], **heads("fc.", ["fc1", "fc2"])}},
-                acl[1], 1, IMAGENET),
-        "acl-single": ({"epoch": 1, "optim": {}, "state_dict": {**in_layout(acl[:1], ("downsample.conv",
-                        "downsample.bn")), "normalize.mean": IMAGENET[0], "normalize.std": IMAGENET[1]}},
-                       acl[0], 1, IMAGENET),
-    }
-    advcl = branches(2, 3)
-    files["advcl"] = ({"epoch": 1, "rng_state": torch.get_rng_state(), "model": {
-        f"module.{k}": v for k, v in {**in_layout(advcl, ("downsample.conv", "downsample.bn")),
-                                      **heads("", ["fc_002", "fc_500", "head_ce.0", "head_proj.3", "head_pred.0"])}.items()}},
-        advcl[1], 1, None)
-    dyn_q, dyn_k = branches(3, 2), branches(4, 2)
-    norm = {"normalize.mean": IMAGENET[0], "normalize.std": IMAGENET[1]}
-    files["dynacl"] = ({"epoch": 1, "optim": {}, "state_dict": {
-        **{f"encoder_q.{k}": v for k, v in {**in_layout(dyn_q, ("downsample.conv", "downsample.bn")), **norm}.items()},
-        **{f"encoder_k.{k}": v for k, v in {**in_layout(dyn_k, ("downsample.conv", "downsample.bn")), **norm}.items()}}},
-        dyn_k[1], 1, IMAGENET)
-    pp = branches(5, 1)
-    files["dynacl++"] = ({"epoch": 1, "optim": {}, "state_dict": {**in_layout(pp, ("downsample.0", "downsample.1"),
-                          bn_list=False), **norm, **heads("", ["fc"])}}, pp[0], 1, IMAGENET)
-    student, teacher = branches(6, 1), branches(7, 1)
-    solo = lambda prefix, t: {f"{prefix}{k}": v for k, v in {**in_layout(t, ("downsample.0", "downsample.1"), bn_list=False),
-                              "normalize.mean": CIFAR[0], "normalize.std": CIFAR[1]}.items()}
-    files["deacl"] = ({"epoch": 99, "global_step": 1, "pytorch-lightning_version": "1.6.0", "state_dict": {
-        **solo("backbone.", student), **solo("momentum_backbone.", teacher), **heads("", ["classifier", "classifier_adv"])}},
-        student[0], 2, CIFAR)
-    files["deacl-backbone"] = ({"state_dict": solo("backbone.", student)}, student[0], 2, CIFAR)
-    out = {}
-    for name, (ck, t, padding, norm) in files.items():
-        torch.save(ck, tmp_path / f"{name}.pt")
-        out[name] = (str(tmp_path / f"{name}.pt"), t, padding, norm)
-    return out
-
-
-def test_every_published_layout_loads_to_its_own_encoder(tmp_path, capsys):
-    x = images(4, 6).cpu()
-    flags = {"dynacl++": dict(stem_padding=1), "deacl-backbone": dict(stem_padding=2)}
-    expect = {"rocl": (1, None, []), "acl": (1, 1, ["bn_list.0", "fc"]), "acl-single": (1, 0, []),
-              "advcl": (1, 1, ["bn_list.0", "bn_list.2", "fc_002", "head_ce"]), "dynacl": (1, 1, ["encoder_q", "bn_list.0"]),
-              "dynacl++": (1, None, ["fc"]), "deacl": (2, None, ["momentum_backbone", "classifier", "classifier_adv"]),
-              "deacl-backbone": (2, None, [])}
-    for name, (path, t, padding, norm) in published_files(tmp_path).items():
-        _, ck, encoder, read = A.load_checkpoint(path, **flags.get(name, {}))
-        ref = reference_features(t, x, padding, *(norm or (None, None)))
-        with torch.no_grad():
-            ours = encoder.eval()(x)
-        assert ck is None and ((ours - ref).abs().max() / ref.abs().max()) < 1e-4, name
-        assert (read["stem_padding"], read["bn_branch"]) == expect[name][:2] and encoder.conv1.padding == (padding,) * 2
-        assert set(expect[name][2]) <= set(read["ignored"]), (name, read["ignored"])
-        assert read["layout"] == {"advcl": "advcl", "dynacl": "dynacl", "deacl": "deacl"}.get(name, "other")
-        assert f"stem padding {padding}" in capsys.readouterr().out
-    for name in ("dynacl++", "deacl-backbone"):  # torchvision-style names without a solo-learn Lightning container
-        with pytest.raises(A.UsageError, match=r"torchvision-style keys .* pass --stem-padding 2 or 1"):
-            A.load_checkpoint(str(tmp_path / f"{name}.pt"))
-
-
-def test_a_padding_2_file_is_never_evaluated_with_a_padding_1_stem(folder, tmp_path, capsys):
-    files = published_files(tmp_path)
-    path, t, _, norm = files["deacl"]
-    x = images(5, 6).cpu()
-    with torch.no_grad():
-        assert not torch.allclose(reference_features(t, x, 1, *norm), reference_features(t, x, 2, *norm), rtol=1e-2)
-    fails(["--eval-only", files["deacl-backbone"][0], "--dataset", "folder", "--data-dir", folder], capsys,
-          r"pass --stem-padding 2 or 1")
-    res = eval_only(path, "--dataset", "folder", "--data-dir", folder, "--out", str(tmp_path / "deacl"))
-    assert res["stem_padding"] == 2 and res["encoder"] == "backbone" and 0 <= res["slf_ra"] <= res["slf_sa"] <= 1
-    assert res["ignored"]["momentum_backbone"] == 122  # the teacher: 20 convs/BNs, 122 tensors
-    saved = json.load(open(glob.glob(str(tmp_path / "deacl" / "results-deacl-*.json"))[0]))
-    assert saved["stem_padding"] == 2 and saved["weights"]["digest"] == res["weights"]["digest"]
-
-
-def test_bn_branches_are_read_from_the_file_or_named(tmp_path):
-    files = published_files(tmp_path)
-    assert A.load_checkpoint(files["acl-single"][0])[3]["bn_branch"] == 0  # the only branch: no flag needed
-    with pytest.raises(A.UsageError, match=r"holds BN branches \[0, 1\]: pass one of them"):
-        A.load_checkpoint(files["acl"][0], bn_branch=2)
-    with pytest.raises(A.UsageError, match=r"one set of BN statistics .* leave --bn-branch out"):
-        A.load_checkpoint(files["rocl"][0], bn_branch=1)
-    ck = torch.load(files["advcl"][0], weights_only=True)
-    ck["model"] = {k: v for k, v in ck["model"].items() if ".bn_list.1." not in k}
-    torch.save(ck, tmp_path / "no-pgd.pt")
-    with pytest.raises(A.UsageError, match=r"holds BN branches \[0, 2\], none of them 1 .* --bn-branch"):
-        A.load_checkpoint(str(tmp_path / "no-pgd.pt"))
-
-
-def test_protocol_settings_are_the_official_and_robustssl_ones():
-    asym = A.scheme_settings("asym-rocl", None, "cifar10", None, 1024)
-    assert asym["slf"] == dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4, momentum=0.9, batch_size=1024,
-                               augment=False)
-    for s in ("alf", "aff"):
-        assert {k: asym[s][k] for k in ("epochs", "milestones", "lr", "wd", "attack_steps", "attack_step")} == dict(
-            epochs=25, milestones=[15, 20], lr=0.1, wd=2e-4, attack_steps=10, attack_step=2 / 255)
-    assert asym["aff"]["trades_beta"] == 6.0 and A.scheme_settings("asym-rocl", None, "cifar10", 10, 8)["alf"][
-        "milestones"] == [6, 8]
-    # RobustSSL's setup_hyperparameter, --mode ALL (GodXuxilie/RobustSSL_Benchmark)
-    acl = A.scheme_settings("robustssl", "acl", "cifar100", None, 1024)
-    assert {k: acl["slf"][k] for k in ("epochs", "milestones", "lr", "batch_size", "wd", "augment")} == dict(
-        epochs=25, milestones=[10, 20], lr=0.05, batch_size=512, wd=2e-4, augment=True)
-    assert {k: acl["aff"][k] for k in ("epochs", "milestones", "lr", "batch_size")} == dict(
-        epochs=100, milestones=[40, 60], lr=0.1, batch_size=128)
-    advcl = A.scheme_settings("robustssl", "a-infonce", "folder", None, 1024)  # folder: CIFAR-10's settings
-    assert (advcl["alf"]["lr"], advcl["alf"]["milestones"], advcl["aff"]["epochs"]) == (0.01, [15, 20], 25)
-    air = A.scheme_settings("robustssl", "dynacl-air", "cifar10", None, 1024)  # 5 SLF epochs carry over
-    assert [air[s]["epochs"] for s in A.SCHEMES] == [5, 5, 5] and air["aff"]["batch_size"] == 128
-    assert A.scheme_settings("robustssl", "dynacl-rcs", "cifar10", None, 1024)["slf"]["lr"] == 0.1
-    short = A.scheme_settings("robustssl", "acl", "cifar10", 5, 1024)
-    assert (short["slf"]["epochs"], short["slf"]["milestones"], short["aff"]["milestones"]) == (5, [2, 4], [2, 3])
-
-
-def test_crop_flip_is_a_padded_crop_and_a_flip():
-    import torchvision.transforms.functional as TF
-    x = (images(6, 400) * 255).to(torch.uint8)
-    torch.manual_seed(0)
-    out = A.crop_flip(x).cpu()
-    padded = F.pad(x.cpu().float() / 255, (4, 4, 4, 4))
-    seen, flips = set(), 0
-    for img, p in zip(out, padded):
-        hits = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (0, 1)
-                if torch.equal(img, TF.crop(p, dy, dx, 32, 32).flip(2) if f else TF.crop(p, dy, dx, 32, 32))]
-        assert len(hits) == 1
-        seen.add(hits[0][:2])
-        flips += hits[0][2]
-    assert len(seen) > 70 and abs(flips / len(out) - 0.5) < 0.1  # offsets 0..8 each way, flips half the time
-
-
-def test_robustssl_protocol_runs_and_never_mixes_with_the_default(folder, tmp_path, capsys):
-    A.main(tiny(folder, tmp_path / "run", "--eval", "slf"))
-    default = json.load(open(tmp_path / "run" / "results.json"))
-    res = eval_only(tmp_path / "run", "--protocol", "robustssl", "--no-autoattack", "--ft-epochs", "2",
-                    "--eval", "slf", "alf", "aff")
-    p = res["protocol"]
-    assert p["name"] == "robustssl" and p["pretraining"] == "a-infonce" and p["schemes"]["slf"]["augment"]
-    assert p["schemes"]["slf"]["batch_size"] == 512 and p["schemes"]["aff"]["epochs"] == 2
-    assert json.load(open(tmp_path / "run" / "results.json")) == default and default["protocol"]["name"] == "asym-rocl"
-    assert len(glob.glob(str(tmp_path / "run" / "results-*.json"))) == 1
-    files = published_files(tmp_path)
-    fails(["--eval-only", files["acl"][0], "--dataset", "folder", "--data-dir", folder, "--protocol", "robustssl"],
-          capsys, r"differ per pretraining method, and .*acl.pt does not say which: name it with --pretraining")
-    fails(["--eval-only", files["acl"][0], "--dataset", "folder", "--data-dir", folder, "--protocol", "robustssl",
-           "--pretraining", "acl"], capsys, r"pip install pyautoattack|AutoAttack needs >= 4 classes")
-
-
-def test_autoattack_runs_and_records_its_implementation(folder, tmp_path, capsys):
-    if not any(importlib.util.find_spec(m) for m in ("pyautoattack", "torchattacks")):
-        fails(tiny(folder, tmp_path / "none", "--autoattack"), capsys, r"needs an optional package: pip install pyauto",
-              tmp_path / "none")
-        pytest.skip("optional: pip install pyautoattack (or torchattacks)")
-    fails(tiny(folder, tmp_path / "two", "--autoattack"), capsys, r"AutoAttack needs >= 4 classes", tmp_path / "two")
-    four = make_folder(tmp_path / "four", classes=4, n_train=4, n_test=2)
-    threats = ["linf:64/255", "l2:8"]  # radii that break every image fast: AutoAttack's later attacks have no work
-    res = A.main(tiny(four, tmp_path / "run", "--autoattack", "--eval-threats", *threats))
-    assert res["protocol"]["autoattack"] == A.autoattack_impl() and list(res["slf_aa_robust"]) == threats
-    assert 0 <= res["slf_aa"] <= res["slf_sa"] and 0 <= res["slf_aa_robust"]["l2:8"] <= res["slf_sa"]
-
-
-def test_amp_pretraining_keeps_the_loss_and_weights_in_fp32(folder, tmp_path):
-    res = A.main(tiny(folder, tmp_path / "run", "--amp", "--method", "both", "--eval", "none"))
-    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    assert res["images_per_s"] > 0 and math.isfinite(log[0]["loss"])
-    saved = json.load(open(tmp_path / "run" / "results.json"))  # written with --eval none too
-    assert saved == json.loads(json.dumps(res)) and "slf_sa" not in saved and "protocol" not in saved
-    w, _ = weights(tmp_path / "run" / "last.pt")
-    assert all(v.dtype == torch.float32 for v in w.values() if v.is_floating_point())
-
-
-def test_benchmark_prints_json_last(capsys):
-    res = A.main(["--benchmark", "--width", "4", "--batch-size", "4", "--attack-steps", "1",
-                  "--benchmark-steps", "1", "--method", "rocl", *GPU_FLAGS[:2]])
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last == json.loads(json.dumps(res))
-    assert last["images_per_s"] > 0 and last["attack_s"] > 0 and last["fwd_bwd_s"] > 0 and last["data_s"] > 0
-    assert last["ratio_vs_official"] > 0 and ("peak_mem_gib" in last) == CUDA
-
-
-def test_progress_lines_and_help(capsys):
-    tick = A.progress("decoding", 10, every=0)
-    tick(5)
-    tick(10)  # a finished phase prints nothing more
-    assert re.fullmatch(r"  decoding: 5/10 \(\d+\.\d/s, ETA \d+:\d\d:\d\d\)\n", capsys.readouterr().out)
-    shown = []
-    tick = A.progress("epoch 1 step", 10, every=0)
-    tick(3, lambda: shown.append(1) or "loss 2.5000")
-    assert re.fullmatch(r"  epoch 1 step: 3/10 \(.*\), loss 2\.5000\n", capsys.readouterr().out) and shown == [1]
-    tick = A.progress("epoch 1 step", 10)
-    tick(4, lambda: shown.append(2) or "loss")  # not shown yet: the loss is not even computed
-    assert shown == [1] and capsys.readouterr().out == ""
-    with pytest.raises(SystemExit):
-        A.main(["--help"])
-    out = capsys.readouterr().out
-    assert "(default: 8/255)" in out and "(default: 1/256)" in out and "None" not in out
-    assert re.search(r"--method .*\n\s+rocl: symmetric", out)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Interruption, resume, checkpoints
-# ---------------------------------------------------------------------------------------------------
-def launch(argv, **env):
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "ainfonce.py"), *argv], cwd=HERE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_checkpoint(proc, path, done):
-    while proc.poll() is None:
-        try:
-            if done(torch.load(path, weights_only=True)):
-                return
-        except (FileNotFoundError, RuntimeError, EOFError):
-            pass
-        time.sleep(0.02)
-    pytest.fail(f"run ended before the checkpoint appeared: {proc.communicate()}")
-
-
-@pytest.mark.parametrize("how", ["sigkill_after_epoch", "sigterm_mid_epoch"])
-def test_killed_run_resumes_from_the_printed_hint_bit_exactly(folder, tmp_path, how):
-    argv = lambda out: tiny(folder, out, "--epochs", "3", "--eval", "none", "--ckpt-every", "1", "--batch-size", "4")
-    assert launch(argv(tmp_path / "full")).wait() == 0
-    proc = launch(argv(tmp_path / "cut"))
-    if how == "sigkill_after_epoch":
-        wait_for_checkpoint(proc, tmp_path / "cut" / "last.pt", lambda ck: ck["epoch"] >= 1)
-        proc.kill()
-        assert proc.wait() == -signal.SIGKILL
-        hint = ["--resume", str(tmp_path / "cut")]
-    else:
-        wait_for_checkpoint(proc, tmp_path / "cut" / "last.pt", lambda ck: ck["step"] >= 10)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait() == 130
-        hint = re.search(r"continue with: python ainfonce.py (.*)", proc.communicate()[1]).group(1).split()
-    cut, ck = weights(tmp_path / "cut" / "last.pt")
-    assert ck["step"] < 24  # the run really was cut short
-    resumed = launch(hint)  # exactly what was printed: the checkpoint holds the arguments
-    out, err = resumed.communicate()
-    assert resumed.returncode == 0, err
-    assert how == "sigkill_after_epoch" or re.search(r"resuming .* at epoch (\d), step (\d+)/8", out).groups() == \
-        (str(ck["step"] // 8 + 1), str(ck["step"] % 8))
-    full, _ = weights(tmp_path / "full" / "last.pt")
-    done, ck = weights(tmp_path / "cut" / "last.pt")
-    assert ck["epoch"] == 3 and ck["step"] == 24
-    assert full.keys() == done.keys() and all(torch.equal(full[k], done[k]) for k in full)
-    logs = [[json.loads(line) for line in open(tmp_path / r / "log.jsonl")] for r in ("full", "cut")]
-    assert [r["epoch"] for r in logs[1]] == [1, 2, 3]  # every epoch, the interrupted one too
-    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
-
-
-def test_interrupt_during_evaluation_keeps_the_finished_schemes(folder, tmp_path, monkeypatch, capsys):
-    argv = tiny(folder, tmp_path / "run", "--eval", "slf", "alf", "aff")
-    full = A.main(tiny(folder, tmp_path / "full", "--eval", "slf", "alf", "aff"))
-    real = A.train_head
-
-    def interrupted(*a, label=None, **kw):
-        if label == "ALF":
-            raise KeyboardInterrupt
-        return real(*a, label=label, **kw)
-    monkeypatch.setattr(A, "train_head", interrupted)
-    with pytest.raises(SystemExit) as e:
-        A.main(argv)
-    assert e.value.code == 130 and f"finish with: python ainfonce.py --resume {tmp_path / 'run'}" in capsys.readouterr().err
-    kept = json.load(open(tmp_path / "run" / "results.json"))
-    assert "slf_sa" in kept and "alf_sa" not in kept
-    monkeypatch.setattr(A, "train_head", real)
-    done = A.main(["--resume", str(tmp_path / "run")])
-    assert done["slf_s"] == kept["slf_s"] and {"alf_sa", "aff_sa"} <= set(done)
-    assert {k: v for k, v in scheme_keys(done).items() if "guards" not in k} == \
-        {k: v for k, v in scheme_keys(full).items() if "guards" not in k}
-
-
-def test_evaluating_an_unfinished_run_never_changes_what_the_finished_run_reports(folder, tmp_path, monkeypatch,
-                                                                                    capsys):
-    full = A.main(tiny(folder, tmp_path / "full", "--epochs", "2"))
-    real = A.lr_at
-
-    def cut(step, *a):  # Ctrl-C in the middle of epoch 2 (step 5 of 8); --ckpt-every 1 saved step 5
-        if step == 5:
-            raise KeyboardInterrupt
-        return real(step, *a)
-    monkeypatch.setattr(A, "lr_at", cut)
-    with pytest.raises(SystemExit):
-        A.main(tiny(folder, tmp_path / "run", "--epochs", "2", "--ckpt-every", "1"))
-    monkeypatch.setattr(A, "lr_at", real)
-    capsys.readouterr()
-    early = eval_only(tmp_path / "run")  # the run's own protocol, on unfinished weights
-    assert "holds epoch 1 of 2 (step 5): not the end of its run" in capsys.readouterr().out
-    assert early["weights"]["final"] is False and early["weights"]["step"] == 5
-    assert not os.path.exists(tmp_path / "run" / "results.json")
-    assert len(glob.glob(str(tmp_path / "run" / "results-*.json"))) == 1
-    done = A.main(["--resume", str(tmp_path / "run")])
-    assert "SLF: SA" in capsys.readouterr().out  # evaluated again, on the final weights
-    assert done["weights"]["final"] and done["weights"]["digest"] == full["weights"]["digest"] != early["weights"]["digest"]
-    assert scheme_keys(done) == scheme_keys(full) == scheme_keys(json.load(open(tmp_path / "run" / "results.json")))
-    # numbers of other weights in results.json (an older version's poisoned file) are recomputed, not kept
-    poisoned = dict(json.load(open(tmp_path / "run" / "results.json")), slf_sa=0.07)
-    del poisoned["weights"]
-    write = open(tmp_path / "run" / "results.json", "w")
-    write.write(json.dumps(poisoned))
-    write.close()
-    again = A.main(["--resume", str(tmp_path / "run")])
-    assert "held numbers of other weights" in capsys.readouterr().out and again["slf_sa"] == full["slf_sa"]
-
-
-def test_a_live_owner_is_refused_and_a_dead_ones_lock_is_taken_over(folder, tmp_path, capsys):
-    out = tmp_path / "run"
-    A.main(tiny(folder, out))
-    assert open(out / ".lock").read() == ""  # a clean exit releases it
-    before = {name: open(out / name, "rb").read() for name in os.listdir(out)}
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 4242 on elsewhere'); f.flush(); "
-                               "print('locked', flush=True); time.sleep(120)", str(out / ".lock")],
-                              stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    fails(tiny(folder, out, "--overwrite"), capsys, r"run is in use by pid 4242 on elsewhere: wait for it to end")
-    fails(["--eval-only", str(out), "--eval-threats", "l2:0.5"], capsys, r"run is in use by pid 4242 on elsewhere")
-    fails(["--resume", str(out)], capsys, r"run is in use by pid 4242")
-    after = {name: open(out / name, "rb").read() for name in os.listdir(out)}
-    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
-    holder.kill()
-    holder.wait()  # died holding the lock: its line stays in the file, the flock is gone
-    res = eval_only(out, "--eval-threats", "l2:0.5")
-    assert "taking over the lock of pid 4242 on elsewhere" in capsys.readouterr().out and 0 <= res["slf_sa"] <= 1
-    assert open(out / ".lock").read() == ""
-
-
-@cpu_only
-def test_two_runs_started_together_on_one_out_do_not_mix(folder, tmp_path):
-    argv = lambda method, seed: tiny(folder, tmp_path / "run", "--method", method, "--seed", seed, "--epochs", "2")
-    procs = [launch(argv("hardneg", "0")), launch(argv("rocl", "1"))]
-    outs = [p.communicate(timeout=300) for p in procs]
-    codes = [p.returncode for p in procs]
-    assert sorted(codes) == [0, 2], outs
-    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
-    assert re.search(r"in use by pid \d+ on|already holds a run", outs[loser][1])
-    method = ("hardneg", "rocl")[winner]
-    res = json.load(open(tmp_path / "run" / "results.json"))
-    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    config = json.load(open(tmp_path / "run" / "config.json"))
-    assert res["method"] == ck["args"]["method"] == config["method"] == method
-    assert sorted(glob.glob(str(tmp_path / "run" / "results*.json"))) == [str(tmp_path / "run" / "results.json")]
-
-
-@cpu_only
-def test_reproduce_sh_never_mixes_scales_and_says_how_to_continue(tmp_path):
-    data = make_folder(tmp_path / "data", classes=4, n_train=32, n_test=16)  # smoke: 128 training, 64 test images
-    env = {**os.environ, "SCALE": "smoke", "DATASET": "folder", "DATA_DIR": data, "OUT": str(tmp_path / "out"),
-           "METHODS": "rocl", "PYTHON": sys.executable}
-    script = os.path.join(HERE, "reproduce.sh")
-    p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr
-    table = open(tmp_path / "out" / "table.md").read()
-    assert table.startswith("folder, 128 training images, ResNet-18 width 4, 1 epochs, batch 32, 1-step training "
-                            "attack; asym-rocl finetuning; RA = PGD-2 at linf:8/255")  # read from the runs it shows
-    p = subprocess.run(["bash", script], env={**env, "SCALE": "small"}, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert re.search(r"cannot resume .*rocl-s0 with other arguments: --subset 128 \(checkpoint\) vs 5000", p.stderr)
-    assert open(tmp_path / "out" / "table.md").read() == table
-    proc = subprocess.Popen(["bash", script], env={**env, "OUT": str(tmp_path / "out2")}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    while "steps | new run" not in proc.stdout.readline():  # the first cell is training
-        assert proc.poll() is None
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
-    err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130 and err.count("continue the whole table with:") == 1
-    hint = re.search(r"continue the whole table with: (.*)", err).group(1)
-    assert hint.startswith("SCALE=smoke DATASET=folder DATA_DIR=") and f"OUT={tmp_path / 'out2'}" in hint
-    assert hint.endswith("METHODS=rocl PYTHON=" + sys.executable + " bash reproduce.sh")
-
-
-def test_the_recorded_command_and_the_interrupt_hint_paste_back_into_a_shell(folder, tmp_path, monkeypatch, capsys):
-    spaced = tmp_path / "my data"
-    shutil.copytree(folder, spaced)
-    argv = tiny(str(spaced), tmp_path / "a run", "--eval", "none")
-    res = A.main(argv)
-    command = shlex.split(res["invocations"][-1]["command"])
-    assert command[0] == "python" and os.path.samefile(command[1], A.__file__) and command[2:] == argv
-    real = A.train_head
-
-    def interrupted(*a, label=None, **kw):
-        if label == "ALF":
-            raise KeyboardInterrupt
-        return real(*a, label=label, **kw)
-    monkeypatch.setattr(A, "train_head", interrupted)
-    argv = ["--eval-only", str(tmp_path / "a run"), "--eval", "slf", "alf", "--eval-steps", "2", "--ft-epochs", "1",
-            "--eval-batch-size", "64", *GPU_FLAGS[:2]]
-    with pytest.raises(SystemExit) as e:
-        A.main(argv)
-    hint = re.search(r"finish with: (.*)", capsys.readouterr().err).group(1)
-    assert e.value.code == 130 and shlex.split(hint)[0] == "python" and shlex.split(hint)[2:] == argv
-    monkeypatch.setattr(A, "train_head", real)
-    done = A.main(shlex.split(hint)[2:])  # the hint finishes the evaluation: SLF kept, ALF added
-    assert "slf_sa" in done and "alf_sa" in done
-
-
-def test_the_start_line_and_the_knn_monitor_leave_training_bit_identical(folder, tmp_path, capsys):
-    on = A.main(tiny(folder, tmp_path / "on", "--epochs", "2", "--knn-every", "1", "--eval", "none"))
-    start = capsys.readouterr().out.splitlines()[0]
-    assert start == (f"ainfonce: {tmp_path / 'on'} | {DEV.type} ({on['invocations'][-1]['env']['device_name']}) | "
-                     f"folder {folder}: 32 training / 16 test images, 2 classes | hardneg | 2 epochs of 4 steps | new run")
-    A.main(tiny(folder, tmp_path / "off", "--epochs", "2", "--knn-every", "0", "--eval", "none"))
-    logs = {r: [json.loads(line) for line in open(tmp_path / r / "log.jsonl")] for r in ("on", "off")}
-    assert [0 <= rec["knn"] <= 1 for rec in logs["on"]] == [True, True] and all("knn" not in r for r in logs["off"])
-    strip = lambda log: [{k: v for k, v in rec.items() if k not in ("knn", "images_per_s", "train_s")} for rec in log]
-    assert strip(logs["on"]) == strip(logs["off"])
-    (w_on, ck_on), (w_off, ck_off) = weights(tmp_path / "on" / "last.pt"), weights(tmp_path / "off" / "last.pt")
-    assert all(torch.equal(w_on[k], w_off[k]) for k in w_on)  # BN statistics included
-    assert all(torch.equal(a, b) for a, b in zip(ck_on["rng"][0].values(), ck_off["rng"][0].values())
-               if torch.is_tensor(a))
-
-
-@cpu_only
-def test_a_bad_argument_under_torchrun_is_reported_once(tmp_path):
-    procs = [launch(["--method", "bogus"], WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r)) for r in range(2)]
-    errs = [p.communicate(timeout=120)[1] for p in procs]
-    assert [p.returncode for p in procs] == [2, 2] and "invalid choice: 'bogus'" in errs[0] and errs[1] == ""
-
-
-def test_kill_during_save_keeps_previous_checkpoint(folder, tmp_path, monkeypatch):
-    real_save, calls = torch.save, []
-
-    def dying_save(obj, f):
-        calls.append(1)
-        if len(calls) == 2:  # the second checkpoint dies half-written
-            f.write(b"partial")
-            raise OSError(28, "No space left on device")
-        real_save(obj, f)
-
-    monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError):
-        A.main(tiny(folder, tmp_path / "run", "--epochs", "2", "--eval", "none"))
-    _, ck = weights(tmp_path / "run" / "last.pt")
-    assert ck["epoch"] == 1
-
-
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, monkeypatch, capsys):
-    real, calls = A.pretrain_loss, []
-
-    def poisoned(*a, **kw):
-        loss, terms = real(*a, **kw)
-        calls.append(1)
-        return (loss * math.nan, terms) if len(calls) == 6 else (loss, terms)
-
-    monkeypatch.setattr(A, "pretrain_loss", poisoned)
-    with pytest.raises(SystemExit) as e:
-        A.main(tiny(folder, tmp_path / "run", "--epochs", "3", "--eval", "none"))
-    assert e.value.code == 3
-    err = capsys.readouterr().err
-    assert "non-finite loss at epoch 2, step 5" in err and "infonce" in err and "--resume" in err
-    w, ck = weights(tmp_path / "run" / "last.pt")
-    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
-    monkeypatch.setattr(A, "pretrain_loss", real)
-    res = A.main(["--resume", str(tmp_path / "run"), "--lr", "0.01"])
-    assert res["epochs"] == 3 and res["lr"] == 0.01 and weights(tmp_path / "run" / "last.pt")[1]["epoch"] == 3
-
-
-# ---------------------------------------------------------------------------------------------------
-# Bad input: one line on stderr, exit code 2, no traceback, nothing written
-# ---------------------------------------------------------------------------------------------------
-def fails(argv, capsys, pattern, out=None):
-    with pytest.raises(SystemExit) as e:
-        A.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert re.search(pattern, err), err
-    if out is not None:
-        assert not os.path.exists(out)
-
-
-@pytest.mark.parametrize("extra,pattern", [
-    (["--method", "bogus"], r"invalid choice: 'bogus'"),
-    (["--dataset", "mnist"], r"invalid choice: 'mnist'"),
-    (["--eps", "8"], r"outside \[0, 1\] \(pixels are in \[0, 1\]: did you mean 8/255\?\)"),
-    (["--eps", "-0.1"], r"outside \[0, 1\]"),
-    (["--eps", "eight"], r"not a number or fraction"),
-    (["--eps", "8/0"], r"not a number or fraction"),
-    (["--step", "1.5"], r"outside \[0, 1\]"),
-    (["--eval-step", "nan"], r"not a number or fraction|outside"),
-    (["--eval-threats", "l1:0.5"], r"--eval-threats l1:0.5: expected NORM:EPS"),
-    (["--eval-threats", "linf:8"], r"--eval-threats linf:8: .*did you mean 8/255"),
-    (["--eval-threats", "l2:"], r"not a number"),
-    (["--epochs", "0"], r"must be at least 1"),
-    (["--batch-size", "-8"], r"must be at least 2"),
-    (["--batch-size", "1"], r"must be at least 2"),
-    (["--hn-beta", "nan"], r"must be at least 0"),
-    (["--adv-weight", "-1"], r"must be at least 0"),
-    (["--device", "mps"], r"only cpu and cuda"),
-    (["--batch-size", "1000"], r"larger than the 32 training images"),
-    (["--subset", "100"], r"--subset 100 is larger than the 32 train images"),
-    (["--eval-subset", "100"], r"--eval-subset 100 is larger than the 16 test images"),
-    (["--epochs", "two"], r"not an integer"),
-    (["--lr", "0"], r"must be above 0"),
-    (["--tau-plus", "1"], r"tau-plus"),
-])
-def test_bad_arguments(folder, tmp_path, capsys, extra, pattern):
-    fails(tiny(folder, tmp_path / "run", *extra), capsys, pattern, out=tmp_path / "run")
-
-
-def test_eps_fraction_parses_exactly():
-    assert A.parse_args(["--eps", "8/255"]).eps == 8 / 255 and A.parse_args([]).eps == 8 / 255
-    assert A.parse_args(["--eps", "0.0314"]).eps == 0.0314
 
 
 def test_bad_data(tmp_path, capsys, folder):
@@ -1496,18 +1035,179 @@ def test_offline_leaves_nothing_behind(tmp_path, capsys, monkeypatch, dataset):
     assert os.path.isdir(tmp_path / "mine")  # the user's own directory stays
 
 
-def test_refuses_to_clobber_and_checks_resume(folder, tmp_path, capsys):
-    run = tmp_path / "run"
-    A.main(tiny(folder, run, "--eval", "none"))
-    before = open(run / "last.pt", "rb").read()
-    fails(tiny(folder, run, "--eval", "none"), capsys, r"already holds a run: continue it with --resume")
-    fails(["--resume", str(run), "--method", "rocl"], capsys, r"cannot resume .*--method hardneg \(checkpoint\) vs rocl")
-    fails(["--resume", str(run), "--width", "16", "--dataset", "cifar10"], capsys,
-          r"cannot resume .*--dataset folder \(checkpoint\) vs cifar10, --width 8 \(checkpoint\) vs 16")
-    assert open(run / "last.pt", "rb").read() == before
-    assert A.main(["--resume", str(run), "--eval", "none"])["epochs"] == 1  # finished: nothing to do
-    assert open(run / "last.pt", "rb").read() == before
-    A.main(tiny(folder, run, "--eval", "none", "--overwrite"))
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints, the field's state dicts, results that cannot go stale or mix
+# ---------------------------------------------------------------------------------------------------
+def field_state_dict(encoder_sd, dual=False, prefix="module."):
+    """Our encoder's weights in the layouts published checkpoints use."""
+    out = {}
+    for k, v in encoder_sd.items():
+        k = k.replace("shortcut.0.", "downsample.conv.").replace("shortcut.1.", "downsample.bn.")
+        if dual and re.search(r"(bn\d?|downsample\.bn)\.", k):
+            head, tail = re.match(r"(.*(?:bn\d?|downsample\.bn))\.(.*)", k).groups()
+            out[f"{prefix}{head}.bn_list.1.{tail}"] = v
+            out[f"{prefix}{head}.bn_list.0.{tail}"] = v * 0.5 if v.is_floating_point() else v
+        else:
+            out[prefix + k] = v
+    out[prefix + "fc.weight"], out[prefix + "fc.bias"] = torch.randn(10, 64), torch.randn(10)
+    return out
+
+
+def test_field_layout_state_dicts_evaluate_exactly_as_our_checkpoint(folder, tmp_path, capsys):
+    A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
+    strong = ["--eval-steps", "5", "--eval-step", "4/255"]
+    ours = eval_only(tmp_path / "run", *strong, "--out", str(tmp_path / "ours"))
+    assert ours["slf_ra"] < ours["slf_sa"]
+    enc = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["encoder"]
+    data = ["--dataset", "folder", "--data-dir", folder]
+    torch.save({"state_dict": field_state_dict(enc)}, tmp_path / "plain.pt")
+    dual = field_state_dict(enc, dual=True, prefix="encoder.")
+    dual["encoder.normalize.mean"], dual["encoder.normalize.std"] = torch.zeros(3), torch.ones(3)  # ACL/DynACL's
+    torch.save(dual, tmp_path / "dual.pt")
+    x, reference = images(3, 8).cpu(), A.load_checkpoint(str(tmp_path / "run"))[2].encoder.eval()
+    for name, ignored in (("plain", 2), ("dual", 102)):  # fc.*; and 20 BN layers x 5 tensors of the other branch
+        encoder = A.load_checkpoint(str(tmp_path / f"{name}.pt"))[2].eval()
+        assert f"ignored {ignored} keys" in capsys.readouterr().out
+        assert torch.equal(encoder(x), reference(x))
+        res = eval_only(tmp_path / f"{name}.pt", *data, *strong, "--out", str(tmp_path / name))
+        assert res["checkpoint"].endswith(f"{name}.pt")
+        assert {k: res[k] for k in ("slf_sa", "slf_ra")} == {k: ours[k] for k in ("slf_sa", "slf_ra")}
+    branch0 = A.load_checkpoint(str(tmp_path / "dual.pt"), bn_branch=0)[2].eval()
+    assert not torch.allclose(branch0(x), reference(x))
+    fails(["--eval-only", str(tmp_path / "plain.pt")], capsys, r"plain state dict: name its data set with --dataset")
+    bad = dict(field_state_dict(enc), **{"module.layer5.0.conv1.weight": torch.zeros(1)})
+    torch.save(bad, tmp_path / "bad.pt")
+    fails(["--eval-only", str(tmp_path / "bad.pt"), *data], capsys, r"does not match the model .*unexpected layer5")
+    torch.save({"net": {"features.0.weight": torch.zeros(1)}}, tmp_path / "alien.pt")
+    fails(["--eval-only", str(tmp_path / "alien.pt"), *data], capsys, r"neither an ainfonce checkpoint nor .*layout")
+
+
+def in_layout(branches, down, bn_list=True):
+    """Canonical tensors -> a repository's names: BN branches [{canonical: tensor}] as bn_list.K (or one plain BN),
+    the downsampling branch as `down` ("shortcut.0/1", "downsample.conv/bn", "downsample.0/1")."""
+    out = {}
+    for k, t in enumerate(branches):
+        for name, v in t.items():
+            name = name.replace("down.conv", down[0]).replace("down.bn", down[1])
+            is_bn = re.search(r"(bn\d|downsample\.bn|downsample\.1|shortcut\.1)\.[a-z_]+$", name)
+            if is_bn and bn_list:
+                head, tail = name.rsplit(".", 1)
+                out[f"{head}.bn_list.{k}.{tail}"] = v
+            elif not is_bn or k == 0:
+                out[name] = v
+    return out
+
+
+IMAGENET = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+
+
+CIFAR = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.247, 0.243, 0.261])
+
+
+def published_files(tmp_path, width=8):
+    """A file in each published layout (README, Evaluating published checkpoints), saved the way each repository's
+    training script saves it -> {name: (path, tensors of the encoder to evaluate, stem padding, normalisation)}."""
+    def branches(seed, n):  # one set of weights, n sets of BN statistics
+        base, out = resnet18_tensors(width, seed), []
+        for k in range(n):
+            other = resnet18_tensors(width, seed * 10 + k + 1)
+            out.append({n_: (other[n_] if re.search(r"bn\d?\.|down\.bn\.", n_) else v) for n_, v in base.items()})
+        return out
+    heads = lambda prefix, names: {f"{prefix}{n}.weight": torch.randn(3, 8 * width) for n in names}
+    acl = branches(1, 2)
+    files = {
+        "rocl": ({"epoch": 1, "acc": 0.0, "optimizer_state": {}, "rng_state": torch.get_rng_state(),
+                  "model": {f"module.{k}": v for k, v in in_layout(branches(0, 1), ("shortcut.0", "shortcut.1"),
+                                                                  bn_list=False).items()}}, branches(0, 1)[0], 1, None),
+        "acl": ({"epoch": 1, "optim": {}, "state_dict": {**in_layout(acl, ("downsample.conv", "downsample.bn")),
+                 "normalize.mean": IMAGENET[0], "normalize.std": IMAGENET[1], **heads("fc.", ["fc1", "fc2"])}},
+                acl[1], 1, IMAGENET),
+        "acl-single": ({"epoch": 1, "optim": {}, "state_dict": {**in_layout(acl[:1], ("downsample.conv",
+                        "downsample.bn")), "normalize.mean": IMAGENET[0], "normalize.std": IMAGENET[1]}},
+                       acl[0], 1, IMAGENET),
+    }
+    advcl = branches(2, 3)
+    files["advcl"] = ({"epoch": 1, "rng_state": torch.get_rng_state(), "model": {
+        f"module.{k}": v for k, v in {**in_layout(advcl, ("downsample.conv", "downsample.bn")), **heads(
+            "", ["fc_002", "fc_500", "head_ce.0", "head_proj.3", "head_pred.0"])}.items()}},
+        advcl[1], 1, None)
+    dyn_q, dyn_k = branches(3, 2), branches(4, 2)
+    norm = {"normalize.mean": IMAGENET[0], "normalize.std": IMAGENET[1]}
+    files["dynacl"] = ({"epoch": 1, "optim": {}, "state_dict": {
+        **{f"encoder_q.{k}": v for k, v in {**in_layout(dyn_q, ("downsample.conv", "downsample.bn")),
+                                            **norm}.items()},
+        **{f"encoder_k.{k}": v for k, v in {**in_layout(dyn_k, ("downsample.conv", "downsample.bn")),
+                                            **norm}.items()}}},
+        dyn_k[1], 1, IMAGENET)
+    pp = branches(5, 1)
+    files["dynacl++"] = ({"epoch": 1, "optim": {}, "state_dict": {**in_layout(pp, ("downsample.0", "downsample.1"),
+                          bn_list=False), **norm, **heads("", ["fc"])}}, pp[0], 1, IMAGENET)
+    student, teacher = branches(6, 1), branches(7, 1)
+    solo = lambda prefix, t: {f"{prefix}{k}": v for k, v in {
+        **in_layout(t, ("downsample.0", "downsample.1"), bn_list=False), "normalize.mean": CIFAR[0],
+        "normalize.std": CIFAR[1]}.items()}
+    files["deacl"] = ({"epoch": 99, "global_step": 1, "pytorch-lightning_version": "1.6.0", "state_dict": {
+        **solo("backbone.", student), **solo("momentum_backbone.", teacher),
+        **heads("", ["classifier", "classifier_adv"])}},
+        student[0], 2, CIFAR)
+    files["deacl-backbone"] = ({"state_dict": solo("backbone.", student)}, student[0], 2, CIFAR)
+    out = {}
+    for name, (ck, t, padding, norm) in files.items():
+        torch.save(ck, tmp_path / f"{name}.pt")
+        out[name] = (str(tmp_path / f"{name}.pt"), t, padding, norm)
+    return out
+
+
+def test_every_published_layout_loads_to_its_own_encoder(tmp_path, capsys):
+    x = images(4, 6).cpu()
+    flags = {"dynacl++": dict(stem_padding=1), "deacl-backbone": dict(stem_padding=2)}
+    expect = {"rocl": (1, None, []), "acl": (1, 1, ["bn_list.0", "fc"]), "acl-single": (1, 0, []),
+              "advcl": (1, 1, ["bn_list.0", "bn_list.2", "fc_002", "head_ce"]),
+              "dynacl": (1, 1, ["encoder_q", "bn_list.0"]),
+              "dynacl++": (1, None, ["fc"]), "deacl": (2, None, ["momentum_backbone", "classifier", "classifier_adv"]),
+              "deacl-backbone": (2, None, [])}
+    for name, (path, t, padding, norm) in published_files(tmp_path).items():
+        _, ck, encoder, read = A.load_checkpoint(path, **flags.get(name, {}))
+        ref = reference_features(t, x, padding, *(norm or (None, None)))
+        with torch.no_grad():
+            ours = encoder.eval()(x)
+        assert ck is None and ((ours - ref).abs().max() / ref.abs().max()) < 1e-4, name
+        assert (read["stem_padding"], read["bn_branch"]) == expect[name][:2] and encoder.conv1.padding == (padding,) * 2
+        assert set(expect[name][2]) <= set(read["ignored"]), (name, read["ignored"])
+        assert read["layout"] == {"advcl": "advcl", "dynacl": "dynacl", "deacl": "deacl"}.get(name, "other")
+        assert f"stem padding {padding}" in capsys.readouterr().out
+    for name in ("dynacl++", "deacl-backbone"):  # torchvision-style names without a solo-learn Lightning container
+        with pytest.raises(A.UsageError, match=r"torchvision-style keys .* pass --stem-padding 2 or 1"):
+            A.load_checkpoint(str(tmp_path / f"{name}.pt"))
+
+
+def test_a_padding_2_file_is_never_evaluated_with_a_padding_1_stem(folder, tmp_path, capsys):
+    files = published_files(tmp_path)
+    path, t, _, norm = files["deacl"]
+    x = images(5, 6).cpu()
+    with torch.no_grad():
+        assert not torch.allclose(reference_features(t, x, 1, *norm), reference_features(t, x, 2, *norm), rtol=1e-2)
+    fails(["--eval-only", files["deacl-backbone"][0], "--dataset", "folder", "--data-dir", folder], capsys,
+          r"pass --stem-padding 2 or 1")
+    res = eval_only(path, "--dataset", "folder", "--data-dir", folder, "--out", str(tmp_path / "deacl"))
+    assert res["stem_padding"] == 2 and res["encoder"] == "backbone" and 0 <= res["slf_ra"] <= res["slf_sa"] <= 1
+    assert res["ignored"]["momentum_backbone"] == 122  # the teacher: 20 convs/BNs, 122 tensors
+    saved = json.load(open(glob.glob(str(tmp_path / "deacl" / "results-deacl-*.json"))[0]))
+    assert saved["stem_padding"] == 2 and saved["weights"]["digest"] == res["weights"]["digest"]
+
+
+def test_bn_branches_are_read_from_the_file_or_named(tmp_path):
+    files = published_files(tmp_path)
+    assert A.load_checkpoint(files["acl-single"][0])[3]["bn_branch"] == 0  # the only branch: no flag needed
+    with pytest.raises(A.UsageError, match=r"holds BN branches \[0, 1\]: pass one of them"):
+        A.load_checkpoint(files["acl"][0], bn_branch=2)
+    with pytest.raises(A.UsageError, match=r"one set of BN statistics .* leave --bn-branch out"):
+        A.load_checkpoint(files["rocl"][0], bn_branch=1)
+    ck = torch.load(files["advcl"][0], weights_only=True)
+    ck["model"] = {k: v for k, v in ck["model"].items() if ".bn_list.1." not in k}
+    torch.save(ck, tmp_path / "no-pgd.pt")
+    with pytest.raises(A.UsageError, match=r"holds BN branches \[0, 2\], none of them 1 .* --bn-branch"):
+        A.load_checkpoint(str(tmp_path / "no-pgd.pt"))
 
 
 def test_corrupt_and_mismatched_checkpoints(folder, tmp_path, capsys):
@@ -1523,10 +1223,126 @@ def test_corrupt_and_mismatched_checkpoints(folder, tmp_path, capsys):
     torch.save(dict(ck, args=dict(ck["args"], width=16)), tmp_path / "wider.pt")
     fails(["--eval-only", str(tmp_path / "wider.pt")], capsys, r"conv1\.weight \(8, 3, 3, 3\) vs \(16, 3, 3, 3\)")
     torch.save({k: v for k, v in ck.items() if k != "history"}, tmp_path / "old.pt")
-    fails(["--eval-only", str(tmp_path / "old.pt")], capsys, r"not a complete ainfonce checkpoint: it lacks \['history'\]")
+    fails(["--eval-only", str(tmp_path / "old.pt")], capsys,
+          r"not a complete ainfonce checkpoint: it lacks \['history'\]")
     fails(["--eval-only", str(tmp_path / "missing.pt")], capsys, r"no checkpoint at")
     torch.save({"state_dict": field_state_dict(ck["encoder"])}, tmp_path / "plain.pt")
     fails(["--resume", str(tmp_path / "plain.pt")], capsys, r"plain state dict: --resume needs an ainfonce checkpoint")
+
+
+def test_eval_only_never_changes_the_training_runs_numbers(folder, tmp_path):
+    A.main(tiny(folder, tmp_path / "run", "--eval-subset", "10", "--batch-size", "4", "--attack-steps", "1"))
+    before = open(tmp_path / "run" / "results.json").read()
+    full = eval_only(tmp_path / "run")  # CLI defaults differ from the run's: 10,000-image protocol, batch 512
+    assert open(tmp_path / "run" / "results.json").read() == before
+    other = glob.glob(str(tmp_path / "run" / "results-*.json"))
+    assert len(other) == 1 and json.load(open(other[0])) == json.loads(json.dumps(full))
+    assert full["protocol"]["n_test"] == 16 and full["batch_size"] == 4 and full["attack_steps"] == 1
+    assert full["pretrain_s"] == json.loads(before)["pretrain_s"]
+
+
+def test_eval_only_finds_moved_data_and_checks_classes(folder, tmp_path, capsys, monkeypatch):
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    rel = os.path.relpath(moved)
+    A.main(tiny(rel, tmp_path / "run", "--eval", "none"))
+    shutil.move(str(moved), tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path)
+    fails(["--eval-only", str(tmp_path / "run")], capsys, r"data directory .*moved does not exist")
+    fails(["--eval-only", str(tmp_path / "run")], capsys, r"came from the checkpoint's --data-dir\): pass --data-dir")
+    res = eval_only(tmp_path / "run", "--data-dir", str(tmp_path / "elsewhere"))
+    assert 0 <= res["slf_sa"] <= 1
+    three = make_folder(tmp_path / "three", classes=3)
+    fails(["--eval-only", str(tmp_path / "run"), "--data-dir", three], capsys,
+          r"has 3 classes, .* had 2: .*--eval-dataset")
+
+
+def test_evaluating_an_unfinished_run_never_changes_what_the_finished_run_reports(folder, tmp_path, monkeypatch,
+                                                                                    capsys):
+    full = A.main(tiny(folder, tmp_path / "full", "--epochs", "2"))
+    real = A.lr_at
+
+    def cut(step, *a):  # Ctrl-C in the middle of epoch 2 (step 5 of 8); --ckpt-every 1 saved step 5
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(step, *a)
+    monkeypatch.setattr(A, "lr_at", cut)
+    with pytest.raises(SystemExit):
+        A.main(tiny(folder, tmp_path / "run", "--epochs", "2", "--ckpt-every", "1"))
+    monkeypatch.setattr(A, "lr_at", real)
+    capsys.readouterr()
+    early = eval_only(tmp_path / "run")  # the run's own protocol, on unfinished weights
+    assert "holds epoch 1 of 2 (step 5): not the end of its run" in capsys.readouterr().out
+    assert early["weights"]["final"] is False and early["weights"]["step"] == 5
+    assert not os.path.exists(tmp_path / "run" / "results.json")
+    assert len(glob.glob(str(tmp_path / "run" / "results-*.json"))) == 1
+    done = A.main(["--resume", str(tmp_path / "run")])
+    assert "SLF: SA" in capsys.readouterr().out  # evaluated again, on the final weights
+    assert done["weights"]["final"]
+    assert done["weights"]["digest"] == full["weights"]["digest"] != early["weights"]["digest"]
+    assert scheme_keys(done) == scheme_keys(full) == scheme_keys(json.load(open(tmp_path / "run" / "results.json")))
+    # numbers of other weights in results.json (an older version's poisoned file) are recomputed, not kept
+    poisoned = dict(json.load(open(tmp_path / "run" / "results.json")), slf_sa=0.07)
+    del poisoned["weights"]
+    write = open(tmp_path / "run" / "results.json", "w")
+    write.write(json.dumps(poisoned))
+    write.close()
+    again = A.main(["--resume", str(tmp_path / "run")])
+    assert "held numbers of other weights" in capsys.readouterr().out and again["slf_sa"] == full["slf_sa"]
+
+
+def test_a_live_owner_is_refused_and_a_dead_ones_lock_is_taken_over(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    A.main(tiny(folder, out))
+    assert open(out / ".lock").read() == ""  # a clean exit releases it
+    before = {name: open(out / name, "rb").read() for name in os.listdir(out)}
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 4242 on elsewhere'); f.flush(); "
+                               "print('locked', flush=True); time.sleep(120)", str(out / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    fails(tiny(folder, out, "--overwrite"), capsys, r"run is in use by pid 4242 on elsewhere: wait for it to end")
+    fails(["--eval-only", str(out), "--eval-threats", "l2:0.5"], capsys, r"run is in use by pid 4242 on elsewhere")
+    fails(["--resume", str(out)], capsys, r"run is in use by pid 4242")
+    after = {name: open(out / name, "rb").read() for name in os.listdir(out)}
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    holder.kill()
+    holder.wait()  # died holding the lock: its line stays in the file, the flock is gone
+    res = eval_only(out, "--eval-threats", "l2:0.5")
+    assert "taking over the lock of pid 4242 on elsewhere" in capsys.readouterr().out and 0 <= res["slf_sa"] <= 1
+    assert open(out / ".lock").read() == ""
+
+
+@cpu_only
+def test_two_runs_started_together_on_one_out_do_not_mix(folder, tmp_path):
+    argv = lambda method, seed: tiny(folder, tmp_path / "run", "--method", method, "--seed", seed, "--epochs", "2")
+    procs = [launch(argv("hardneg", "0")), launch(argv("rocl", "1"))]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 2], outs
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    assert re.search(r"in use by pid \d+ on|already holds a run", outs[loser][1])
+    method = ("hardneg", "rocl")[winner]
+    res = json.load(open(tmp_path / "run" / "results.json"))
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    assert res["method"] == ck["args"]["method"] == config["method"] == method
+    assert sorted(glob.glob(str(tmp_path / "run" / "results*.json"))) == [str(tmp_path / "run" / "results.json")]
+
+
+def test_refuses_to_clobber_and_checks_resume(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    A.main(tiny(folder, run, "--eval", "none"))
+    before = open(run / "last.pt", "rb").read()
+    fails(tiny(folder, run, "--eval", "none"), capsys, r"already holds a run: continue it with --resume")
+    fails(["--resume", str(run), "--method", "rocl"], capsys,
+          r"cannot resume .*--method hardneg \(checkpoint\) vs rocl")
+    fails(["--resume", str(run), "--width", "16", "--dataset", "cifar10"], capsys,
+          r"cannot resume .*--dataset folder \(checkpoint\) vs cifar10, --width 8 \(checkpoint\) vs 16")
+    assert open(run / "last.pt", "rb").read() == before
+    assert A.main(["--resume", str(run), "--eval", "none"])["epochs"] == 1  # finished: nothing to do
+    assert open(run / "last.pt", "rb").read() == before
+    A.main(tiny(folder, run, "--eval", "none", "--overwrite"))
 
 
 def test_unwritable_or_full_output_fails_before_training(folder, tmp_path, capsys, monkeypatch):
@@ -1536,40 +1352,136 @@ def test_unwritable_or_full_output_fails_before_training(folder, tmp_path, capsy
     fails(tiny(folder, tmp_path / "run"), capsys, r"only 0 MiB free", tmp_path / "run")
 
 
-def test_autoattack_missing_is_a_clear_error(folder, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "pyautoattack", None)
-    monkeypatch.setitem(sys.modules, "torchattacks", None)
-    fails(tiny(folder, tmp_path / "run", "--autoattack"), capsys, r"pip install pyautoattack", tmp_path / "run")
+# ---------------------------------------------------------------------------------------------------
+# Interruption and resume
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["sigkill_after_epoch", "sigterm_mid_epoch"])
+def test_killed_run_resumes_from_the_printed_hint_bit_exactly(folder, tmp_path, how):
+    argv = lambda out: tiny(folder, out, "--epochs", "3", "--eval", "none", "--ckpt-every", "1", "--batch-size", "4")
+    assert launch(argv(tmp_path / "full")).wait() == 0
+    proc = launch(argv(tmp_path / "cut"))
+    if how == "sigkill_after_epoch":
+        wait_for_checkpoint(proc, tmp_path / "cut" / "last.pt", lambda ck: ck["epoch"] >= 1)
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL
+        hint = ["--resume", str(tmp_path / "cut")]
+    else:
+        wait_for_checkpoint(proc, tmp_path / "cut" / "last.pt", lambda ck: ck["step"] >= 10)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait() == 130
+        hint = re.search(r"continue with: python ainfonce.py (.*)", proc.communicate()[1]).group(1).split()
+    cut, ck = weights(tmp_path / "cut" / "last.pt")
+    assert ck["step"] < 24  # the run really was cut short
+    resumed = launch(hint)  # exactly what was printed: the checkpoint holds the arguments
+    out, err = resumed.communicate()
+    assert resumed.returncode == 0, err
+    assert how == "sigkill_after_epoch" or re.search(r"resuming .* at epoch (\d), step (\d+)/8", out).groups() == \
+        (str(ck["step"] // 8 + 1), str(ck["step"] % 8))
+    full, _ = weights(tmp_path / "full" / "last.pt")
+    done, ck = weights(tmp_path / "cut" / "last.pt")
+    assert ck["epoch"] == 3 and ck["step"] == 24
+    assert full.keys() == done.keys() and all(torch.equal(full[k], done[k]) for k in full)
+    logs = [[json.loads(line) for line in open(tmp_path / r / "log.jsonl")] for r in ("full", "cut")]
+    assert [r["epoch"] for r in logs[1]] == [1, 2, 3]  # every epoch, the interrupted one too
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_cuda_requested_without_gpu(folder, tmp_path, capsys):
-    fails(tiny(folder, tmp_path / "run", "--device", "cuda"), capsys, r"no CUDA GPU", tmp_path / "run")
+def test_interrupt_during_evaluation_keeps_the_finished_schemes(folder, tmp_path, monkeypatch, capsys):
+    argv = tiny(folder, tmp_path / "run", "--eval", "slf", "alf", "aff")
+    full = A.main(tiny(folder, tmp_path / "full", "--eval", "slf", "alf", "aff"))
+    real = A.train_head
+
+    def interrupted(*a, label=None, **kw):
+        if label == "ALF":
+            raise KeyboardInterrupt
+        return real(*a, label=label, **kw)
+    monkeypatch.setattr(A, "train_head", interrupted)
+    with pytest.raises(SystemExit) as e:
+        A.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and f"finish with: python ainfonce.py --resume {tmp_path / 'run'}" in err
+    kept = json.load(open(tmp_path / "run" / "results.json"))
+    assert "slf_sa" in kept and "alf_sa" not in kept
+    monkeypatch.setattr(A, "train_head", real)
+    done = A.main(["--resume", str(tmp_path / "run")])
+    assert done["slf_s"] == kept["slf_s"] and {"alf_sa", "aff_sa"} <= set(done)
+    assert {k: v for k, v in scheme_keys(done).items() if "guards" not in k} == \
+        {k: v for k, v in scheme_keys(full).items() if "guards" not in k}
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_the_cuda_test_switch_fails_at_once_without_a_gpu():
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", os.path.join(HERE, "test_ainfonce.py")],
-                       env={**os.environ, "AINFONCE_TEST_DEVICE": "cuda"}, capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and "sees no CUDA GPU" in p.stdout + p.stderr and " passed" not in p.stdout
+def test_kill_during_save_keeps_previous_checkpoint(folder, tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def dying_save(obj, f):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint dies half-written
+            f.write(b"partial")
+            raise OSError(28, "No space left on device")
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError):
+        A.main(tiny(folder, tmp_path / "run", "--epochs", "2", "--eval", "none"))
+    _, ck = weights(tmp_path / "run" / "last.pt")
+    assert ck["epoch"] == 1
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, monkeypatch, capsys):
+    real, calls = A.pretrain_loss, []
+
+    def poisoned(*a, **kw):
+        loss, terms = real(*a, **kw)
+        calls.append(1)
+        return (loss * math.nan, terms) if len(calls) == 6 else (loss, terms)
+
+    monkeypatch.setattr(A, "pretrain_loss", poisoned)
+    with pytest.raises(SystemExit) as e:
+        A.main(tiny(folder, tmp_path / "run", "--epochs", "3", "--eval", "none"))
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss at epoch 2, step 5" in err and "infonce" in err and "--resume" in err
+    w, ck = weights(tmp_path / "run" / "last.pt")
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
+    monkeypatch.setattr(A, "pretrain_loss", real)
+    res = A.main(["--resume", str(tmp_path / "run"), "--lr", "0.01"])
+    assert res["epochs"] == 3 and res["lr"] == 0.01 and weights(tmp_path / "run" / "last.pt")[1]["epoch"] == 3
+
+
+def test_the_recorded_command_and_the_interrupt_hint_paste_back_into_a_shell(folder, tmp_path, monkeypatch, capsys):
+    spaced = tmp_path / "my data"
+    shutil.copytree(folder, spaced)
+    argv = tiny(str(spaced), tmp_path / "a run", "--eval", "none")
+    res = A.main(argv)
+    command = shlex.split(res["invocations"][-1]["command"])
+    assert command[0] == "python" and os.path.samefile(command[1], A.__file__) and command[2:] == argv
+    real = A.train_head
+
+    def interrupted(*a, label=None, **kw):
+        if label == "ALF":
+            raise KeyboardInterrupt
+        return real(*a, label=label, **kw)
+    monkeypatch.setattr(A, "train_head", interrupted)
+    argv = ["--eval-only", str(tmp_path / "a run"), "--eval", "slf", "alf", "--eval-steps", "2", "--ft-epochs", "1",
+            "--eval-batch-size", "64", *GPU_FLAGS[:2]]
+    with pytest.raises(SystemExit) as e:
+        A.main(argv)
+    hint = re.search(r"finish with: (.*)", capsys.readouterr().err).group(1)
+    assert e.value.code == 130 and shlex.split(hint)[0] == "python" and shlex.split(hint)[2:] == argv
+    monkeypatch.setattr(A, "train_head", real)
+    done = A.main(shlex.split(hint)[2:])  # the hint finishes the evaluation: SLF kept, ALF added
+    assert "slf_sa" in done and "alf_sa" in done
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data parallel: 2 ranks x B == 1 rank x 2B (gloo, CPU)
+# Processes: 2 ranks x B == 1 rank x 2B (gloo, CPU), torchrun
 # ---------------------------------------------------------------------------------------------------
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, out, method):
     import functools
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     A.instance_pgd = functools.partial(A.instance_pgd, random_start=False)  # the only other randomness
-    args = A.resolve(A.parse_args(["--method", method, "--attack-steps", "3", "--width", "4"]))
+    args = A.parse_args(["--method", method, "--attack-steps", "3", "--width", "4"])[0]
     torch.manual_seed(0)
     net = A.Net(4)
     x1, x2 = images(0, 8).cpu(), images(1, 8).cpu()
@@ -1616,3 +1528,123 @@ def test_torchrun_style_launch_trains_and_evaluates(folder, tmp_path):
     res = json.load(open(tmp_path / "run" / "results.json"))
     assert 0 <= res["slf_ra"] <= res["slf_sa"] <= 1
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 8
+
+
+@cpu_only
+def test_a_bad_argument_under_torchrun_is_reported_once(tmp_path):
+    procs = [launch(["--method", "bogus"], WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r)) for r in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2] and "invalid choice: 'bogus'" in errs[0] and errs[1] == ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line: bad input is one line on stderr, exit code 2, no traceback, nothing written
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra,pattern", [
+    (["--method", "bogus"], r"invalid choice: 'bogus'"),
+    (["--dataset", "mnist"], r"invalid choice: 'mnist'"),
+    (["--eps", "8"], r"outside \[0, 1\] \(pixels are in \[0, 1\]: did you mean 8/255\?\)"),
+    (["--eps", "-0.1"], r"outside \[0, 1\]"),
+    (["--eps", "eight"], r"not a number or fraction"),
+    (["--eps", "8/0"], r"not a number or fraction"),
+    (["--step", "1.5"], r"outside \[0, 1\]"),
+    (["--eval-step", "nan"], r"not a number or fraction|outside"),
+    (["--eval-threats", "l1:0.5"], r"--eval-threats l1:0.5: expected NORM:EPS"),
+    (["--eval-threats", "linf:8"], r"--eval-threats linf:8: .*did you mean 8/255"),
+    (["--eval-threats", "l2:"], r"not a number"),
+    (["--epochs", "0"], r"must be at least 1"),
+    (["--batch-size", "-8"], r"must be at least 2"),
+    (["--batch-size", "1"], r"must be at least 2"),
+    (["--hn-beta", "nan"], r"must be at least 0"),
+    (["--adv-weight", "-1"], r"must be at least 0"),
+    (["--device", "mps"], r"only cpu and cuda"),
+    (["--batch-size", "1000"], r"larger than the 32 training images"),
+    (["--subset", "100"], r"--subset 100 is larger than the 32 train images"),
+    (["--eval-subset", "100"], r"--eval-subset 100 is larger than the 16 test images"),
+    (["--epochs", "two"], r"not an integer"),
+    (["--lr", "0"], r"must be above 0"),
+    (["--tau-plus", "1"], r"tau-plus"),
+])
+def test_bad_arguments(folder, tmp_path, capsys, extra, pattern):
+    fails(tiny(folder, tmp_path / "run", *extra), capsys, pattern, out=tmp_path / "run")
+
+
+def test_eps_fraction_parses_exactly():
+    assert A.parse_args(["--eps", "8/255"])[0].eps == 8 / 255 and A.parse_args([])[0].eps == 8 / 255
+    assert A.parse_args(["--eps", "0.0314"])[0].eps == 0.0314
+
+
+def test_autoattack_missing_is_a_clear_error(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)
+    monkeypatch.setitem(sys.modules, "torchattacks", None)
+    fails(tiny(folder, tmp_path / "run", "--autoattack"), capsys, r"pip install pyautoattack", tmp_path / "run")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_requested_without_gpu(folder, tmp_path, capsys):
+    fails(tiny(folder, tmp_path / "run", "--device", "cuda"), capsys, r"no CUDA GPU", tmp_path / "run")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_the_cuda_test_switch_fails_at_once_without_a_gpu():
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", os.path.join(HERE, "test_ainfonce.py")],
+                       env={**os.environ, "AINFONCE_TEST_DEVICE": "cuda"}, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "sees no CUDA GPU" in p.stdout + p.stderr and " passed" not in p.stdout
+
+
+def test_progress_lines_and_help(capsys):
+    tick = A.progress("decoding", 10, every=0)
+    tick(5)
+    tick(10)  # a finished phase prints nothing more
+    assert re.fullmatch(r"  decoding: 5/10 \(\d+\.\d/s, ETA \d+:\d\d:\d\d\)\n", capsys.readouterr().out)
+    shown = []
+    tick = A.progress("epoch 1 step", 10, every=0)
+    tick(3, lambda: shown.append(1) or "loss 2.5000")
+    assert re.fullmatch(r"  epoch 1 step: 3/10 \(.*\), loss 2\.5000\n", capsys.readouterr().out) and shown == [1]
+    tick = A.progress("epoch 1 step", 10)
+    tick(4, lambda: shown.append(2) or "loss")  # not shown yet: the loss is not even computed
+    assert shown == [1] and capsys.readouterr().out == ""
+    with pytest.raises(SystemExit):
+        A.main(["--help"])
+    out = capsys.readouterr().out
+    assert "(default: 8/255)" in out and "(default: 1/256)" in out and "None" not in out
+    assert re.search(r"--method .*\n\s+rocl: symmetric", out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Benchmark and reproduce.sh
+# ---------------------------------------------------------------------------------------------------
+def test_benchmark_prints_json_last(capsys):
+    res = A.main(["--benchmark", "--width", "4", "--batch-size", "4", "--attack-steps", "1",
+                  "--benchmark-steps", "1", "--method", "rocl", *GPU_FLAGS[:2]])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == json.loads(json.dumps(res))
+    assert last["images_per_s"] > 0 and last["attack_s"] > 0 and last["fwd_bwd_s"] > 0 and last["data_s"] > 0
+    assert last["ratio_vs_official"] > 0 and ("peak_mem_gib" in last) == CUDA
+
+
+@cpu_only
+def test_reproduce_sh_never_mixes_scales_and_says_how_to_continue(tmp_path):
+    data = make_folder(tmp_path / "data", classes=4, n_train=32, n_test=16)  # smoke: 128 training, 64 test images
+    env = {**os.environ, "SCALE": "smoke", "DATASET": "folder", "DATA_DIR": data, "OUT": str(tmp_path / "out"),
+           "METHODS": "rocl", "PYTHON": sys.executable}
+    script = os.path.join(HERE, "reproduce.sh")
+    p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    table = open(tmp_path / "out" / "table.md").read()
+    assert table.startswith("folder, 128 training images, ResNet-18 width 4, 1 epochs, batch 32, 1-step training "
+                            "attack; asym-rocl finetuning; RA = PGD-2 at linf:8/255")  # read from the runs it shows
+    p = subprocess.run(["bash", script], env={**env, "SCALE": "small"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert re.search(r"cannot resume .*rocl-s0 with other arguments: --subset 128 \(checkpoint\) vs 5000", p.stderr)
+    assert open(tmp_path / "out" / "table.md").read() == table
+    proc = subprocess.Popen(["bash", script], env={**env, "OUT": str(tmp_path / "out2")}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while "steps | new run" not in proc.stdout.readline():  # the first cell is training
+        assert proc.poll() is None
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and err.count("continue the whole table with:") == 1
+    hint = re.search(r"continue the whole table with: (.*)", err).group(1)
+    assert hint.startswith("SCALE=smoke DATASET=folder DATA_DIR=") and f"OUT={tmp_path / 'out2'}" in hint
+    assert hint.endswith("METHODS=rocl PYTHON=" + sys.executable + " bash reproduce.sh")
