@@ -233,6 +233,18 @@ def scheme_keys(res):
     return {k: v for k, v in res.items() if k.startswith(A.SCHEMES) and not k.endswith("_s")}
 
 
+def interrupt_as_alf_starts(monkeypatch):
+    """Ctrl-C when ALF's head starts training (SLF is done); returns the real train_head, to put back."""
+    real = A.train_head
+
+    def interrupted(*a, label=None, **kw):
+        if label == "ALF":
+            raise KeyboardInterrupt
+        return real(*a, label=label, **kw)
+    monkeypatch.setattr(A, "train_head", interrupted)
+    return real
+
+
 def fails(argv, capsys, pattern, out=None):
     with pytest.raises(SystemExit) as e:
         A.main(argv)
@@ -1389,13 +1401,7 @@ def test_killed_run_resumes_from_the_printed_hint_bit_exactly(folder, tmp_path, 
 def test_interrupt_during_evaluation_keeps_the_finished_schemes(folder, tmp_path, monkeypatch, capsys):
     argv = tiny(folder, tmp_path / "run", "--eval", "slf", "alf", "aff")
     full = A.main(tiny(folder, tmp_path / "full", "--eval", "slf", "alf", "aff"))
-    real = A.train_head
-
-    def interrupted(*a, label=None, **kw):
-        if label == "ALF":
-            raise KeyboardInterrupt
-        return real(*a, label=label, **kw)
-    monkeypatch.setattr(A, "train_head", interrupted)
+    real = interrupt_as_alf_starts(monkeypatch)
     with pytest.raises(SystemExit) as e:
         A.main(argv)
     err = capsys.readouterr().err
@@ -1454,13 +1460,7 @@ def test_the_recorded_command_and_the_interrupt_hint_paste_back_into_a_shell(fol
     res = A.main(argv)
     command = shlex.split(res["invocations"][-1]["command"])
     assert command[0] == "python" and os.path.samefile(command[1], A.__file__) and command[2:] == argv
-    real = A.train_head
-
-    def interrupted(*a, label=None, **kw):
-        if label == "ALF":
-            raise KeyboardInterrupt
-        return real(*a, label=label, **kw)
-    monkeypatch.setattr(A, "train_head", interrupted)
+    real = interrupt_as_alf_starts(monkeypatch)
     argv = ["--eval-only", str(tmp_path / "a run"), "--eval", "slf", "alf", "--eval-steps", "2", "--ft-epochs", "1",
             "--eval-batch-size", "64", *GPU_FLAGS[:2]]
     with pytest.raises(SystemExit) as e:
