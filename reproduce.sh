@@ -4,7 +4,7 @@
 #
 #   SCALE=paper  bash reproduce.sh   # the paper's recipe: ResNet-18 (width 64), 1000 epochs, batch 512, PGD-7; GPUs
 #   SCALE=medium bash reproduce.sh   # width 64, batch 512, PGD-7, 40 epochs, SLF: about 20 min on one H100 (README)
-#   SCALE=small  bash reproduce.sh   # 2 CPU cores, about an hour for 2 seeds (see README for what is cut)
+#   SCALE=small  bash reproduce.sh   # 2 CPU cores, about 75 minutes for 2 seeds (see README for what is cut)
 #   SCALE=smoke  bash reproduce.sh   # a couple of minutes: checks the script, not the method
 #
 # Environment: DATASET (cifar10 | cifar100 | stl10 | folder), DATA_DIR, SEEDS (number of seeds), OUT (default
