@@ -565,7 +565,7 @@ def train_head(params, loss_fn, n, s, device, label):
     Returns the lr of every epoch."""
     opt = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["wd"])
     sched, lrs, epochs_tick = torch.optim.lr_scheduler.MultiStepLR(opt, s["milestones"], 0.1), [], progress(
-        f"{label} head, epoch", s["epochs"])
+        f"{label} finetuning, epoch", s["epochs"])
     for epoch in range(s["epochs"]):
         tick = progress(f"{label} epoch {epoch + 1}/{s['epochs']}, images", n)
         lrs.append(opt.param_groups[0]["lr"])
@@ -1216,7 +1216,8 @@ def progress(label, total, every=10.0):
         now = time.time()
         if now - last >= every and done < total:
             last, rate = now, done / (now - t0)
-            print(f"  {label}: {done}/{total} ({rate:.1f}/s, ETA {hms((total - done) / rate)})"
+            speed = f"{rate:.1f}/s" if rate >= 1 else f"{1 / rate:.1f} s each"  # epochs of a head: seconds each
+            print(f"  {label}: {done}/{total} ({speed}, ETA {hms((total - done) / rate)})"
                   + (f", {extra()}" if extra else ""), flush=True)
     return tick
 

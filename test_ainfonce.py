@@ -1601,6 +1601,10 @@ def test_progress_lines_and_help(capsys):
     tick = A.progress("epoch 1 step", 10, every=0)
     tick(3, lambda: shown.append(1) or "loss 2.5000")
     assert re.fullmatch(r"  epoch 1 step: 3/10 \(.*\), loss 2\.5000\n", capsys.readouterr().out) and shown == [1]
+    tick = A.progress("SLF finetuning, epoch", 25, every=0)
+    time.sleep(1.1)
+    tick(1)  # fewer than one per second (a head's epochs): seconds each, not "0.0/s"
+    assert re.fullmatch(r"  SLF finetuning, epoch: 1/25 \(1\.\d s each, ETA \d+:\d\d:\d\d\)\n", capsys.readouterr().out)
     tick = A.progress("epoch 1 step", 10)
     tick(4, lambda: shown.append(2) or "loss")  # not shown yet: the loss is not even computed
     assert shown == [1] and capsys.readouterr().out == ""
