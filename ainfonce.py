@@ -33,6 +33,7 @@ Usage (README.md has the measured numbers, with machine and command):
 import argparse
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -369,6 +370,8 @@ def pretrain(args, net, data, device, rank, world, ck=None):
     --knn-every epochs, rank 0 adds the kNN accuracy of fixed train/test subsets to the epoch's line."""
     x_train, y_train, x_test, y_test, n_classes = data
     x_train, b = x_train.to(device), args.batch_size // world  # b: instances per rank
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    net.to(device).to(memory_format=layout)
     steps = len(x_train) // args.batch_size  # per epoch: the last partial batch is dropped
     total, warmup = steps * args.epochs, steps * args.warmup_epochs
     params = list(net.parameters())
@@ -387,7 +390,6 @@ def pretrain(args, net, data, device, rank, world, ck=None):
         knn_data = [t.to(device) for t in (x_train[bank.to(device)], y_train[bank], x_test[query], y_test[query])]
     model = torch.compile(net) if args.compile else net
     gather = gather_cat if world > 1 else None
-    layout = torch.channels_last if args.channels_last else torch.contiguous_format
     stopping = []  # SIGTERM / SIGINT: finish the step, save, exit
     handlers = {s: signal.signal(s, lambda *_: stopping.append(1)) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -952,9 +954,9 @@ def field_encoder(ck, path, bn_branch=None, stem_padding=None):
     for k, v in sd.items():
         inside = k.startswith(root)
         name = k[len(root):] if inside else k
-        m = re.search(r"\.bn_list\.(\d+)\.", name)
-        if not inside or name.startswith(HEADS) or m and int(m.group(1)) != bn_branch:
-            kind = name.split(".")[0] if not inside or name.startswith(HEADS) else f"bn_list.{m.group(1)}"
+        m, other = re.search(r"\.bn_list\.(\d+)\.", name), not inside or name.startswith(HEADS)
+        if other or m and int(m.group(1)) != bn_branch:
+            kind = name.split(".")[0] if other else f"bn_list.{m.group(1)}"
             ignored[kind] = ignored.get(kind, 0) + 1
             continue
         name = re.sub(r"\.bn_list(\.\d+)?\.", ".", name)
@@ -1222,8 +1224,10 @@ def progress(label, total, every=10.0):
     return tick
 
 
+@functools.lru_cache(maxsize=None)
 def provenance(device):
-    """What the numbers depend on: torch, the device (CPU model or GPU), threads, the code's git commit."""
+    """What the numbers depend on: torch, the device (CPU model or GPU), threads, the code's git commit. Computed once
+    per process and device: the code that runs is the code loaded at the start, whatever git says later."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     with contextlib.suppress(OSError, StopIteration):  # platform.processor() is often empty on Linux
         name = name if device.type == "cuda" else next(
@@ -1488,8 +1492,6 @@ def run(args, loaded=None):
                       f"{train_data[4]} classes | {args.method} | {args.epochs} epochs of {steps} steps | "
                       + (f"resuming last.pt at epoch {at // steps + 1}, step {at % steps}/{steps}" if at
                          else "new run"), flush=True)
-            layout = torch.channels_last if args.channels_last else torch.contiguous_format
-            net = net.to(device).to(memory_format=layout)
             pretrain(args, net, train_data, device, rank, world, ck)
             if rank == 0:
                 path, ck, net, read = load_checkpoint(args.out)  # the evaluation measures the saved weights
