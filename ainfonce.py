@@ -58,9 +58,7 @@ METHODS = ("simclr", "rocl", "infpos", "hardneg", "both")
 SCHEMES = ("slf", "alf", "aff")
 
 
-# ===================================================================================================
-# The loss
-# ===================================================================================================
+# ==== The loss =====================================================================================
 def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0, hn_beta=None, tau_plus=0.0,
               hn_normalise="negatives"):
     """Generic (asymmetric) InfoNCE of V >= 2 views of N >= 2 instances.
@@ -135,9 +133,7 @@ def _a_infonce(z, adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus, hn_
     return loss / (V * N)
 
 
-# ===================================================================================================
-# Attacks: inputs are images in [0, 1] (not 0-255, not mean/std-normalised); outputs stay in [0, 1]
-# ===================================================================================================
+# ==== Attacks: inputs are images in [0, 1] (not 0-255, not mean/std-normalised); outputs stay in [0, 1] ====
 @contextlib.contextmanager
 def eval_mode(module):
     """Eval mode (BN running statistics) inside; every submodule's previous mode restored after."""
@@ -210,9 +206,7 @@ def trades_loss(model, x, y, *, beta=6.0, eps=8 / 255, step=2 / 255, steps=10):
         F.log_softmax(model(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
 
 
-# ===================================================================================================
-# Model: CIFAR ResNet-18 encoder f and MLP projector g. Inputs in [0,1], no normalisation (RoCL).
-# ===================================================================================================
+# ==== Model: CIFAR ResNet-18 encoder f and MLP projector g. Inputs in [0,1], no normalisation (RoCL). ====
 class BatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d whose training statistics span all ranks, on gloo and NCCL alike (one code path,
     tested on CPU; nn.SyncBatchNorm runs on GPUs only). One process: plain BatchNorm2d."""
@@ -282,9 +276,7 @@ class Net(nn.Module):
         return self.projector(self.encoder(x))
 
 
-# ===================================================================================================
-# The training step
-# ===================================================================================================
+# ==== The training step ============================================================================
 @torch.no_grad()
 def lars_(params, wd, trust=1e-3, eps=1e-8):
     """LARS as torchlars (You et al. 2017), in place on the gradients, before a plain SGD step:
@@ -348,9 +340,7 @@ def train_step(model, params, x1, x2, args, gather=None, mark=lambda phase: None
     return loss, terms, grad_norm
 
 
-# ===================================================================================================
-# Pretraining
-# ===================================================================================================
+# ==== Pretraining ==================================================================================
 @torch.no_grad()
 def knn_accuracy(encoder, x_bank, y_bank, x_query, y_query, n_classes, k=200, t=0.1, bs=1024):
     """The weighted kNN monitor of InstDisc and MoCo: cosine similarities of eval-mode fp32 encoder features; the k
@@ -389,7 +379,7 @@ def pretrain(args, net, data, device, rank, world, ck=None):
         bank, query = fixed_shuffle(len(x_train), KNN_BANK), fixed_shuffle(len(x_test), KNN_QUERIES)
         knn_data = [t.to(device) for t in (x_train[bank.to(device)], y_train[bank], x_test[query], y_test[query])]
     model = torch.compile(net) if args.compile else net
-    gather = gather_cat if world > 1 else None
+    gather = GatherCat.apply if world > 1 else None
     stopping = []  # SIGTERM / SIGINT: finish the step, save, exit
     handlers = {s: signal.signal(s, lambda *_: stopping.append(1)) for s in (signal.SIGTERM, signal.SIGINT)}
 
@@ -469,9 +459,7 @@ def pretrain(args, net, data, device, rank, world, ck=None):
             signal.signal(sig, h)
 
 
-# ===================================================================================================
-# Evaluation: fine-tune a scheme -> classifier; measure a classifier -> SA, RA (strict fp32)
-# ===================================================================================================
+# ==== Evaluation: fine-tune a scheme -> classifier; measure a classifier -> SA, RA (strict fp32) ====
 # Finetuning protocols: settings per scheme, recorded with the results. "asym-rocl" (the default): the official
 # Asym-RoCL finetuning. "robustssl": the field's benchmark (GodXuxilie/RobustSSL_Benchmark, vanilla_finetuning.py
 # --mode ALL and setup_hyperparameter in its utils.py), per pretraining method; as in its code, a setting made for
@@ -596,34 +584,27 @@ def finetune(scheme, encoder, x, y, n_classes, s, eps):
     """Fine-tune one scheme on uint8 images x with settings s -> classifier (encoder + linear head). SLF: a head on
     the frozen encoder's features (eval mode; without augmentation computed once); ALF: a head on PGD examples made
     through encoder + head; AFF: TRADES on the whole network, from the pretrained encoder. ALF/AFF attack at eps."""
-    device, view = x.device, crop_flip if s["augment"] else (lambda xb: xb.float() / 255)
-    if scheme == "slf":
-        if not s["augment"]:
-            with eval_mode(encoder), torch.no_grad():
-                feats = torch.cat([encoder(view(x[i])) for i in batches(len(x), s["batch_size"], device)])
-        head = nn.Linear(encoder.dim, n_classes).to(device)
+    device, view = x.device, crop_flip if s["augment"] else as_float
 
-        def loss(i):
-            if not s["augment"]:
-                return F.cross_entropy(head(feats[i]), y[i])
-            with eval_mode(encoder), torch.no_grad():
-                f = encoder(view(x[i]))
-            return F.cross_entropy(head(f), y[i])
-        params, clf = head.parameters(), nn.Sequential(encoder, head)
-    elif scheme == "alf":
-        head = nn.Linear(encoder.dim, n_classes).to(device)
-        params, clf = head.parameters(), nn.Sequential(encoder, head)
-
-        def loss(i):
-            xa = pgd(clf, view(x[i]), y[i], eps=eps, step=s["attack_step"], steps=s["attack_steps"])
-            with eval_mode(encoder), torch.no_grad():
-                f = encoder(xa)
-            return F.cross_entropy(head(f), y[i])
-    else:
+    def features(xb):  # of the frozen encoder
+        with eval_mode(encoder), torch.no_grad():
+            return encoder(xb)
+    if scheme == "aff":
         clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True), nn.Linear(encoder.dim, n_classes))
         params, clf = clf.parameters(), clf.to(device).train()
         loss = lambda i: trades_loss(clf, view(x[i]), y[i], beta=s["trades_beta"], eps=eps, step=s["attack_step"],
                                      steps=s["attack_steps"])
+    else:
+        head = nn.Linear(encoder.dim, n_classes).to(device)
+        params, clf = head.parameters(), nn.Sequential(encoder, head)
+        if scheme == "alf":
+            loss = lambda i: F.cross_entropy(head(features(pgd(clf, view(x[i]), y[i], eps=eps, step=s["attack_step"],
+                                                               steps=s["attack_steps"]))), y[i])
+        elif s["augment"]:
+            loss = lambda i: F.cross_entropy(head(features(view(x[i]))), y[i])
+        else:
+            feats = torch.cat([features(view(x[i])) for i in batches(len(x), s["batch_size"], device)])
+            loss = lambda i: F.cross_entropy(head(feats[i]), y[i])
     train_head(params, loss, len(x), s, device, label=scheme.upper())
     return clf
 
@@ -635,7 +616,7 @@ def guards(classifier, x, y, bs, eps, steps, robust=()):
     idx = fixed_shuffle(len(x), 200).to(x.device)
     x, y = x[idx], y[idx]
     tol = 0.01 + 1 / len(x)
-    at = lambda e, k: accuracy(classifier, x, y, bs, lambda m, xb, yb: pgd(m, xb, yb, eps=e, step=2.5 * e / k, steps=k))
+    at = lambda e, k: accuracy(classifier, x, y, bs, pgd_attack("linf", e, 2.5 * e / k, k))
     g = {"sa": accuracy(classifier, x, y, bs), "ra_eps": {f"{e}/255": at(e / 255, steps) for e in (2, 8, 16, 64)}}
     g[f"ra_{steps}_steps"], g[f"ra_{5 * steps // 2}_steps"] = at(eps, steps), at(eps, 5 * steps // 2)
     chain = [g["sa"], *g["ra_eps"].values()]
@@ -716,9 +697,7 @@ def evaluate(args, encoder, data, device, done=(), source=None):
         yield name, r
 
 
-# ===================================================================================================
-# Data: whole data sets as uint8 tensors [N, 3, 32, 32]; augmentation as batched tensor ops
-# ===================================================================================================
+# ==== Data: whole data sets as uint8 tensors [N, 3, 32, 32]; augmentation as batched tensor ops ====
 def fixed_shuffle(n_items, n):
     """Indices of the first n items of a fixed permutation (the same for every run, seed and method)."""
     if not 0 < n < n_items:
@@ -885,9 +864,7 @@ def augment(xb):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-# ===================================================================================================
-# Checkpoints, the field's state dicts, and results
-# ===================================================================================================
+# ==== Checkpoints, the field's state dicts, and results ============================================
 def atomic_write(path, write):
     """write(f) to path.tmp, fsync, rename: a kill at any moment leaves the old file whole."""
     with open(path + ".tmp", "wb") as f:
@@ -1120,19 +1097,14 @@ def report(args, ck, encoder, read, data, device, source, t_start, train):
     return res
 
 
-# ===================================================================================================
-# Processes, devices, progress
-# ===================================================================================================
+# ==== Processes, devices, progress =================================================================
 def setup(args):
     """The process group (torchrun sets WORLD_SIZE/RANK), this rank's device, and the seed -> (device, rank, world)."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown --device {name!r}")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: only cpu and cuda are supported")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UsageError(f"--device {name}: only cpu and cuda (or cuda:N) are supported")
+    device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError("--device cuda but no CUDA GPU is visible")
@@ -1179,10 +1151,6 @@ class GatherCat(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return AllReduce.forward(ctx, grad.contiguous()).chunk(dist.get_world_size(), ctx.dim)[dist.get_rank()], None
-
-
-def gather_cat(t, dim):
-    return GatherCat.apply(t, dim)
 
 
 def allreduce_grads(params, world):
@@ -1240,9 +1208,7 @@ def provenance(device):
     return {"torch": str(torch.__version__), "device_name": name, "threads": torch.get_num_threads(), "git": git}
 
 
-# ===================================================================================================
-# Command line
-# ===================================================================================================
+# ==== Command line =================================================================================
 DATASETS = ("cifar10", "cifar100", "stl10", "folder")
 # Base lr of the official scripts (Asym-RoCL/shell); every other method uses 0.1.
 BASE_LR = {"cifar100": {"hardneg": 0.1, "both": 0.2}, "other": {"hardneg": 0.2, "both": 0.3}}
@@ -1523,9 +1489,7 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-# ===================================================================================================
-# Benchmark: our step against a straightforward version of the official step, on random data
-# ===================================================================================================
+# ==== Benchmark: our step against a straightforward version of the official step, on random data ====
 def official_step(net, opt, x1, x2, args):
     """The official step's work: the attack re-embeds x2 at every PGD step, fp32, NCHW."""
     n = len(x1)

@@ -1487,7 +1487,7 @@ def _ddp_worker(rank, world, port, out, method):
     x1, x2 = images(0, 8).cpu(), images(1, 8).cpu()
     b = 8 // world
     x1, x2 = x1[rank * b:(rank + 1) * b], x2[rank * b:(rank + 1) * b]
-    gather = A.gather_cat if world > 1 else None
+    gather = A.GatherCat.apply if world > 1 else None
     x_adv = A.attack_views(net, x1, x2, args, gather)
     loss, _ = A.pretrain_loss(net, x1, x2, x_adv, args, gather)
     loss.backward()
