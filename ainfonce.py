@@ -346,7 +346,7 @@ def knn_accuracy(encoder, x_bank, y_bank, x_query, y_query, n_classes, k=200, t=
     """The weighted kNN monitor of InstDisc and MoCo: cosine similarities of eval-mode fp32 encoder features; the k
     nearest bank images vote for their class with weight exp(similarity / t). No randomness, no BN update."""
     def features(x):
-        return F.normalize(torch.cat([encoder(x[i].float() / 255) for i in batches(len(x), bs, x.device)]), dim=1)
+        return F.normalize(torch.cat([encoder(as_float(x[i])) for i in batches(len(x), bs, x.device)]), dim=1)
     with eval_mode(encoder), strict_fp32(x_bank.device):
         bank, query = features(x_bank), features(x_query)
         sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)
