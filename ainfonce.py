@@ -48,6 +48,7 @@ import subprocess
 import sys
 import time
 from fractions import Fraction
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -354,11 +355,15 @@ def knn_accuracy(encoder, x_bank, y_bank, x_query, y_query, n_classes, k=200, t=
     return (votes.argmax(1) == y_query).float().mean().item()
 
 
+def ck_step(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["step"]
+
+
 def pretrain(args, net, data, device, rank, world, ck=None):
     """Pretraining loop, step by step; checkpoints after every epoch (and every --ckpt-every steps). The
     checkpoint holds the epoch log, so log.jsonl has one line per completed epoch, resumed or not. Every
     --knn-every epochs, rank 0 adds the kNN accuracy of fixed train/test subsets to the epoch's line."""
-    x_train, y_train, x_test, y_test, n_classes = data
+    x_train, y_train, x_test, y_test, n_classes = data[:5]
     x_train, b = x_train.to(device), args.batch_size // world  # b: instances per rank
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     net.to(device).to(memory_format=layout)
@@ -382,6 +387,15 @@ def pretrain(args, net, data, device, rank, world, ck=None):
     gather = GatherCat.apply if world > 1 else None
     stopping = []  # SIGTERM / SIGINT: finish the step, save, exit
     handlers = {s: signal.signal(s, lambda *_: stopping.append(1)) for s in (signal.SIGTERM, signal.SIGINT)}
+    # What made these weights: the arguments as first given, then each invocation's own record (never rewritten)
+    run_args = {**vars(args), "n_classes": n_classes}
+    first_args = ck.get("first_args", ck["args"]) if ck else run_args
+    changes = {k: [ck["args"].get(k), v] for k, v in run_args.items()
+               if ck and k not in OWN_KEYS + ("given",) and ck["args"].get(k) != v}
+    invocations = (ck.get("invocations", []) if ck else []) + [
+        {"step": step, "command": args.command, "given": args.given, "changes": changes}]
+    if rank == 0:
+        write_json(os.path.join(args.out, "config.json"), {"args": first_args, "invocations": invocations})
 
     def save():
         states = [rng_state(device)] * world
@@ -391,10 +405,15 @@ def pretrain(args, net, data, device, rank, world, ck=None):
             state = {"encoder": net.encoder.state_dict(), "projector": net.projector.state_dict(),
                      "optimizer": opt.state_dict(), "epoch": len(history), "step": step, "train_s": train_s,
                      "epoch_s": epoch_s, "sums": {k: float(v) for k, v in sums.items()}, "history": history,
-                     "args": {**vars(args), "n_classes": n_classes}, "rng": states, "env": provenance(device)}
-            atomic_write(path, lambda f: torch.save(state, f))
+                     "args": run_args, "first_args": first_args, "invocations": invocations, "data": data.identity,
+                     "rng": states, "env": provenance(device)}
             lines = "".join(json.dumps(r) + "\n" for r in history).encode()
-            atomic_write(os.path.join(args.out, "log.jsonl"), lambda f: f.write(lines))
+            try:
+                atomic_write(path, lambda f: torch.save(state, f))
+                atomic_write(os.path.join(args.out, "log.jsonl"), lambda f: f.write(lines))
+            except WriteFailed as e:
+                kept = f"{path} still holds step {ck_step(path)}" if os.path.exists(path) else "no checkpoint yet"
+                raise WriteFailed(f"{e}; {kept}; free space, then: {resume_command(args.out)}")
 
     perm, last = None, time.time()
     try:
@@ -451,7 +470,7 @@ def pretrain(args, net, data, device, rank, world, ck=None):
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         if rank == 0:
-            print(f"interrupted: {path} holds step {step}; continue with: python ainfonce.py --resume {args.out}",
+            print(f"interrupted: {path} holds step {step}; continue with: {resume_command(args.out)}",
                   file=sys.stderr)
         raise SystemExit(130)
     finally:
@@ -484,17 +503,21 @@ ROBUSTSSL = {
 
 def scheme_settings(protocol, method, dataset, ft_epochs, batch_size):
     """Per scheme: epochs, lr milestones (lr/10 at each), lr, momentum, weight decay, batch, training augmentation
-    (RobustSSL: RandomCrop(32, padding 4) + flip), and the training attacks (ALF: PGD-10 of 2/255; AFF: TRADES,
-    beta 6, 10 steps of 2/255). ft_epochs: the ALF/AFF epochs (asym-rocl), or every scheme's (robustssl)."""
-    attacks = {"slf": {}, "alf": dict(attack_steps=10, attack_step=2 / 255),
-               "aff": dict(attack_steps=10, attack_step=2 / 255, trades_beta=6.0)}
+    (RobustSSL: RandomCrop(32, padding 4) + flip), the head's initialisation (RobustSSL: zeros; asym-rocl:
+    nn.Linear's), and the training attacks at eps 8/255 (ALF: PGD-10 of 2/255; AFF: TRADES, beta 6, 10 steps of
+    2/255). ft_epochs: the ALF/AFF epochs (asym-rocl), or every scheme's (robustssl)."""
+    attacks = {"slf": {}, "alf": dict(eps=8 / 255, attack_steps=10, attack_step=2 / 255),
+               "aff": dict(eps=8 / 255, attack_steps=10, attack_step=2 / 255, trades_beta=6.0)}
     if protocol == "asym-rocl":
         e = ft_epochs or 25
         s = {"slf": dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4)}
         s["alf"] = s["aff"] = dict(epochs=e, milestones=[max(1, int(0.6 * e)), max(1, int(0.8 * e))], lr=0.1, wd=2e-4)
-        return {k: dict(v, momentum=0.9, batch_size=batch_size, augment=False, **attacks[k]) for k, v in s.items()}
-    s, out = dict(epochs=25, milestones=[15, 20], lr=0.1, momentum=0.9, wd=2e-4, batch_size=128, augment=True), {}
-    for scheme in SCHEMES:  # its argparse defaults, then setup_hyperparameter's changes, carried over
+        return {k: dict(v, momentum=0.9, batch_size=batch_size, augment=False, zero_head=False, **attacks[k])
+                for k, v in s.items()}
+    s = dict(epochs=25, milestones=[15, 20], lr=0.1, momentum=0.9, wd=2e-4, batch_size=128, augment=True,
+             zero_head=True)
+    out = {}
+    for scheme in SCHEMES:  # its argparse defaults, then setup_hyperparameter's changes, carried over (--mode ALL)
         for k, v in ROBUSTSSL[method].get(scheme, {}).items():
             v = v.get("cifar10" if dataset == "folder" else dataset) if isinstance(v, dict) else v
             s[k] = s[k] if v is None else v
@@ -526,11 +549,22 @@ def as_float(xb):  # uint8 images -> [0, 1]; float images (crafted adversarial e
 
 
 def attacked(classifier, x, y, bs, attack, label=None):
-    """attack(classifier, xb, yb) over images x in batches -> adversarial images, float in [0, 1]."""
+    """attack(classifier, xb, yb) over images x in batches -> adversarial images, float in [0, 1]. Progress is
+    shown per attack step (a forward pass of the classifier), so one long batch shows it too."""
     tick, out = progress(label or "attack", len(x)), []
+    steps = getattr(attack, "keywords", {}).get("steps")  # a pgd_attack: its forward passes per batch
     for idx in batches(len(x), bs, x.device):
-        out.append(attack(classifier, as_float(x[idx]), y[idx]))
-        tick(sum(len(o) for o in out))
+        done, calls = sum(len(o) for o in out), [0]
+
+        def step(*_):
+            calls[0] += 1
+            tick(done + len(idx) * min(calls[0], steps) // steps)
+        hook = classifier.register_forward_hook(step) if steps else None
+        try:
+            out.append(attack(classifier, as_float(x[idx]), y[idx]))
+        finally:
+            if hook:
+                hook.remove()
     return torch.cat(out)
 
 
@@ -547,7 +581,7 @@ def accuracy(classifier, x, y, bs, attack=None, label=None):
 def pgd_attack(norm, eps, step, steps):
     """The RA attack of one threat: L_inf with step `step`, L2 with step 2.5 eps / steps."""
     step = step if norm == "linf" else 2.5 * eps / max(steps, 1)
-    return lambda m, xb, yb: pgd(m, xb, yb, eps=eps, step=step, steps=steps, norm=norm)
+    return functools.partial(pgd, eps=eps, step=step, steps=steps, norm=norm)
 
 
 def train_head(params, loss_fn, n, s, device, label):
@@ -580,22 +614,32 @@ def crop_flip(xb):
     return torch.where(torch.rand(b, 1, 1, 1, device=dev) < 0.5, x.flip(3), x).float() / 255
 
 
-def finetune(scheme, encoder, x, y, n_classes, s, eps):
+def linear_head(dim, n_classes, zero):
+    head = nn.Linear(dim, n_classes)
+    if zero:  # RobustSSL's heads start at zero
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    return head
+
+
+def finetune(scheme, encoder, x, y, n_classes, s):
     """Fine-tune one scheme on uint8 images x with settings s -> classifier (encoder + linear head). SLF: a head on
     the frozen encoder's features (eval mode; without augmentation computed once); ALF: a head on PGD examples made
-    through encoder + head; AFF: TRADES on the whole network, from the pretrained encoder. ALF/AFF attack at eps."""
-    device, view = x.device, crop_flip if s["augment"] else as_float
+    through encoder + head; AFF: TRADES on the whole network, from the pretrained encoder. ALF/AFF attack at
+    s["eps"]."""
+    device, view, eps = x.device, crop_flip if s["augment"] else as_float, s.get("eps")
 
     def features(xb):  # of the frozen encoder
         with eval_mode(encoder), torch.no_grad():
             return encoder(xb)
     if scheme == "aff":
-        clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True), nn.Linear(encoder.dim, n_classes))
+        clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True),
+                            linear_head(encoder.dim, n_classes, s["zero_head"]))
         params, clf = clf.parameters(), clf.to(device).train()
         loss = lambda i: trades_loss(clf, view(x[i]), y[i], beta=s["trades_beta"], eps=eps, step=s["attack_step"],
                                      steps=s["attack_steps"])
     else:
-        head = nn.Linear(encoder.dim, n_classes).to(device)
+        head = linear_head(encoder.dim, n_classes, s["zero_head"]).to(device)
         params, clf = head.parameters(), nn.Sequential(encoder, head)
         if scheme == "alf":
             loss = lambda i: F.cross_entropy(head(features(pgd(clf, view(x[i]), y[i], eps=eps, step=s["attack_step"],
@@ -615,15 +659,33 @@ def guards(classifier, x, y, bs, eps, steps, robust=()):
     test set, RA under each norm of robust [(norm, eps, RA)] falls as eps grows."""
     idx = fixed_shuffle(len(x), 200).to(x.device)
     x, y = x[idx], y[idx]
-    tol = 0.01 + 1 / len(x)
-    at = lambda e, k: accuracy(classifier, x, y, bs, pgd_attack("linf", e, 2.5 * e / k, k))
+    tol = 0.01 + 1 / len(x)  # a point, and one image
+    tick, done = progress("guards: PGD attacks", 6), [0]
+
+    def at(e, k):
+        ra = accuracy(classifier, x, y, bs, pgd_attack("linf", e, 2.5 * e / k, k))
+        done[0] += 1
+        tick(done[0])
+        return ra
     g = {"sa": accuracy(classifier, x, y, bs), "ra_eps": {f"{e}/255": at(e / 255, steps) for e in (2, 8, 16, 64)}}
-    g[f"ra_{steps}_steps"], g[f"ra_{5 * steps // 2}_steps"] = at(eps, steps), at(eps, 5 * steps // 2)
-    chain = [g["sa"], *g["ra_eps"].values()]
-    falls = lambda ras: all(a + tol >= b for a, b in zip(ras, ras[1:]))
-    g["threats_fall"] = all(falls([ra for n, _, ra in sorted(robust) if n == norm]) for norm in ("linf", "l2"))
-    g["ok"] = (falls(chain) and chain[-1] <= 0.05 and g["threats_fall"]
-               and g[f"ra_{5 * steps // 2}_steps"] <= g[f"ra_{steps}_steps"] + tol)
+    more = 5 * steps // 2
+    g[f"ra_{steps}_steps"], g[f"ra_{more}_steps"] = at(eps, steps), at(eps, more)
+    chain = [("SA", g["sa"])] + [(f"RA at {k}", ra) for k, ra in g["ra_eps"].items()]
+    failed = [f"{b} {100 * rb:.1f}% above {a} {100 * ra:.1f}%" for (a, ra), (b, rb) in zip(chain, chain[1:])
+              if rb > ra + tol]
+    if chain[-1][1] > 0.05:
+        failed.append(f"RA at 64/255 {100 * chain[-1][1]:.1f}% (should be ~0)")
+    if g[f"ra_{more}_steps"] > g[f"ra_{steps}_steps"] + tol:
+        failed.append(f"PGD-{more} RA {100 * g[f'ra_{more}_steps']:.1f}% above PGD-{steps}'s "
+                      f"{100 * g[f'ra_{steps}_steps']:.1f}%")
+    rising = []  # RA under each norm of robust, on the whole test set, as eps grows
+    for norm in ("linf", "l2"):
+        ras = [(e, ra) for n, e, ra in sorted(robust) if n == norm]
+        rising += [f"{norm} RA {100 * rb:.1f}% at {eb:.4g} above {100 * ra:.1f}% at {ea:.4g}"
+                   for (ea, ra), (eb, rb) in zip(ras, ras[1:]) if rb > ra + tol]
+    g["threats_fall"] = not rising
+    g["failed"] = failed + rising
+    g["ok"] = not g["failed"]
     return g
 
 
@@ -632,8 +694,8 @@ def autoattack_impl():
     try:
         import pyautoattack
     except ImportError:
-        raise UsageError("--autoattack needs an optional package: pip install pyautoattack (Croce and Hein's "
-                         "reference AutoAttack)")
+        raise UsageError("AutoAttack needs an optional package: pip install pyautoattack (Croce and Hein's "
+                         "reference AutoAttack); --protocol robustssl runs it unless --no-autoattack")
     return f"pyautoattack {pyautoattack.__version__}"
 
 
@@ -652,16 +714,16 @@ def evaluate(args, encoder, data, device, done=(), source=None):
     """Yields (scheme, numbers) for each scheme of args.eval not in done: fine-tune (settings args.schemes), then
     measure SA, RA under every threat, AutoAttack, and transfer RA from source's SLF classifier. Finetuning uses
     PyTorch's default precision; every measured number is strict fp32."""
-    x_tr, y_tr, x_te, y_te, n_classes = data
+    x_tr, y_tr, x_te, y_te, n_classes = data[:5]
     bs, (key0, norm0, eps0) = args.eval_batch_size, args.threats[0]
-    ft_eps = next((e for _, n, e in args.threats if n == "linf"), 8 / 255)  # ALF/AFF train against L_inf
+    guard_eps = next((e for _, n, e in args.threats if n == "linf"), 8 / 255)  # the guards' more-steps check
 
     def prep(enc):  # a frozen fp32 copy on the device, in the default memory layout
         return copy.deepcopy(enc).float().to(device, memory_format=torch.contiguous_format).requires_grad_(False)
     encoder, x_transfer, todo = prep(encoder), None, [s for s in SCHEMES if s in args.eval and s not in done]
     if source is not None and todo:
         torch.manual_seed(args.seed)
-        src = finetune("slf", prep(source), x_tr, y_tr, n_classes, args.schemes["slf"], ft_eps)
+        src = finetune("slf", prep(source), x_tr, y_tr, n_classes, args.schemes["slf"])
         with strict_fp32(device):
             torch.manual_seed(args.seed)  # the random starts of white-box RA: transfer from itself equals it
             x_transfer = attacked(src, x_te, y_te, bs, pgd_attack(norm0, eps0, args.eval_step, args.eval_steps),
@@ -669,7 +731,7 @@ def evaluate(args, encoder, data, device, done=(), source=None):
     for name in todo:
         t0 = time.time()
         torch.manual_seed(args.seed + SCHEMES.index(name))  # each scheme its own draws: one can be (re)run alone
-        clf = finetune(name, encoder, x_tr, y_tr, n_classes, args.schemes[name], ft_eps)
+        clf = finetune(name, encoder, x_tr, y_tr, n_classes, args.schemes[name])
         with strict_fp32(device):
             r = {"sa": accuracy(clf, x_te, y_te, bs), "robust": {}}
             for key, norm, eps in args.threats:
@@ -684,7 +746,7 @@ def evaluate(args, encoder, data, device, done=(), source=None):
             if x_transfer is not None:
                 r["ra_transfer"] = accuracy(clf, x_transfer, y_te, bs)
             if name == "slf":
-                r["guards"] = guards(clf, x_te, y_te, bs, ft_eps, args.eval_steps,
+                r["guards"] = guards(clf, x_te, y_te, bs, guard_eps, args.eval_steps,
                                      [(n, e, r["robust"][k]) for k, n, e in args.threats])
         r["s"] = time.time() - t0
         shown = {"SA": r["sa"], **{f"RA {k}": v for k, v in r["robust"].items()},
@@ -692,7 +754,7 @@ def evaluate(args, encoder, data, device, done=(), source=None):
                  f"transfer RA {key0}": r.get("ra_transfer")}
         line = "  ".join(f"{k} {100 * v:.2f}%" for k, v in shown.items() if v is not None)
         if name == "slf":
-            line += "  guards " + ("ok" if r["guards"]["ok"] else "FAILED: " + json.dumps(r["guards"]))
+            line += "  guards " + ("ok" if r["guards"]["ok"] else "FAILED: " + "; ".join(r["guards"]["failed"]))
         print(f"{name.upper()}: {line}  ({hms(r['s'])})", flush=True)
         yield name, r
 
@@ -768,20 +830,57 @@ def decode(ds, idx, split):
     return x.permute(0, 3, 1, 2).contiguous(), torch.tensor([ds.samples[i][1] for i in idx.tolist()])
 
 
+class Data(NamedTuple):
+    """A data set as uint8 images [N, 3, 32, 32] on the CPU, and what identifies it (data_identity)."""
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    n_classes: int
+    identity: dict
+
+
+def fingerprint(paths, root):
+    """sha256 of the files' paths (relative to root) and bytes: equal images give an equal value wherever
+    they lie; a file changed, added, renamed or moved to another class changes it. About 0.5 s for CIFAR-10."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(os.path.relpath(path, root).encode() + b"\0")
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def load_data(dataset, data_dir, n_train=0, n_test=0):
-    """-> (x_train, y_train, x_test, y_test, n_classes), uint8 images [N, 3, 32, 32] on the CPU. n_train and
-    n_test > 0 keep the first n images of a fixed shuffle (never a single class); only those are decoded."""
+    """-> Data. n_train and n_test > 0 keep the first n images of a fixed shuffle (never a single class); only
+    those are decoded. Its identity names the data set, its resolved directory, the fingerprint of its files,
+    the subsets and the classes."""
     if dataset == "folder":
         train = image_folder(data_dir, "train")
-        splits = (train, n_train, "train"), (image_folder(data_dir, "test", train.classes), n_test, "test")
-        (x_tr, y_tr), (x_te, y_te) = (decode(ds, pick(len(ds.samples), n, split), split) for ds, n, split in splits)
-        return x_tr, y_tr, x_te, y_te, len(train.classes)
+        test = image_folder(data_dir, "test", train.classes)
+        files = [p for p, _ in train.samples + test.samples]
+        x_tr, y_tr = decode(train, pick(len(train.samples), n_train, "train"), "train")
+        x_te, y_te = decode(test, pick(len(test.samples), n_test, "test"), "test")
+        n_classes = len(train.classes)
+    else:
+        x_tr, y_tr, x_te, y_te, n_classes, files = torchvision_data(dataset, data_dir, n_train, n_test)
+    if n_classes < 2:
+        raise UsageError(f"{dataset} in {data_dir} has {n_classes} class: classification needs at least 2")
+    identity = {"dataset": dataset, "dir": os.path.realpath(data_dir), "fingerprint": fingerprint(files, data_dir),
+                "subset": n_train, "eval_subset": n_test, "n_train": len(x_tr), "n_test": len(x_te),
+                "n_classes": n_classes}
+    return Data(x_tr, y_tr, x_te, y_te, n_classes, identity)
+
+
+def torchvision_data(dataset, data_dir, n_train, n_test):
     import torchvision.datasets as tvd
     created = not os.path.exists(data_dir)
+    kind = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}[dataset]
     try:
-        sets = [tvd.STL10(data_dir, split=split, download=True) if dataset == "stl10" else
-                (tvd.CIFAR10 if dataset == "cifar10" else tvd.CIFAR100)(data_dir, train=split == "train", download=True)
-                for split in ("train", "test")]
+        if dataset == "stl10":
+            sets = [kind(data_dir, split=split, download=True) for split in ("train", "test")]
+        else:
+            sets = [kind(data_dir, train=train, download=True) for train in (True, False)]
     except Exception as e:  # offline (URLError) or a corrupt archive (RuntimeError)
         if created and os.path.isdir(data_dir) and not os.listdir(data_dir):
             os.rmdir(data_dir)  # nothing was downloaded: leave nothing behind
@@ -796,7 +895,9 @@ def load_data(dataset, data_dir, n_train=0, n_test=0):
         if x.shape[-1] != 32:  # STL-10's 96x96 at 32x32, antialiased (as PIL's bilinear resize)
             x = F.interpolate(x.float(), size=32, mode="bilinear", antialias=True).round().clamp(0, 255).byte()
         out += [x.contiguous(), y.long()]
-    return (*out, len(sets[0].classes))
+    base = os.path.join(data_dir, kind.base_folder)
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(base) for f in names)
+    return (*out, len(sets[0].classes), files)
 
 
 def _gray(x):  # ITU-R 601 luma, as torchvision's rgb_to_grayscale: [B,3,H,W] -> [B,1,H,W]
@@ -865,13 +966,24 @@ def augment(xb):
 
 
 # ==== Checkpoints, the field's state dicts, and results ============================================
+class WriteFailed(Exception):
+    """A file could not be written (a full disk, a quota): one line, exit code 4; the previous file is kept."""
+
+
 def atomic_write(path, write):
-    """write(f) to path.tmp, fsync, rename: a kill at any moment leaves the old file whole."""
-    with open(path + ".tmp", "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    """write(f) to path.tmp, fsync, rename: a kill at any moment leaves the old file whole. A failed write (a full
+    disk) removes path.tmp, which would keep the disk full, and raises WriteFailed."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports ENOSPC as a RuntimeError from its zip writer
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        raise WriteFailed(f"could not write {path}: {reason}") from None
 
 
 def write_json(path, obj):
@@ -896,94 +1008,147 @@ def load_strict(module, state, what):
 ENCODER = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "normalize.")
 HEADS = ("fc", "linear", "classifier", "head", "proj", "predictor")  # inside the encoder's module; all else must fit
 SECOND_ENCODERS = ("encoder_q.", "momentum_backbone.")  # DynACL's online encoder, solo-learn's momentum teacher
+WRAPPERS = r"(^|\.)((module|_orig_mod)\.)+"  # DataParallel's and torch.compile's, nested in any order
+READ_FLAGS = {"bn_branch": "--bn-branch", "stem_padding": "--stem-padding", "normalise": "--normalise"}
 
 
-def field_encoder(ck, path, bn_branch=None, stem_padding=None):
-    """A CIFAR ResNet-18 in one of the field's layouts -> (ResNet18 with exactly its weights, what was read).
+def state_dicts(ck):
+    """The state dicts a checkpoint may hold, in the order RobustSSL's loader looks for them, then the file itself."""
+    if not isinstance(ck, dict):
+        return []
+    inner = [ck[k] for k in ("state_dict_dual", "state_dict", "model") if isinstance(ck.get(k), dict)]
+    return [{k: v for k, v in sd.items() if torch.is_tensor(v)} for sd in inner + [ck]]
+
+
+def field_encoder(ck, path, flags):
+    """A CIFAR ResNet-18 in one of the field's layouts -> (ResNet18 with exactly its weights, how it was read).
 
     The encoder is the sub-network whose keys hold conv1 and layer1..4 (after DataParallel's module. and
-    compile's _orig_mod.), DynACL's encoder_k rather than encoder_q, solo-learn's backbone rather than its
-    momentum_backbone; the other sub-networks, heads and other BN branches are ignored and named; every other
-    key must fit the encoder (strict). bn_list.K (ACL, DynACL, AdvCL): the only branch, else --bn-branch, else 1
-    (pgd, as their evaluations). downsample.conv/bn and downsample.0/1 are our shortcut.0/1; normalize.mean/std our
-    mean/std. The CIFAR stem has padding 1 (RoCL, ACL, AdvCL, DynACL) except solo-learn's 2 (DeACL): torchvision-style
-    names (downsample.0/1) are written by both, so outside a solo-learn Lightning checkpoint the stem must be named."""
+    compile's _orig_mod., nested or not), DynACL's encoder_k rather than encoder_q, solo-learn's backbone rather
+    than its momentum_backbone; the other sub-networks, heads and other BN branches are ignored and named; every
+    other key must fit the encoder (strict). How to read it is taken from the file where its keys say it, and
+    from flags (bn_branch, stem_padding, normalise) only where they do not: a flag the file answers is refused.
+    - BN branch: bn_list.K (ACL, DynACL, AdvCL): the only branch, else --bn-branch, else 1 (pgd, as their
+      evaluations). downsample.conv/bn and downsample.0/1 are our shortcut.0/1.
+    - Stem: padding 1 (RoCL, ACL, AdvCL, DynACL: their own key names), 2 in a solo-learn Lightning checkpoint
+      (DeACL); torchvision-style names (downsample.0/1) outside one are written with either: --stem-padding.
+    - Normalisation: normalize.mean/std are applied inside, except in a torchvision-style file of padding 1
+      (DynACL++ applies them, RobustSSL's SLF/ALF files of AdvCL/A-InfoNCE hold them unused): --normalise."""
     lightning = isinstance(ck, dict) and "pytorch-lightning_version" in ck
-    sd = ck.get("state_dict", ck.get("model", ck)) if isinstance(ck, dict) else None
-    sd = {re.sub(r"(^|\.)(module|_orig_mod)\.", r"\1", k): v for k, v in (sd or {}).items() if torch.is_tensor(v)}
-    roots = {k[:-12] for k in sd if k.endswith("conv1.weight") and k[:-12] + "layer1.0.conv1.weight" in sd}
+    roots, sd = set(), {}
+    for candidate in state_dicts(ck):
+        sd = {re.sub(WRAPPERS, r"\1", k): v for k, v in candidate.items()}
+        roots = {k[:-12] for k in sd if k.endswith("conv1.weight") and k[:-12] + "layer1.0.conv1.weight" in sd}
+        if roots:
+            break
     roots = roots - {r for r in roots if r.endswith(SECOND_ENCODERS)} or roots
     if len(roots) != 1:
-        raise UsageError(f"{path} is neither an ainfonce checkpoint nor a CIFAR ResNet-18 in the field's layouts ("
-                         + (f"it holds {len(roots)} encoders: {', '.join(sorted(roots))}" if roots else
-                            f"no conv1 and layer1..4; keys: {', '.join(list(sd)[:4])} ...") + ")")
+        keys = list(sd) or (list(ck) if isinstance(ck, dict) else [type(ck).__name__])
+        found = f"it holds {len(roots)} encoders: {', '.join(sorted(roots))}" if roots else \
+            f"no conv1 and layer1..4; keys: {', '.join(map(str, keys[:4]))} ..."
+        raise UsageError(f"{path} is neither an ainfonce checkpoint nor a CIFAR ResNet-18 in the field's layouts "
+                         f"({found})")
     root = roots.pop()
     enc = [k[len(root):] for k in sd if k.startswith(root) and k[len(root):].startswith(ENCODER)]
     branches = sorted({int(b) for b in re.findall(r"\.bn_list\.(\d+)\.", " ".join(enc))})
-    if bn_branch is not None and bn_branch not in branches:
-        raise UsageError(f"--bn-branch {bn_branch}: {path} holds " + (f"BN branches {branches}: pass one of them" if
-                         branches else "one set of BN statistics (no bn_list): leave --bn-branch out"))
-    if branches:
-        bn_branch = bn_branch if bn_branch is not None else branches[0] if len(branches) == 1 else 1
-        if bn_branch not in branches:
+    torchvision_style = any(re.search(r"\.downsample\.[01]\.", k) for k in enc)
+    solo = lightning and root == "backbone."
+    normalising = any(k.startswith("normalize.") for k in enc)
+    ask = {"bn_branch": len(branches) > 1, "stem_padding": torchvision_style and not solo}
+    answers = {"bn_branch": f"BN branches {branches}" if branches else "one set of BN statistics (no bn_list)",
+               "stem_padding": "a stem its key names fix"}
+    if ask["stem_padding"] and flags.get("stem_padding") is None:
+        raise UsageError(f"{path} has torchvision-style keys (downsample.0/1), which solo-learn/DeACL write with "
+                         f"a CIFAR stem of padding 2 and DynACL++/RobustSSL with padding 1: pass --stem-padding 2 "
+                         f"or 1")
+    stem_padding = flags.get("stem_padding") or (2 if solo else 1)
+    ask["normalise"] = normalising and ask["stem_padding"] and stem_padding == 1
+    answers["normalise"] = "normalize.mean/std that its layout applies" if normalising else "no normalize.mean/std"
+    for key, flag in READ_FLAGS.items():
+        if flags.get(key) is not None and not ask[key]:
+            raise UsageError(f"{flag} {flags[key]}: {path} holds {answers[key]}: leave {flag} out")
+    if ask["normalise"] and flags.get("normalise") is None:
+        raise UsageError(f"{path} holds normalize.mean/std in torchvision-style keys: DynACL++ and RobustSSL's files "
+                         f"apply them, but RobustSSL's SLF/ALF files of AdvCL and A-InfoNCE hold them unused: pass "
+                         f"--normalise inside or none")
+    bn_branch = flags.get("bn_branch")
+    if branches and bn_branch is None:
+        bn_branch = branches[0] if len(branches) == 1 else 1
+    if branches and bn_branch not in branches:
+        if flags.get("bn_branch") is None:
             raise UsageError(f"{path} holds BN branches {branches}, none of them 1 (adversarial): pass --bn-branch K")
+        raise UsageError(f"--bn-branch {bn_branch}: {path} holds BN branches {branches}: pass one of them")
+    normalise = normalising and flags.get("normalise") != "none"
     state, ignored = {}, {}
     for k, v in sd.items():
         inside = k.startswith(root)
         name = k[len(root):] if inside else k
         m, other = re.search(r"\.bn_list\.(\d+)\.", name), not inside or name.startswith(HEADS)
-        if other or m and int(m.group(1)) != bn_branch:
-            kind = name.split(".")[0] if other else f"bn_list.{m.group(1)}"
+        unused = name.startswith("normalize.") and not normalise
+        if other or unused or m and int(m.group(1)) != bn_branch:
+            kind = name.split(".")[0] if other or unused else f"bn_list.{m.group(1)}"
             ignored[kind] = ignored.get(kind, 0) + 1
             continue
         name = re.sub(r"\.bn_list(\.\d+)?\.", ".", name)
         name = re.sub(r"downsample\.(0|conv)\.", "shortcut.0.", re.sub(r"downsample\.(1|bn)\.", "shortcut.1.", name))
         state[re.sub(r"^normalize\.", "", name)] = v
-    solo = lightning and root == "backbone."
-    if stem_padding is None:
-        if any(re.search(r"\.downsample\.[01]\.", k) for k in enc) and not solo:
-            raise UsageError(f"{path} has torchvision-style keys (downsample.0/1), which solo-learn/DeACL write with "
-                             f"a CIFAR stem of padding 2 and DynACL++/RobustSSL with padding 1: pass --stem-padding 2 "
-                             f"or 1")
-        stem_padding = 2 if solo else 1
-    encoder = ResNet18(state["conv1.weight"].shape[0], normalise="mean" in state, stem_padding=stem_padding)
+    encoder = ResNet18(state["conv1.weight"].shape[0], normalise=normalise, stem_padding=stem_padding)
     load_strict(encoder, state, f"{path}: state dict")
-    layout = "dynacl" if root == "encoder_k." else "deacl" if solo else "advcl" if branches == [0, 1, 2] else "other"
-    print(f"{path}: ResNet-18 width {encoder.dim // 8}" + (f" from {root.rstrip('.')}" if root else "")
-          + f", stem padding {stem_padding}" + (f", BN branch {bn_branch} of {branches}" if branches else "")
-          + (", normalising inputs inside" if "mean" in state else "") + (f"; ignored {sum(ignored.values())} keys: "
-          + ", ".join(f"{k} ({n})" for k, n in ignored.items()) if ignored else ""))
+    layout = "other"
+    if root == "encoder_k.":
+        layout = "dynacl"
+    elif solo:
+        layout = "deacl"
+    elif branches == [0, 1, 2]:
+        layout = "advcl"
+    said = [f"ResNet-18 width {encoder.dim // 8}", f"stem padding {stem_padding}"]
+    if root:
+        said[0] += f" from {root.rstrip('.')}"
+    if branches:
+        said.append(f"BN branch {bn_branch} of {branches}")
+    if normalise:
+        said.append("normalising inputs inside")
+    if ignored:
+        said.append(f"ignored {sum(ignored.values())} keys: " + ", ".join(f"{k} ({n})" for k, n in ignored.items()))
+    print(f"{path}: " + ", ".join(said))
     return encoder, {"checkpoint": path, "layout": layout, "encoder": root.rstrip(".") or None, "bn_branch": bn_branch,
-                     "bn_branches": branches or None, "stem_padding": stem_padding,
-                     "normalise_inside": "mean" in state, "ignored": ignored}
+                     "bn_branches": branches or None, "stem_padding": stem_padding, "normalise_inside": normalise,
+                     "ignored": ignored}
 
 
-def load_checkpoint(path, bn_branch=None, stem_padding=None):
-    """-> (path, ainfonce checkpoint or None, Net or ResNet18 with its weights, what was read). An ainfonce
-    checkpoint (a run directory or its last.pt), or a CIFAR ResNet-18 in one of the field's layouts."""
+def load_checkpoint(path, flags=None, what="checkpoint"):
+    """-> (path, ainfonce checkpoint or None, Net or ResNet18 with its weights, how it was read). An ainfonce
+    checkpoint (a run directory or its last.pt), or a CIFAR ResNet-18 in one of the field's layouts, read as
+    flags (bn_branch, stem_padding, normalise) say where the file does not. what: the flag that named it."""
+    import pickle
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
     path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
-        raise UsageError(f"no checkpoint at {path}")
+        raise UsageError(f"{what}: no checkpoint at {path}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"{path} holds Python objects that weights_only=True refuses to load; if you trust it, keep "
+                         f"its dictionaries of tensors: python -c \"import torch; c = torch.load('{path}', "
+                         f"weights_only=False); torch.save({{k: v for k, v in c.items() if isinstance(v, dict)}}, "
+                         f"'weights.pt')\"")
     except Exception as e:
-        raise UsageError(f"{path} is not a readable checkpoint (corrupt, truncated, or holding Python objects that "
-                         f"weights_only=True refuses: {type(e).__name__}); if you trust it, keep its tensors: "
-                         f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
-                         f"torch.save({{k: c[k] for k in ('state_dict', 'model', 'pytorch-lightning_version') "
-                         f"if k in c}}, 'weights.pt')\"")
+        raise UsageError(f"{path} is not a readable checkpoint: corrupt or truncated ({type(e).__name__}); "
+                         f"restore a copy of it")
     if not (isinstance(ck, dict) and {"encoder", "projector", "args"} <= set(ck)):
-        return (path, None, *field_encoder(ck, path, bn_branch, stem_padding))
+        return (path, None, *field_encoder(ck, path, flags))
     missing = {"optimizer", "epoch", "step", "history", "sums", "rng"} - set(ck)
     if missing:
         raise UsageError(f"{path} is not a complete ainfonce checkpoint: it lacks {sorted(missing)}")
-    if bn_branch is not None or stem_padding not in (None, 1):
-        raise UsageError(f"{path} is an ainfonce checkpoint (one BN, stem padding 1): --bn-branch and --stem-padding "
-                         f"are for the field's state dicts")
+    if flags:
+        wrong = ", ".join(READ_FLAGS[k] for k in flags)
+        raise UsageError(f"{wrong}: {path} is an ainfonce checkpoint (one BN, stem padding 1, no normalisation): "
+                         f"leave {wrong} out")
     net = Net(ck["args"]["width"])
     load_strict(net.encoder, ck["encoder"], f"{path}: encoder")
     load_strict(net.projector, ck["projector"], f"{path}: projector")
-    return path, ck, net, {"checkpoint": path, "layout": "ainfonce", "stem_padding": 1}
+    return path, ck, net, {"checkpoint": path, "layout": "ainfonce", "encoder": None, "bn_branch": None,
+                           "stem_padding": 1, "normalise_inside": False}
 
 
 def weights_digest(module):
@@ -994,107 +1159,186 @@ def weights_digest(module):
     return h.hexdigest()[:16]
 
 
-def check_out(args, n_params):
-    """Before anything is written: refuse to clobber another run; fail if the output cannot hold the run."""
-    if os.path.exists(os.path.join(args.out, "last.pt")) and not args.resume and not args.overwrite:
+def checkpoint_bytes(n_params):
+    """About what last.pt takes: fp32 weights and SGD momentum, and a MiB for the rest."""
+    return 8 * n_params + 2**20
+
+
+def prepare_out(args, n_params):
+    """Before training writes (the lock held): refuse to clobber another run; fail if the disk cannot hold the
+    run's checkpoints (last.pt and last.pt.tmp side by side during a save)."""
+    last = os.path.join(args.out, "last.pt")
+    if os.path.exists(last) and not args.resume and not args.overwrite:
         raise UsageError(f"{args.out} already holds a run: continue it with --resume {args.out}, "
                          f"or pass --overwrite to start over")
-    parent = os.path.abspath(args.out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"cannot write to {args.out}: {parent} is not a directory")
-    need, free = 3 * 4 * n_params, shutil.disk_usage(parent).free  # params + momentum, twice during a save
+    have = os.path.getsize(last) if os.path.exists(last) and args.resume else 0
+    need = 2 * checkpoint_bytes(n_params) - have
+    free = shutil.disk_usage(args.out).free
     if free < need:
-        raise UsageError(f"only {free / 2**20:.0f} MiB free for {args.out}; checkpoints need {need / 2**20:.0f} MiB")
+        raise UsageError(f"only {free / 2**20:.0f} MiB free for {args.out}; its checkpoints need "
+                         f"{need / 2**20:.0f} MiB more (last.pt and last.pt.tmp during a save)")
+
+
+def lock_owner(f, wait=1.0):
+    """The owner's line of a lock held by another process; it writes the line right after taking the lock."""
+    deadline = time.time() + wait
+    while True:
+        f.seek(0)
+        owner = f.read().strip()
+        if owner or time.time() > deadline:
+            return owner or "another process"
+        time.sleep(0.02)
 
 
 @contextlib.contextmanager
 def owning(directory):
     """Owns `directory` while this process writes there: directory/.lock holds the owner's pid and host under an
     flock, which the OS drops when a process dies, so a live owner is refused and a dead one's lock is taken over;
-    a clean exit leaves the file empty."""
+    a clean exit leaves the file empty. Any *.tmp inside is then a dead writer's and is removed. A directory this
+    made and left empty (a check failed) is removed again."""
     import fcntl  # POSIX
+    created = not os.path.exists(directory)
     try:
         os.makedirs(directory, exist_ok=True)
         f = open(os.path.join(directory, ".lock"), "a+")
     except OSError as e:
         raise UsageError(f"cannot write to {directory}: {e.strerror or e}")
     with f:
-        f.seek(0)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise UsageError(f"{directory} is in use by {f.read().strip() or 'another process'}: wait for it to end, "
-                             f"or write elsewhere with --out")
+            raise UsageError(f"{directory} is in use by {lock_owner(f)}: wait for it to end, or write elsewhere with "
+                             f"--out")
+        f.seek(0)
         owner = f.read().strip()
-        if owner:
+        pid = re.match(rf"pid (\d+) on {re.escape(socket.gethostname())} ", owner + " ")
+        if pid and os.path.exists(f"/proc/{pid.group(1)}") and int(pid.group(1)) != os.getpid():
+            print(f"{directory}: its lock file names {owner}, which is running but does not hold the lock (a copied "
+                  f"directory?): taking it over")
+        elif owner:
             print(f"{directory}: taking over the lock of {owner}, which is no longer running")
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         f.flush()
+        for name in os.listdir(directory):
+            if name.endswith(".tmp"):
+                size = os.path.getsize(os.path.join(directory, name))
+                os.remove(os.path.join(directory, name))
+                print(f"{directory}: removed {name} ({size / 2**20:.1f} MiB), left by a writer that died")
         try:
             yield
+        except UsageError:
+            if created and os.listdir(directory) == [".lock"]:
+                f.close()
+                os.remove(os.path.join(directory, ".lock"))
+                os.rmdir(directory)
+            raise
         finally:
-            f.truncate(0)
+            if not f.closed:
+                f.truncate(0)
+
+
+READ_KEYS = ("layout", "encoder", "bn_branch", "stem_padding", "normalise_inside")  # how a file became an encoder
+
+
+def results_identity(args, encoder, read, data, source):
+    """What a number depends on, computed in this one place: the weights (digest of parameters and buffers) and how
+    a file was read into them; the data (data set, directory, fingerprint of its files, subsets); the protocol
+    (every setting of every scheme, the threats, the attack, AutoAttack, the seed); the transfer source's weights.
+    Its hash names the results file, and the file records it: numbers are reused only under an equal identity."""
+    protocol = {"name": args.protocol, "pretraining": args.pretraining, "schemes": args.schemes,
+                "threats": [k for k, _, _ in args.threats], "eval_step": args.eval_step,
+                "eval_steps": args.eval_steps, "eval_batch_size": args.eval_batch_size,
+                "autoattack": autoattack_impl() if args.autoattack else None, "seed": args.seed,
+                "precision": "fp32, no TF32, no autocast"}
+    transfer = None
+    if source is not None:
+        transfer = {"digest": weights_digest(source[0]), **{k: source[1].get(k) for k in READ_KEYS}}
+    return {"weights": {"digest": weights_digest(encoder), **{k: read.get(k) for k in READ_KEYS}},
+            "data": data.identity, "protocol": protocol, "transfer": transfer}
+
+
+def training_record(ck):
+    """What made a run's weights, as its checkpoint holds it: the arguments as first given, each later invocation
+    (a resume) with its step, command and changes, the training data's identity, time, speed and machine."""
+    return {"args": ck.get("first_args", ck["args"]), "invocations": ck.get("invocations", []),
+            "data": ck.get("data"), "pretrain_s": ck["train_s"],
+            "images_per_s": ck["step"] * ck["args"]["batch_size"] / max(ck["train_s"], 1e-9), "env": ck["env"]}
+
+
+def plural(n, word):
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
+
+
+def describe(args, data, path):
+    """One line that says which protocol and settings this evaluation runs, on what, and where the numbers go."""
+    parts = []
+    for name in args.eval:
+        s = args.schemes[name]
+        parts.append(f"{name.upper()} {plural(s['epochs'], 'epoch')} (lr {s['lr']:g}, batch {s['batch_size']}"
+                     + (", crop+flip" if s["augment"] else "") + (f", PGD at {s['eps'] * 255:g}/255" if "eps" in s
+                                                                   else "") + ")")
+    threats = ", ".join(k for k, _, _ in args.threats)
+    return (f"evaluation: {args.protocol} protocol on {data.identity['dataset']} {data.identity['dir']} "
+            f"({len(data.x_train)} training / {len(data.x_test)} test images): {'; '.join(parts)}; RA: "
+            f"PGD-{args.eval_steps} (step {args.eval_step * 255:g}/255) at {threats}"
+            + (", and AutoAttack" if args.autoattack else "") + f" -> {path}")
+
+
+def resume_command(out):
+    return shlex.join(["python", os.path.relpath(__file__), "--resume", out])
 
 
 def report(args, ck, encoder, read, data, device, source, t_start, train):
-    """Results: one file per protocol and weights. results.json is the run's own: its final weights, under the
-    run's protocol; other protocols and other or unfinished weights go to results-<digest>.json. A file's finished
-    schemes are kept (--overwrite recomputes them); each scheme is saved as soon as it is done."""
-    weights, info = {"digest": weights_digest(encoder)}, dict(read)
-    if ck:
-        weights.update(step=ck["step"], epoch=ck["epoch"], final=ck["epoch"] >= ck["args"]["epochs"])
-        run_args = {**ck["args"], **vars(args)}  # a new run's n_classes is the checkpoint's
-        info = {k: run_args.get(k) for k in ("method", "dataset", "data_dir", "subset", "n_classes", "width", "epochs",
-                                             "batch_size", "attack_steps", "eps", "lr", "hn_normalise", "seed")}
-        info.update(pretrain_s=ck["train_s"], images_per_s=ck["step"] * info["batch_size"] / max(ck["train_s"], 1e-9),
-                    train_env=ck["env"])
-        if not weights["final"]:
-            print(f"note: {read['checkpoint']} holds epoch {ck['epoch']} of {ck['args']['epochs']} "
-                  f"(step {ck['step']}): not the end of its run, so these numbers stay out of {args.out}/results.json")
-    protocol = None if not args.eval else {
-        "name": args.protocol, "pretraining": args.pretraining, "schemes": args.schemes,
-        "eval_dataset": args.eval_dataset or args.dataset, "n_classes": data[4], "n_train": len(data[0]),
-        "n_test": len(data[2]), "threats": [k for k, _, _ in args.threats], "eval_step": args.eval_step,
-        "eval_steps": args.eval_steps, "eval_batch_size": args.eval_batch_size,
-        "autoattack": autoattack_impl() if args.autoattack else None, "transfer_from": args.transfer_from,
-        "seed": args.seed, "precision": "fp32, no TF32, no autocast"}
-    path, own = os.path.join(args.out, "results.json"), ck and weights["final"]
-    res = read_json(path) if own else {}
-    if res and res.get("weights", {}).get("digest") != weights["digest"]:
-        print(f"{path} held numbers of other weights (step {res.get('weights', {}).get('step')}): recomputing")
-        res = {"invocations": res.get("invocations", [])}
-    if not own or protocol and res.get("protocol", protocol) != protocol:
-        digest = hashlib.sha1(json.dumps([protocol, weights["digest"]], sort_keys=True).encode()).hexdigest()[:8]
-        name = "" if ck else os.path.splitext(os.path.basename(read["checkpoint"]))[0] + "-"
-        path = os.path.join(args.out, f"results-{name}{digest}.json")
-        res = read_json(path)
+    """Evaluate and record: the numbers go to OUT/results-<key>.json, key the hash of their identity
+    (results_identity), which the file records; a finished scheme there is reused (--overwrite recomputes it),
+    each new one is saved as soon as it is done. Nothing of another identity is ever read or rewritten."""
+    identity = results_identity(args, encoder, read, data, source)
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(args.out, f"results-{key}.json")
+    res = read_json(path)
+    if res and res.get("identity") != identity:
+        raise UsageError(f"{path} holds numbers of another identity than its name says (edited by hand?): move it "
+                         f"away")
     if args.eval_only and args.overwrite:
         res = {k: v for k, v in res.items() if not k.startswith(tuple(f"{s}_" for s in args.eval))}
-    if not train and res and all(f"{s}_sa" in res for s in args.eval):
-        print(f"nothing to do: {path} holds every evaluation asked for")
-        return res
+    if not train and all(f"{s}_sa" in res for s in args.eval):
+        print(f"nothing to do: {path} holds every evaluation asked for\nresults: {path}")
+        return dict(res, path=path)
+    weights = {"checkpoint": read["checkpoint"]}
+    if ck:
+        weights.update(step=ck["step"], epoch=ck["epoch"], final=ck["epoch"] >= ck["args"]["epochs"])
+        if not weights["final"]:
+            print(f"note: {read['checkpoint']} holds epoch {ck['epoch']} of {ck['args']['epochs']} "
+                  f"(step {ck['step']}): not the end of its run")
     invocation = {"command": args.command, "wall_s": 0.0, "env": provenance(device)}
-    res.update(info, weights=weights, invocations=res.get("invocations", []) + [invocation],
-               **({"protocol": protocol} if protocol else {}))
+    res.update(identity=identity, key=key, weights=weights, training=training_record(ck) if ck else None,
+               read=read, invocations=res.get("invocations", []) + [invocation])
+    # an interrupt repeats this invocation's evaluation: a run that trained now continues through its checkpoint
+    again = args.command if args.eval_only or args.resume else resume_command(args.out)
 
     def save():
         invocation["wall_s"] = time.time() - t_start  # the whole invocation: data, pretraining, evaluation
-        write_json(path, res)
+        try:
+            write_json(path, res)
+        except WriteFailed as e:
+            raise WriteFailed(f"{e}; the finished schemes stay in {path}; free space, then: {again}")
+    print(describe(args, data, path), flush=True)
     save()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # during evaluation SIGTERM is a Ctrl-C
+    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # during evaluation SIGTERM is a Ctrl-C
     try:
-        for name, r in evaluate(args, encoder, [t.to(device) if torch.is_tensor(t) else t for t in data], device,
-                                [s for s in SCHEMES if f"{s}_sa" in res], source):
+        on_device = Data(*[t.to(device) if torch.is_tensor(t) else t for t in data])
+        done = [s for s in SCHEMES if f"{s}_sa" in res]
+        for name, r in evaluate(args, encoder, on_device, device, done, source and source[0]):
             res.update({f"{name}_{k}": v for k, v in r.items()})
             save()
     except KeyboardInterrupt:
-        print(f"interrupted: the finished schemes are in {path}; finish with: "
-              + (args.command if args.eval_only else f"python ainfonce.py --resume {args.out}"), file=sys.stderr)
+        print(f"interrupted: the finished schemes are in {path}; finish with: {again}", file=sys.stderr)
         raise SystemExit(130)
-    return res
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    print(f"results: {path}", flush=True)
+    return dict(res, path=path)
 
 
 # ==== Processes, devices, progress =================================================================
@@ -1217,10 +1461,12 @@ KNN_BANK, KNN_QUERIES = 5000, 1000  # the kNN monitor's training and test images
 RESUME_KEYS = ("method", "dataset", "subset", "width", "eps", "step", "attack_steps", "temperature", "ip_alpha",
                "adv_weight", "hn_beta", "hn_normalise", "tau_plus", "reg_weight", "reg_forward", "epochs",
                "batch_size", "warmup_epochs", "wd", "seed")
-# What --eval-only takes from the command line; everything else comes from the checkpoint.
-EVAL_KEYS = ("eval", "eval_threats", "eval_step", "eval_steps", "eval_subset", "ft_epochs", "eval_batch_size",
-             "autoattack", "transfer_from", "eval_dataset", "eval_data_dir", "bn_branch", "stem_padding", "protocol",
-             "pretraining", "out", "overwrite", "device", "deterministic", "eval_only", "resume", "command")
+# Flags that only pretraining reads: --eval-only refuses them (the seed also seeds the evaluation).
+PRETRAINING_KEYS = tuple(k for k in RESUME_KEYS if k != "seed") + ("lr", "ckpt_every", "knn_every", "amp",
+                                                                   "channels_last", "compile")
+# Flags of one invocation: a checkpoint records them but never hands them on.
+OWN_KEYS = ("out", "overwrite", "resume", "eval_only", "device", "deterministic", "benchmark", "benchmark_steps",
+            "command")
 FIELD_METHODS = {"ainfonce": "a-infonce", "advcl": "advcl", "dynacl": "dynacl", "deacl": "deacl"}  # a file's method
 
 
@@ -1319,11 +1565,12 @@ def build_parser():
     g("--warmup-epochs", type=I, default=10, help="linear warm-up (paper 10)")
     g("--wd", type=N, default=1e-6, help="weight decay inside LARS (paper 1e-6)")
     g = p.add_argument_group("evaluation").add_argument
-    g("--eval", nargs="*", choices=("none",) + SCHEMES, default=["slf"], help="after pretraining: slf (linear, clean), "
-      "alf (linear, PGD-10), aff (all, TRADES) (default: slf)")
+    g("--eval", nargs="*", choices=("none",) + SCHEMES, help="after pretraining: slf (linear, clean), "
+      "alf (linear, PGD-10), aff (all, TRADES) (default: slf; robustssl: all three)")
     g("--eval-only", metavar="CKPT", help="evaluate a run, a checkpoint, or a published ResNet-18 (with --dataset)")
     g("--protocol", choices=("asym-rocl", "robustssl"), default="asym-rocl", help="finetuning protocol (README)")
-    g("--pretraining", choices=list(ROBUSTSSL), help="robustssl: the encoder's method, where its file does not say it")
+    g("--pretraining", choices=list(ROBUSTSSL), help="robustssl: the encoder's method, where its file does not "
+      "say it")
     g("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS", help="e.g. linf:8/255 l2:0.5; RA is "
       "the first (default: linf:8/255)")
     g("--eval-step", type=fraction, default="2/255", help="L_inf PGD step (AdvCL 2/255, RoCL 0.00314); L2: 2.5 eps/n")
@@ -1338,7 +1585,9 @@ def build_parser():
     g("--eval-data-dir", help="its directory (default: --data-dir)")
     g("--bn-branch", type=I, help="bn_list.K of a multi-BN state dict (default: its only one, else 1)")
     g("--stem-padding", type=int, choices=(1, 2), help="stem of a torchvision-style state dict: solo-learn 2, "
-      "DynACL++ 1")
+      "DynACL++ and RobustSSL 1")
+    g("--normalise", choices=("inside", "none"), help="whether a torchvision-style file's normalize.mean/std apply "
+      "(RobustSSL's AdvCL/A-InfoNCE SLF/ALF files: none)")
     g = p.add_argument_group("system").add_argument
     g("--out", help="run directory (default runs/METHOD-DATASET-sSEED)")
     g("--resume", metavar="DIR", help="continue the run in DIR with its own arguments, then its evaluation")
@@ -1356,29 +1605,56 @@ def build_parser():
     return p
 
 
+def flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def given_flags(argv):
+    """The flags given on the command line as {key: value}, without defaults: what an invocation records."""
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return vars(p.parse_args(argv))
+
+
+def recorded_flags(ck):
+    """The flags a run was given, over all its invocations (a later one wins): what --resume and --eval-only
+    start from. A checkpoint from before invocations were recorded: its resolved arguments."""
+    merged = {}
+    for invocation in ck.get("invocations") or [{"given": ck["args"]}]:
+        merged.update(invocation["given"])
+    return {k: v for k, v in merged.items() if k not in OWN_KEYS}
+
+
 def parse_args(argv=None):
     """The arguments, resolved once, in one place -> (args, loaded). With --resume or --eval-only the checkpoint is
-    loaded (loaded: its path, the checkpoint, the network, what was read) and its arguments become the parser's
-    defaults, so that flags given here win; then come the values derived from others. After this, args is only read."""
+    loaded (loaded: its path, the checkpoint, the network, how it was read) and the flags its run was given become
+    the parser's defaults, so that flags given here win; then come the values derived from others. --eval-only
+    refuses flags that only pretraining reads. After this, args is only read."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     p = build_parser()
-    args, loaded = p.parse_args(argv), None
+    args, loaded, given = p.parse_args(argv), None, given_flags(argv)
+    if args.resume and args.eval_only:
+        raise UsageError("--resume continues a run and --eval-only evaluates one: pass one of them")
     if args.resume or args.eval_only:
-        loaded = load_checkpoint(args.resume or args.eval_only, args.bn_branch, args.stem_padding)
+        read_flags = {k: getattr(args, k) for k in READ_FLAGS}
+        loaded = load_checkpoint(args.resume or args.eval_only, read_flags, flag("resume" if args.resume else
+                                                                                 "eval_only"))
         path, ck = loaded[:2]
         if ck is None and args.resume:
             raise UsageError(f"{path} is a plain state dict: --resume needs an ainfonce checkpoint")
         if ck is None and args.dataset is None:
             raise UsageError(f"{path} is a plain state dict: name its data set with --dataset (and --data-dir)")
-        if ck:
-            keep = EVAL_KEYS if args.eval_only else ("resume", "out", "overwrite", "command")
-            p.set_defaults(**{k: v for k, v in ck["args"].items() if k not in keep})
+        refused = [k for k in given if args.eval_only and k in PRETRAINING_KEYS and (ck or k not in ("dataset",
+                                                                                                       "subset"))]
+        if refused:
+            what = "; its run's: " + ", ".join(f"{flag(k)} {ck['args'].get(k)}" for k in refused) if ck else ""
+            raise UsageError(f"{', '.join(flag(k) for k in refused)}: flags of pretraining do not apply to --eval-only"
+                             f"{what}" + ("; to evaluate on other data use --eval-dataset and --eval-data-dir" if
+                                          {"dataset", "subset"} & set(refused) else ""))
+        if ck:  # the run's flags; --eval-only asks for its own schemes (default: SLF), under the run's settings
+            p.set_defaults(**{k: v for k, v in recorded_flags(ck).items() if not (args.eval_only and k == "eval")})
             args = p.parse_args(argv)
-            diff = [f"--{k.replace('_', '-')} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
-                    for k in RESUME_KEYS if args.resume and k in ck["args"] and getattr(args, k) != ck["args"][k]]
-            if diff:
-                raise UsageError(f"cannot resume {args.resume} with other arguments: " + ", ".join(diff)
-                                 + "; a run with these needs its own --out")
         if args.out is None:
             args.out = os.path.dirname(path) or "."
     # derived values
@@ -1389,22 +1665,31 @@ def parse_args(argv=None):
         args.tau_plus = 0.1 if args.dataset == "cifar100" else 0.12
     if not 0 <= args.tau_plus < 1:
         raise UsageError(f"--tau-plus {args.tau_plus} must be in [0, 1)")
-    args.eval = [e for e in args.eval if e != "none"]
+    if args.eval is None:
+        args.eval = list(SCHEMES) if args.protocol == "robustssl" else ["slf"]
+    args.eval = [e for e in SCHEMES if e in args.eval]
     args.threats = [threat(t) for t in args.eval_threats]
     args.out = args.out or f"runs/{args.method}-{args.dataset}-s{args.seed}"
-    args.autoattack = args.protocol == "robustssl" if args.autoattack is None else args.autoattack  # its preset
-    if args.autoattack:
-        autoattack_impl()  # fails now, not after training, when the package is missing
     if args.protocol == "robustssl" and args.pretraining is None:
         args.pretraining = FIELD_METHODS.get(loaded[3]["layout"] if loaded else "ainfonce")
         if args.pretraining is None:
             raise UsageError(f"--protocol robustssl: its settings differ per pretraining method, and {loaded[0]} does "
                              f"not say which: name it with --pretraining {{{','.join(ROBUSTSSL)}}}")
+    args.autoattack = args.protocol == "robustssl" if args.autoattack is None else args.autoattack  # its preset
+    if args.autoattack and args.eval:
+        autoattack_impl()  # fails now, not after training, when the package is missing
     args.schemes = scheme_settings(args.protocol, args.pretraining, args.eval_dataset or args.dataset, args.ft_epochs,
                                    args.eval_batch_size)
     if args.channels_last is None:  # on by default on CUDA
         args.channels_last = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
     args.command = shlex.join(["python", os.path.relpath(__file__), *argv])  # pastes back into a shell
+    args.given = given
+    ck = loaded[1] if loaded else None
+    diff = [f"{flag(k)} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
+            for k in RESUME_KEYS if args.resume and k in ck["args"] and getattr(args, k) != ck["args"][k]]
+    if diff:
+        raise UsageError(f"cannot resume {args.resume} with other arguments: " + ", ".join(diff)
+                         + "; a run with these needs its own --out")
     return args, loaded
 
 
@@ -1415,58 +1700,63 @@ def run(args, loaded=None):
     if args.benchmark:
         return benchmark(args, device)
     path, ck, net, read = loaded or (None, None, None, {})
-    source = load_checkpoint(args.transfer_from)[2] if args.transfer_from else None
+    source = None
+    if args.transfer_from:
+        _, _, source_net, source_read = load_checkpoint(args.transfer_from, what="--transfer-from")
+        source = (source_net.encoder if isinstance(source_net, Net) else source_net, source_read)
     if world > 1 and args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    for flag in ("data_dir", "eval_data_dir"):  # a checkpoint's relative path, read from another directory
-        given = getattr(args, flag)
-        if ck and given and given == ck["args"].get(flag) and not os.path.exists(given):
+    for key in ("data_dir", "eval_data_dir"):  # a checkpoint's relative path, read from another directory
+        given = getattr(args, key)
+        if ck and given and key not in args.given and not os.path.exists(given):
             raise UsageError(f"data directory {given} does not exist (the path came from the checkpoint's "
-                             f"--{flag.replace('_', '-')}): pass --data-dir (or --eval-data-dir) to say where the "
-                             f"images are")
+                             f"{flag(key)}): pass --data-dir (or --eval-data-dir) to say where the images are")
     train = not args.eval_only and (ck is None or ck["epoch"] < args.epochs)
     eval_set = (args.eval_dataset or args.dataset, args.eval_data_dir or args.data_dir)
     same = eval_set == (args.dataset, args.data_dir)
-    data = (None,) * 5
+    data = None
     if train or (args.eval and same):
         data = load_data(args.dataset, args.data_dir, args.subset, args.eval_subset)
-        if ck and ck["args"].get("n_classes", data[4]) != data[4]:
-            raise UsageError(f"{args.dataset} in {args.data_dir} has {data[4]} classes, the checkpoint's data set had "
-                             f"{ck['args']['n_classes']}: to evaluate on another data set use --eval-dataset")
-    if train and args.batch_size > len(data[0]):
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(data[0])} training images")
+        if ck and ck["args"].get("n_classes", data.n_classes) != data.n_classes:
+            raise UsageError(f"{args.dataset} in {args.data_dir} has {plural(data.n_classes, 'class')}, the "
+                             f"checkpoint's data set had {ck['args']['n_classes']}: to evaluate on another data set "
+                             f"use --eval-dataset")
+    trained_on = (ck or {}).get("data")
+    if train and trained_on and trained_on["fingerprint"] != data.identity["fingerprint"]:
+        raise UsageError(f"--resume {args.resume}: the run trained on the images in {trained_on['dir']} (fingerprint "
+                         f"{trained_on['fingerprint']}); {args.data_dir} is {data.identity['dir']}, whose images "
+                         f"differ (fingerprint {data.identity['fingerprint']}): pass --data-dir with the run's images")
+    if train and args.batch_size > len(data.x_train):
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(data.x_train)} training images")
     train_data = data
     if args.eval and not same:
         data = load_data(*eval_set, args.subset, args.eval_subset)
-    if args.autoattack and data[4] < 4:
+    if args.eval and args.autoattack and data.n_classes < 4:
         raise UsageError(f"--autoattack: standard AutoAttack needs >= 4 classes (its DLR loss uses the 3rd and 4th "
-                         f"largest logits); {args.eval_dataset or args.dataset} has {data[4]}")
+                         f"largest logits); {args.eval_dataset or args.dataset} has {data.n_classes}")
     net = net if net is not None else Net(args.width)
-    if train and rank == 0:
-        check_out(args, sum(p.numel() for p in net.parameters()))
-    with owning(args.out) if rank == 0 else contextlib.nullcontext():  # checks passed: only now does it write
+    with owning(args.out) if rank == 0 else contextlib.nullcontext():  # the first thing written: the lock
         if train:
             if rank == 0:
-                if args.overwrite and not args.resume:  # a new run removes the old one's checkpoint, log and results
-                    for name in os.listdir(args.out):
-                        if name == "last.pt" or name.startswith(("log.jsonl", "results")):
+                prepare_out(args, sum(p.numel() for p in net.parameters()))
+                if args.overwrite and not args.resume:  # a new run: the old one's checkpoint and log go
+                    for name in ("last.pt", "log.jsonl"):
+                        with contextlib.suppress(FileNotFoundError):
                             os.remove(os.path.join(args.out, name))
-                write_json(os.path.join(args.out, "config.json"), vars(args))
-                steps, at = len(train_data[0]) // args.batch_size, ck["step"] if ck else 0
+                steps, at = len(train_data.x_train) // args.batch_size, ck["step"] if ck else 0
+                resuming = f"resuming last.pt at epoch {at // steps + 1}, step {at % steps}/{steps}"
                 print(f"ainfonce: {args.out} | {device} ({provenance(device)['device_name']}) | {args.dataset} "
-                      f"{args.data_dir}: {len(train_data[0])} training / {len(train_data[2])} test images, "
-                      f"{train_data[4]} classes | {args.method} | {args.epochs} epochs of {steps} steps | "
-                      + (f"resuming last.pt at epoch {at // steps + 1}, step {at % steps}/{steps}" if at
-                         else "new run"), flush=True)
+                      f"{args.data_dir}: {len(train_data.x_train)} training / {len(train_data.x_test)} test images, "
+                      f"{plural(train_data.n_classes, 'class')} | {args.method} | {plural(args.epochs, 'epoch')} of "
+                      f"{plural(steps, 'step')} | " + (resuming if at else "new run"), flush=True)
             pretrain(args, net, train_data, device, rank, world, ck)
             if rank == 0:
                 path, ck, net, read = load_checkpoint(args.out)  # the evaluation measures the saved weights
         if world > 1:  # evaluation runs on rank 0 alone, with batch norm back to per-process statistics
             dist.barrier()
             dist.destroy_process_group()
-        if rank != 0:
+        if rank != 0 or not args.eval:
             return {}
-        source = source.encoder if isinstance(source, Net) else source
         encoder = net.encoder if isinstance(net, Net) else net
         return report(args, ck, encoder, read, data, device, source, t_start, train)
 
@@ -1481,6 +1771,9 @@ def main(argv=None):
     except NonFiniteLoss as e:
         say(f"ainfonce.py: {e}")
         raise SystemExit(3)
+    except WriteFailed as e:
+        say(f"ainfonce.py: {e}")
+        raise SystemExit(4)
     except KeyboardInterrupt:  # before training or evaluation began: nothing to keep
         say("ainfonce.py: interrupted")
         raise SystemExit(130)

@@ -10,11 +10,13 @@
 # Environment: DATASET (cifar10 | cifar100 | stl10 | folder), DATA_DIR, SEEDS (number of seeds), OUT (default
 # results/$SCALE), METHODS, AA=1 (add standard AutoAttack; pip install pyautoattack), EVAL_THREATS (e.g.
 # "linf:8/255 l2:0.5": RA under each), PROTOCOL (asym-rocl | robustssl), TRANSFER_TO (a data set: a second
-# evaluation of every run on it, finetuned there) with TRANSFER_DIR, PYTHON.
+# evaluation of every run on it, finetuned there) with TRANSFER_DIR, PYTHON. Relative paths are relative to the
+# directory you run it from.
 # Resumable: a cell with a checkpoint continues through `--resume`, which refuses a checkpoint made with other
-# arguments (another SCALE in the same OUT), and finishes its training and evaluation.
+# arguments (another SCALE in the same OUT), and finishes its training and evaluation. Each cell's evaluation names
+# the results file of exactly what it asked for (ainfonce.py prints "results: PATH"); the table reads those files.
 set -euo pipefail
-cd "$(dirname "$0")"
+HERE=$(cd "$(dirname "$0")" && pwd)
 
 SCALE=${SCALE:-small}
 case "$SCALE" in  # TRAIN: pretraining flags; EVALUATE: evaluation flags (also those of the TRANSFER_TO evaluation)
@@ -47,13 +49,31 @@ continue_hint() {  # the command that continues the whole table, with the enviro
   for v in SCALE DATASET DATA_DIR SEEDS OUT METHODS AA EVAL_THREATS PROTOCOL TRANSFER_TO TRANSFER_DIR PYTHON; do
     [ -n "${!v:-}" ] && env+="$v=$(printf %q "${!v}") "
   done
-  echo "reproduce.sh: interrupted; continue the whole table with: ${env}bash reproduce.sh" >&2
-}
-cell() {  # one ainfonce invocation; an interrupt (exit 130, or Ctrl-C to the script) ends the script with the hint
-  "$PYTHON" ainfonce.py "$@" || { rc=$?; [ "$rc" = 130 ] && continue_hint; exit "$rc"; }
+  echo "reproduce.sh: interrupted; continue the whole table with: ${env}bash $(printf %q "$0")" >&2
 }
 trap 'continue_hint; exit 130' INT TERM
 
+# cell NAME ARGS...: one ainfonce invocation, shown as it runs; its results file is added to $CELLS under NAME.
+# An interrupt of ainfonce alone (exit 130) ends the script with the hint too; a Ctrl-C to the script runs the trap.
+cell() {
+  local name=$1 log rc
+  shift
+  log=$(mktemp)
+  set +e
+  "$PYTHON" "$HERE/ainfonce.py" "$@" | tee -i "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  printf '%s\t%s\n' "$name" "$(sed -n 's/^results: //p' "$log" | tail -n 1)" >> "$CELLS"
+  rm -f "$log"
+  if [ "$rc" != 0 ]; then
+    [ "$rc" = 130 ] && continue_hint
+    exit "$rc"
+  fi
+}
+
+mkdir -p "$OUT"
+CELLS="$OUT/cells.tsv"
+: > "$CELLS"
 start=$(date +%s)
 for seed in $(seq 0 $((SEEDS - 1))); do
   for method in $METHODS; do
@@ -61,67 +81,87 @@ for seed in $(seq 0 $((SEEDS - 1))); do
     echo "== $dir"
     run=(--method "$method" --seed "$seed" --dataset "$DATASET" --data-dir "$DATA_DIR" "${TRAIN[@]}" "${EVALUATE[@]}")
     if [ -f "$dir/last.pt" ]; then  # its arguments must be this table's: --resume refuses others by name
-      cell --resume "$dir" "${run[@]}"
+      cell "$method-s$seed" --resume "$dir" "${run[@]}"
     else
-      cell "${run[@]}" --out "$dir"
+      cell "$method-s$seed" "${run[@]}" --out "$dir"
     fi
     if [ -n "${TRANSFER_TO:-}" ]; then  # finetune and evaluate the same encoder on another data set
-      cell --eval-only "$dir" --eval-dataset "$TRANSFER_TO" --eval-data-dir "${TRANSFER_DIR:-$DATA_DIR}" \
-        "${EVALUATE[@]}" --out "$dir/transfer"
+      cell "$method-s$seed transfer" --eval-only "$dir" --eval-dataset "$TRANSFER_TO" \
+        --eval-data-dir "${TRANSFER_DIR:-$DATA_DIR}" "${EVALUATE[@]}" --out "$dir/transfer"
     fi
   done
 done
 
 "$PYTHON" - "$OUT" "$SEEDS" "$METHODS" "$(( $(date +%s) - start ))" <<'PY'
-import json, os, statistics, sys
+import json, statistics, sys
 from fractions import Fraction
 out, seeds, methods, wall = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), int(sys.argv[4])
-runs = {m: [json.load(open(f"{out}/{m}-s{s}/results.json")) for s in range(seeds)] for m in methods}
-for m, rs in runs.items():  # the second evaluation on TRANSFER_TO, as columns "to:<dataset> ..."
+cells = dict(line.rstrip("\n").split("\t") for line in open(f"{out}/cells.tsv"))
+runs = {m: [json.load(open(cells[f"{m}-s{s}"])) for s in range(seeds)] for m in methods}
+for m, rs in runs.items():  # the second evaluation on TRANSFER_TO, as columns "to <dataset>: ..."
     for s, r in enumerate(rs):
-        t = f"{out}/{m}-s{s}/transfer/results.json"
-        if os.path.exists(t):
-            tr = json.load(open(t))
-            r.update({f"to {tr['protocol']['eval_dataset']}: {k}": v for k, v in tr.items() if k.startswith(("slf_", "alf_", "aff_"))})
-# every cell must come from the same recipe and the same protocol: the heading below is read from them
+        if f"{m}-s{s} transfer" in cells:
+            tr = json.load(open(cells[f"{m}-s{s} transfer"]))
+            to = tr["identity"]["data"]["dataset"]
+            r.update({f"to {to}: {k}": v for k, v in tr.items() if k.startswith(("slf_", "alf_", "aff_"))})
+# every cell must come from the same recipe, data and protocol: the heading below is read from them
 same = ("dataset", "subset", "width", "epochs", "batch_size", "attack_steps", "eps")
+
+
+def unseeded(r):  # what must agree across cells: the data, and the protocol but its seed
+    return r["identity"]["data"], {**r["identity"]["protocol"], "seed": 0}
+
+
 r0 = runs[methods[0]][0]
+a0 = r0["training"]["args"]
 for m, rs in runs.items():
     for s, r in enumerate(rs):
-        diff = [k for k in same if r.get(k) != r0.get(k)] + (["protocol"] if {**r["protocol"], "seed": 0} != {**r0["protocol"], "seed": 0} else [])
+        a = r["training"]["args"]
+        diff = [k for k in same if a.get(k) != a0.get(k)] + (["data or protocol"] if unseeded(r) != unseeded(r0) else [])
         if diff:
             sys.exit(f"reproduce.sh: {out}/{m}-s{s} was made with other arguments than {out}/{methods[0]}-s0 "
                      f"({', '.join(diff)}): it is not a cell of this table; use another OUT")
-p, threats = r0["protocol"], r0["protocol"]["threats"]
+p, data = r0["identity"]["protocol"], r0["identity"]["data"]
+threats = p["threats"]
 keys = [f"{sc}_{k}" for sc in ("slf", "alf", "aff") for k in ("sa", "ra", "aa")]
-keys = [(k, k.replace("_", " ").upper()) for k in keys] + [(f"{sc}_robust/{t}", f"{sc.upper()} RA {t}") for sc in ("slf", "alf", "aff") for t in threats[1:]]
+keys = [(k, k.replace("_", " ").upper()) for k in keys]
+keys += [(f"{sc}_robust/{t}", f"{sc.upper()} RA {t}") for sc in ("slf", "alf", "aff") for t in threats[1:]]
 keys += [(k, k.rpartition(": ")[0] + ": " + k.rpartition(": ")[2].replace("_", " ").upper())  # "to folder: SLF SA"
          for k in r0 if k.startswith("to ") and k.endswith(("_sa", "_ra"))]
+
 
 def get(r, k):
     k, _, t = k.partition("/")
     return r.get(k) if not t else r.get(k, {}).get(t)
 
+
 cols = [(k, name) for k, name in keys if all(get(r, k) is not None for rs in runs.values() for r in rs)]
+
 
 def cell(values):
     values = [100 * v for v in values]
-    return f"{values[0]:.2f}" if len(values) == 1 else f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
-lines = [f"{r0['dataset']}, {r0['subset'] or 'all'} training images, ResNet-18 width {r0['width']}, {r0['epochs']} epochs, "
-         f"batch {r0['batch_size']}, {r0['attack_steps']}-step training attack; {p['name']} finetuning; RA = "
-         f"PGD-{p['eval_steps']} at {threats[0]}, step {p['eval_step'] * 255:.2f}/255, on {p['n_test']} test images"
-         + (f"; AutoAttack: {p['autoattack']}" if p["autoattack"] else "") + "; last epoch of every finetuning; "
-         + (f"mean ± std over {seeds} seeds." if seeds > 1 else "one seed."),
-         "", "| method | " + " | ".join(name for _, name in cols) + " |", "|---|" + "---:|" * len(cols)]
+
+images = f"{a0['subset']} training images" if a0["subset"] else "all training images"
+epochs = f"{a0['epochs']} epoch" + ("s" if a0["epochs"] != 1 else "")
+heading = (f"{a0['dataset']}, {images}, ResNet-18 width {a0['width']}, {epochs}, "
+           f"batch {a0['batch_size']}, {a0['attack_steps']}-step training attack; {p['name']} finetuning; RA = "
+           f"PGD-{p['eval_steps']} at {threats[0]}, step {p['eval_step'] * 255:.2f}/255, on {data['n_test']} test "
+           f"images" + (f"; AutoAttack: {p['autoattack']}" if p["autoattack"] else "")
+           + "; last epoch of every finetuning; " + (f"mean ± std over {seeds} seeds." if seeds > 1 else "one seed."))
+lines = [heading, "", "| method | " + " | ".join(name for _, name in cols) + " |", "|---|" + "---:|" * len(cols)]
 for m, rs in runs.items():
     lines.append(f"| {m} | " + " | ".join(cell([get(r, k) for r in rs]) for k, _ in cols) + " |")
-guards = all(r["slf_guards"]["ok"] for rs in runs.values() for r in rs if "slf_guards" in r)
-lines += ["", f"Robustness guards (RA <= SA, RA falling in eps, ~0 at 64/255, more steps no better): "
-              f"{'all passed' if guards else 'FAILED for some run: see results.json'}. "
+failed = [f"{m}-s{s} ({'; '.join(r['slf_guards']['failed'])})" for m, rs in runs.items() for s, r in enumerate(rs)
+          if "slf_guards" in r and not r["slf_guards"]["ok"]]
+verdict = "all passed" if not failed else "FAILED for " + ", ".join(failed)
+lines += ["", f"Robustness guards (RA <= SA, RA falling in eps, ~0 at 64/255, more steps no better): {verdict}. "
               f"Wall time of this invocation: {wall / 60:.1f} min."]
 open(f"{out}/table.md", "w").write("\n".join(lines) + "\n")
-json.dump({"seeds": seeds, "wall_s": wall, "runs": runs}, open(f"{out}/table.json", "w"), indent=1)
+json.dump({"seeds": seeds, "wall_s": wall, "cells": cells, "runs": runs}, open(f"{out}/table.json", "w"), indent=1)
 print("\n".join(lines))
 
 try:  # curves: training loss and kNN accuracy per epoch, robust accuracy against eps per threat norm (SLF)
@@ -131,26 +171,42 @@ try:  # curves: training loss and kNN accuracy per epoch, robust accuracy agains
 except ImportError:
     print("no figure: pip install matplotlib for curves.png (loss, kNN accuracy, RA against eps)")
     sys.exit(0)
+
+
+def band(ax, xs, per_seed, label, marker):  # the mean over seeds, and its min-max over seeds shaded
+    mean = [statistics.mean(v) for v in per_seed]
+    ax.plot(xs, mean, marker=marker, label=label)
+    if seeds > 1:
+        ax.fill_between(xs, [min(v) for v in per_seed], [max(v) for v in per_seed], alpha=0.2)
+
+
 norms = sorted({t.split(":")[0] for t in threats})
-fig, axes = plt.subplots(1, 2 + len(norms), figsize=(4.5 * (2 + len(norms)), 3.6))
+logs = {m: [[json.loads(line) for line in open(f"{out}/{m}-s{s}/log.jsonl")] for s in range(seeds)] for m in methods}
+has_knn = any("knn" in rec for m in methods for rec in logs[m][0])
+panels = 1 + has_knn + len(norms)
+fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6))
 for m in methods:
-    logs = [[json.loads(l) for l in open(f"{out}/{m}-s{s}/log.jsonl")] for s in range(seeds)]
-    epochs = [r["epoch"] for r in logs[0]]
-    axes[0].plot(epochs, [statistics.mean(log[i]["loss"] for log in logs) for i in range(len(epochs))], marker=".", label=m)
-    knn = [(r["epoch"], statistics.mean(log[i]["knn"] for log in logs)) for i, r in enumerate(logs[0]) if "knn" in r]
-    if knn:
-        axes[1].plot(*zip(*knn), marker="o", label=m)
-    for ax, norm in zip(axes[2:], norms):  # accuracy at eps 0 is SA
-        pts = [(0.0, statistics.mean(r["slf_sa"] for r in runs[m]))] + [
-            (float(Fraction(t.split(":")[1])) * (255 if norm == "linf" else 1), statistics.mean(r["slf_robust"][t] for r in runs[m]))
-            for t in threats if t.startswith(norm + ":")]
-        ax.plot(*zip(*sorted(pts)), marker="o", label=m)
+    epochs = [rec["epoch"] for rec in logs[m][0]]
+    band(axes[0], epochs, [[log[i]["loss"] for log in logs[m]] for i in range(len(epochs))], m, ".")
+    if has_knn:
+        at = [i for i, rec in enumerate(logs[m][0]) if "knn" in rec]
+        band(axes[1], [epochs[i] for i in at], [[100 * log[i]["knn"] for log in logs[m]] for i in at], m, "o")
+    for ax, norm in zip(axes[1 + has_knn:], norms):  # accuracy at eps 0 is SA
+        scale = 255 if norm == "linf" else 1
+        points = [(0.0, [100 * r["slf_sa"] for r in runs[m]])]
+        points += [(float(Fraction(t.split(":")[1])) * scale, [100 * r["slf_robust"][t] for r in runs[m]])
+                   for t in threats if t.startswith(norm + ":")]
+        points.sort()
+        band(ax, [x for x, _ in points], [v for _, v in points], m, "o")
 axes[0].set(xlabel="epoch", ylabel="pretraining loss", title="loss")
-axes[1].set(xlabel="epoch", ylabel="kNN accuracy", title="kNN monitor (k 200, cosine)")
-for ax, norm in zip(axes[2:], norms):
-    ax.set(xlabel="eps (x/255)" if norm == "linf" else "eps (L2)", ylabel="SLF accuracy", title=f"SLF RA, {norm} PGD")
+if has_knn:
+    axes[1].set(xlabel="epoch", ylabel="kNN accuracy (%)", title="kNN monitor (k 200, cosine)")
+for ax, norm in zip(axes[1 + has_knn:], norms):
+    ax.set(xlabel="eps (x/255)" if norm == "linf" else "eps (L2)", ylabel="SLF accuracy (%)",
+           title=f"SLF RA, {norm} PGD")
 for ax in axes:
     ax.legend(fontsize=8)
+fig.suptitle("mean over seeds; shaded: min to max" if seeds > 1 else "one seed", fontsize=9)
 fig.tight_layout()
 fig.savefig(f"{out}/curves.png", dpi=110)
 print(f"figure: {out}/curves.png")

@@ -229,6 +229,23 @@ def eval_only(run, *extra):
                    *GPU_FLAGS[:2], *extra])
 
 
+def on_disk(res):
+    """The results file an invocation wrote, as written (main() also returns its path)."""
+    saved = json.load(open(res["path"]))
+    assert saved == json.loads(json.dumps({k: v for k, v in res.items() if k != "path"}))
+    return saved
+
+
+def results_files(out):
+    return sorted(glob.glob(os.path.join(str(out), "results-*.json")))
+
+
+def only_results(out):
+    files = results_files(out)
+    assert len(files) == 1, files
+    return json.load(open(files[0]))
+
+
 def scheme_keys(res):
     return {k: v for k, v in res.items() if k.startswith(A.SCHEMES) and not k.endswith("_s")}
 
@@ -245,11 +262,11 @@ def interrupt_as_alf_starts(monkeypatch):
     return real
 
 
-def fails(argv, capsys, pattern, out=None):
+def fails(argv, capsys, pattern, out=None, code=2):
     with pytest.raises(SystemExit) as e:
         A.main(argv)
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert e.value.code == code and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert re.search(pattern, err), err
     if out is not None:
         assert not os.path.exists(out)
@@ -680,16 +697,18 @@ def test_regulariser_forward_runs_before_the_main_forward():
 @pytest.mark.parametrize("method", A.METHODS)
 def test_end_to_end_every_method(folder, tmp_path, method):
     res = A.main(tiny(folder, tmp_path / "run", "--method", method))
-    saved = json.load(open(tmp_path / "run" / "results.json"))
-    assert saved == json.loads(json.dumps(res))
+    saved = on_disk(res)
+    assert results_files(tmp_path / "run") == [res["path"]]
     assert 0 <= saved["slf_ra"] <= saved["slf_sa"] <= 1 and saved["slf_ra"] == saved["slf_robust"]["linf:8/255"]
-    assert saved["method"] == method and saved["epochs"] == 1 and saved["seed"] == 0 and saved["n_classes"] == 2
-    assert saved["protocol"]["eval_step"] == 2 / 255 and saved["protocol"]["n_test"] == 16
-    assert saved["pretrain_s"] > 0 and saved["images_per_s"] > 0
+    run, identity = saved["training"]["args"], saved["identity"]
+    assert run["method"] == method and run["epochs"] == 1 and run["seed"] == 0 and run["n_classes"] == 2
+    assert identity["protocol"]["eval_step"] == 2 / 255 and identity["data"]["n_test"] == 16
+    assert identity["data"]["dir"] == os.path.realpath(folder) and saved["training"]["data"] == identity["data"]
+    assert saved["training"]["pretrain_s"] > 0 and saved["training"]["images_per_s"] > 0
     inv = saved["invocations"][-1]
-    assert inv["wall_s"] > saved["pretrain_s"] and inv["env"]["torch"] == str(torch.__version__)
+    assert inv["wall_s"] > saved["training"]["pretrain_s"] and inv["env"]["torch"] == str(torch.__version__)
     assert inv["env"]["device_name"] and inv["command"].startswith("python ainfonce.py --dataset folder")
-    assert saved["train_env"]["torch"]
+    assert saved["training"]["env"]["torch"]
     w, ck = weights(tmp_path / "run" / "last.pt")
     assert ck["epoch"] == 1 and ck["step"] == 4 and ck["args"]["method"] == method
     assert all(v.device.type == "cpu" for v in w.values())
@@ -698,20 +717,27 @@ def test_end_to_end_every_method(folder, tmp_path, method):
     assert len(log) == 1 and math.isfinite(log[0]["loss"]) and log[0] == ck["history"][0]
 
 
-def test_amp_pretraining_keeps_the_loss_and_weights_in_fp32(folder, tmp_path):
-    res = A.main(tiny(folder, tmp_path / "run", "--amp", "--method", "both", "--eval", "none"))
+@pytest.mark.parametrize("amp", [True, False])
+def test_amp_runs_the_step_in_bf16_and_the_loss_in_fp32(folder, tmp_path, monkeypatch, amp):
+    real, seen = A.a_infonce, []
+
+    def recording(z, *a, **kw):
+        loss = real(z, *a, **kw)
+        seen.append((z.dtype, loss.dtype))
+        return loss
+    monkeypatch.setattr(A, "a_infonce", recording)
+    res = A.main(tiny(folder, tmp_path / "run", "--method", "both", "--eval", "none", "--knn-every", "0",
+                      *(["--amp"] if amp else ["--no-amp"])))
+    projections = torch.bfloat16 if amp else torch.float32  # the projector's output, under autocast or not
+    assert seen and set(seen) == {(projections, torch.float32)}
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    assert res["images_per_s"] > 0 and math.isfinite(log[0]["loss"])
-    saved = json.load(open(tmp_path / "run" / "results.json"))  # written with --eval none too
-    assert saved == json.loads(json.dumps(res)) and "slf_sa" not in saved and "protocol" not in saved
-    w, _ = weights(tmp_path / "run" / "last.pt")
-    assert all(v.dtype == torch.float32 for v in w.values() if v.is_floating_point())
+    assert math.isfinite(log[0]["loss"]) and res == {} and results_files(tmp_path / "run") == []  # nothing measured
 
 
 def test_the_start_line_and_the_knn_monitor_leave_training_bit_identical(folder, tmp_path, capsys):
-    on = A.main(tiny(folder, tmp_path / "on", "--epochs", "2", "--knn-every", "1", "--eval", "none"))
+    A.main(tiny(folder, tmp_path / "on", "--epochs", "2", "--knn-every", "1", "--eval", "none"))
     start = capsys.readouterr().out.splitlines()[0]
-    assert start == (f"ainfonce: {tmp_path / 'on'} | {DEV.type} ({on['invocations'][-1]['env']['device_name']}) | "
+    assert start == (f"ainfonce: {tmp_path / 'on'} | {DEV.type} ({A.provenance(DEV)['device_name']}) | "
                      f"folder {folder}: 32 training / 16 test images, 2 classes | hardneg | 2 epochs of 4 steps | "
                      f"new run")
     A.main(tiny(folder, tmp_path / "off", "--epochs", "2", "--knn-every", "0", "--eval", "none"))
@@ -731,16 +757,16 @@ def test_the_start_line_and_the_knn_monitor_leave_training_bit_identical(folder,
 def test_protocol_settings_are_the_official_and_robustssl_ones():
     asym = A.scheme_settings("asym-rocl", None, "cifar10", None, 1024)
     assert asym["slf"] == dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4, momentum=0.9, batch_size=1024,
-                               augment=False)
+                               augment=False, zero_head=False)
     for s in ("alf", "aff"):
-        assert {k: asym[s][k] for k in ("epochs", "milestones", "lr", "wd", "attack_steps", "attack_step")} == dict(
-            epochs=25, milestones=[15, 20], lr=0.1, wd=2e-4, attack_steps=10, attack_step=2 / 255)
+        assert {k: asym[s][k] for k in ("epochs", "milestones", "lr", "wd", "attack_steps", "attack_step", "eps")} == \
+            dict(epochs=25, milestones=[15, 20], lr=0.1, wd=2e-4, attack_steps=10, attack_step=2 / 255, eps=8 / 255)
     assert asym["aff"]["trades_beta"] == 6.0 and A.scheme_settings("asym-rocl", None, "cifar10", 10, 8)["alf"][
         "milestones"] == [6, 8]
     # RobustSSL's setup_hyperparameter, --mode ALL (GodXuxilie/RobustSSL_Benchmark)
     acl = A.scheme_settings("robustssl", "acl", "cifar100", None, 1024)
-    assert {k: acl["slf"][k] for k in ("epochs", "milestones", "lr", "batch_size", "wd", "augment")} == dict(
-        epochs=25, milestones=[10, 20], lr=0.05, batch_size=512, wd=2e-4, augment=True)
+    assert {k: acl["slf"][k] for k in ("epochs", "milestones", "lr", "batch_size", "wd", "augment", "zero_head")} == \
+        dict(epochs=25, milestones=[10, 20], lr=0.05, batch_size=512, wd=2e-4, augment=True, zero_head=True)
     assert {k: acl["aff"][k] for k in ("epochs", "milestones", "lr", "batch_size")} == dict(
         epochs=100, milestones=[40, 60], lr=0.1, batch_size=128)
     advcl = A.scheme_settings("robustssl", "a-infonce", "folder", None, 1024)  # folder: CIFAR-10's settings
@@ -856,7 +882,7 @@ def test_autoattack_runs_and_records_its_implementation(folder, tmp_path, capsys
     four = make_folder(tmp_path / "four", classes=4, n_train=4, n_test=2)
     threats = ["linf:64/255", "l2:8"]  # radii that break every image fast: AutoAttack's later attacks have no work
     res = A.main(tiny(four, tmp_path / "run", "--autoattack", "--eval-threats", *threats))
-    assert res["protocol"]["autoattack"] == A.autoattack_impl() and list(res["slf_aa_robust"]) == threats
+    assert res["identity"]["protocol"]["autoattack"] == A.autoattack_impl() and list(res["slf_aa_robust"]) == threats
     assert 0 <= res["slf_aa"] <= res["slf_sa"] and 0 <= res["slf_aa_robust"]["l2:8"] <= res["slf_sa"]
 
 
@@ -870,44 +896,47 @@ def test_all_schemes_threats_and_eval_only(folder, tmp_path, capsys):
                 f"RA linf:16/255 {100 * r['linf:16/255']:.2f}%  RA l2:0.5 {100 * r['l2:0.5']:.2f}%") in console
     for k in A.SCHEMES:
         assert 0 <= res[f"{k}_ra"] <= res[f"{k}_sa"] <= 1 and list(res[f"{k}_robust"]) == threats[1:]
-    assert res["protocol"]["n_test"] == 10 and res["slf_guards"]["threats_fall"] is not None
-    before = open(tmp_path / "run" / "results.json").read()
-    # the same protocol: the finished schemes are kept, nothing is recomputed, the numbers stay
-    same = eval_only(tmp_path / "run", "--eval", "slf", "alf", "aff", "--eval-subset", "10", *threats)
-    assert scheme_keys(same) == scheme_keys(res) and open(tmp_path / "run" / "results.json").read() == before
+    assert res["identity"]["data"]["n_test"] == 10 and res["slf_guards"]["threats_fall"] is not None
+    before = open(res["path"]).read()
+    # the run's own protocol (eval-only inherits it): the finished schemes are kept, nothing is recomputed
+    same = eval_only(tmp_path / "run")
+    assert scheme_keys(same) == scheme_keys(res) and open(res["path"]).read() == before
+    assert "nothing to do" in capsys.readouterr().out
     # recomputing them (--overwrite) gives the same numbers: evaluation seeds its own RNG, per scheme
-    again = eval_only(tmp_path / "run", "--eval", "alf", "aff", "slf", "--eval-subset", "10", *threats, "--overwrite")
+    again = eval_only(tmp_path / "run", "--eval", "alf", "aff", "slf", "--overwrite")
     assert {k: v for k, v in scheme_keys(again).items() if k != "slf_guards"} == \
         {k: v for k, v in scheme_keys(res).items() if k != "slf_guards"}
-    assert json.loads(before)["slf_sa"] == json.load(open(tmp_path / "run" / "results.json"))["slf_sa"]
+    assert again["path"] == res["path"] and results_files(tmp_path / "run") == [res["path"]]
 
 
 def test_transfer_from_itself_equals_white_box_pgd(folder, tmp_path):
     A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
     res = eval_only(tmp_path / "run", "--transfer-from", str(tmp_path / "run"), "--eval-steps", "5",
                     "--eval-step", "4/255")
-    assert res["slf_ra_transfer"] == res["slf_ra"] and res["protocol"]["transfer_from"] == str(tmp_path / "run")
+    assert res["slf_ra_transfer"] == res["slf_ra"]
+    assert res["identity"]["transfer"]["digest"] == res["identity"]["weights"]["digest"]
     assert res["slf_ra"] < res["slf_sa"]  # the attack does something, so the equality says something
 
 
 def test_eval_dataset_with_other_classes_end_to_end(folder, tmp_path):
     three = make_folder(tmp_path / "three", classes=3, n_train=8, n_test=4, seed=1)
     res = A.main(tiny(folder, tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", three))
-    assert res["dataset"] == "folder" and res["n_classes"] == 2
-    assert res["protocol"]["eval_dataset"] == "folder" and res["protocol"]["n_classes"] == 3
-    assert res["protocol"]["n_train"] == 24 and res["protocol"]["n_test"] == 12 and 0 <= res["slf_sa"] <= 1
+    data = res["identity"]["data"]
+    assert res["training"]["args"]["dataset"] == "folder" and res["training"]["args"]["n_classes"] == 2
+    assert data["dataset"] == "folder" and data["n_classes"] == 3 and data["dir"] == os.path.realpath(three)
+    assert data["n_train"] == 24 and data["n_test"] == 12 and 0 <= res["slf_sa"] <= 1
 
 
 def test_robustssl_protocol_runs_and_never_mixes_with_the_default(folder, tmp_path, capsys):
-    A.main(tiny(folder, tmp_path / "run", "--eval", "slf"))
-    default = json.load(open(tmp_path / "run" / "results.json"))
-    res = eval_only(tmp_path / "run", "--protocol", "robustssl", "--no-autoattack", "--ft-epochs", "2",
-                    "--eval", "slf", "alf", "aff")
-    p = res["protocol"]
+    default = A.main(tiny(folder, tmp_path / "run", "--eval", "slf"))
+    before = open(default["path"]).read()
+    res = eval_only(tmp_path / "run", "--protocol", "robustssl", "--no-autoattack", "--ft-epochs", "2")
+    p = res["identity"]["protocol"]
     assert p["name"] == "robustssl" and p["pretraining"] == "a-infonce" and p["schemes"]["slf"]["augment"]
     assert p["schemes"]["slf"]["batch_size"] == 512 and p["schemes"]["aff"]["epochs"] == 2
-    assert json.load(open(tmp_path / "run" / "results.json")) == default and default["protocol"]["name"] == "asym-rocl"
-    assert len(glob.glob(str(tmp_path / "run" / "results-*.json"))) == 1
+    assert {"slf_sa", "alf_sa", "aff_sa"} <= set(res)  # robustssl runs all three, as its --mode ALL
+    assert open(default["path"]).read() == before and default["identity"]["protocol"]["name"] == "asym-rocl"
+    assert results_files(tmp_path / "run") == sorted([default["path"], res["path"]])
     files = published_files(tmp_path)
     fails(["--eval-only", files["acl"][0], "--dataset", "folder", "--data-dir", folder, "--protocol", "robustssl"],
           capsys, r"differ per pretraining method, and .*acl.pt does not say which: name it with --pretraining")
@@ -990,7 +1019,7 @@ def test_stray_files_are_skipped_and_empty_classes_refused_as_imagefolder_does(f
     (d / "train" / "class0" / "notes.txt").write_text("not an image")
     (d / "test" / ".DS_Store").write_bytes(b"\0")
     res = A.main(tiny(str(d), tmp_path / "run"))
-    assert res["n_classes"] == 2 and res["protocol"]["n_train"] == 32
+    assert res["identity"]["data"]["n_classes"] == 2 and res["identity"]["data"]["n_train"] == 32
     (d / "train" / "class2").mkdir()
     fails(tiny(str(d), tmp_path / "run2"), capsys, r"Found no valid file for the classes class2", tmp_path / "run2")
 
@@ -1016,7 +1045,7 @@ def test_imagefolders_quiet_choices_are_said_once(folder, tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data:")]
     assert lines == ["data: dropped the alpha channel of 1 train images; repeated 1 grayscale train images to RGB; "
                      "counted 1 train images of nested sub-folders in their class folder's class"]
-    assert res["n_classes"] == 2
+    assert res == {} and weights(tmp_path / "run" / "last.pt")[1]["args"]["n_classes"] == 2
 
 
 @pytest.mark.parametrize("dataset,cls", [("cifar10", "CIFAR10"), ("stl10", "STL10")])
@@ -1082,9 +1111,9 @@ def test_field_layout_state_dicts_evaluate_exactly_as_our_checkpoint(folder, tmp
         assert f"ignored {ignored} keys" in capsys.readouterr().out
         assert torch.equal(encoder(x), reference(x))
         res = eval_only(tmp_path / f"{name}.pt", *data, *strong, "--out", str(tmp_path / name))
-        assert res["checkpoint"].endswith(f"{name}.pt")
+        assert res["weights"]["checkpoint"].endswith(f"{name}.pt")
         assert {k: res[k] for k in ("slf_sa", "slf_ra")} == {k: ours[k] for k in ("slf_sa", "slf_ra")}
-    branch0 = A.load_checkpoint(str(tmp_path / "dual.pt"), bn_branch=0)[2].eval()
+    branch0 = A.load_checkpoint(str(tmp_path / "dual.pt"), {"bn_branch": 0})[2].eval()
     assert not torch.allclose(branch0(x), reference(x))
     fails(["--eval-only", str(tmp_path / "plain.pt")], capsys, r"plain state dict: name its data set with --dataset")
     bad = dict(field_state_dict(enc), **{"module.layer5.0.conv1.weight": torch.zeros(1)})
@@ -1172,14 +1201,14 @@ def published_files(tmp_path, width=8):
 
 def test_every_published_layout_loads_to_its_own_encoder(tmp_path, capsys):
     x = images(4, 6).cpu()
-    flags = {"dynacl++": dict(stem_padding=1), "deacl-backbone": dict(stem_padding=2)}
+    flags = {"dynacl++": dict(stem_padding=1, normalise="inside"), "deacl-backbone": dict(stem_padding=2)}
     expect = {"rocl": (1, None, []), "acl": (1, 1, ["bn_list.0", "fc"]), "acl-single": (1, 0, []),
               "advcl": (1, 1, ["bn_list.0", "bn_list.2", "fc_002", "head_ce"]),
               "dynacl": (1, 1, ["encoder_q", "bn_list.0"]),
               "dynacl++": (1, None, ["fc"]), "deacl": (2, None, ["momentum_backbone", "classifier", "classifier_adv"]),
               "deacl-backbone": (2, None, [])}
     for name, (path, t, padding, norm) in published_files(tmp_path).items():
-        _, ck, encoder, read = A.load_checkpoint(path, **flags.get(name, {}))
+        _, ck, encoder, read = A.load_checkpoint(path, flags.get(name, {}))
         ref = reference_features(t, x, padding, *(norm or (None, None)))
         with torch.no_grad():
             ours = encoder.eval()(x)
@@ -1202,19 +1231,20 @@ def test_a_padding_2_file_is_never_evaluated_with_a_padding_1_stem(folder, tmp_p
     fails(["--eval-only", files["deacl-backbone"][0], "--dataset", "folder", "--data-dir", folder], capsys,
           r"pass --stem-padding 2 or 1")
     res = eval_only(path, "--dataset", "folder", "--data-dir", folder, "--out", str(tmp_path / "deacl"))
-    assert res["stem_padding"] == 2 and res["encoder"] == "backbone" and 0 <= res["slf_ra"] <= res["slf_sa"] <= 1
-    assert res["ignored"]["momentum_backbone"] == 122  # the teacher: 20 convs/BNs, 122 tensors
-    saved = json.load(open(glob.glob(str(tmp_path / "deacl" / "results-deacl-*.json"))[0]))
-    assert saved["stem_padding"] == 2 and saved["weights"]["digest"] == res["weights"]["digest"]
+    read = res["read"]
+    assert read["stem_padding"] == 2 and read["encoder"] == "backbone" and 0 <= res["slf_ra"] <= res["slf_sa"] <= 1
+    assert read["ignored"]["momentum_backbone"] == 122  # the teacher: 20 convs/BNs, 122 tensors
+    saved = only_results(tmp_path / "deacl")
+    assert saved["identity"]["weights"]["stem_padding"] == 2 and saved["identity"] == res["identity"]
 
 
 def test_bn_branches_are_read_from_the_file_or_named(tmp_path):
     files = published_files(tmp_path)
     assert A.load_checkpoint(files["acl-single"][0])[3]["bn_branch"] == 0  # the only branch: no flag needed
     with pytest.raises(A.UsageError, match=r"holds BN branches \[0, 1\]: pass one of them"):
-        A.load_checkpoint(files["acl"][0], bn_branch=2)
+        A.load_checkpoint(files["acl"][0], {"bn_branch": 2})
     with pytest.raises(A.UsageError, match=r"one set of BN statistics .* leave --bn-branch out"):
-        A.load_checkpoint(files["rocl"][0], bn_branch=1)
+        A.load_checkpoint(files["rocl"][0], {"bn_branch": 1})
     ck = torch.load(files["advcl"][0], weights_only=True)
     ck["model"] = {k: v for k, v in ck["model"].items() if ".bn_list.1." not in k}
     torch.save(ck, tmp_path / "no-pgd.pt")
@@ -1242,15 +1272,16 @@ def test_corrupt_and_mismatched_checkpoints(folder, tmp_path, capsys):
     fails(["--resume", str(tmp_path / "plain.pt")], capsys, r"plain state dict: --resume needs an ainfonce checkpoint")
 
 
-def test_eval_only_never_changes_the_training_runs_numbers(folder, tmp_path):
-    A.main(tiny(folder, tmp_path / "run", "--eval-subset", "10", "--batch-size", "4", "--attack-steps", "1"))
-    before = open(tmp_path / "run" / "results.json").read()
-    full = eval_only(tmp_path / "run")  # CLI defaults differ from the run's: 10,000-image protocol, batch 512
-    assert open(tmp_path / "run" / "results.json").read() == before
-    other = glob.glob(str(tmp_path / "run" / "results-*.json"))
-    assert len(other) == 1 and json.load(open(other[0])) == json.loads(json.dumps(full))
-    assert full["protocol"]["n_test"] == 16 and full["batch_size"] == 4 and full["attack_steps"] == 1
-    assert full["pretrain_s"] == json.loads(before)["pretrain_s"]
+def test_eval_only_evaluates_under_the_runs_protocol_and_never_changes_its_numbers(folder, tmp_path, capsys):
+    run = A.main(tiny(folder, tmp_path / "run", "--eval-subset", "10", "--batch-size", "4", "--attack-steps", "1"))
+    before = open(run["path"]).read()
+    same = eval_only(tmp_path / "run")  # the run's own protocol: its 10 test images, its settings
+    assert "nothing to do" in capsys.readouterr().out and same == json.loads(json.dumps(run))
+    other = eval_only(tmp_path / "run", "--eval-subset", "0")  # another protocol: another file
+    assert open(run["path"]).read() == before and results_files(tmp_path / "run") == sorted([run["path"],
+                                                                                           other["path"]])
+    assert other["identity"]["data"]["n_test"] == 16 and other["identity"]["weights"] == run["identity"]["weights"]
+    assert other["training"] == run["training"] and other["training"]["args"]["attack_steps"] == 1
 
 
 def test_eval_only_finds_moved_data_and_checks_classes(folder, tmp_path, capsys, monkeypatch):
@@ -1286,21 +1317,19 @@ def test_evaluating_an_unfinished_run_never_changes_what_the_finished_run_report
     early = eval_only(tmp_path / "run")  # the run's own protocol, on unfinished weights
     assert "holds epoch 1 of 2 (step 5): not the end of its run" in capsys.readouterr().out
     assert early["weights"]["final"] is False and early["weights"]["step"] == 5
-    assert not os.path.exists(tmp_path / "run" / "results.json")
-    assert len(glob.glob(str(tmp_path / "run" / "results-*.json"))) == 1
+    assert results_files(tmp_path / "run") == [early["path"]]
     done = A.main(["--resume", str(tmp_path / "run")])
-    assert "SLF: SA" in capsys.readouterr().out  # evaluated again, on the final weights
-    assert done["weights"]["final"]
-    assert done["weights"]["digest"] == full["weights"]["digest"] != early["weights"]["digest"]
-    assert scheme_keys(done) == scheme_keys(full) == scheme_keys(json.load(open(tmp_path / "run" / "results.json")))
-    # numbers of other weights in results.json (an older version's poisoned file) are recomputed, not kept
-    poisoned = dict(json.load(open(tmp_path / "run" / "results.json")), slf_sa=0.07)
-    del poisoned["weights"]
-    write = open(tmp_path / "run" / "results.json", "w")
-    write.write(json.dumps(poisoned))
-    write.close()
-    again = A.main(["--resume", str(tmp_path / "run")])
-    assert "held numbers of other weights" in capsys.readouterr().out and again["slf_sa"] == full["slf_sa"]
+    assert "SLF: SA" in capsys.readouterr().out  # evaluated again, on the final weights, into their own file
+    assert done["weights"]["final"] and results_files(tmp_path / "run") == sorted([early["path"], done["path"]])
+    assert done["identity"] == full["identity"] != early["identity"]
+    assert scheme_keys(done) == scheme_keys(full) == scheme_keys(on_disk(done))
+    # a file whose identity is not its name's (edited by hand) is refused, never used or rewritten
+    poisoned = dict(on_disk(done), slf_sa=0.07)
+    poisoned["identity"]["weights"]["digest"] = "0" * 16
+    with open(done["path"], "w") as f:
+        f.write(json.dumps(poisoned))
+    fails(["--eval-only", str(tmp_path / "run")], capsys, r"holds numbers of another identity")
+    assert json.load(open(done["path"])) == poisoned
 
 
 def test_a_live_owner_is_refused_and_a_dead_ones_lock_is_taken_over(folder, tmp_path, capsys):
@@ -1313,6 +1342,7 @@ def test_a_live_owner_is_refused_and_a_dead_ones_lock_is_taken_over(folder, tmp_
                                "print('locked', flush=True); time.sleep(120)", str(out / ".lock")],
                               stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
+    fails(tiny(folder, out), capsys, r"run is in use by pid 4242 on elsewhere: wait for it to end")  # not "holds a run"
     fails(tiny(folder, out, "--overwrite"), capsys, r"run is in use by pid 4242 on elsewhere: wait for it to end")
     fails(["--eval-only", str(out), "--eval-threats", "l2:0.5"], capsys, r"run is in use by pid 4242 on elsewhere")
     fails(["--resume", str(out)], capsys, r"run is in use by pid 4242")
@@ -1323,6 +1353,14 @@ def test_a_live_owner_is_refused_and_a_dead_ones_lock_is_taken_over(folder, tmp_
     res = eval_only(out, "--eval-threats", "l2:0.5")
     assert "taking over the lock of pid 4242 on elsewhere" in capsys.readouterr().out and 0 <= res["slf_sa"] <= 1
     assert open(out / ".lock").read() == ""
+    # a directory copied while its owner ran: the copied line names a live process that holds no lock here
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (out / ".lock").write_text(f"pid {sleeper.pid} on {socket.gethostname()} since 2026-01-01 00:00:00")
+    eval_only(out, "--eval-threats", "l2:0.25")
+    sleeper.kill()
+    sleeper.wait()
+    assert f"names pid {sleeper.pid} on {socket.gethostname()} since 2026-01-01 00:00:00, which is running but does " \
+           f"not hold the lock (a copied directory?)" in capsys.readouterr().out
 
 
 @cpu_only
@@ -1333,13 +1371,13 @@ def test_two_runs_started_together_on_one_out_do_not_mix(folder, tmp_path):
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 2], outs
     winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
-    assert re.search(r"in use by pid \d+ on|already holds a run", outs[loser][1])
+    # the loser meets the winner's lock (its line is written right after the lock is taken) or its checkpoint
+    assert re.search(r"in use by pid \d+ on|already holds a run", outs[loser][1]), outs[loser][1]
     method = ("hardneg", "rocl")[winner]
-    res = json.load(open(tmp_path / "run" / "results.json"))
+    res = only_results(tmp_path / "run")
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     config = json.load(open(tmp_path / "run" / "config.json"))
-    assert res["method"] == ck["args"]["method"] == config["method"] == method
-    assert sorted(glob.glob(str(tmp_path / "run" / "results*.json"))) == [str(tmp_path / "run" / "results.json")]
+    assert res["training"]["args"]["method"] == ck["args"]["method"] == config["args"]["method"] == method
 
 
 def test_refuses_to_clobber_and_checks_resume(folder, tmp_path, capsys):
@@ -1352,14 +1390,14 @@ def test_refuses_to_clobber_and_checks_resume(folder, tmp_path, capsys):
     fails(["--resume", str(run), "--width", "16", "--dataset", "cifar10"], capsys,
           r"cannot resume .*--dataset folder \(checkpoint\) vs cifar10, --width 8 \(checkpoint\) vs 16")
     assert open(run / "last.pt", "rb").read() == before
-    assert A.main(["--resume", str(run), "--eval", "none"])["epochs"] == 1  # finished: nothing to do
+    assert A.main(["--resume", str(run), "--eval", "none"]) == {}  # finished, nothing asked: nothing to do
     assert open(run / "last.pt", "rb").read() == before
     A.main(tiny(folder, run, "--eval", "none", "--overwrite"))
 
 
 def test_unwritable_or_full_output_fails_before_training(folder, tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
-    fails(tiny(folder, tmp_path / "file" / "run"), capsys, r"cannot write to .*not a directory")
+    fails(tiny(folder, tmp_path / "file" / "run"), capsys, r"cannot write to .*(?i:not a directory)")
     monkeypatch.setattr(A.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=2**40, used=2**40, free=1024))
     fails(tiny(folder, tmp_path / "run"), capsys, r"only 0 MiB free", tmp_path / "run")
 
@@ -1406,7 +1444,7 @@ def test_interrupt_during_evaluation_keeps_the_finished_schemes(folder, tmp_path
         A.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 130 and f"finish with: python ainfonce.py --resume {tmp_path / 'run'}" in err
-    kept = json.load(open(tmp_path / "run" / "results.json"))
+    kept = only_results(tmp_path / "run")
     assert "slf_sa" in kept and "alf_sa" not in kept
     monkeypatch.setattr(A, "train_head", real)
     done = A.main(["--resume", str(tmp_path / "run")])
@@ -1415,21 +1453,68 @@ def test_interrupt_during_evaluation_keeps_the_finished_schemes(folder, tmp_path
         {k: v for k, v in scheme_keys(full).items() if "guards" not in k}
 
 
-def test_kill_during_save_keeps_previous_checkpoint(folder, tmp_path, monkeypatch):
+def test_the_hint_after_an_interrupted_resume_finishes_what_it_asked(folder, tmp_path, monkeypatch, capsys):
+    A.main(tiny(folder, tmp_path / "run", "--eval", "slf"))  # trained and evaluated: SLF only
+    real = interrupt_as_alf_starts(monkeypatch)
+    with pytest.raises(SystemExit):
+        A.main(["--resume", str(tmp_path / "run"), "--eval", "slf", "alf"])
+    hint = re.search(r"finish with: (.*)", capsys.readouterr().err).group(1)
+    assert shlex.split(hint)[2:] == ["--resume", str(tmp_path / "run"), "--eval", "slf", "alf"]
+    monkeypatch.setattr(A, "train_head", real)
+    done = A.main(shlex.split(hint)[2:])
+    assert {"slf_sa", "alf_sa"} <= set(done) and "nothing to do" not in capsys.readouterr().out
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes(folder, tmp_path, monkeypatch, capsys):
     real_save, calls = torch.save, []
 
-    def dying_save(obj, f):
+    def full_disk(obj, f):
         calls.append(1)
-        if len(calls) == 2:  # the second checkpoint dies half-written
+        if len(calls) == 2:  # the second checkpoint meets a full disk half-way
             f.write(b"partial")
-            raise OSError(28, "No space left on device")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed")
         real_save(obj, f)
 
-    monkeypatch.setattr(torch, "save", dying_save)
-    with pytest.raises(OSError):
-        A.main(tiny(folder, tmp_path / "run", "--epochs", "2", "--eval", "none"))
+    monkeypatch.setattr(torch, "save", full_disk)
+    fails(tiny(folder, tmp_path / "run", "--epochs", "2", "--eval", "none"), capsys,
+          r"could not write .*last\.pt: .*file write failed; .*last\.pt still holds step 4; free space, then: python "
+          r"ainfonce\.py --resume", code=4)
     _, ck = weights(tmp_path / "run" / "last.pt")
-    assert ck["epoch"] == 1
+    assert ck["epoch"] == 1 and not glob.glob(str(tmp_path / "run" / "*.tmp"))  # kept; nothing left to fill the disk
+    monkeypatch.setattr(torch, "save", real_save)
+    A.main(["--resume", str(tmp_path / "run"), "--eval", "none"])  # space freed
+    assert weights(tmp_path / "run" / "last.pt")[1]["epoch"] == 2
+    # during evaluation: the finished scheme stays, no .tmp is left, and the printed command finishes the rest
+    real_write, writes = A.atomic_write, []
+
+    def fails_third(path, write):
+        writes.append(path)
+        if len(writes) == 3:  # the file is written at the start and after each scheme: SLF is in, ALF is not
+            raise A.WriteFailed(f"could not write {path}: No space left on device")
+        real_write(path, write)
+    monkeypatch.setattr(A, "atomic_write", fails_third)
+    fails(["--resume", str(tmp_path / "run"), "--eval", "slf", "alf"], capsys,
+          r"No space left on device; the finished schemes stay in .*results-\w+\.json; free space, then: python "
+          r"ainfonce\.py --resume", code=4)
+    kept = only_results(tmp_path / "run")
+    assert "slf_sa" in kept and "alf_sa" not in kept and not glob.glob(str(tmp_path / "run" / "*.tmp"))
+    monkeypatch.setattr(A, "atomic_write", real_write)
+    done = A.main(["--resume", str(tmp_path / "run"), "--eval", "slf", "alf"])
+    assert done["slf_s"] == kept["slf_s"] and "alf_sa" in done
+
+
+def test_a_stale_tmp_is_removed_and_the_space_check_counts_both_checkpoints(folder, tmp_path, monkeypatch, capsys):
+    A.main(tiny(folder, tmp_path / "run", "--epochs", "2", "--eval", "none", "--ckpt-every", "1"))
+    (tmp_path / "run" / "last.pt.tmp").write_bytes(b"\0" * 2**20)  # a writer that died mid-save
+    free = 3 * A.checkpoint_bytes(sum(p.numel() for p in A.Net(8).parameters())) // 2  # not two checkpoints
+    monkeypatch.setattr(A.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=2**40, used=0, free=free))
+    fails(tiny(folder, tmp_path / "run2", "--eval", "none"), capsys, r"only \d+ MiB free for .*run2; its checkpoints "
+          r"need \d+ MiB more \(last\.pt and last\.pt\.tmp during a save\)", tmp_path / "run2")
+    monkeypatch.undo()
+    A.main(["--resume", str(tmp_path / "run"), "--epochs", "2", "--eval", "slf"])
+    assert "removed last.pt.tmp (1.0 MiB), left by a writer that died" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "run" / "last.pt.tmp")
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, monkeypatch, capsys):
@@ -1449,16 +1534,24 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, 
     w, ck = weights(tmp_path / "run" / "last.pt")
     assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
     monkeypatch.setattr(A, "pretrain_loss", real)
-    res = A.main(["--resume", str(tmp_path / "run"), "--lr", "0.01"])
-    assert res["epochs"] == 3 and res["lr"] == 0.01 and weights(tmp_path / "run" / "last.pt")[1]["epoch"] == 3
+    res = A.main(["--resume", str(tmp_path / "run"), "--lr", "0.01", "--eval", "slf"])
+    assert weights(tmp_path / "run" / "last.pt")[1]["epoch"] == 3
+    # the first command and its lr stay; the resume is its own record, from the step it took effect
+    first, resumed = res["training"]["invocations"]
+    assert res["training"]["args"]["lr"] == 0.2 and first["step"] == 0 and first["changes"] == {}
+    assert first["command"].endswith(f"--out {tmp_path / 'run'}")
+    assert resumed["step"] == 4 and resumed["changes"] == {"lr": [0.2, 0.01], "eval": [[], ["slf"]]}
+    assert "--lr 0.01" in resumed["command"]
+    config = json.load(open(tmp_path / "run" / "config.json"))
+    assert config["args"]["lr"] == 0.2 and config["invocations"] == res["training"]["invocations"]
 
 
 def test_the_recorded_command_and_the_interrupt_hint_paste_back_into_a_shell(folder, tmp_path, monkeypatch, capsys):
     spaced = tmp_path / "my data"
     shutil.copytree(folder, spaced)
     argv = tiny(str(spaced), tmp_path / "a run", "--eval", "none")
-    res = A.main(argv)
-    command = shlex.split(res["invocations"][-1]["command"])
+    A.main(argv)
+    command = shlex.split(weights(tmp_path / "a run" / "last.pt")[1]["invocations"][-1]["command"])
     assert command[0] == "python" and os.path.samefile(command[1], A.__file__) and command[2:] == argv
     real = interrupt_as_alf_starts(monkeypatch)
     argv = ["--eval-only", str(tmp_path / "a run"), "--eval", "slf", "alf", "--eval-steps", "2", "--ft-epochs", "1",
@@ -1524,8 +1617,9 @@ def test_torchrun_style_launch_trains_and_evaluates(folder, tmp_path):
                             LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert outs[0][0].count("epoch ") == 2 and outs[1][0] == ""  # one process logs
-    res = json.load(open(tmp_path / "run" / "results.json"))
+    epoch_lines = re.findall(r"^epoch +\d+/2 \|", outs[0][0], re.M)  # not the progress lines of a slow machine
+    assert len(epoch_lines) == 2 and outs[1][0] == ""  # one process logs
+    res = only_results(tmp_path / "run")
     assert 0 <= res["slf_ra"] <= res["slf_sa"] <= 1
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"] == 8
 
@@ -1628,27 +1722,35 @@ def test_benchmark_prints_json_last(capsys):
 
 
 @cpu_only
-def test_reproduce_sh_never_mixes_scales_and_says_how_to_continue(tmp_path):
+def test_reproduce_sh_never_mixes_scales_reads_what_it_asked_and_says_how_to_continue(tmp_path):
     data = make_folder(tmp_path / "data", classes=4, n_train=32, n_test=16)  # smoke: 128 training, 64 test images
-    env = {**os.environ, "SCALE": "smoke", "DATASET": "folder", "DATA_DIR": data, "OUT": str(tmp_path / "out"),
+    env = {**os.environ, "SCALE": "smoke", "DATASET": "folder", "DATA_DIR": "data", "OUT": "out",
            "METHODS": "rocl", "PYTHON": sys.executable}
     script = os.path.join(HERE, "reproduce.sh")
-    p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=600)
+    run = lambda **kw: subprocess.run(["bash", script], env={**env, **kw}, capture_output=True, text=True,
+                                      timeout=600, cwd=tmp_path)  # relative DATA_DIR and OUT: from where it runs
+    p = run()
     assert p.returncode == 0, p.stderr
     table = open(tmp_path / "out" / "table.md").read()
-    assert table.startswith("folder, 128 training images, ResNet-18 width 4, 1 epochs, batch 32, 1-step training "
+    assert table.startswith("folder, 128 training images, ResNet-18 width 4, 1 epoch, batch 32, 1-step training "
                             "attack; asym-rocl finetuning; RA = PGD-2 at linf:8/255")  # read from the runs it shows
-    p = subprocess.run(["bash", script], env={**env, "SCALE": "small"}, capture_output=True, text=True, timeout=600)
+    assert os.path.realpath(data) == json.load(open(tmp_path / "out" / "table.json"))["runs"]["rocl"][0][
+        "identity"]["data"]["dir"]
+    # another threat on the same OUT: its numbers are computed and the table shows them, read from their own file
+    p = run(EVAL_THREATS="linf:8/255 l2:0.5")
+    assert p.returncode == 0, p.stderr
+    assert "SLF RA l2:0.5" in open(tmp_path / "out" / "table.md").read()
+    assert len(results_files(tmp_path / "out" / "rocl-s0")) == 2
+    p = run(SCALE="small")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert re.search(r"cannot resume .*rocl-s0 with other arguments: --subset 128 \(checkpoint\) vs 5000", p.stderr)
-    assert open(tmp_path / "out" / "table.md").read() == table
-    proc = subprocess.Popen(["bash", script], env={**env, "OUT": str(tmp_path / "out2")}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(["bash", script], env={**env, "OUT": "out2"}, stdout=subprocess.PIPE, cwd=tmp_path,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     while "steps | new run" not in proc.stdout.readline():  # the first cell is training
         assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130 and err.count("continue the whole table with:") == 1
+    assert proc.returncode == 130 and err.count("continue the whole table with:") == 1, err
     hint = re.search(r"continue the whole table with: (.*)", err).group(1)
-    assert hint.startswith("SCALE=smoke DATASET=folder DATA_DIR=") and f"OUT={tmp_path / 'out2'}" in hint
-    assert hint.endswith("METHODS=rocl PYTHON=" + sys.executable + " bash reproduce.sh")
+    assert hint.startswith("SCALE=smoke DATASET=folder DATA_DIR=data") and "OUT=out2" in hint
+    assert hint.endswith(f"METHODS=rocl PYTHON={sys.executable} bash {script}")
