@@ -3,6 +3,7 @@
     python -m pytest -q                                # CPU: about 4 minutes on 2 cores
     AINFONCE_TEST_DEVICE=cuda python -m pytest -q      # the same tests on a GPU; fails at once without one
 """
+import argparse
 import glob
 import importlib.util
 import json
@@ -873,6 +874,51 @@ def test_autoattack_names_its_implementation(monkeypatch):
         A.autoattack_impl()
 
 
+def stand_in_autoattack(monkeypatch):
+    """A stand-in for pyautoattack that records how it is called (its AutoAttack's arguments, the targets of its
+    targeted attacks, the model's mode) and leaves the images as they are. -> the list of calls."""
+    calls = []
+
+    class AutoAttack:
+        def __init__(self, model, norm, eps, version, device, seed):
+            self.model, self.kw = model, dict(norm=norm, eps=eps, version=version, seed=seed)
+            self.apgd_targeted = types.SimpleNamespace(n_target_classes=9)  # as its set_version("standard")
+            self.fab = types.SimpleNamespace(n_target_classes=9)
+
+        def run_standard_evaluation(self, x, y, batch_size):
+            calls.append(dict(self.kw, targets=(self.apgd_targeted.n_target_classes, self.fab.n_target_classes),
+                              eval_mode=not self.model.training, in_range=(0 <= x.min() and x.max() <= 1)))
+            return x, y
+    monkeypatch.setitem(sys.modules, "pyautoattack", types.SimpleNamespace(__version__="stand-in",
+                                                                           AutoAttack=AutoAttack))
+    return calls
+
+
+@pytest.mark.parametrize("classes", [4, 11])
+def test_autoattack_is_called_as_the_reference_runs(tmp_path, monkeypatch, classes):
+    calls = stand_in_autoattack(monkeypatch)
+    data = make_folder(tmp_path / "data", classes=classes, n_train=2, n_test=1)
+    res = A.main(tiny(data, tmp_path / "run", "--autoattack", "--eval-threats", "linf:8/255", "l2:0.5"))
+    others = min(9, classes - 1)  # the targeted attacks aim at every other class, up to the standard 9
+    assert calls == [dict(norm="Linf", eps=8 / 255, version="standard", seed=0, targets=(others, others),
+                          eval_mode=True, in_range=True),
+                     dict(norm="L2", eps=0.5, version="standard", seed=0, targets=(others, others), eval_mode=True,
+                          in_range=True)]
+    assert res["slf_aa"] == res["slf_sa"] and res["identity"]["protocol"]["autoattack"] == "pyautoattack stand-in"
+
+
+def test_resume_under_robustssl_takes_its_autoattack_preset(folder, tmp_path, monkeypatch, capsys):
+    four = make_folder(tmp_path / "four", classes=4, n_train=4, n_test=2)
+    A.main(tiny(four, tmp_path / "run", "--eval", "none"))  # trained without AutoAttack (asym-rocl)
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)
+    fails(["--resume", str(tmp_path / "run"), "--protocol", "robustssl", "--eval", "slf"], capsys,
+          r"AutoAttack needs an optional package: pip install pyautoattack .*--protocol robustssl runs it unless "
+          r"--no-autoattack")
+    calls = stand_in_autoattack(monkeypatch)
+    res = A.main(["--resume", str(tmp_path / "run"), "--protocol", "robustssl", "--ft-epochs", "1", "--eval", "slf"])
+    assert len(calls) == 1 and res["identity"]["protocol"]["autoattack"] == "pyautoattack stand-in"
+
+
 def test_autoattack_runs_and_records_its_implementation(folder, tmp_path, capsys):
     if not importlib.util.find_spec("pyautoattack"):
         fails(tiny(folder, tmp_path / "none", "--autoattack"), capsys, r"needs an optional package: pip install pyauto",
@@ -1192,6 +1238,22 @@ def published_files(tmp_path, width=8):
         **heads("", ["classifier", "classifier_adv"])}},
         student[0], 2, CIFAR)
     files["deacl-backbone"] = ({"state_dict": solo("backbone.", student)}, student[0], 2, CIFAR)
+    # RobustSSL's finetuned files (Vanilla_Finetuning/utils.py save_checkpoint): its models/resnet.py always holds
+    # ImageNet normalize buffers; its SLF/ALF models of AdvCL and A-InfoNCE are built with do_normalize=0
+    finetuned = branches(8, 1)
+    files["robustssl-advcl-slf"] = ({"state_dict": {
+        **in_layout(finetuned, ("downsample.0", "downsample.1"), bn_list=False), **norm, **heads("", ["fc"])}},
+        finetuned[0], 1, None)
+    files["robustssl-acl-aff"] = ({"state_dict": {
+        **in_layout(finetuned, ("downsample.0", "downsample.1"), bn_list=False), **norm, **heads("", ["fc"])}},
+        finetuned[0], 1, IMAGENET)
+    dual = branches(9, 2)  # a file whose only state dict is state_dict_dual (RobustSSL looks there first)
+    files["state-dict-dual"] = ({"epoch": 1, "state_dict_dual": {**in_layout(dual, ("downsample.conv",
+                                 "downsample.bn")), **norm}}, dual[1], 1, IMAGENET)
+    wrapped = branches(10, 2)  # DynACL's model.pt saved from DataParallel(torch.compile(model))
+    files["dynacl-wrapped"] = ({"epoch": 1, "state_dict": {
+        f"module._orig_mod.{prefix}.{k}": v for prefix in ("encoder_q", "encoder_k") for k, v in {
+            **in_layout(wrapped, ("downsample.conv", "downsample.bn")), **norm}.items()}}, wrapped[1], 1, IMAGENET)
     out = {}
     for name, (ck, t, padding, norm) in files.items():
         torch.save(ck, tmp_path / f"{name}.pt")
@@ -1201,12 +1263,17 @@ def published_files(tmp_path, width=8):
 
 def test_every_published_layout_loads_to_its_own_encoder(tmp_path, capsys):
     x = images(4, 6).cpu()
-    flags = {"dynacl++": dict(stem_padding=1, normalise="inside"), "deacl-backbone": dict(stem_padding=2)}
+    flags = {"dynacl++": dict(stem_padding=1, normalise="inside"), "deacl-backbone": dict(stem_padding=2),
+             "robustssl-advcl-slf": dict(stem_padding=1, normalise="none"),
+             "robustssl-acl-aff": dict(stem_padding=1, normalise="inside")}
     expect = {"rocl": (1, None, []), "acl": (1, 1, ["bn_list.0", "fc"]), "acl-single": (1, 0, []),
               "advcl": (1, 1, ["bn_list.0", "bn_list.2", "fc_002", "head_ce"]),
               "dynacl": (1, 1, ["encoder_q", "bn_list.0"]),
               "dynacl++": (1, None, ["fc"]), "deacl": (2, None, ["momentum_backbone", "classifier", "classifier_adv"]),
-              "deacl-backbone": (2, None, [])}
+              "deacl-backbone": (2, None, []), "robustssl-advcl-slf": (1, None, ["fc", "normalize"]),
+              "robustssl-acl-aff": (1, None, ["fc"]), "state-dict-dual": (1, 1, ["bn_list.0"]),
+              "dynacl-wrapped": (1, 1, ["encoder_q", "bn_list.0"])}
+    layouts = {"advcl": "advcl", "dynacl": "dynacl", "dynacl-wrapped": "dynacl", "deacl": "deacl"}
     for name, (path, t, padding, norm) in published_files(tmp_path).items():
         _, ck, encoder, read = A.load_checkpoint(path, flags.get(name, {}))
         ref = reference_features(t, x, padding, *(norm or (None, None)))
@@ -1215,11 +1282,51 @@ def test_every_published_layout_loads_to_its_own_encoder(tmp_path, capsys):
         assert ck is None and ((ours - ref).abs().max() / ref.abs().max()) < 1e-4, name
         assert (read["stem_padding"], read["bn_branch"]) == expect[name][:2] and encoder.conv1.padding == (padding,) * 2
         assert set(expect[name][2]) <= set(read["ignored"]), (name, read["ignored"])
-        assert read["layout"] == {"advcl": "advcl", "dynacl": "dynacl", "deacl": "deacl"}.get(name, "other")
+        assert read["layout"] == layouts.get(name, "other") and read["normalise_inside"] == (norm is not None)
+        assert read["encoder"] == {"dynacl": "encoder_k", "dynacl-wrapped": "encoder_k"}.get(name, read["encoder"])
         assert f"stem padding {padding}" in capsys.readouterr().out
     for name in ("dynacl++", "deacl-backbone"):  # torchvision-style names without a solo-learn Lightning container
         with pytest.raises(A.UsageError, match=r"torchvision-style keys .* pass --stem-padding 2 or 1"):
             A.load_checkpoint(str(tmp_path / f"{name}.pt"))
+    with pytest.raises(A.UsageError, match=r"RobustSSL's SLF/ALF files of AdvCL and A-InfoNCE hold them unused: "
+                                           r"pass --normalise inside or none"):
+        A.load_checkpoint(str(tmp_path / "robustssl-advcl-slf.pt"), {"stem_padding": 1})
+
+
+@pytest.mark.parametrize("name,flags,pattern", [
+    ("rocl", {"stem_padding": 2}, r"--stem-padding 2: .*rocl.pt holds a stem its key names fix: leave --stem-padding"),
+    ("acl", {"stem_padding": 1}, r"--stem-padding 1: .* holds a stem its key names fix"),
+    ("advcl", {"stem_padding": 2}, r"--stem-padding 2: .* holds a stem its key names fix"),
+    ("dynacl", {"stem_padding": 1}, r"--stem-padding 1: .* holds a stem its key names fix"),
+    ("deacl", {"stem_padding": 1}, r"--stem-padding 1: .* holds a stem its key names fix"),
+    ("rocl", {"bn_branch": 1}, r"--bn-branch 1: .* holds one set of BN statistics"),
+    ("acl-single", {"bn_branch": 0}, r"--bn-branch 0: .* holds BN branches \[0\]: leave --bn-branch out"),
+    ("acl", {"normalise": "none"}, r"--normalise none: .* holds normalize.mean/std that its layout applies"),
+    ("deacl-backbone", {"stem_padding": 2, "normalise": "none"}, r"--normalise none: .* that its layout applies"),
+    ("advcl", {"normalise": "inside"}, r"--normalise inside: .* holds no normalize.mean/std"),
+])
+def test_a_reading_flag_the_file_answers_is_refused(tmp_path, name, flags, pattern):
+    files = published_files(tmp_path)
+    with pytest.raises(A.UsageError, match=pattern):
+        A.load_checkpoint(files[name][0], flags)
+
+
+def test_unreadable_checkpoints_say_what_to_do(folder, tmp_path):
+    A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
+    last = tmp_path / "run" / "last.pt"
+    (tmp_path / "broken.pt").write_bytes(open(last, "rb").read()[:2000])
+    with pytest.raises(A.UsageError, match=r"broken.pt is not a readable checkpoint: corrupt or truncated "
+                                           r"\(RuntimeError\); restore a copy of it"):
+        A.load_checkpoint(str(tmp_path / "broken.pt"))
+    ck = torch.load(last, weights_only=True)
+    torch.save({"state_dict": field_state_dict(ck["encoder"]), "args": argparse.Namespace(lr=0.1)},
+               tmp_path / "objects.pt")  # as RoCL-era scripts save their argparse arguments
+    with pytest.raises(A.UsageError) as e:
+        A.load_checkpoint(str(tmp_path / "objects.pt"))
+    advice = re.search(r'python -c "(.*)"$', str(e.value)).group(1)
+    subprocess.run([sys.executable, "-c", advice], cwd=tmp_path, check=True)  # the advice, as printed, works
+    encoder = A.load_checkpoint(str(tmp_path / "weights.pt"))[2]
+    assert torch.equal(encoder.state_dict()["conv1.weight"], ck["encoder"]["conv1.weight"])
 
 
 def test_a_padding_2_file_is_never_evaluated_with_a_padding_1_stem(folder, tmp_path, capsys):
@@ -1400,6 +1507,129 @@ def test_unwritable_or_full_output_fails_before_training(folder, tmp_path, capsy
     fails(tiny(folder, tmp_path / "file" / "run"), capsys, r"cannot write to .*(?i:not a directory)")
     monkeypatch.setattr(A.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=2**40, used=2**40, free=1024))
     fails(tiny(folder, tmp_path / "run"), capsys, r"only 0 MiB free", tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Results: a number is filed under everything that made it, and reused only under the same
+# ---------------------------------------------------------------------------------------------------
+def test_other_images_under_the_same_name_get_their_own_numbers(folder, tmp_path, capsys):
+    run = A.main(tiny(folder, tmp_path / "run", "--eval", "slf"))
+    other = make_folder(tmp_path / "other", classes=2, seed=5)  # same class names and count, other images
+    res = eval_only(tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", other)
+    assert "nothing to do" not in capsys.readouterr().out and res["path"] != run["path"]
+    assert res["identity"]["data"]["fingerprint"] != run["identity"]["data"]["fingerprint"]
+    assert res["identity"]["data"]["dir"] == os.path.realpath(other)
+    alf = eval_only(tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", other, "--eval", "alf")
+    assert alf["path"] == res["path"] and "alf_sa" not in on_disk(run)  # a new scheme joins its own data's file
+    assert on_disk(run) == json.loads(json.dumps({k: v for k, v in run.items() if k != "path"}))
+
+
+def test_two_encoders_evaluated_into_one_folder_keep_both_numbers(folder, tmp_path):
+    (tmp_path / "ckpts").mkdir()
+    for method in ("rocl", "hardneg"):
+        A.main(tiny(folder, tmp_path / method, "--method", method, "--eval", "none"))
+        encoder = torch.load(tmp_path / method / "last.pt", weights_only=True)["encoder"]
+        torch.save({"state_dict": field_state_dict(encoder)}, tmp_path / "ckpts" / f"{method}.pt")
+    data = ["--dataset", "folder", "--data-dir", folder]
+    first = eval_only(tmp_path / "ckpts" / "rocl.pt", *data)
+    second = eval_only(tmp_path / "ckpts" / "hardneg.pt", *data)
+    assert results_files(tmp_path / "ckpts") == sorted([first["path"], second["path"]])
+    assert on_disk(first)["slf_sa"] == first["slf_sa"] and on_disk(second)["slf_sa"] == second["slf_sa"]
+
+
+def test_weights_that_differ_only_in_bn_statistics_or_stem_get_their_own_numbers(tmp_path, folder):
+    files = published_files(tmp_path)
+    data = ["--dataset", "folder", "--data-dir", folder, "--out", str(tmp_path / "out")]
+    two = eval_only(files["deacl-backbone"][0], "--stem-padding", "2", *data)
+    one = eval_only(files["deacl-backbone"][0], "--stem-padding", "1", "--normalise", "inside", *data)  # another
+    # network from the same tensors
+    assert one["path"] != two["path"] and one["identity"]["weights"]["stem_padding"] == 1
+    ck = torch.load(files["rocl"][0], weights_only=True)
+    before = eval_only(files["rocl"][0], *data)
+    ck["model"]["module.bn1.running_var"] = ck["model"]["module.bn1.running_var"] * 2  # BN statistics alone
+    torch.save(ck, files["rocl"][0])
+    after = eval_only(files["rocl"][0], *data)
+    assert after["identity"]["weights"]["digest"] != before["identity"]["weights"]["digest"]
+    assert len(results_files(tmp_path / "out")) == 4
+
+
+def test_a_transfer_source_is_known_by_its_weights_not_its_path(folder, tmp_path, capsys):
+    A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
+    A.main(tiny(folder, tmp_path / "a", "--eval", "none", "--method", "rocl"))
+    A.main(tiny(folder, tmp_path / "b", "--eval", "none", "--method", "infpos"))
+    shutil.copytree(tmp_path / "a", tmp_path / "src")
+    first = eval_only(tmp_path / "run", "--transfer-from", str(tmp_path / "src"))
+    shutil.rmtree(tmp_path / "src")
+    shutil.copytree(tmp_path / "b", tmp_path / "src")  # the same path, other weights
+    capsys.readouterr()
+    second = eval_only(tmp_path / "run", "--transfer-from", str(tmp_path / "src"))
+    assert "nothing to do" not in capsys.readouterr().out and second["path"] != first["path"]
+    assert second["identity"]["transfer"]["digest"] != first["identity"]["transfer"]["digest"]
+    fails(["--eval-only", str(tmp_path / "run"), "--transfer-from", str(tmp_path / "nowhere")], capsys,
+          r"--transfer-from: no checkpoint at .*nowhere")
+
+
+def test_a_resume_against_other_images_is_refused_by_name(folder, tmp_path, monkeypatch, capsys):
+    here, there = tmp_path / "here", tmp_path / "there"
+    shutil.copytree(folder, here / "data")
+    make_folder(there / "data", classes=2, seed=9)  # the same relative path, other images
+    monkeypatch.chdir(here)
+    real = A.lr_at
+
+    def cut(step, *a):  # Ctrl-C at step 2 of 4
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, *a)
+    monkeypatch.setattr(A, "lr_at", cut)
+    with pytest.raises(SystemExit):
+        A.main(tiny("data", "run", "--ckpt-every", "1", "--eval", "none"))
+    monkeypatch.setattr(A, "lr_at", real)
+    shutil.copytree(here / "run", there / "run")
+    monkeypatch.chdir(there)
+    capsys.readouterr()
+    fails(["--resume", "run"], capsys, r"the run trained on the images in .*here/data \(fingerprint \w+\); data is "
+          r".*there/data, whose images differ \(fingerprint \w+\): pass --data-dir with the run's images")
+    A.main(["--resume", "run", "--data-dir", str(here / "data"), "--eval", "none"])
+    ck = weights(there / "run" / "last.pt")[1]
+    assert ck["step"] == 4 and ck["data"]["dir"] == os.path.realpath(here / "data")
+
+
+def test_eval_only_refuses_flags_of_pretraining(folder, tmp_path, capsys):
+    A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
+    fails(["--eval-only", str(tmp_path / "run"), "--method", "rocl", "--width", "4", "--epochs", "1000"], capsys,
+          r"--method, --width, --epochs: flags of pretraining do not apply to --eval-only; its run's: --method "
+          r"hardneg, --width 8, --epochs 1")
+    fails(["--eval-only", str(tmp_path / "run"), "--dataset", "cifar10"], capsys, r"use --eval-dataset")
+    fails(["--eval-only", str(tmp_path / "run"), "--resume", str(tmp_path / "run")], capsys,
+          r"--resume continues a run and --eval-only evaluates one: pass one of them")
+
+
+def test_the_finetuning_radius_is_the_protocols_not_the_first_threats(folder, tmp_path):
+    A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
+    one = eval_only(tmp_path / "run", "--eval", "alf", "--eval-threats", "linf:16/255", "linf:8/255")
+    two = eval_only(tmp_path / "run", "--eval", "alf", "--eval-threats", "linf:8/255", "linf:16/255")
+    assert one["alf_robust"] == two["alf_robust"] and one["alf_sa"] == two["alf_sa"]
+    assert one["identity"]["protocol"]["schemes"]["alf"]["eps"] == 8 / 255
+
+
+def test_a_single_class_is_refused(tmp_path, capsys):
+    one = make_folder(tmp_path / "one", classes=1)
+    fails(tiny(one, tmp_path / "run"), capsys, r"has 1 class: classification needs at least 2", tmp_path / "run")
+
+
+def test_evaluation_gives_sigterm_back(folder, tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    A.main(tiny(folder, tmp_path / "run"))
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_console_says_which_protocol_ran_and_where_its_numbers_are(folder, tmp_path, capsys):
+    res = A.main(tiny(folder, tmp_path / "run", "--eval", "slf", "alf"))
+    out = capsys.readouterr().out
+    assert f"evaluation: asym-rocl protocol on folder {os.path.realpath(folder)} (32 training / 16 test images): " \
+           f"SLF 150 epochs (lr 0.1, batch 64); ALF 1 epoch (lr 0.1, batch 64, PGD at 8/255); RA: PGD-2 (step " \
+           f"2/255) at linf:8/255 -> {res['path']}" in out
+    assert out.rstrip().endswith(f"results: {res['path']}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1707,6 +1937,30 @@ def test_progress_lines_and_help(capsys):
     out = capsys.readouterr().out
     assert "(default: 8/255)" in out and "(default: 1/256)" in out and "None" not in out
     assert re.search(r"--method .*\n\s+rocl: symmetric", out)
+
+
+def test_a_long_attack_and_the_guards_show_progress(monkeypatch, capsys):
+    real = A.progress
+    monkeypatch.setattr(A, "progress", lambda label, total, every=10.0: real(label, total, every=0))
+    model, x, y, _ = linear_data(64)
+    A.accuracy(model, x, y, 64, A.pgd_attack("linf", 8 / 255, 2 / 255, 10), "SLF PGD-10 linf:8/255")
+    lines = capsys.readouterr().out.splitlines()  # one batch of 64: progress within it, step by step
+    assert [re.match(r"  SLF PGD-10 linf:8/255: (\d+)/64", line).group(1) for line in lines] == \
+        [str(64 * k // 10) for k in range(1, 10)]
+    A.guards(model, x, y, 64, 8 / 255, 4)
+    assert re.findall(r"guards: PGD attacks: (\d)/6", capsys.readouterr().out) == ["1", "2", "3", "4", "5"]
+
+
+def test_hints_paste_back_from_any_directory(folder, tmp_path, monkeypatch, capsys):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    real = interrupt_as_alf_starts(monkeypatch)
+    with pytest.raises(SystemExit):
+        A.main(tiny(folder, tmp_path / "run", "--eval", "slf", "alf"))
+    hint = shlex.split(re.search(r"finish with: (.*)", capsys.readouterr().err).group(1))
+    assert hint[0] == "python" and os.path.samefile(hint[1], A.__file__) and hint[2:] == ["--resume",
+                                                                                         str(tmp_path / "run")]
+    monkeypatch.setattr(A, "train_head", real)
 
 
 # ---------------------------------------------------------------------------------------------------
