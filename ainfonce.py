@@ -942,19 +942,32 @@ def crop_params(b, device, size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tri
     return w, h, x0, y0
 
 
+def jitter_params(b, device):
+    """ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, per image: (on [b], factors [b, 4], order [b, 4]). Factors of
+    brightness, contrast and saturation uniform in [0.6, 1.4], hue in [-0.1, 0.1]; the four ops in a random order
+    per image (a uniform permutation), as torchvision's ColorJitter.get_params."""
+    on = torch.rand(b, device=device) < 0.8
+    f = torch.cat([torch.empty(b, 3, device=device).uniform_(0.6, 1.4),
+                   torch.empty(b, 1, device=device).uniform_(-0.1, 0.1)], 1)
+    order = torch.rand(b, 4, device=device).argsort(1)
+    return on, f, order
+
+
+def color_jitter(x, on, f, order):
+    """Apply, to the images where on, op order[:, k] with its factor f[:, op], for k = 0..3."""
+    for k in range(4):
+        for op in range(4):
+            x = torch.where((on & (order[:, k] == op)).view(-1, 1, 1, 1), adjust(x, op, f[:, op]), x)
+    return x
+
+
 def augment(xb):
     """The paper's augmentation on a uint8 batch [B,3,32,32] -> float in [0,1], each image with its own draws:
     ColorJitter(0.4,0.4,0.4,0.1) p=0.8 (ops in a random order per image), RandomGrayscale p=0.2,
     horizontal flip p=0.5, RandomResizedCrop(32, scale=(0.08,1)); bilinear, as one grid_sample."""
     x = xb.float() / 255
     b, dev = x.size(0), x.device
-    on = torch.rand(b, device=dev) < 0.8
-    f = torch.cat([torch.empty(b, 3, device=dev).uniform_(0.6, 1.4),
-                   torch.empty(b, 1, device=dev).uniform_(-0.1, 0.1)], 1)
-    order = torch.rand(b, 4, device=dev).argsort(1)
-    for k in range(4):
-        for op in range(4):
-            x = torch.where((on & (order[:, k] == op)).view(-1, 1, 1, 1), adjust(x, op, f[:, op]), x)
+    x = color_jitter(x, *jitter_params(b, dev))
     x = torch.where((torch.rand(b, device=dev) < 0.2).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
     w, h, x0, y0 = crop_params(b, dev)
     flip = torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0)

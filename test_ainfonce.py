@@ -194,15 +194,19 @@ def images(seed, n=6):
     return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(DEV)
 
 
-def make_folder(root, classes=2, n_train=16, n_test=8, seed=0):
+def make_folder(root, classes=2, n_train=16, n_test=8, seed=0, mislabelled=0.25):
+    """Noise images whose brightness says their class (class c: pixels uniform in [110 c / (classes - 1), + 100]),
+    except for the first quarter of each class, which look like the next class: a classifier that learns the
+    brightness is right on 75 % of the images, so SA lies well inside (0, 1) and says whether it learned."""
     from PIL import Image
     g = torch.Generator().manual_seed(seed)
     for split, n in (("train", n_train), ("test", n_test)):
         for c in range(classes):
             os.makedirs(os.path.join(root, split, f"class{c}"))
             for i in range(n):
-                x = (torch.rand(32, 32, 3, generator=g) * 100 + 110 * c / max(1, classes - 1)).to(torch.uint8).numpy()
-                Image.fromarray(x).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
+                looks = (c + 1) % classes if i < mislabelled * n else c
+                x = (torch.rand(32, 32, 3, generator=g) * 100 + 110 * looks / max(1, classes - 1)).to(torch.uint8)
+                Image.fromarray(x.numpy()).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
     return str(root)
 
 
@@ -700,7 +704,8 @@ def test_end_to_end_every_method(folder, tmp_path, method):
     res = A.main(tiny(folder, tmp_path / "run", "--method", method))
     saved = on_disk(res)
     assert results_files(tmp_path / "run") == [res["path"]]
-    assert 0 <= saved["slf_ra"] <= saved["slf_sa"] <= 1 and saved["slf_ra"] == saved["slf_robust"]["linf:8/255"]
+    assert 0 <= saved["slf_ra"] <= saved["slf_sa"] and saved["slf_ra"] == saved["slf_robust"]["linf:8/255"]
+    assert 0.25 <= saved["slf_sa"] <= 0.875  # a quarter of the images are mislabelled: inside (0, 1), never all
     run, identity = saved["training"]["args"], saved["identity"]
     assert run["method"] == method and run["epochs"] == 1 and run["seed"] == 0 and run["n_classes"] == 2
     assert identity["protocol"]["eval_step"] == 2 / 255 and identity["data"]["n_test"] == 16
