@@ -1,12 +1,16 @@
-"""ainfonce.py: adversarial contrastive learning with the asymmetric InfoNCE (A-InfoNCE), in one file.
+"""ainfonce.py: adversarial contrastive learning with the asymmetric InfoNCE (A-InfoNCE),
+in one file.
 
 Reference implementation of Yu et al., "Adversarial Contrastive Learning via Asymmetric InfoNCE",
 ECCV 2022 (arXiv 2207.08374), on top of RoCL: Kim, Tack, Hwang, "Adversarial Self-Supervised
 Contrastive Learning", NeurIPS 2020 (arXiv 2006.07589).
 
-Each step takes N unlabeled images, makes two augmented views x1, x2 and an instance-wise adversarial
-view x_adv = PGD(x1) that maximises the contrastive loss of [x_adv; x2]. With z = g(f(view)),
-z^ = z/|z| and S_ij = z^_i . sg(z^_j) / tau (keys detached: a directed term l(i->j) moves only i):
+HEADLINE
+
+Each step takes N unlabeled images, makes two augmented views x1, x2 and an instance-wise
+adversarial view x_adv = PGD(x1) that maximises the contrastive loss of [x_adv; x2]. With
+z = g(f(view)), z^ = z/|z| and S_ij = z^_i . sg(z^_j) / tau (keys detached: a directed term
+l(i->j) moves only i):
 
     l(i->j) = -log( exp(S_ij) / sum_{k != i} exp(S_ik) )
     rocl    : 1/(3N) sum_n [ l(x1->x2) + l(x2->x1) + l(x1->a) + l(a->x1) + l(x2->a) + l(a->x2) ]
@@ -16,23 +20,30 @@ z^ = z/|z| and S_ij = z^_i . sg(z^_j) / tau (keys detached: a directed term l(i-
               Ng_i = max((sum_j w_ij e^S_ij - tau+ M pos_i) / (1 - tau+), M e^(-1/tau)),
               w_ij = e^(beta S_ij) / mean_k e^(beta S_ik) over the M negatives of row i
     both    : HN denominators with IP weights
-    + RoCL's regulariser 1/256 * NT-Xent[x_adv; x2] for every adversarial method; simclr has no attack.
+    + RoCL's regulariser 1/256 * NT-Xent[x_adv; x2] for every adversarial method;
+      simclr has no attack.
 
 Usage (README.md has the measured numbers, with machine and command):
-    python ainfonce.py --method hardneg --dataset cifar10                   # paper recipe, one GPU
-    python ainfonce.py --method hardneg --dataset folder --data-dir data/cifar10-jpeg --subset 5000 \\
-        --width 8 --epochs 6 --batch-size 128 --attack-steps 3 --warmup-epochs 1 --eval-subset 1000   # CPU
-    torchrun --nproc_per_node 8 ainfonce.py --method both                  # data parallel
-    python ainfonce.py --resume runs/hardneg-cifar10-s0                    # continue a run and its evaluation
+    python ainfonce.py --method hardneg --dataset cifar10          # paper recipe, one GPU
+    python ainfonce.py --method hardneg --dataset folder --data-dir data/cifar10-jpeg \\
+        --subset 5000 --width 8 --epochs 6 --batch-size 128 --attack-steps 3 \\
+        --warmup-epochs 1 --eval-subset 1000                      # a CPU run
+    torchrun --nproc_per_node 8 ainfonce.py --method both         # data parallel
+    python ainfonce.py --resume runs/hardneg-cifar10-s0           # continue a run, then evaluate
     python ainfonce.py --eval-only runs/hardneg-cifar10-s0 --eval slf alf aff --autoattack \\
-        --eval-threats linf:8/255 l2:0.5 --transfer-from runs/rocl-cifar10-s0 --eval-dataset cifar100
-    python ainfonce.py --eval-only ACL.pt --dataset cifar10 --protocol robustssl --pretraining acl   # published
-    python ainfonce.py --benchmark --width 64 --batch-size 512 --amp       # speed against the official step
-    python -m pytest -q                                  # tests; AINFONCE_TEST_DEVICE=cuda runs them on a GPU
+        --eval-threats linf:8/255 l2:0.5 --transfer-from runs/rocl-cifar10-s0
+    python ainfonce.py --eval-only ACL.pt --dataset cifar10 --protocol robustssl \\
+        --pretraining acl                                         # a published encoder
+    python ainfonce.py --benchmark --width 64 --batch-size 512 --amp   # speed
+    python -m pytest -q       # tests; AINFONCE_TEST_DEVICE=cuda runs them on a GPU
+
+Reading order: the loss, the attacks, the model, the training step and loop, evaluation; then
+data and augmentation, checkpoints and results, processes, the command line; the benchmark last.
 """
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -57,84 +68,132 @@ import torch.nn.functional as F
 
 METHODS = ("simclr", "rocl", "infpos", "hardneg", "both")
 SCHEMES = ("slf", "alf", "aff")
+# A-InfoNCE: the asymmetries each method adds to the symmetric loss:
+# (IP: adversarial views are inferior positives, HN: they are hard negatives)
+ASYMMETRY = {
+    "simclr": (False, False),
+    "rocl": (False, False),
+    "infpos": (True, False),
+    "hardneg": (False, True),
+    "both": (True, True),
+}
 
 
-# ==== The loss =====================================================================================
-def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0, hn_beta=None, tau_plus=0.0,
-              hn_normalise="negatives"):
+# ==== The loss ====================================================================================
+def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0,
+              hn_beta=None, tau_plus=0.0, hn_normalise="negatives"):
     """Generic (asymmetric) InfoNCE of V >= 2 views of N >= 2 instances.
 
-    z: [V, N, D] raw projections (normalised here, in fp32; fp64 stays fp64). adv_views: indices of adversarial
-    views. Returns 1/(V N) sum over instances and ordered view pairs u != v of weight(u,v) * l(u->v), where
-    every directed term moves only its anchor (keys are detached). ip_alpha=None: all weights 1;
-    a float: clean->adv adv_weight*ip_alpha, adv->clean adv_weight*(1-ip_alpha), other pairs 1.
-    hn_beta=None: plain denominator; a float: the HCL hard-negative estimator with tau_plus, its importance
-    weights normalised over row i's negatives (hn_normalise="negatives", HCL's definition) or as the
-    official Asym-RoCL code does ("official": column j divided by the mean of row j over all V*N columns,
-    positives and self included). With V=2 and nothing else set this is SimCLR's NT-Xent.
+    z: [V, N, D] raw projections (normalised here, in fp32; fp64 stays fp64).
+    adv_views: indices of the adversarial views.
+    Returns 1/(V N) sum over instances and ordered view pairs u != v of weight(u,v) * l(u->v),
+    where every directed term moves only its anchor (keys are detached).
+    ip_alpha=None: all weights 1; a float: clean->adv adv_weight*ip_alpha,
+    adv->clean adv_weight*(1-ip_alpha), other pairs 1.
+    hn_beta=None: plain denominator; a float: the HCL hard-negative estimator with tau_plus,
+    its importance weights normalised over row i's negatives (hn_normalise="negatives", HCL's
+    definition) or as the official Asym-RoCL code does ("official": column j divided by the mean
+    of row j over all V*N columns, positives and self included).
+    With V=2 and nothing else set this is SimCLR's NT-Xent.
 
-    The gradient is that of the stop-gradient loss (keys detached), not the derivative of the loss value with
-    respect to z: torch.autograd.gradcheck against the value is not expected to pass.
+    The gradient is that of the stop-gradient loss (keys detached), not the derivative of the loss
+    value with respect to z: torch.autograd.gradcheck against the value is not expected to pass.
 
-    >>> loss = a_infonce(torch.stack([z1, z2, z_adv]), adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.12)
+    >>> z = torch.stack([z1, z2, z_adv])
+    >>> loss = a_infonce(z, adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.12)
     """
     if not (torch.is_tensor(z) and z.dim() == 3):
-        raise ValueError(f"a_infonce needs z of shape [V views, N instances, D], got {getattr(z, 'shape', type(z))}")
-    V, N, _ = z.shape
+        shape = getattr(z, "shape", type(z))
+        raise ValueError(f"a_infonce needs z of shape [V views, N instances, D], got {shape}")
+    V, N = z.shape[:2]
     if V < 2 or N < 2:
-        raise ValueError(f"a_infonce needs >= 2 views of >= 2 instances, got z of shape {tuple(z.shape)}")
+        raise ValueError(f"a_infonce needs >= 2 views of >= 2 instances, "
+                         f"got z of shape {tuple(z.shape)}")
     try:
         adv = {range(V)[int(i)] for i in adv_views}
     except (TypeError, ValueError, IndexError):
-        raise ValueError(f"adv_views must be a sequence of view indices in [0, {V}), got {adv_views!r}")
-    for name, value, ok, rule in (("hn_normalise", hn_normalise, hn_normalise in ("negatives", "official"),
-                                   "'negatives' or 'official'"),
-                                  ("temperature", temperature, temperature > 0, "> 0"),
-                                  ("tau_plus", tau_plus, 0 <= tau_plus < 1, "in [0, 1)"),
-                                  ("hn_beta", hn_beta, hn_beta is None or hn_beta >= 0, ">= 0 or None"),
-                                  ("ip_alpha", ip_alpha, ip_alpha is None or 0 <= ip_alpha <= 1, "in [0, 1] or None"),
-                                  ("adv_weight", adv_weight, adv_weight >= 0, ">= 0")):
+        raise ValueError(f"adv_views must be a sequence of view indices in [0, {V}), "
+                         f"got {adv_views!r}")
+    rules = [
+        ("hn_normalise", hn_normalise, hn_normalise in ("negatives", "official"),
+         "'negatives' or 'official'"),
+        ("temperature", temperature, temperature > 0, "> 0"),
+        ("tau_plus", tau_plus, 0 <= tau_plus < 1, "in [0, 1)"),
+        ("hn_beta", hn_beta, hn_beta is None or hn_beta >= 0, ">= 0 or None"),
+        ("ip_alpha", ip_alpha, ip_alpha is None or 0 <= ip_alpha <= 1, "in [0, 1] or None"),
+        ("adv_weight", adv_weight, adv_weight >= 0, ">= 0"),
+    ]
+    for name, value, ok, rule in rules:
         if not ok:
             raise ValueError(f"{name} must be {rule}, got {value!r}")
-    with torch.autocast(z.device.type, enabled=False):  # the loss runs in fp32, also under --amp
-        return _a_infonce(z if z.dtype == torch.float64 else z.float(), adv, temperature, ip_alpha, adv_weight,
+    if z.dtype != torch.float64:
+        z = z.float()
+    # the loss runs in fp32, also under --amp
+    with torch.autocast(z.device.type, enabled=False):
+        return _a_infonce(z, adv, temperature, ip_alpha, adv_weight,
                           hn_beta, tau_plus, hn_normalise)
 
 
 def _a_infonce(z, adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus, hn_normalise):
-    V, N, _ = z.shape
-    z = z / z.abs().amax(-1, keepdim=True).clamp_min(1e-30)  # so |z|^2 neither overflows nor underflows
-    zn = F.normalize(z.flatten(0, 1), dim=1)  # [M, D], M = V*N; row m is view m // N of instance m % N
-    S = zn @ zn.detach().T / temperature  # S_ij = z^_i . sg(z^_j) / tau: gradient reaches anchors only
-    inst = torch.arange(V * N, device=z.device) % N
-    same = inst[:, None] == inst[None, :]
+    V, N = z.shape[:2]
+    # scaled so that |z|^2 neither overflows nor underflows
+    z = z / z.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    # M = V*N rows: row m is view m // N of instance m % N
+    zn = F.normalize(z.flatten(0, 1), dim=1)  # [M, D]
+    # S_ij = z^_i . sg(z^_j) / tau: the gradient reaches the anchors only
+    S = zn @ zn.detach().T / temperature  # [M, M]
+    instance = torch.arange(V * N, device=z.device) % N
+    same = instance[:, None] == instance[None, :]  # [M, M]: two views of one instance
     eye = torch.eye(V * N, dtype=torch.bool, device=z.device)
     if hn_beta is None:
-        log_denom = S.masked_fill(eye, -math.inf).logsumexp(1)  # log sum_{k != i} exp(S_ik)
-    else:  # A-InfoNCE (HN): HCL's debiased, hardness-weighted negatives, per row i over its M negatives
-        M, c = V * (N - 1), 1 / temperature  # S <= 1/tau: exponents are shifted by c, none overflows
-        e = (S - c).exp()
-        pos = (e * (same & ~eye)).sum(1) / (V - 1)  # mean over the V-1 positives of exp(S_ip)
-        if hn_normalise == "negatives":
-            w = M * torch.softmax((hn_beta * S).masked_fill(same, -math.inf), 1)  # A-InfoNCE: w_ij, mean 1
-        else:  # official: imp_jk = (1e-9)^beta on positives and self; the broadcast divides column j by row j's mean
-            log_mean = torch.where(same, hn_beta * math.log(1e-9), hn_beta * S).logsumexp(1) - math.log(V * N)
-            w = (hn_beta * S - log_mean[None, :]).exp().masked_fill(same, 0)
-        ng = ((w * e).sum(1) - tau_plus * M * pos) / (1 - tau_plus)
-        log_denom = (pos + ng.clamp_min(M * math.exp(-2 * c))).log() + c  # clamp: M e^(-1/tau)
-    logp = (S - log_denom[:, None]).view(V, N, V, N).diagonal(dim1=1, dim2=3)  # [V, V, N]: l = -logp
+        # log sum_{k != i} exp(S_ik)
+        log_denom = S.masked_fill(eye, -math.inf).logsumexp(1)  # [M]
+    else:
+        log_denom = hard_negative_log_denom(S, same, eye, V, N, temperature,
+                                            hn_beta, tau_plus, hn_normalise)
+    # l(u->v) of instance n is -logp[u, v, n]
+    logp = (S - log_denom[:, None]).view(V, N, V, N).diagonal(dim1=1, dim2=3)  # [V, V, N]
     loss = S.new_zeros(())
     for u in range(V):
         for v in range(V):
-            weight = 1.0
-            if ip_alpha is not None and (u in adv) != (v in adv):  # A-InfoNCE (IP): inferior positives
-                weight = adv_weight * (ip_alpha if v in adv else 1 - ip_alpha)  # clean->adv weak, adv->clean strong
+            weight = pair_weight(u, v, adv, ip_alpha, adv_weight)
             if u != v and weight:
                 loss = loss - weight * logp[u, v].sum()
     return loss / (V * N)
 
 
-# ==== Attacks: inputs are images in [0, 1] (not 0-255, not mean/std-normalised); outputs stay in [0, 1] ====
+def pair_weight(u, v, adv, ip_alpha, adv_weight):
+    """The weight of l(u->v): 1, except between a clean and an adversarial view under IP."""
+    if ip_alpha is None or (u in adv) == (v in adv):
+        return 1.0
+    # A-InfoNCE (IP): clean->adv weak (alpha), adv->clean strong (1 - alpha)
+    if v in adv:
+        return adv_weight * ip_alpha
+    return adv_weight * (1 - ip_alpha)
+
+
+def hard_negative_log_denom(S, same, eye, V, N, temperature, hn_beta, tau_plus, hn_normalise):
+    """A-InfoNCE (HN): log(pos_i + Ng_i), HCL's debiased, hardness-weighted negatives, per row i
+    over its M = V(N-1) negatives. Exponents are shifted by c = 1/tau >= S: none overflows."""
+    M, c = V * (N - 1), 1 / temperature
+    e = (S - c).exp()
+    # the mean of exp(S_ip) over the V-1 positives of row i
+    pos = (e * (same & ~eye)).sum(1) / (V - 1)
+    if hn_normalise == "negatives":
+        # A-InfoNCE: w_ij over row i's negatives, of mean 1
+        w = M * torch.softmax((hn_beta * S).masked_fill(same, -math.inf), 1)
+    else:
+        # official: imp = (1e-9)^beta on positives and self, and the broadcast divides
+        # column j by row j's mean
+        imp = torch.where(same, hn_beta * math.log(1e-9), hn_beta * S)
+        log_mean = imp.logsumexp(1) - math.log(V * N)
+        w = (hn_beta * S - log_mean[None, :]).exp().masked_fill(same, 0)
+    ng = ((w * e).sum(1) - tau_plus * M * pos) / (1 - tau_plus)
+    # the clamp: M e^(-1/tau)
+    return (pos + ng.clamp_min(M * math.exp(-2 * c))).log() + c
+
+
+# ==== Attacks: images in [0, 1] (not 0-255, not mean/std-normalised) in and out ===================
 @contextlib.contextmanager
 def eval_mode(module):
     """Eval mode (BN running statistics) inside; every submodule's previous mode restored after."""
@@ -147,52 +206,62 @@ def eval_mode(module):
             m.training = training
 
 
-def _flat_norm(t):  # per-image L2 norm, shaped to broadcast over [B, C, H, W]
+def flat_norm(t):
+    """Per-image L2 norm, shaped to broadcast over [B, C, H, W]."""
     return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (t.dim() - 1))
 
 
-def _ascend(loss_fn, x, x_adv, eps, step, steps, norm="linf"):
-    """steps of gradient ascent on loss_fn from x_adv, projected to the eps-ball around x and to [0,1]:
-    L_inf takes sign steps, L2 steps along the normalised gradient and projects radially."""
+def ascend(loss_fn, x, x_adv, eps, step, steps, norm="linf"):
+    """steps of gradient ascent on loss_fn from x_adv, projected to the eps-ball around x and to
+    [0,1]: L_inf takes sign steps, L2 steps along the normalised gradient and projects radially."""
     with torch.enable_grad():
         for _ in range(steps):
             x_adv = x_adv.detach().requires_grad_(True)
             grad, = torch.autograd.grad(loss_fn(x_adv), x_adv)
             if norm == "linf":
-                x_adv = torch.min(torch.max(x_adv.detach() + step * grad.sign(), x - eps), x + eps)
+                x_adv = x_adv.detach() + step * grad.sign()
+                x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
             else:
-                d = x_adv.detach() + step * grad / _flat_norm(grad) - x
-                x_adv = x + d * (eps / _flat_norm(d)).clamp(max=1)
-            x_adv = x_adv.clamp(0, 1)  # moves every pixel toward x: stays inside either ball
+                d = x_adv.detach() + step * grad / flat_norm(grad) - x
+                x_adv = x + d * (eps / flat_norm(d)).clamp(max=1)
+            # moves every pixel toward x: stays inside either ball
+            x_adv = x_adv.clamp(0, 1)
     return x_adv.detach()
 
 
-def _random_start(x, eps, norm="linf"):
+def start_point(x, eps, norm="linf"):
+    """A uniform point of the L_inf ball; in L2, a random direction at a radius uniform in
+    [0, eps]."""
     if norm == "linf":
         return (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
-    d = torch.randn_like(x)  # a random direction, at a radius uniform in [0, eps]
-    return (x + d / _flat_norm(d) * eps * torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device)).clamp(0, 1)
+    d = torch.randn_like(x)
+    u = torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device)
+    return (x + d / flat_norm(d) * eps * u).clamp(0, 1)
 
 
 def instance_pgd(embed, x, x_pos, *, eps=8 / 255, step=0.007, steps=7, temperature=0.5,
-                 random_start=True, gather=None):
-    """RoCL's instance-wise attack on images x, x_pos in [0, 1]: perturb x to maximise the NT-Xent of
-    [x_adv; x_pos]. embed (encoder + projector) runs in eval mode, so x_pos's embedding is fixed: computed
-    once. gather(t, dim) concatenates over ranks, so that the attack sees the global batch's negatives."""
-    gather = gather or (lambda t, dim: t)
+                 random_start=True):
+    """RoCL's instance-wise attack on images x, x_pos in [0, 1] ([N, 3, H, W]): perturb x to
+    maximise the NT-Xent of [x_adv; x_pos] over the global batch. embed (encoder + projector) runs
+    in eval mode, so x_pos's embedding is fixed: computed once."""
     with eval_mode(embed):
         with torch.no_grad():
             z_pos = embed(x_pos)  # [N, D]
-        loss = lambda xa: a_infonce(gather(torch.stack([embed(xa), z_pos]), 1), temperature=temperature)
-        return _ascend(loss, x, _random_start(x, eps) if random_start else x, eps, step, steps)
+
+        def loss(xa):
+            z = torch.stack([embed(xa), z_pos])  # [2, N, D]
+            return a_infonce(gather(z, 1), temperature=temperature)
+        x_start = start_point(x, eps) if random_start else x
+        return ascend(loss, x, x_start, eps, step, steps)
 
 
 def pgd(classifier, x, y, *, eps=8 / 255, step=2 / 255, steps=20, norm="linf"):
-    """Supervised PGD with random start on cross-entropy (Madry et al.), L_inf or L2, classifier in eval
-    mode. x: images in [0, 1]; eps and step in the same pixel units."""
+    """Supervised PGD with a random start on the cross-entropy (Madry et al.), L_inf or L2,
+    classifier in eval mode. x: images in [0, 1]; eps and step in the same pixel units."""
     with eval_mode(classifier):
-        return _ascend(lambda xa: F.cross_entropy(classifier(xa), y), x, _random_start(x, eps, norm), eps, step,
-                       steps, norm)
+        def loss(xa):
+            return F.cross_entropy(classifier(xa), y)
+        return ascend(loss, x, start_point(x, eps, norm), eps, step, steps, norm)
 
 
 def trades_loss(model, x, y, *, beta=6.0, eps=8 / 255, step=2 / 255, steps=10):
@@ -200,41 +269,62 @@ def trades_loss(model, x, y, *, beta=6.0, eps=8 / 255, step=2 / 255, steps=10):
     with eval_mode(model):
         with torch.no_grad():
             p_nat = F.softmax(model(x), 1)
-        kl = lambda xa: F.kl_div(F.log_softmax(model(xa), 1), p_nat, reduction="sum")
-        x_adv = _ascend(kl, x, x + 0.001 * torch.randn_like(x), eps, step, steps)
+
+        def kl(xa):
+            return F.kl_div(F.log_softmax(model(xa), 1), p_nat, reduction="sum")
+        x_adv = ascend(kl, x, x + 0.001 * torch.randn_like(x), eps, step, steps)
     logits = model(x)
-    return F.cross_entropy(logits, y) + beta * F.kl_div(
-        F.log_softmax(model(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
+    robust = F.kl_div(F.log_softmax(model(x_adv), 1), F.softmax(logits, 1), reduction="batchmean")
+    return F.cross_entropy(logits, y) + beta * robust
 
 
-# ==== Model: CIFAR ResNet-18 encoder f and MLP projector g. Inputs in [0,1], no normalisation (RoCL). ====
+# ==== Model: CIFAR ResNet-18 encoder f and MLP projector g; inputs in [0,1], no normalisation ====
+def distributed():
+    """Several processes share the batch (torchrun); evaluation runs after they part."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather(t, dim):
+    """t of every process, concatenated along dim (differentiably): the global batch's negatives.
+    In one process: t itself."""
+    if not distributed():
+        return t
+    return GatherCat.apply(t, dim)
+
+
 class BatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d whose training statistics span all ranks, on gloo and NCCL alike (one code path,
-    tested on CPU; nn.SyncBatchNorm runs on GPUs only). One process: plain BatchNorm2d."""
+    """nn.BatchNorm2d whose training statistics span all processes, on gloo and NCCL alike (one code
+    path, tested on the CPU; nn.SyncBatchNorm runs on GPUs only). One process: plain BatchNorm2d."""
 
     def forward(self, x):
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and distributed()):
             return super().forward(x)
         xf = x.float()
         n = xf.numel() // xf.size(1) * dist.get_world_size()
-        mean, sq = (AllReduce.apply(torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))])) / n).chunk(2)
-        var = sq - mean * mean  # biased variance of the global batch
+        sums = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))])  # [2C]
+        mean, sq = (AllReduce.apply(sums) / n).chunk(2)
+        var = sq - mean * mean  # the biased variance of the global batch
         with torch.no_grad():
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean, self.momentum)
+            # unbiased, as nn.BatchNorm2d keeps it
             self.running_var.lerp_(var * n / (n - 1), self.momentum)
         y = (xf - mean.view(1, -1, 1, 1)) * (var.view(1, -1, 1, 1) + self.eps).rsqrt()
-        return (y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)).to(x.dtype)
+        y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return y.to(x.dtype)
 
 
 class Block(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), BatchNorm2d(cout)
-        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), BatchNorm2d(cout)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          BatchNorm2d(cout))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -242,27 +332,32 @@ class Block(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """CIFAR ResNet-18 in the layout the field's checkpoints share (conv1, bn1, layer1..4, shortcut): 3x3
-    stride-1 stem (padding 1; solo-learn's has 2), no max-pool, BasicBlocks [2,2,2,2]; 8*width features.
-    normalise=True adds the input normalisation (buffers mean, std) some published encoders carry inside."""
+    """CIFAR ResNet-18 in the layout the field's checkpoints share (conv1, bn1, layer1..4,
+    shortcut): a 3x3 stride-1 stem (padding 1; solo-learn's has 2), no max-pool, BasicBlocks
+    [2,2,2,2]; 8*width features. normalise=True adds the input normalisation (buffers mean, std)
+    that some published encoders carry inside."""
 
     def __init__(self, width=64, normalise=False, stem_padding=1):
         super().__init__()
         if normalise:
             self.register_buffer("mean", torch.zeros(3))
             self.register_buffer("std", torch.ones(3))
-        self.conv1, self.bn1 = nn.Conv2d(3, width, 3, 1, stem_padding, bias=False), BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(3, width, 3, 1, stem_padding, bias=False)
+        self.bn1 = BatchNorm2d(width)
         chans = [width, width, 2 * width, 4 * width, 8 * width]
         for i in range(4):
-            setattr(self, f"layer{i + 1}", nn.Sequential(Block(chans[i], chans[i + 1], 1 if i == 0 else 2),
-                                                         Block(chans[i + 1], chans[i + 1], 1)))
+            stride = 1 if i == 0 else 2
+            layer = nn.Sequential(Block(chans[i], chans[i + 1], stride),
+                                  Block(chans[i + 1], chans[i + 1], 1))
+            setattr(self, f"layer{i + 1}", layer)
         self.dim = 8 * width
 
-    def forward(self, x):  # [B,3,32,32] in [0,1] -> [B, 8*width]
+    def forward(self, x):  # [B, 3, 32, 32] in [0, 1] -> [B, 8 * width]
         if hasattr(self, "mean"):
             x = (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)
-        x = F.relu(self.bn1(self.conv1(x)))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x)))).mean((2, 3))  # global average pool
+        x = F.relu(self.bn1(self.conv1(x)))  # [B, w, 32, 32]
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # [B, 8w, 4, 4]
+        return x.mean((2, 3))  # global average pool
 
 
 class Net(nn.Module):
@@ -271,13 +366,43 @@ class Net(nn.Module):
     def __init__(self, width=64):
         super().__init__()
         self.encoder = ResNet18(width)
-        self.projector = nn.Sequential(nn.Linear(self.encoder.dim, 2048), nn.ReLU(), nn.Linear(2048, 128))
+        self.projector = nn.Sequential(nn.Linear(self.encoder.dim, 2048), nn.ReLU(),
+                                       nn.Linear(2048, 128))
 
     def forward(self, x):
         return self.projector(self.encoder(x))
 
 
-# ==== The training step ============================================================================
+# ==== The training step ===========================================================================
+WARMUP_PEAK = 15.0  # RoCL: the lr warms up linearly from the base to 15x the base
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """What one training step computes, as plain values (resolved from the arguments once)."""
+    adversarial: bool  # simclr: no attack
+    eps: float  # L_inf radius of the attack, pixels in [0, 1]
+    pgd_step: float  # its step size
+    pgd_steps: int
+    temperature: float  # of the loss, the attack and the regulariser
+    loss: dict  # a_infonce's weights for the main loss: the method's IP and HN
+    reg_weight: float
+    reg_forward: str  # "separate" (RoCL's own forward) or "shared" (rows of the main one)
+    wd: float  # weight decay, inside LARS
+    amp: bool  # bf16 autocast for the forwards (the loss stays fp32)
+
+
+def step_of(args):
+    """The step that args ask for: the method -> (IP, HN) table stated once, in ASYMMETRY."""
+    ip, hn = ASYMMETRY[args.method]
+    loss = dict(ip_alpha=args.ip_alpha if ip else None, adv_weight=args.adv_weight,
+                hn_beta=args.hn_beta if hn else None, tau_plus=args.tau_plus,
+                hn_normalise=args.hn_normalise)
+    return Step(adversarial=args.method != "simclr", eps=args.eps, pgd_step=args.step,
+                pgd_steps=args.attack_steps, temperature=args.temperature, loss=loss,
+                reg_weight=args.reg_weight, reg_forward=args.reg_forward, wd=args.wd, amp=args.amp)
+
+
 @torch.no_grad()
 def lars_(params, wd, trust=1e-3, eps=1e-8):
     """LARS as torchlars (You et al. 2017), in place on the gradients, before a plain SGD step:
@@ -285,254 +410,386 @@ def lars_(params, wd, trust=1e-3, eps=1e-8):
     norms = []
     for p in params:
         w_norm, g_norm = p.norm(), p.grad.norm()
-        scale = torch.where((w_norm > 0) & (g_norm > 0), trust * w_norm / (g_norm + wd * w_norm + eps), 1.0)
+        nonzero = (w_norm > 0) & (g_norm > 0)
+        scale = torch.where(nonzero, trust * w_norm / (g_norm + wd * w_norm + eps), 1.0)
         p.grad.add_(p, alpha=wd).mul_(scale)
         norms.append(g_norm)
     return torch.stack(norms).norm()
 
 
-def lr_at(step, total, warmup, base, mult=15.0):
-    """Linear warm-up from base to mult*base over `warmup` steps, then cosine to 0 (per step)."""
+def lr_at(step, total, warmup, base, peak):
+    """Per step: a linear warm-up from base to peak*base over `warmup` steps, then cosine to 0."""
     if step < warmup:
-        return base * (1 + (mult - 1) * step / warmup)
-    return base * mult * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return base * (1 + (peak - 1) * step / warmup)
+    done = (step - warmup) / max(1, total - warmup)
+    return base * peak * 0.5 * (1 + math.cos(math.pi * done))
 
 
-def attack_views(net, x1, x2, args, gather=None):
-    """x_adv: RoCL's instance-wise attack of x1 against its positive x2, at the run's eps, step and steps."""
-    return instance_pgd(net, x1, x2, eps=args.eps, step=args.step, steps=args.attack_steps,
-                        temperature=args.temperature, gather=gather)
+def adversary(net, x1, x2, step):
+    """x_adv: RoCL's instance-wise attack of x1 against its positive x2 ([N, 3, 32, 32] each)."""
+    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=step.amp):
+        return instance_pgd(net, x1, x2, eps=step.eps, step=step.pgd_step,
+                            steps=step.pgd_steps, temperature=step.temperature)
 
 
-def pretrain_loss(net, x1, x2, x_adv, args, gather=None):
-    """The step's loss on views x1, x2 and (adversarial methods) x_adv; -> (loss, {term: value})."""
-    gather, n = gather or (lambda t, dim: t), len(x1)
-    if args.method == "simclr":
-        loss = a_infonce(gather(net(torch.cat([x1, x2])).view(2, n, -1), 1), temperature=args.temperature)
+def pretrain_loss(net, x1, x2, x_adv, step):
+    """The step's loss on views x1, x2 and (adversarial methods) x_adv -> (loss, {term: value})."""
+    n, tau = len(x1), step.temperature
+    if not step.adversarial:  # SimCLR
+        z = net(torch.cat([x1, x2])).view(2, n, -1)  # [2, N, 128]
+        loss = a_infonce(gather(z, 1), temperature=tau)
         return loss, {"infonce": loss.detach()}
-    if args.reg_forward == "separate":  # RoCL's regulariser in its own train-mode forward, first, as the
-        z_reg = net(torch.cat([x_adv, x2])).view(2, n, -1)  # official step: BN running statistics see it first
-    z = net(torch.cat([x1, x2, x_adv])).view(3, n, -1)  # [V=3, N, D]: the main train-mode forward
-    infonce = a_infonce(gather(z, 1), adv_views=(2,), temperature=args.temperature,
-                        ip_alpha=args.ip_alpha if args.method in ("infpos", "both") else None,
-                        adv_weight=args.adv_weight, tau_plus=args.tau_plus, hn_normalise=args.hn_normalise,
-                        hn_beta=args.hn_beta if args.method in ("hardneg", "both") else None)
-    if args.reg_forward == "shared":  # x_adv and x2 rows of the main forward: its 3N-batch BN statistics
+    if step.reg_forward == "separate":
+        # RoCL's regulariser in its own train-mode forward, first, as the official step: the BN
+        # running statistics see it before the main forward
+        z_reg = net(torch.cat([x_adv, x2])).view(2, n, -1)  # [2, N, 128]
+        z = net(torch.cat([x1, x2, x_adv])).view(3, n, -1)  # [3, N, 128]
+    else:
+        # shared: the x_adv and x2 rows of the main forward, with its 3N-batch BN statistics
+        z = net(torch.cat([x1, x2, x_adv])).view(3, n, -1)
         z_reg = torch.stack([z[2], z[1]])
-    reg = a_infonce(gather(z_reg, 1), temperature=args.temperature)  # global batch, as the main loss
-    return infonce + args.reg_weight * reg, {"infonce": infonce.detach(), "reg": reg.detach()}
+    infonce = a_infonce(gather(z, 1), adv_views=(2,), temperature=tau, **step.loss)
+    reg = a_infonce(gather(z_reg, 1), temperature=tau)  # the global batch, as the main loss
+    terms = {"infonce": infonce.detach(), "reg": reg.detach()}
+    return infonce + step.reg_weight * reg, terms
 
 
-def train_step(model, params, x1, x2, args, gather=None, mark=lambda phase: None):
-    """One step up to the optimiser's: x_adv, the loss (bf16 autocast with --amp, the loss itself in fp32),
-    backward, gradients averaged over ranks (gather: several processes), LARS. mark(phase) is called after the
-    attack and at the end (the benchmark's clock). -> (loss, its terms, the gradient norm before LARS)."""
-    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=args.amp):
-        x_adv = None if args.method == "simclr" else attack_views(model, x1, x2, args, gather)
-        mark("attack_s")
-        loss, terms = pretrain_loss(model, x1, x2, x_adv, args, gather)
+class Outcome(NamedTuple):
+    loss: torch.Tensor
+    terms: dict  # the loss's terms, detached
+    grad_norm: torch.Tensor  # before LARS
+
+
+def update(model, params, x1, x2, x_adv, step):
+    """Up to the optimiser's step: the loss (bf16 autocast with amp, the loss itself in fp32),
+    backward, gradients averaged over processes, LARS -> Outcome."""
+    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=step.amp):
+        loss, terms = pretrain_loss(model, x1, x2, x_adv, step)
     for p in params:
         p.grad = None
     loss.backward()
-    if gather:  # what DDP's hooks do, done once after the step's only backward
+    if distributed():  # what DDP's hooks do, once, after the step's only backward
         allreduce_grads(params, dist.get_world_size())
-    grad_norm = lars_(params, args.wd)
-    mark("fwd_bwd_s")
-    return loss, terms, grad_norm
+    grad_norm = lars_(params, step.wd)
+    return Outcome(loss, terms, grad_norm)
 
 
-# ==== Pretraining ==================================================================================
+def train_step(model, params, x1, x2, step):
+    """One training step but the optimiser's: x_adv, then the update of update()."""
+    x_adv = adversary(model, x1, x2, step) if step.adversarial else None
+    return update(model, params, x1, x2, x_adv, step)
+
+
+# ==== Pretraining =================================================================================
+KNN_BANK = 5000  # the kNN monitor's training images (a fixed shuffle)
+KNN_QUERIES = 1000  # and its test images
+
+
 @torch.no_grad()
 def knn_accuracy(encoder, x_bank, y_bank, x_query, y_query, n_classes, k=200, t=0.1, bs=1024):
-    """The weighted kNN monitor of InstDisc and MoCo: cosine similarities of eval-mode fp32 encoder features; the k
-    nearest bank images vote for their class with weight exp(similarity / t). No randomness, no BN update."""
+    """The weighted kNN monitor of InstDisc and MoCo: cosine similarities of eval-mode fp32 encoder
+    features; the k nearest bank images vote for their class with weight exp(similarity / t). No
+    randomness, no BN update."""
     def features(x):
-        return F.normalize(torch.cat([encoder(as_float(x[i])) for i in batches(len(x), bs, x.device)]), dim=1)
+        parts = [encoder(as_float(x[i])) for i in batches(len(x), bs, x.device)]
+        return F.normalize(torch.cat(parts), dim=1)
     with eval_mode(encoder), strict_fp32(x_bank.device):
         bank, query = features(x_bank), features(x_query)
-        sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)
-        votes = torch.zeros(len(query), n_classes, device=query.device).scatter_add_(1, y_bank[idx], (sim / t).exp())
+        sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)  # [Q, k]
+        votes = torch.zeros(len(query), n_classes, device=query.device)
+        votes.scatter_add_(1, y_bank[idx], (sim / t).exp())  # [Q, classes]
     return (votes.argmax(1) == y_query).float().mean().item()
 
 
-def ck_step(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["step"]
+@dataclasses.dataclass
+class Ledger:
+    """A run's counters, saved in its checkpoint: the step, seconds of training (all and this
+    epoch's), this epoch's summed loss terms, and the log of finished epochs."""
+    step: int = 0
+    train_s: float = 0.0
+    epoch_s: float = 0.0
+    sums: dict = dataclasses.field(default_factory=dict)
+    history: list = dataclasses.field(default_factory=list)
+
+
+def invocation_record(args, ck, step, n_classes):
+    """This invocation's record in the run's history: the step it starts at, its command, the
+    flags it gave and what they changed (for a resume) in the run's arguments."""
+    run_args = {**vars(args), "n_classes": n_classes}
+    changes = {}
+    for key, value in run_args.items():
+        if ck and key not in OWN_KEYS + ("given",) and ck["args"].get(key) != value:
+            changes[key] = [ck["args"].get(key), value]
+    return {"step": step, "command": args.command, "given": args.given, "changes": changes}
 
 
 def pretrain(args, net, data, device, rank, world, ck=None):
-    """Pretraining loop, step by step; checkpoints after every epoch (and every --ckpt-every steps). The
-    checkpoint holds the epoch log, so log.jsonl has one line per completed epoch, resumed or not. Every
-    --knn-every epochs, rank 0 adds the kNN accuracy of fixed train/test subsets to the epoch's line."""
-    x_train, y_train, x_test, y_test, n_classes = data[:5]
-    x_train, b = x_train.to(device), args.batch_size // world  # b: instances per rank
+    """The pretraining loop, step by step; a checkpoint after every epoch (and every --ckpt-every
+    steps). The checkpoint holds the epoch log, so log.jsonl has one line per completed epoch,
+    resumed or not. Every --knn-every epochs rank 0 adds the kNN monitor's accuracy to the line."""
+    x_train = data.x_train.to(device)
+    per_rank = args.batch_size // world
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     net.to(device).to(memory_format=layout)
     steps = len(x_train) // args.batch_size  # per epoch: the last partial batch is dropped
     total, warmup = steps * args.epochs, steps * args.warmup_epochs
     params = list(net.parameters())
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)  # weight decay lives inside LARS
-    path, step, train_s, epoch_s, sums, history = os.path.join(args.out, "last.pt"), 0, 0.0, 0.0, {}, []
+    step = step_of(args)
+    path = os.path.join(args.out, "last.pt")
+    ledger = Ledger()
     if ck:
         opt.load_state_dict(ck["optimizer"])
-        step, train_s, epoch_s, history = ck["step"], ck["train_s"], ck["epoch_s"], ck["history"]
-        sums = {k: torch.tensor(v, device=device) for k, v in ck["sums"].items()}
+        ledger = Ledger(ck["step"], ck["train_s"], ck["epoch_s"], history=ck["history"])
+        ledger.sums = {k: torch.tensor(v, device=device) for k, v in ck["sums"].items()}
         if len(ck["rng"]) == world:
             set_rng_state(ck["rng"][rank], device)
         else:  # another number of processes: fresh streams, so not bit-exact
-            torch.manual_seed(args.seed + rank + 7919 * step)
+            torch.manual_seed(args.seed + rank + 7919 * ledger.step)
+    knn_data = None
     if args.knn_every and rank == 0:
-        bank, query = fixed_shuffle(len(x_train), KNN_BANK), fixed_shuffle(len(x_test), KNN_QUERIES)
-        knn_data = [t.to(device) for t in (x_train[bank.to(device)], y_train[bank], x_test[query], y_test[query])]
+        bank = fixed_shuffle(len(x_train), KNN_BANK)
+        query = fixed_shuffle(len(data.x_test), KNN_QUERIES)
+        knn_data = [x_train[bank.to(device)], data.y_train[bank], data.x_test[query],
+                    data.y_test[query]]
+        knn_data = [t.to(device) for t in knn_data]
     model = torch.compile(net) if args.compile else net
-    gather = GatherCat.apply if world > 1 else None
-    stopping = []  # SIGTERM / SIGINT: finish the step, save, exit
-    handlers = {s: signal.signal(s, lambda *_: stopping.append(1)) for s in (signal.SIGTERM, signal.SIGINT)}
-    # What made these weights: the arguments as first given, then each invocation's own record (never rewritten)
-    run_args = {**vars(args), "n_classes": n_classes}
+    # What made these weights: the arguments as first given, then each invocation's own record
+    run_args = {**vars(args), "n_classes": data.n_classes}
     first_args = ck.get("first_args", ck["args"]) if ck else run_args
-    changes = {k: [ck["args"].get(k), v] for k, v in run_args.items()
-               if ck and k not in OWN_KEYS + ("given",) and ck["args"].get(k) != v}
-    invocations = (ck.get("invocations", []) if ck else []) + [
-        {"step": step, "command": args.command, "given": args.given, "changes": changes}]
+    invocations = ck.get("invocations", []) if ck else []
+    invocations = invocations + [invocation_record(args, ck, ledger.step, data.n_classes)]
     if rank == 0:
-        write_json(os.path.join(args.out, "config.json"), {"args": first_args, "invocations": invocations})
+        config = {"args": first_args, "invocations": invocations}
+        write_json(os.path.join(args.out, "config.json"), config)
 
     def save():
         states = [rng_state(device)] * world
         if world > 1:
             dist.all_gather_object(states, rng_state(device))
-        if rank == 0:
-            state = {"encoder": net.encoder.state_dict(), "projector": net.projector.state_dict(),
-                     "optimizer": opt.state_dict(), "epoch": len(history), "step": step, "train_s": train_s,
-                     "epoch_s": epoch_s, "sums": {k: float(v) for k, v in sums.items()}, "history": history,
-                     "args": run_args, "first_args": first_args, "invocations": invocations, "data": data.identity,
-                     "rng": states, "env": provenance(device)}
-            lines = "".join(json.dumps(r) + "\n" for r in history).encode()
-            try:
-                atomic_write(path, lambda f: torch.save(state, f))
-                atomic_write(os.path.join(args.out, "log.jsonl"), lambda f: f.write(lines))
-            except WriteFailed as e:
-                kept = f"{path} still holds step {ck_step(path)}" if os.path.exists(path) else "no checkpoint yet"
-                raise WriteFailed(f"{e}; {kept}; free space, then: {resume_command(args.out)}")
+        if rank != 0:
+            return
+        state = {"encoder": net.encoder.state_dict(), "projector": net.projector.state_dict(),
+                 "optimizer": opt.state_dict(), "epoch": len(ledger.history),
+                 "step": ledger.step, "train_s": ledger.train_s, "epoch_s": ledger.epoch_s,
+                 "sums": {k: float(v) for k, v in ledger.sums.items()},
+                 "history": ledger.history, "args": run_args, "first_args": first_args,
+                 "invocations": invocations, "data": data.identity, "rng": states,
+                 "env": provenance(device)}
+        lines = "".join(json.dumps(r) + "\n" for r in ledger.history).encode()
+        try:
+            atomic_write(path, lambda f: torch.save(state, f))
+            atomic_write(os.path.join(args.out, "log.jsonl"), lambda f: f.write(lines))
+        except WriteFailed as e:
+            kept = "no checkpoint yet"
+            if os.path.exists(path):
+                kept = f"{path} still holds step {saved_step(path)}"
+            raise WriteFailed(f"{e}; {kept}; free space, then: {resume_command(args.out)}")
 
+    # SIGTERM / SIGINT: finish the step, save, exit
+    stopping = []
+    handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handlers[sig] = signal.signal(sig, lambda *_: stopping.append(1))
     perm, last = None, time.time()
     try:
-        while step < total:
-            epoch, s = divmod(step, steps)
+        while ledger.step < total:
+            epoch, s = divmod(ledger.step, steps)
             if perm is None or s == 0:
-                g = torch.Generator().manual_seed(args.seed * 100003 + epoch)  # the same order on every rank
-                perm = torch.randperm(len(x_train), generator=g).to(device)
-                tick = progress(f"epoch {epoch + 1} step", steps) if rank == 0 else (lambda *_: None)
-            idx = perm[s * args.batch_size + rank * b:s * args.batch_size + (rank + 1) * b]
-            x1, x2 = (augment(x_train[idx]).contiguous(memory_format=layout) for _ in range(2))
-            lr = lr_at(step, total, warmup, args.lr)
+                # the same order on every rank
+                order = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+                perm = torch.randperm(len(x_train), generator=order).to(device)
+                tick = progress(f"epoch {epoch + 1} step", steps, quiet=rank != 0)
+            start = s * args.batch_size + rank * per_rank
+            idx = perm[start:start + per_rank]
+            x1 = augment(x_train[idx]).contiguous(memory_format=layout)
+            x2 = augment(x_train[idx]).contiguous(memory_format=layout)
+            lr = lr_at(ledger.step, total, warmup, args.lr, WARMUP_PEAK)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss, terms, grad_norm = train_step(model, params, x1, x2, args, gather)
-            # One host sync per step, and device-resident flags (NCCL has no CPU tensors): a non-finite loss or
-            # gradient on any rank, or a stop request to any rank, stops every rank at this step.
-            flags = torch.stack([~torch.isfinite(loss.detach() + grad_norm),
+            out = train_step(model, params, x1, x2, step)
+            # One host sync per step, and device-resident flags (NCCL has no CPU tensors): a
+            # non-finite loss or gradient on any rank, or a stop request to any rank, stops
+            # every rank at this step.
+            flags = torch.stack([~torch.isfinite(out.loss.detach() + out.grad_norm),
                                  torch.tensor(bool(stopping), device=device)]).float()
             if world > 1:
                 dist.all_reduce(flags, dist.ReduceOp.MAX)
             bad, stop = flags.tolist()
             if bad:  # before the update: the weights stay good
-                raise NonFiniteLoss(
-                    f"non-finite loss at epoch {epoch + 1}, step {step} (loss {loss.item():.4g}: "
-                    + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
-                    + f"; grad norm {grad_norm.item():.4g}); "
-                    + (f"last good checkpoint: {path} (epoch {len(history)}); resume it with --resume {args.out} "
-                       f"--lr <smaller>" if os.path.exists(path) else "no checkpoint yet; restart with a smaller --lr"))
+                raise NonFiniteLoss(non_finite_message(args, epoch, ledger, out, path))
             opt.step()
-            step += 1
-            for k, v in {"loss": loss.detach(), **terms}.items():
-                sums[k] = sums.get(k, 0) + v
+            ledger.step += 1
+            for k, v in {"loss": out.loss.detach(), **out.terms}.items():
+                ledger.sums[k] = ledger.sums.get(k, 0) + v
             now = time.time()
-            train_s, epoch_s, last = train_s + now - last, epoch_s + now - last, now
-            tick(s + 1, lambda: f"loss {float(sums['loss']) / (s + 1):.4f}")
-            if step % steps == 0:  # epoch complete: its log line, then the checkpoint that holds it
-                history.append({"epoch": epoch + 1, "step": step, **{k: float(v) / steps for k, v in sums.items()},
-                                "lr": lr, "images_per_s": steps * args.batch_size / epoch_s, "train_s": train_s})
-                if args.knn_every and rank == 0 and (epoch + 1) % args.knn_every == 0:  # not in the training time
-                    history[-1]["knn"] = knn_accuracy(net.encoder, *knn_data, n_classes)
-                sums, epoch_s = {}, 0.0
+            ledger.train_s += now - last
+            ledger.epoch_s += now - last
+            last = now
+            tick(s + 1, lambda: f"loss {float(ledger.sums['loss']) / (s + 1):.4f}")
+            if ledger.step % steps == 0:
+                # the epoch is complete: its log line, then the checkpoint that holds it
+                record = end_epoch(args, ledger, epoch, steps, lr)
+                if knn_data and (epoch + 1) % args.knn_every == 0:  # not in the training time
+                    record["knn"] = knn_accuracy(net.encoder, *knn_data, data.n_classes)
                 save()
                 if rank == 0:
-                    rec = history[-1]
-                    eta = hms((total - step) * args.batch_size / rec["images_per_s"])
-                    print(f"epoch {epoch + 1:4d}/{args.epochs} | loss {rec['loss']:.4f} | lr {lr:.4f} | "
-                          + (f"kNN {100 * rec['knn']:5.2f}% | " if "knn" in rec else "")
-                          + f"{rec['images_per_s']:7.1f} img/s | ETA {eta}", flush=True)
-            elif stop or (args.ckpt_every and step % args.ckpt_every == 0):
+                    print(epoch_line(args, record, total, lr), flush=True)
+            elif stop or (args.ckpt_every and ledger.step % args.ckpt_every == 0):
                 save()
             last = time.time()
             if stop:
                 raise KeyboardInterrupt
+        if stopping:  # asked during the last step, after its check: stop before the evaluation
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         if rank == 0:
-            print(f"interrupted: {path} holds step {step}; continue with: {resume_command(args.out)}",
-                  file=sys.stderr)
+            print(f"interrupted: {path} holds step {ledger.step}; continue with: "
+                  f"{resume_command(args.out)}", file=sys.stderr)
         raise SystemExit(130)
     finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
-# ==== Evaluation: fine-tune a scheme -> classifier; measure a classifier -> SA, RA (strict fp32) ====
-# Finetuning protocols: settings per scheme, recorded with the results. "asym-rocl" (the default): the official
-# Asym-RoCL finetuning. "robustssl": the field's benchmark (GodXuxilie/RobustSSL_Benchmark, vanilla_finetuning.py
-# --mode ALL and setup_hyperparameter in its utils.py), per pretraining method; as in its code, a setting made for
-# one scheme carries over to the next (DynACL-AIR's 5 SLF epochs on CIFAR-10 hold for ALF and AFF).
+def end_epoch(args, ledger, epoch, steps, lr):
+    """Close an epoch in the ledger: its log record (mean loss terms, lr, speed) -> the record."""
+    means = {k: float(v) / steps for k, v in ledger.sums.items()}
+    record = {"epoch": epoch + 1, "step": ledger.step, **means, "lr": lr,
+              "images_per_s": steps * args.batch_size / ledger.epoch_s, "train_s": ledger.train_s}
+    ledger.history.append(record)
+    ledger.sums, ledger.epoch_s = {}, 0.0
+    return record
+
+
+def epoch_line(args, record, total, lr):
+    eta = hms((total - record["step"]) * args.batch_size / record["images_per_s"])
+    knn = f"kNN {100 * record['knn']:5.2f}% | " if "knn" in record else ""
+    return (f"epoch {record['epoch']:4d}/{args.epochs} | loss {record['loss']:.4f} | "
+            f"lr {lr:.4f} | {knn}{record['images_per_s']:7.1f} img/s | ETA {eta}")
+
+
+def non_finite_message(args, epoch, ledger, out, path):
+    parts = ", ".join(f"{k} {v.item():.4g}" for k, v in out.terms.items())
+    advice = "no checkpoint yet; restart with a smaller --lr"
+    if os.path.exists(path):
+        advice = (f"last good checkpoint: {path} (epoch {len(ledger.history)}); resume it with "
+                  f"--resume {args.out} --lr <smaller>")
+    return (f"non-finite loss at epoch {epoch + 1}, step {ledger.step} (loss "
+            f"{out.loss.item():.4g}: {parts}; grad norm {out.grad_norm.item():.4g}); {advice}")
+
+
+def saved_step(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["step"]
+
+
+# ==== Evaluation: fine-tune a scheme -> classifier; measure it -> SA, RA (strict fp32) ============
+# Finetuning protocols: settings per scheme, recorded with the results. "asym-rocl" (the default):
+# the official Asym-RoCL finetuning. "robustssl": the field's benchmark (GodXuxilie/
+# RobustSSL_Benchmark, vanilla_finetuning.py --mode ALL and setup_hyperparameter in its utils.py),
+# per pretraining method; as in its code, a setting made for one scheme carries over to the next
+# (DynACL-AIR's 5 SLF epochs on CIFAR-10 hold for ALF and AFF). A value per data set is a dict.
 _LF = dict(batch_size={"cifar10": 512, "cifar100": 512, "stl10": 128}, milestones=[10, 20])
 _ACL = dict(_LF, lr={"cifar10": 0.01, "cifar100": 0.05, "stl10": 0.01})
 _AIR = dict(_LF, lr={"cifar10": 0.01, "cifar100": 0.1, "stl10": 0.01})
 _AIR2 = dict(_LF, batch_size={"cifar10": 512, "cifar100": 512})
 _AFF = dict(batch_size=128, lr=0.1, milestones=[15, 20])
-_ADVCL = {"slf": dict(batch_size=512, lr=0.01, milestones=[15, 20]), "alf": dict(batch_size=512, lr=0.01,
-          milestones=[15, 20]), "aff": _AFF}
+_ADVCL_LF = dict(batch_size=512, lr=0.01, milestones=[15, 20])
+_ADVCL = {"slf": _ADVCL_LF, "alf": _ADVCL_LF, "aff": _AFF}
 ROBUSTSSL = {
     "acl": {"slf": _ACL, "alf": _ACL, "aff": dict(_AFF, epochs=100, milestones=[40, 60])},
-    "dynacl": {"slf": _ACL, "alf": _ACL, "aff": _AFF}, "dynacl++": {"slf": _ACL, "alf": _ACL, "aff": _AFF},
-    "advcl": _ADVCL, "a-infonce": _ADVCL, "deacl": _ADVCL,
+    "dynacl": {"slf": _ACL, "alf": _ACL, "aff": _AFF},
+    "dynacl++": {"slf": _ACL, "alf": _ACL, "aff": _AFF},
+    "advcl": _ADVCL,
+    "a-infonce": _ADVCL,
+    "deacl": _ADVCL,
     "dynacl-air": {"slf": dict(_AIR, epochs={"cifar10": 5}), "alf": _AIR, "aff": _AFF},
-    "dynacl-air++": {"slf": dict(_AIR2, lr={"cifar10": 0.01, "cifar100": 0.09}), "alf": dict(
-        _AIR2, lr={"cifar10": 0.01, "cifar100": 0.1}, epochs={"cifar10": 4}), "aff": _AFF},
-    "dynacl-rcs": {},  # setup_hyperparameter tests for 'DynACL_RCS', its command line says 'DynACL-RCS': defaults
+    "dynacl-air++": {
+        "slf": dict(_AIR2, lr={"cifar10": 0.01, "cifar100": 0.09}),
+        "alf": dict(_AIR2, lr={"cifar10": 0.01, "cifar100": 0.1}, epochs={"cifar10": 4}),
+        "aff": _AFF,
+    },
+    # its setup_hyperparameter tests for 'DynACL_RCS', its command line says 'DynACL-RCS': defaults
+    "dynacl-rcs": {},
+}
+# the training attacks of ALF and AFF, in both protocols
+ATTACKS = {
+    "slf": {},
+    "alf": dict(eps=8 / 255, attack_steps=10, attack_step=2 / 255),
+    "aff": dict(eps=8 / 255, attack_steps=10, attack_step=2 / 255, trades_beta=6.0),
 }
 
 
 def scheme_settings(protocol, method, dataset, ft_epochs, batch_size):
-    """Per scheme: epochs, lr milestones (lr/10 at each), lr, momentum, weight decay, batch, training augmentation
-    (RobustSSL: RandomCrop(32, padding 4) + flip), the head's initialisation (RobustSSL: zeros; asym-rocl:
-    nn.Linear's), and the training attacks at eps 8/255 (ALF: PGD-10 of 2/255; AFF: TRADES, beta 6, 10 steps of
-    2/255). ft_epochs: the ALF/AFF epochs (asym-rocl), or every scheme's (robustssl)."""
-    attacks = {"slf": {}, "alf": dict(eps=8 / 255, attack_steps=10, attack_step=2 / 255),
-               "aff": dict(eps=8 / 255, attack_steps=10, attack_step=2 / 255, trades_beta=6.0)}
+    """Per scheme: epochs, lr milestones (lr/10 at each), lr, momentum, weight decay, batch, the
+    training augmentation (RobustSSL: RandomCrop(32, padding 4) + flip), the head's initialisation
+    (RobustSSL: zeros; asym-rocl: nn.Linear's), and the training attacks at eps 8/255 (ALF: PGD-10
+    of 2/255; AFF: TRADES, beta 6, 10 steps of 2/255). ft_epochs: the ALF/AFF epochs
+    (asym-rocl), or every scheme's (robustssl)."""
     if protocol == "asym-rocl":
-        e = ft_epochs or 25
-        s = {"slf": dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4)}
-        s["alf"] = s["aff"] = dict(epochs=e, milestones=[max(1, int(0.6 * e)), max(1, int(0.8 * e))], lr=0.1, wd=2e-4)
-        return {k: dict(v, momentum=0.9, batch_size=batch_size, augment=False, zero_head=False, **attacks[k])
-                for k, v in s.items()}
-    s = dict(epochs=25, milestones=[15, 20], lr=0.1, momentum=0.9, wd=2e-4, batch_size=128, augment=True,
-             zero_head=True)
+        epochs = ft_epochs or 25
+        milestones = [max(1, int(0.6 * epochs)), max(1, int(0.8 * epochs))]
+        adversarial = dict(epochs=epochs, milestones=milestones, lr=0.1, wd=2e-4)
+        own = {"slf": dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4),
+               "alf": adversarial, "aff": adversarial}
+        common = dict(momentum=0.9, batch_size=batch_size, augment=False, zero_head=False)
+        return {k: dict(v, **common, **ATTACKS[k]) for k, v in own.items()}
+    s = dict(epochs=25, milestones=[15, 20], lr=0.1, momentum=0.9, wd=2e-4, batch_size=128,
+             augment=True, zero_head=True)
     out = {}
-    for scheme in SCHEMES:  # its argparse defaults, then setup_hyperparameter's changes, carried over (--mode ALL)
-        for k, v in ROBUSTSSL[method].get(scheme, {}).items():
-            v = v.get("cifar10" if dataset == "folder" else dataset) if isinstance(v, dict) else v
-            s[k] = s[k] if v is None else v
-        out[scheme] = dict(s, **attacks[scheme])
+    # its argparse defaults, then setup_hyperparameter's changes, carried over (--mode ALL)
+    for scheme in SCHEMES:
+        for key, value in ROBUSTSSL[method].get(scheme, {}).items():
+            if isinstance(value, dict):
+                value = value.get("cifar10" if dataset == "folder" else dataset)
+            if value is not None:
+                s[key] = value
+        out[scheme] = dict(s, **ATTACKS[scheme])
         if ft_epochs:  # a shorter run: the milestones keep their place in it
-            out[scheme].update(epochs=ft_epochs, milestones=[max(1, m * ft_epochs // s["epochs"])
-                                                             for m in s["milestones"]])
+            kept = [max(1, m * ft_epochs // s["epochs"]) for m in s["milestones"]]
+            out[scheme].update(epochs=ft_epochs, milestones=kept)
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How encoders are evaluated, as plain values: the finetuning settings of every scheme, the
+    schemes to run, the threats (key, norm, eps) of RA (the first one is "ra"), the PGD step and
+    steps, the batch of the attacks, AutoAttack (its implementation, or None), the seed."""
+    name: str
+    pretraining: str
+    schemes: dict
+    run: tuple
+    threats: tuple
+    eval_step: float
+    eval_steps: int
+    batch_size: int
+    autoattack: str
+    seed: int
+
+    def identity(self):
+        """Everything of the protocol that its numbers depend on (the schemes run are not)."""
+        return {"name": self.name, "pretraining": self.pretraining, "schemes": self.schemes,
+                "threats": [key for key, _, _ in self.threats], "eval_step": self.eval_step,
+                "eval_steps": self.eval_steps, "eval_batch_size": self.batch_size,
+                "autoattack": self.autoattack, "seed": self.seed,
+                "precision": "fp32, no TF32, no autocast"}
+
+
+def protocol_of(args):
+    autoattack = autoattack_impl() if args.autoattack else None
+    threats = tuple(Threat(*t) for t in args.threats)
+    return Protocol(args.protocol, args.pretraining, args.schemes, tuple(args.eval), threats,
+                    args.eval_step, args.eval_steps, args.eval_batch_size, autoattack, args.seed)
 
 
 @contextlib.contextmanager
 def strict_fp32(device):
-    """No autocast and no TF32 (cuDNN allows TF32 convolutions by default): for every measured number."""
+    """No autocast and no TF32 (cuDNN allows TF32 convolutions by default): for every measured
+    number."""
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.autocast(device.type, enabled=False):
             yield
@@ -541,25 +798,31 @@ def strict_fp32(device):
 
 
 def batches(n, bs, device="cpu", shuffle=False):
-    return (torch.randperm(n, device=device) if shuffle else torch.arange(n, device=device)).split(bs)
+    if shuffle:
+        return torch.randperm(n, device=device).split(bs)
+    return torch.arange(n, device=device).split(bs)
 
 
-def as_float(xb):  # uint8 images -> [0, 1]; float images (crafted adversarial examples) pass through
-    return xb.float() / 255 if xb.dtype == torch.uint8 else xb
+def as_float(xb):
+    """uint8 images -> [0, 1]; float images (crafted adversarial examples) pass through."""
+    if xb.dtype == torch.uint8:
+        return xb.float() / 255
+    return xb
 
 
 def attacked(classifier, x, y, bs, attack, label=None):
-    """attack(classifier, xb, yb) over images x in batches -> adversarial images, float in [0, 1]. Progress is
-    shown per attack step (a forward pass of the classifier), so one long batch shows it too."""
+    """attack(classifier, xb, yb) over images x in batches -> adversarial images, float in [0, 1].
+    Progress is shown per attack step (a forward pass of the classifier), so one long batch shows
+    it too."""
     tick, out = progress(label or "attack", len(x)), []
-    steps = getattr(attack, "keywords", {}).get("steps")  # a pgd_attack: its forward passes per batch
+    steps = getattr(attack, "keywords", {}).get("steps")  # a pgd_attack: its passes per batch
     for idx in batches(len(x), bs, x.device):
         done, calls = sum(len(o) for o in out), [0]
 
-        def step(*_):
+        def count(*_):
             calls[0] += 1
             tick(done + len(idx) * min(calls[0], steps) // steps)
-        hook = classifier.register_forward_hook(step) if steps else None
+        hook = classifier.register_forward_hook(count) if steps else None
         try:
             out.append(attack(classifier, as_float(x[idx]), y[idx]))
         finally:
@@ -569,8 +832,10 @@ def attacked(classifier, x, y, bs, attack, label=None):
 
 
 def accuracy(classifier, x, y, bs, attack=None, label=None):
-    """Top-1 accuracy of classifier on images x (uint8, or float in [0, 1]), after attack(classifier, x, y)."""
-    x = attacked(classifier, x, y, bs, attack, label) if attack else x
+    """Top-1 accuracy of classifier on images x (uint8, or float in [0, 1]), after
+    attack(classifier, x, y) if given."""
+    if attack:
+        x = attacked(classifier, x, y, bs, attack, label)
     correct = 0
     with eval_mode(classifier), torch.no_grad():
         for idx in batches(len(x), bs, x.device):
@@ -580,16 +845,17 @@ def accuracy(classifier, x, y, bs, attack=None, label=None):
 
 def pgd_attack(norm, eps, step, steps):
     """The RA attack of one threat: L_inf with step `step`, L2 with step 2.5 eps / steps."""
-    step = step if norm == "linf" else 2.5 * eps / max(steps, 1)
+    if norm != "linf":
+        step = 2.5 * eps / max(steps, 1)
     return functools.partial(pgd, eps=eps, step=step, steps=steps, norm=norm)
 
 
 def train_head(params, loss_fn, n, s, device, label):
-    """SGD with lr/10 at each milestone epoch, settings s of scheme_settings; loss_fn(idx) -> loss of that batch.
-    Returns the lr of every epoch."""
+    """SGD with lr/10 at each milestone epoch, settings s of scheme_settings; loss_fn(idx) -> the
+    loss of that batch of the n images. Returns the lr of every epoch."""
     opt = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["wd"])
-    sched, lrs, epochs_tick = torch.optim.lr_scheduler.MultiStepLR(opt, s["milestones"], 0.1), [], progress(
-        f"{label} finetuning, epoch", s["epochs"])
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, s["milestones"], 0.1)
+    lrs, epochs_tick = [], progress(f"{label} finetuning, epoch", s["epochs"])
     for epoch in range(s["epochs"]):
         tick = progress(f"{label} epoch {epoch + 1}/{s['epochs']}, images", n)
         lrs.append(opt.param_groups[0]["lr"])
@@ -605,13 +871,17 @@ def train_head(params, loss_fn, n, s, device, label):
 
 
 def crop_flip(xb):
-    """RandomCrop(32, padding=4) and RandomHorizontalFlip of uint8 images [B,3,32,32] -> float in [0, 1]."""
+    """RandomCrop(32, padding=4) and RandomHorizontalFlip of uint8 images [B,3,32,32] -> [0, 1]."""
     b, dev = len(xb), xb.device
-    dy, dx = (torch.randint(0, 9, (b, 1, 1, 1), device=dev) for _ in range(2))
-    rows, cols = torch.arange(32, device=dev).view(1, 1, 32, 1) + dy, torch.arange(32, device=dev).view(1, 1, 1, 32)
-    x = F.pad(xb, (4, 4, 4, 4))[torch.arange(b, device=dev).view(b, 1, 1, 1), torch.arange(3, device=dev).view(
-        1, 3, 1, 1), rows, cols + dx]
-    return torch.where(torch.rand(b, 1, 1, 1, device=dev) < 0.5, x.flip(3), x).float() / 255
+    dy = torch.randint(0, 9, (b, 1, 1, 1), device=dev)
+    dx = torch.randint(0, 9, (b, 1, 1, 1), device=dev)
+    rows = torch.arange(32, device=dev).view(1, 1, 32, 1) + dy  # [B, 1, 32, 1]
+    cols = torch.arange(32, device=dev).view(1, 1, 1, 32) + dx  # [B, 1, 1, 32]
+    images = torch.arange(b, device=dev).view(b, 1, 1, 1)
+    channels = torch.arange(3, device=dev).view(1, 3, 1, 1)
+    x = F.pad(xb, (4, 4, 4, 4))[images, channels, rows, cols]  # [B, 3, 32, 32]
+    flip = torch.rand(b, 1, 1, 1, device=dev) < 0.5
+    return torch.where(flip, x.flip(3), x).float() / 255
 
 
 def linear_head(dim, n_classes, zero):
@@ -622,57 +892,86 @@ def linear_head(dim, n_classes, zero):
     return head
 
 
-def finetune(scheme, encoder, x, y, n_classes, s):
-    """Fine-tune one scheme on uint8 images x with settings s -> classifier (encoder + linear head). SLF: a head on
-    the frozen encoder's features (eval mode; without augmentation computed once); ALF: a head on PGD examples made
-    through encoder + head; AFF: TRADES on the whole network, from the pretrained encoder. ALF/AFF attack at
-    s["eps"]."""
-    device, view, eps = x.device, crop_flip if s["augment"] else as_float, s.get("eps")
+def frozen(encoder, xb):
+    """Features of the frozen encoder: eval mode, no gradient."""
+    with eval_mode(encoder), torch.no_grad():
+        return encoder(xb)
 
-    def features(xb):  # of the frozen encoder
-        with eval_mode(encoder), torch.no_grad():
-            return encoder(xb)
-    if scheme == "aff":
-        clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True),
-                            linear_head(encoder.dim, n_classes, s["zero_head"]))
-        params, clf = clf.parameters(), clf.to(device).train()
-        loss = lambda i: trades_loss(clf, view(x[i]), y[i], beta=s["trades_beta"], eps=eps, step=s["attack_step"],
-                                     steps=s["attack_steps"])
+
+def finetune_slf(encoder, x, y, n_classes, s):
+    """SLF: a linear head on the frozen encoder's features of uint8 images x -> encoder + head."""
+    head = linear_head(encoder.dim, n_classes, s["zero_head"]).to(x.device)
+    if s["augment"]:
+        def loss(idx):  # a new crop and flip of every image in every epoch
+            return F.cross_entropy(head(frozen(encoder, crop_flip(x[idx]))), y[idx])
     else:
-        head = linear_head(encoder.dim, n_classes, s["zero_head"]).to(device)
-        params, clf = head.parameters(), nn.Sequential(encoder, head)
-        if scheme == "alf":
-            loss = lambda i: F.cross_entropy(head(features(pgd(clf, view(x[i]), y[i], eps=eps, step=s["attack_step"],
-                                                               steps=s["attack_steps"]))), y[i])
-        elif s["augment"]:
-            loss = lambda i: F.cross_entropy(head(features(view(x[i]))), y[i])
-        else:
-            feats = torch.cat([features(view(x[i])) for i in batches(len(x), s["batch_size"], device)])
-            loss = lambda i: F.cross_entropy(head(feats[i]), y[i])
-    train_head(params, loss, len(x), s, device, label=scheme.upper())
+        # the encoder is frozen and the images fixed: their features, once
+        chunks = batches(len(x), s["batch_size"], x.device)
+        parts = [frozen(encoder, as_float(x[i])) for i in chunks]
+        feats = torch.cat(parts)
+
+        def loss(idx):
+            return F.cross_entropy(head(feats[idx]), y[idx])
+    train_head(head.parameters(), loss, len(x), s, x.device, label="SLF")
+    return nn.Sequential(encoder, head)
+
+
+def finetune_alf(encoder, x, y, n_classes, s):
+    """ALF: a linear head on PGD examples made through encoder + head -> encoder + head."""
+    head = linear_head(encoder.dim, n_classes, s["zero_head"]).to(x.device)
+    clf = nn.Sequential(encoder, head)
+    view = crop_flip if s["augment"] else as_float
+
+    def loss(idx):
+        x_adv = pgd(clf, view(x[idx]), y[idx], eps=s["eps"], step=s["attack_step"],
+                    steps=s["attack_steps"])
+        return F.cross_entropy(head(frozen(encoder, x_adv)), y[idx])
+    train_head(head.parameters(), loss, len(x), s, x.device, label="ALF")
     return clf
 
 
+def finetune_aff(encoder, x, y, n_classes, s):
+    """AFF: TRADES on the whole network, starting from the pretrained encoder -> the network."""
+    clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True),
+                        linear_head(encoder.dim, n_classes, s["zero_head"]))
+    clf = clf.to(x.device).train()
+    view = crop_flip if s["augment"] else as_float
+
+    def loss(idx):
+        return trades_loss(clf, view(x[idx]), y[idx], beta=s["trades_beta"], eps=s["eps"],
+                           step=s["attack_step"], steps=s["attack_steps"])
+    train_head(clf.parameters(), loss, len(x), s, x.device, label="AFF")
+    return clf
+
+
+FINETUNE = {"slf": finetune_slf, "alf": finetune_alf, "aff": finetune_aff}
+
+
 def guards(classifier, x, y, bs, eps, steps, robust=()):
-    """Cheap checks that catch masked or broken gradients, on 200 test images of a fixed shuffle: RA <= SA,
-    RA falls as eps grows and is ~0 at eps 64/255, 2.5x more PGD steps do not raise RA; and on the whole
-    test set, RA under each norm of robust [(norm, eps, RA)] falls as eps grows."""
+    """Cheap checks that catch masked or broken gradients, on 200 test images of a fixed shuffle:
+    RA <= SA, RA falls as eps grows and is ~0 at eps 64/255, 2.5x more PGD steps do not raise RA;
+    and on the whole test set, RA under each norm of robust [(norm, eps, RA)] falls as eps grows.
+    -> the measurements, the failures in words ("failed"), and "ok"."""
     idx = fixed_shuffle(len(x), 200).to(x.device)
     x, y = x[idx], y[idx]
     tol = 0.01 + 1 / len(x)  # a point, and one image
     tick, done = progress("guards: PGD attacks", 6), [0]
 
-    def at(e, k):
+    def ra_at(e, k):
         ra = accuracy(classifier, x, y, bs, pgd_attack("linf", e, 2.5 * e / k, k))
         done[0] += 1
         tick(done[0])
         return ra
-    g = {"sa": accuracy(classifier, x, y, bs), "ra_eps": {f"{e}/255": at(e / 255, steps) for e in (2, 8, 16, 64)}}
+    g = {"sa": accuracy(classifier, x, y, bs)}
+    g["ra_eps"] = {f"{e}/255": ra_at(e / 255, steps) for e in (2, 8, 16, 64)}
     more = 5 * steps // 2
-    g[f"ra_{steps}_steps"], g[f"ra_{more}_steps"] = at(eps, steps), at(eps, more)
+    g[f"ra_{steps}_steps"] = ra_at(eps, steps)
+    g[f"ra_{more}_steps"] = ra_at(eps, more)
     chain = [("SA", g["sa"])] + [(f"RA at {k}", ra) for k, ra in g["ra_eps"].items()]
-    failed = [f"{b} {100 * rb:.1f}% above {a} {100 * ra:.1f}%" for (a, ra), (b, rb) in zip(chain, chain[1:])
-              if rb > ra + tol]
+    failed = []
+    for (a, ra), (b, rb) in zip(chain, chain[1:]):
+        if rb > ra + tol:
+            failed.append(f"{b} {100 * rb:.1f}% above {a} {100 * ra:.1f}%")
     if chain[-1][1] > 0.05:
         failed.append(f"RA at 64/255 {100 * chain[-1][1]:.1f}% (should be ~0)")
     if g[f"ra_{more}_steps"] > g[f"ra_{steps}_steps"] + tol:
@@ -681,8 +980,10 @@ def guards(classifier, x, y, bs, eps, steps, robust=()):
     rising = []  # RA under each norm of robust, on the whole test set, as eps grows
     for norm in ("linf", "l2"):
         ras = [(e, ra) for n, e, ra in sorted(robust) if n == norm]
-        rising += [f"{norm} RA {100 * rb:.1f}% at {eb:.4g} above {100 * ra:.1f}% at {ea:.4g}"
-                   for (ea, ra), (eb, rb) in zip(ras, ras[1:]) if rb > ra + tol]
+        for (ea, ra), (eb, rb) in zip(ras, ras[1:]):
+            if rb > ra + tol:
+                rising.append(f"{norm} RA {100 * rb:.1f}% at {eb:.4g} above {100 * ra:.1f}% "
+                              f"at {ea:.4g}")
     g["threats_fall"] = not rising
     g["failed"] = failed + rising
     g["ok"] = not g["failed"]
@@ -690,12 +991,13 @@ def guards(classifier, x, y, bs, eps, steps, robust=()):
 
 
 def autoattack_impl():
-    """The AutoAttack that --autoattack runs: Croce and Hein's reference code (the one RobustBench uses)."""
+    """The AutoAttack that --autoattack runs: Croce and Hein's reference code (RobustBench's)."""
     try:
         import pyautoattack
     except ImportError:
-        raise UsageError("AutoAttack needs an optional package: pip install pyautoattack (Croce and Hein's "
-                         "reference AutoAttack); --protocol robustssl runs it unless --no-autoattack")
+        raise UsageError("AutoAttack needs an optional package: pip install pyautoattack (Croce "
+                         "and Hein's reference AutoAttack); --protocol robustssl runs it unless "
+                         "--no-autoattack")
     return f"pyautoattack {pyautoattack.__version__}"
 
 
@@ -703,65 +1005,94 @@ def autoattack(classifier, x, y, bs, norm, eps, n_classes, seed):
     """Accuracy under standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) at radius eps."""
     import pyautoattack
     with eval_mode(classifier):
-        aa = pyautoattack.AutoAttack(classifier, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps, version="standard",
-                                     device=x.device, seed=seed)
-        aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = min(9, n_classes - 1)
+        aa = pyautoattack.AutoAttack(classifier, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
+                                     version="standard", device=x.device, seed=seed)
+        # the targeted attacks aim at every other class, up to the standard 9
+        targets = min(9, n_classes - 1)
+        aa.apgd_targeted.n_target_classes = targets
+        aa.fab.n_target_classes = targets
         x_adv, _ = aa.run_standard_evaluation(as_float(x), y, batch_size=bs)
     return accuracy(classifier, x_adv, y, bs)
 
 
-def evaluate(args, encoder, data, device, done=(), source=None):
-    """Yields (scheme, numbers) for each scheme of args.eval not in done: fine-tune (settings args.schemes), then
-    measure SA, RA under every threat, AutoAttack, and transfer RA from source's SLF classifier. Finetuning uses
-    PyTorch's default precision; every measured number is strict fp32."""
-    x_tr, y_tr, x_te, y_te, n_classes = data[:5]
-    bs, (key0, norm0, eps0) = args.eval_batch_size, args.threats[0]
-    guard_eps = next((e for _, n, e in args.threats if n == "linf"), 8 / 255)  # the guards' more-steps check
+def measure(clf, data, protocol, name, x_transfer):
+    """SA, RA under every threat, AutoAttack, transfer RA and (SLF) the guards of a classifier.
+    Every attack pass starts from the same random draws (the protocol's seed)."""
+    x_te, y_te = data.x_test, data.y_test
+    bs = protocol.batch_size
+    key0 = protocol.threats[0][0]
+    r = {"sa": accuracy(clf, x_te, y_te, bs), "robust": {}}
+    for key, norm, eps in protocol.threats:
+        torch.manual_seed(protocol.seed)
+        attack = pgd_attack(norm, eps, protocol.eval_step, protocol.eval_steps)
+        label = f"{name.upper()} PGD-{protocol.eval_steps} {key}"
+        r["robust"][key] = accuracy(clf, x_te, y_te, bs, attack, label)
+    r["ra"] = r["robust"][key0]
+    if protocol.autoattack:
+        r["aa_robust"] = {}
+        for key, norm, eps in protocol.threats:
+            r["aa_robust"][key] = autoattack(clf, x_te, y_te, bs, norm, eps, data.n_classes,
+                                             protocol.seed)
+        r["aa"] = r["aa_robust"][key0]
+    if x_transfer is not None:
+        r["ra_transfer"] = accuracy(clf, x_transfer, y_te, bs)
+    if name == "slf":
+        # the guards' more-steps check runs at the first L_inf radius
+        guard_eps = next((e for _, n, e in protocol.threats if n == "linf"), 8 / 255)
+        robust = [(n, e, r["robust"][k]) for k, n, e in protocol.threats]
+        r["guards"] = guards(clf, x_te, y_te, bs, guard_eps, protocol.eval_steps, robust)
+    return r
 
+
+def result_line(name, r, key0):
+    shown = {"SA": r["sa"], **{f"RA {k}": v for k, v in r["robust"].items()},
+             **{f"AA {k}": v for k, v in r.get("aa_robust", {}).items()},
+             f"transfer RA {key0}": r.get("ra_transfer")}
+    line = "  ".join(f"{k} {100 * v:.2f}%" for k, v in shown.items() if v is not None)
+    if name == "slf":
+        verdict = "ok" if r["guards"]["ok"] else "FAILED: " + "; ".join(r["guards"]["failed"])
+        line += "  guards " + verdict
+    return f"{name.upper()}: {line}  ({hms(r['s'])})"
+
+
+def evaluate(protocol, encoder, data, device, done=(), source=None):
+    """Yields (scheme, numbers) for each scheme of the protocol not in done: fine-tune, then
+    measure(). With a source encoder, transfer RA: PGD crafted on the source's SLF classifier.
+    Finetuning runs at PyTorch's default precision; every measured number is strict fp32."""
     def prep(enc):  # a frozen fp32 copy on the device, in the default memory layout
-        return copy.deepcopy(enc).float().to(device, memory_format=torch.contiguous_format).requires_grad_(False)
-    encoder, x_transfer, todo = prep(encoder), None, [s for s in SCHEMES if s in args.eval and s not in done]
+        enc = copy.deepcopy(enc).float().to(device, memory_format=torch.contiguous_format)
+        return enc.requires_grad_(False)
+    encoder = prep(encoder)
+    todo = [s for s in protocol.run if s not in done]
+    x_transfer = None
     if source is not None and todo:
-        torch.manual_seed(args.seed)
-        src = finetune("slf", prep(source), x_tr, y_tr, n_classes, args.schemes["slf"])
+        torch.manual_seed(protocol.seed)
+        src = finetune_slf(prep(source), data.x_train, data.y_train, data.n_classes,
+                           protocol.schemes["slf"])
+        first = protocol.threats[0]
+        attack = pgd_attack(first.norm, first.eps, protocol.eval_step, protocol.eval_steps)
         with strict_fp32(device):
-            torch.manual_seed(args.seed)  # the random starts of white-box RA: transfer from itself equals it
-            x_transfer = attacked(src, x_te, y_te, bs, pgd_attack(norm0, eps0, args.eval_step, args.eval_steps),
-                                  f"transfer source PGD {key0}")
+            # the random starts of white-box RA: transfer from itself equals it
+            torch.manual_seed(protocol.seed)
+            x_transfer = attacked(src, data.x_test, data.y_test, protocol.batch_size, attack,
+                                  f"transfer source PGD {first.key}")
     for name in todo:
         t0 = time.time()
-        torch.manual_seed(args.seed + SCHEMES.index(name))  # each scheme its own draws: one can be (re)run alone
-        clf = finetune(name, encoder, x_tr, y_tr, n_classes, args.schemes[name])
+        # each scheme its own draws: one can be (re)run alone
+        torch.manual_seed(protocol.seed + SCHEMES.index(name))
+        clf = FINETUNE[name](encoder, data.x_train, data.y_train, data.n_classes,
+                             protocol.schemes[name])
         with strict_fp32(device):
-            r = {"sa": accuracy(clf, x_te, y_te, bs), "robust": {}}
-            for key, norm, eps in args.threats:
-                torch.manual_seed(args.seed)  # every attack pass starts from the same random draws
-                r["robust"][key] = accuracy(clf, x_te, y_te, bs, pgd_attack(norm, eps, args.eval_step, args.eval_steps),
-                                            f"{name.upper()} PGD-{args.eval_steps} {key}")
-            r["ra"] = r["robust"][key0]
-            if args.autoattack:
-                r["aa_robust"] = {key: autoattack(clf, x_te, y_te, bs, norm, eps, n_classes, args.seed)
-                                  for key, norm, eps in args.threats}
-                r["aa"] = r["aa_robust"][key0]
-            if x_transfer is not None:
-                r["ra_transfer"] = accuracy(clf, x_transfer, y_te, bs)
-            if name == "slf":
-                r["guards"] = guards(clf, x_te, y_te, bs, guard_eps, args.eval_steps,
-                                     [(n, e, r["robust"][k]) for k, n, e in args.threats])
+            r = measure(clf, data, protocol, name, x_transfer)
         r["s"] = time.time() - t0
-        shown = {"SA": r["sa"], **{f"RA {k}": v for k, v in r["robust"].items()},
-                 **{f"AA {k}": v for k, v in r.get("aa_robust", {}).items()},
-                 f"transfer RA {key0}": r.get("ra_transfer")}
-        line = "  ".join(f"{k} {100 * v:.2f}%" for k, v in shown.items() if v is not None)
-        if name == "slf":
-            line += "  guards " + ("ok" if r["guards"]["ok"] else "FAILED: " + "; ".join(r["guards"]["failed"]))
-        print(f"{name.upper()}: {line}  ({hms(r['s'])})", flush=True)
+        print(result_line(name, r, protocol.threats[0][0]), flush=True)
         yield name, r
 
 
-# ==== Data: whole data sets as uint8 tensors [N, 3, 32, 32]; augmentation as batched tensor ops ====
+# ==== Data: whole data sets as uint8 tensors [N, 3, 32, 32] ======================================
 def fixed_shuffle(n_items, n):
-    """Indices of the first n items of a fixed permutation (the same for every run, seed and method)."""
+    """Indices of the first n items of a fixed permutation (the same for every run, seed and
+    method)."""
     if not 0 < n < n_items:
         return torch.arange(n_items)
     return torch.randperm(n_items, generator=torch.Generator().manual_seed(0))[:n]
@@ -769,69 +1100,82 @@ def fixed_shuffle(n_items, n):
 
 def pick(n_items, n, split):
     if n > n_items:
-        raise UsageError(f"{'--subset' if split == 'train' else '--eval-subset'} {n} is larger than the {n_items} "
-                         f"{split} images")
+        flag_ = "--subset" if split == "train" else "--eval-subset"
+        raise UsageError(f"{flag_} {n} is larger than the {n_items} {split} images")
     return fixed_shuffle(n_items, n)
 
 
 def image_folder(root, split, classes=None):
-    """torchvision's ImageFolder (it skips files that are not images and refuses empty class folders);
-    test labels follow the training split's class indices."""
+    """torchvision's ImageFolder (it skips files that are not images and refuses empty class
+    folders); test labels follow the training split's class indices."""
     from torchvision.datasets import ImageFolder
     d = os.path.join(root, split)
     if not os.path.isdir(root):
-        raise UsageError(f"data directory {root} "
-                         + ("is a file, not a directory" if os.path.exists(root) else "does not exist"))
+        what = "is a file, not a directory" if os.path.exists(root) else "does not exist"
+        raise UsageError(f"data directory {root} {what}")
     if not os.path.isdir(d):
-        raise UsageError(f"{d} is missing: --dataset folder reads DATA_DIR/train/<class>/<image> and "
-                         f"DATA_DIR/test/<class>/<image>")
+        raise UsageError(f"{d} is missing: --dataset folder reads DATA_DIR/train/<class>/<image> "
+                         f"and DATA_DIR/test/<class>/<image>")
     try:
         ds = ImageFolder(d)
     except (FileNotFoundError, OSError) as e:
         raise UsageError(f"{d}: {e}".replace("\n", " "))
     if classes is not None:
-        if set(ds.classes) - set(classes):
-            raise UsageError(f"test classes not in train/: {sorted(set(ds.classes) - set(classes))}")
+        unknown = sorted(set(ds.classes) - set(classes))
+        if unknown:
+            raise UsageError(f"test classes not in train/: {unknown}")
         ds.samples = [(p, classes.index(ds.classes[c])) for p, c in ds.samples]
     return ds
 
 
+QUIET_CHOICES = (
+    "resized {n} {split} images of another size to 32x32 (bilinear)",
+    "dropped the alpha channel of {n} {split} images",
+    "repeated {n} grayscale {split} images to RGB",
+    "counted {n} {split} images of nested sub-folders in their class folder's class",
+)
+
+
 def decode(ds, idx, split):
-    """Decode the images idx of an ImageFolder -> (uint8 [n, 3, 32, 32], labels). As torchvision's loader does,
-    images are converted to RGB (an alpha channel is dropped, gray is repeated); other sizes are resized; images in
-    nested sub-folders count in their class. Each of these quiet choices is said once."""
+    """Decode the images idx of an ImageFolder -> (uint8 [n, 3, 32, 32], labels). As
+    torchvision's loader does, images are converted to RGB (an alpha channel is dropped, gray is
+    repeated); other sizes are resized; images in nested sub-folders count in their class. Each of
+    these quiet choices is said once."""
     from concurrent.futures import ThreadPoolExecutor
     from PIL import Image
-    x, tick = torch.empty(len(idx), 32, 32, 3, dtype=torch.uint8), progress(f"decoding {split} images", len(idx))
+    x = torch.empty(len(idx), 32, 32, 3, dtype=torch.uint8)
+    tick = progress(f"decoding {split} images", len(idx))
 
     def one(i):
         path = ds.samples[idx[i]][0]
         try:
             with Image.open(path) as im:
                 alpha = "A" in im.getbands() or "transparency" in im.info
-                gray, size = im.mode in ("1", "L", "LA", "I", "I;16", "F"), im.size
+                gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+                size = im.size
                 im = im.convert("RGB")
-                x[i] = torch.frombuffer(bytearray((im if im.size == (32, 32) else im.resize((32, 32), Image.BILINEAR))
-                                                  .tobytes()), dtype=torch.uint8).view(32, 32, 3)
+                if im.size != (32, 32):
+                    im = im.resize((32, 32), Image.BILINEAR)
+                x[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(32, 32, 3)
         except Exception as e:
             raise UsageError(f"cannot read image {path}: {e}")
-        return size != (32, 32), alpha, gray, os.path.relpath(path, ds.root).count(os.sep) > 1
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL releases the GIL while decoding
-        counts = [0] * 4
-        for k, flags in enumerate(pool.map(one, range(len(idx)))):
-            counts = [c + f for c, f in zip(counts, flags)]
+        nested = os.path.relpath(path, ds.root).count(os.sep) > 1
+        return size != (32, 32), alpha, gray, nested
+    counts = [0] * 4
+    # PIL releases the GIL while decoding
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for k, choices in enumerate(pool.map(one, range(len(idx)))):
+            counts = [c + f for c, f in zip(counts, choices)]
             tick(k + 1)
-    said = [what.format(n=n, split=split) for n, what in zip(counts, (
-        "resized {n} {split} images of another size to 32x32 (bilinear)", "dropped the alpha channel of {n} {split} "
-        "images", "repeated {n} grayscale {split} images to RGB", "counted {n} {split} images of nested sub-folders in "
-        "their class folder's class")) if n]
+    said = [what.format(n=n, split=split) for n, what in zip(counts, QUIET_CHOICES) if n]
     if said:
         print("data: " + "; ".join(said))
-    return x.permute(0, 3, 1, 2).contiguous(), torch.tensor([ds.samples[i][1] for i in idx.tolist()])
+    labels = torch.tensor([ds.samples[i][1] for i in idx.tolist()])
+    return x.permute(0, 3, 1, 2).contiguous(), labels
 
 
 class Data(NamedTuple):
-    """A data set as uint8 images [N, 3, 32, 32] on the CPU, and what identifies it (data_identity)."""
+    """A data set as uint8 images [N, 3, 32, 32] on the CPU, and what identifies it."""
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
@@ -841,8 +1185,9 @@ class Data(NamedTuple):
 
 
 def fingerprint(paths, root):
-    """sha256 of the files' paths (relative to root) and bytes: equal images give an equal value wherever
-    they lie; a file changed, added, renamed or moved to another class changes it. About 0.5 s for CIFAR-10."""
+    """sha256 of the files' paths (relative to root) and bytes: equal images give an equal value
+    wherever they lie; a file changed, added, renamed or moved to another class changes it. About
+    0.5 s for CIFAR-10."""
     h = hashlib.sha256()
     for path in paths:
         h.update(os.path.relpath(path, root).encode() + b"\0")
@@ -852,27 +1197,31 @@ def fingerprint(paths, root):
 
 
 def load_data(dataset, data_dir, n_train=0, n_test=0):
-    """-> Data. n_train and n_test > 0 keep the first n images of a fixed shuffle (never a single class); only
-    those are decoded. Its identity names the data set, its resolved directory, the fingerprint of its files,
-    the subsets and the classes."""
+    """-> Data. n_train and n_test > 0 keep the first n images of a fixed shuffle (never a single
+    class); only those are decoded. Its identity names the data set, its resolved directory, the
+    fingerprint of its files, the subsets and the classes."""
     if dataset == "folder":
         train = image_folder(data_dir, "train")
         test = image_folder(data_dir, "test", train.classes)
         files = [p for p, _ in train.samples + test.samples]
-        x_tr, y_tr = decode(train, pick(len(train.samples), n_train, "train"), "train")
-        x_te, y_te = decode(test, pick(len(test.samples), n_test, "test"), "test")
-        n_classes = len(train.classes)
+        train_xy = decode(train, pick(len(train.samples), n_train, "train"), "train")
+        test_xy = decode(test, pick(len(test.samples), n_test, "test"), "test")
+        data = Data(*train_xy, *test_xy, len(train.classes), None)
     else:
-        x_tr, y_tr, x_te, y_te, n_classes, files = torchvision_data(dataset, data_dir, n_train, n_test)
-    if n_classes < 2:
-        raise UsageError(f"{dataset} in {data_dir} has {n_classes} class: classification needs at least 2")
-    identity = {"dataset": dataset, "dir": os.path.realpath(data_dir), "fingerprint": fingerprint(files, data_dir),
-                "subset": n_train, "eval_subset": n_test, "n_train": len(x_tr), "n_test": len(x_te),
-                "n_classes": n_classes}
-    return Data(x_tr, y_tr, x_te, y_te, n_classes, identity)
+        data, files = torchvision_data(dataset, data_dir, n_train, n_test)
+    if data.n_classes < 2:
+        raise UsageError(f"{dataset} in {data_dir} has {data.n_classes} class: classification "
+                         f"needs at least 2")
+    identity = {"dataset": dataset, "dir": os.path.realpath(data_dir),
+                "fingerprint": fingerprint(files, data_dir), "subset": n_train,
+                "eval_subset": n_test, "n_train": len(data.x_train), "n_test": len(data.x_test),
+                "n_classes": data.n_classes}
+    return data._replace(identity=identity)
 
 
 def torchvision_data(dataset, data_dir, n_train, n_test):
+    """CIFAR-10/100 or STL-10 (at 32x32) through torchvision, downloaded where missing -> (Data
+    without its identity, the data set's files)."""
     import torchvision.datasets as tvd
     created = not os.path.exists(data_dir)
     kind = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}[dataset]
@@ -884,58 +1233,74 @@ def torchvision_data(dataset, data_dir, n_train, n_test):
     except Exception as e:  # offline (URLError) or a corrupt archive (RuntimeError)
         if created and os.path.isdir(data_dir) and not os.listdir(data_dir):
             os.rmdir(data_dir)  # nothing was downloaded: leave nothing behind
-        raise UsageError(f"could not get {dataset} into {data_dir} ({type(e).__name__}: {e}); offline? copy "
-                         f"torchvision's archive there, or use --dataset folder".replace("\n", " "))
+        raise UsageError(f"could not get {dataset} into {data_dir} ({type(e).__name__}: {e}); "
+                         f"offline? copy torchvision's archive there, or use --dataset folder"
+                         .replace("\n", " "))
     out = []
-    for s, n in zip(sets, (n_train, n_test)):
+    for split, s, n in zip(("train", "test"), sets, (n_train, n_test)):
         x = torch.from_numpy(s.data)
-        x = x if dataset == "stl10" else x.permute(0, 3, 1, 2)  # CIFAR is stored [N, 32, 32, 3]
-        keep = pick(len(x), n, "train" if s is sets[0] else "test")
-        x, y = x[keep], torch.as_tensor(s.labels if dataset == "stl10" else s.targets)[keep]
+        if dataset != "stl10":
+            x = x.permute(0, 3, 1, 2)  # CIFAR is stored [N, 32, 32, 3]
+        keep = pick(len(x), n, split)
+        labels = s.labels if dataset == "stl10" else s.targets
+        x, y = x[keep], torch.as_tensor(labels)[keep]
         if x.shape[-1] != 32:  # STL-10's 96x96 at 32x32, antialiased (as PIL's bilinear resize)
-            x = F.interpolate(x.float(), size=32, mode="bilinear", antialias=True).round().clamp(0, 255).byte()
+            x = F.interpolate(x.float(), size=32, mode="bilinear", antialias=True)
+            x = x.round().clamp(0, 255).byte()
         out += [x.contiguous(), y.long()]
     base = os.path.join(data_dir, kind.base_folder)
     files = sorted(os.path.join(d, f) for d, _, names in os.walk(base) for f in names)
-    return (*out, len(sets[0].classes), files)
+    return Data(*out, len(sets[0].classes), None), files
 
 
-def _gray(x):  # ITU-R 601 luma, as torchvision's rgb_to_grayscale: [B,3,H,W] -> [B,1,H,W]
+# ==== Augmentation: torchvision's transforms as batched tensor ops on the device =================
+def gray(x):
+    """ITU-R 601 luma, as torchvision's rgb_to_grayscale: [B, 3, H, W] -> [B, 1, H, W]."""
     r, g, b = x.unbind(1)
     return (0.2989 * r + 0.587 * g + 0.114 * b)[:, None]
 
 
-def _hue(x, shift):
-    """Rotate hue by shift [B] (in turns): RGB -> HSV, H += shift, HSV -> RGB."""
+def hue_shift(x, shift):
+    """Rotate the hue by shift [B] (in turns): RGB -> HSV, H += shift, HSV -> RGB."""
     v, m = x.amax(1), x.amin(1)
-    c = v - m  # chroma
+    chroma = v - m
     r, g, b = x.unbind(1)
-    cd = torch.where(c > 0, c, torch.ones_like(c))
-    h = torch.where(v == r, (g - b) / cd, torch.where(v == g, 2 + (b - r) / cd, 4 + (r - g) / cd))
-    h = (torch.where(c > 0, h, torch.zeros_like(h)) / 6 + shift.view(-1, 1, 1)) % 1
-    k = torch.stack([5 + 6 * h, 3 + 6 * h, 1 + 6 * h], 1) % 6  # HSV -> RGB: channel n uses (n + 6H) mod 6
-    return v[:, None] - c[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+    cd = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    h = torch.where(v == g, 2 + (b - r) / cd, 4 + (r - g) / cd)
+    h = torch.where(v == r, (g - b) / cd, h)
+    h = (torch.where(chroma > 0, h, torch.zeros_like(h)) / 6 + shift.view(-1, 1, 1)) % 1
+    # HSV -> RGB: channel n uses (n + 6H) mod 6
+    k = torch.stack([5 + 6 * h, 3 + 6 * h, 1 + 6 * h], 1) % 6
+    return v[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 def adjust(x, op, f):
     """torchvision's ColorJitter ops with a factor per image f [B]: 0 brightness, 1 contrast,
     2 saturation (blend with black, the mean gray, the gray image), 3 hue (shift in turns)."""
     if op == 3:
-        return _hue(x, f)
+        return hue_shift(x, f)
     f = f.view(-1, 1, 1, 1)
-    other = 0.0 if op == 0 else _gray(x).mean((1, 2, 3), keepdim=True) if op == 1 else _gray(x)
+    if op == 0:
+        other = 0.0
+    elif op == 1:
+        other = gray(x).mean((1, 2, 3), keepdim=True)
+    else:
+        other = gray(x)
     return (f * x + (1 - f) * other).clamp(0, 1)
 
 
 def crop_params(b, device, size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
-    """RandomResizedCrop.get_params per image: (w, h, x0, y0), each [b]. Like torchvision, take the
-    first of 10 tries that fits, else the whole (square) image."""
+    """RandomResizedCrop.get_params per image: (w, h, x0, y0), each [b]. Like torchvision, take
+    the first of 10 tries that fits, else the whole (square) image. The aspect is log-uniform."""
     area = size * size * torch.empty(b, tries, device=device).uniform_(*scale)
-    aspect = torch.empty(b, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
-    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    log_ratio = torch.empty(b, tries, device=device).uniform_(math.log(ratio[0]),
+                                                             math.log(ratio[1]))
+    aspect = log_ratio.exp()
+    w = (area * aspect).sqrt().round()  # [b, tries]
+    h = (area / aspect).sqrt().round()
     fits = (w >= 1) & (w <= size) & (h >= 1) & (h <= size)
     first = fits.float().argmax(1, keepdim=True)
-    w = torch.where(fits.any(1), w.gather(1, first).squeeze(1), size)
+    w = torch.where(fits.any(1), w.gather(1, first).squeeze(1), size)  # [b]
     h = torch.where(fits.any(1), h.gather(1, first).squeeze(1), size)
     x0 = (torch.rand(b, device=device) * (size - w + 1)).floor()
     y0 = (torch.rand(b, device=device) * (size - h + 1)).floor()
@@ -943,9 +1308,10 @@ def crop_params(b, device, size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tri
 
 
 def jitter_params(b, device):
-    """ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, per image: (on [b], factors [b, 4], order [b, 4]). Factors of
-    brightness, contrast and saturation uniform in [0.6, 1.4], hue in [-0.1, 0.1]; the four ops in a random order
-    per image (a uniform permutation), as torchvision's ColorJitter.get_params."""
+    """ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, per image: (on [b], factors [b, 4],
+    order [b, 4]). Brightness, contrast and saturation factors uniform in [0.6, 1.4], hue in
+    [-0.1, 0.1]; the four ops in a random order per image (a uniform permutation), as
+    torchvision's ColorJitter.get_params."""
     on = torch.rand(b, device=device) < 0.8
     f = torch.cat([torch.empty(b, 3, device=device).uniform_(0.6, 1.4),
                    torch.empty(b, 1, device=device).uniform_(-0.1, 0.1)], 1)
@@ -957,42 +1323,50 @@ def color_jitter(x, on, f, order):
     """Apply, to the images where on, op order[:, k] with its factor f[:, op], for k = 0..3."""
     for k in range(4):
         for op in range(4):
-            x = torch.where((on & (order[:, k] == op)).view(-1, 1, 1, 1), adjust(x, op, f[:, op]), x)
+            where = (on & (order[:, k] == op)).view(-1, 1, 1, 1)
+            x = torch.where(where, adjust(x, op, f[:, op]), x)
     return x
 
 
 def augment(xb):
-    """The paper's augmentation on a uint8 batch [B,3,32,32] -> float in [0,1], each image with its own draws:
-    ColorJitter(0.4,0.4,0.4,0.1) p=0.8 (ops in a random order per image), RandomGrayscale p=0.2,
-    horizontal flip p=0.5, RandomResizedCrop(32, scale=(0.08,1)); bilinear, as one grid_sample."""
+    """The paper's augmentation of a uint8 batch [B,3,32,32] -> float in [0,1], each image with its
+    own draws: ColorJitter(0.4,0.4,0.4,0.1) p=0.8 (ops in a random order per image),
+    RandomGrayscale p=0.2, horizontal flip p=0.5, RandomResizedCrop(32, scale=(0.08,1));
+    bilinear, as one grid_sample."""
     x = xb.float() / 255
     b, dev = x.size(0), x.device
     x = color_jitter(x, *jitter_params(b, dev))
-    x = torch.where((torch.rand(b, device=dev) < 0.2).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+    to_gray = (torch.rand(b, device=dev) < 0.2).view(-1, 1, 1, 1)
+    x = torch.where(to_gray, gray(x).expand_as(x), x)
     w, h, x0, y0 = crop_params(b, dev)
     flip = torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3, device=dev)  # output [-1,1] -> crop box in input coordinates
-    theta[:, 0, 0], theta[:, 0, 2] = flip * w / 32, (w + 2 * x0) / 32 - 1
-    theta[:, 1, 1], theta[:, 1, 2] = h / 32, (h + 2 * y0) / 32 - 1
+    # the output's [-1, 1] -> the crop box in input coordinates
+    theta = torch.zeros(b, 2, 3, device=dev)
+    theta[:, 0, 0] = flip * w / 32
+    theta[:, 0, 2] = (w + 2 * x0) / 32 - 1
+    theta[:, 1, 1] = h / 32
+    theta[:, 1, 2] = (h + 2 * y0) / 32 - 1
     grid = F.affine_grid(theta, [b, 3, 32, 32], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-# ==== Checkpoints, the field's state dicts, and results ============================================
+# ==== Checkpoints, the field's files, and results =================================================
 class WriteFailed(Exception):
-    """A file could not be written (a full disk, a quota): one line, exit code 4; the previous file is kept."""
+    """A file could not be written (a full disk, a quota): one line, exit code 4; the previous file
+    is kept."""
 
 
 def atomic_write(path, write):
-    """write(f) to path.tmp, fsync, rename: a kill at any moment leaves the old file whole. A failed write (a full
-    disk) removes path.tmp, which would keep the disk full, and raises WriteFailed."""
+    """write(f) to path.tmp, fsync, rename: a kill at any moment leaves the old file whole. A failed
+    write (a full disk) removes path.tmp, which would keep the disk full, and raises WriteFailed."""
     try:
         with open(path + ".tmp", "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
-    except (OSError, RuntimeError) as e:  # torch.save reports ENOSPC as a RuntimeError from its zip writer
+    # torch.save reports a full disk as a RuntimeError of its zip writer
+    except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
         reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
@@ -1004,108 +1378,154 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    return json.load(open(path)) if os.path.exists(path) else {}
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def load_strict(module, state, what):
     """load_state_dict(strict=True), with a one-line error that names the keys that do not match."""
     own = module.state_dict()
-    bad = ([f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
-           + [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-              if k in own and v.shape != own[k].shape])
+    bad = [f"missing {k}" for k in own if k not in state]
+    bad += [f"unexpected {k}" for k in state if k not in own]
+    bad += [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+            if k in own and v.shape != own[k].shape]
     if bad:
-        raise UsageError(f"{what} does not match the model ({len(bad)} keys): " + "; ".join(bad[:4]))
+        raise UsageError(f"{what} does not match the model ({len(bad)} keys): "
+                         + "; ".join(bad[:4]))
     module.load_state_dict(state, strict=True)
 
 
 ENCODER = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "normalize.")
-HEADS = ("fc", "linear", "classifier", "head", "proj", "predictor")  # inside the encoder's module; all else must fit
-SECOND_ENCODERS = ("encoder_q.", "momentum_backbone.")  # DynACL's online encoder, solo-learn's momentum teacher
-WRAPPERS = r"(^|\.)((module|_orig_mod)\.)+"  # DataParallel's and torch.compile's, nested in any order
-READ_FLAGS = {"bn_branch": "--bn-branch", "stem_padding": "--stem-padding", "normalise": "--normalise"}
+# heads inside the encoder's module: ignored, and named; every other key must fit
+HEADS = ("fc", "linear", "classifier", "head", "proj", "predictor")
+# DynACL's online encoder, solo-learn's momentum teacher: the other encoder is evaluated
+SECOND_ENCODERS = ("encoder_q.", "momentum_backbone.")
+# DataParallel's and torch.compile's prefixes, nested in any order
+WRAPPERS = r"(^|\.)((module|_orig_mod)\.)+"
+READ_FLAGS = {"bn_branch": "--bn-branch", "stem_padding": "--stem-padding",
+              "normalise": "--normalise"}
 
 
 def state_dicts(ck):
-    """The state dicts a checkpoint may hold, in the order RobustSSL's loader looks for them, then the file itself."""
+    """The state dicts a checkpoint may hold, in the order RobustSSL's loader looks for them, then
+    the file itself."""
     if not isinstance(ck, dict):
         return []
-    inner = [ck[k] for k in ("state_dict_dual", "state_dict", "model") if isinstance(ck.get(k), dict)]
+    names = ("state_dict_dual", "state_dict", "model")
+    inner = [ck[k] for k in names if isinstance(ck.get(k), dict)]
     return [{k: v for k, v in sd.items() if torch.is_tensor(v)} for sd in inner + [ck]]
 
 
-def field_encoder(ck, path, flags):
-    """A CIFAR ResNet-18 in one of the field's layouts -> (ResNet18 with exactly its weights, how it was read).
-
-    The encoder is the sub-network whose keys hold conv1 and layer1..4 (after DataParallel's module. and
-    compile's _orig_mod., nested or not), DynACL's encoder_k rather than encoder_q, solo-learn's backbone rather
-    than its momentum_backbone; the other sub-networks, heads and other BN branches are ignored and named; every
-    other key must fit the encoder (strict). How to read it is taken from the file where its keys say it, and
-    from flags (bn_branch, stem_padding, normalise) only where they do not: a flag the file answers is refused.
-    - BN branch: bn_list.K (ACL, DynACL, AdvCL): the only branch, else --bn-branch, else 1 (pgd, as their
-      evaluations). downsample.conv/bn and downsample.0/1 are our shortcut.0/1.
-    - Stem: padding 1 (RoCL, ACL, AdvCL, DynACL: their own key names), 2 in a solo-learn Lightning checkpoint
-      (DeACL); torchvision-style names (downsample.0/1) outside one are written with either: --stem-padding.
-    - Normalisation: normalize.mean/std are applied inside, except in a torchvision-style file of padding 1
-      (DynACL++ applies them, RobustSSL's SLF/ALF files of AdvCL/A-InfoNCE hold them unused): --normalise."""
-    lightning = isinstance(ck, dict) and "pytorch-lightning_version" in ck
+def find_encoder(ck, path):
+    """-> (the state dict, without wrappers, that holds the encoder; the encoder's key prefix)."""
     roots, sd = set(), {}
     for candidate in state_dicts(ck):
         sd = {re.sub(WRAPPERS, r"\1", k): v for k, v in candidate.items()}
-        roots = {k[:-12] for k in sd if k.endswith("conv1.weight") and k[:-12] + "layer1.0.conv1.weight" in sd}
+        roots = {k[:-12] for k in sd
+                 if k.endswith("conv1.weight") and k[:-12] + "layer1.0.conv1.weight" in sd}
         if roots:
             break
     roots = roots - {r for r in roots if r.endswith(SECOND_ENCODERS)} or roots
     if len(roots) != 1:
         keys = list(sd) or (list(ck) if isinstance(ck, dict) else [type(ck).__name__])
-        found = f"it holds {len(roots)} encoders: {', '.join(sorted(roots))}" if roots else \
-            f"no conv1 and layer1..4; keys: {', '.join(map(str, keys[:4]))} ..."
-        raise UsageError(f"{path} is neither an ainfonce checkpoint nor a CIFAR ResNet-18 in the field's layouts "
-                         f"({found})")
-    root = roots.pop()
-    enc = [k[len(root):] for k in sd if k.startswith(root) and k[len(root):].startswith(ENCODER)]
-    branches = sorted({int(b) for b in re.findall(r"\.bn_list\.(\d+)\.", " ".join(enc))})
+        if roots:
+            found = f"it holds {len(roots)} encoders: {', '.join(sorted(roots))}"
+        else:
+            found = f"no conv1 and layer1..4; keys: {', '.join(map(str, keys[:4]))} ..."
+        raise UsageError(f"{path} is neither an ainfonce checkpoint nor a CIFAR ResNet-18 in the "
+                         f"field's layouts ({found})")
+    return sd, roots.pop()
+
+
+class Reading(NamedTuple):
+    bn_branch: int
+    stem_padding: int
+    normalise: bool
+
+
+def how_to_read(path, enc, branches, solo, flags):
+    """(BN branch, stem padding, normalise) from the file's keys where they say it, from flags only
+    where they do not; a flag the file answers is refused, one it does not answer is asked for."""
     torchvision_style = any(re.search(r"\.downsample\.[01]\.", k) for k in enc)
-    solo = lightning and root == "backbone."
     normalising = any(k.startswith("normalize.") for k in enc)
     ask = {"bn_branch": len(branches) > 1, "stem_padding": torchvision_style and not solo}
-    answers = {"bn_branch": f"BN branches {branches}" if branches else "one set of BN statistics (no bn_list)",
-               "stem_padding": "a stem its key names fix"}
     if ask["stem_padding"] and flags.get("stem_padding") is None:
-        raise UsageError(f"{path} has torchvision-style keys (downsample.0/1), which solo-learn/DeACL write with "
-                         f"a CIFAR stem of padding 2 and DynACL++/RobustSSL with padding 1: pass --stem-padding 2 "
-                         f"or 1")
+        raise UsageError(f"{path} has torchvision-style keys (downsample.0/1), which "
+                         f"solo-learn/DeACL write with a CIFAR stem of padding 2 and "
+                         f"DynACL++/RobustSSL with padding 1: pass --stem-padding 2 or 1")
     stem_padding = flags.get("stem_padding") or (2 if solo else 1)
     ask["normalise"] = normalising and ask["stem_padding"] and stem_padding == 1
-    answers["normalise"] = "normalize.mean/std that its layout applies" if normalising else "no normalize.mean/std"
-    for key, flag in READ_FLAGS.items():
+    answers = {"bn_branch": f"BN branches {branches}", "stem_padding": "a stem its key names fix",
+               "normalise": "normalize.mean/std that its layout applies"}
+    if not branches:
+        answers["bn_branch"] = "one set of BN statistics (no bn_list)"
+    if not normalising:
+        answers["normalise"] = "no normalize.mean/std"
+    for key, flag_ in READ_FLAGS.items():
         if flags.get(key) is not None and not ask[key]:
-            raise UsageError(f"{flag} {flags[key]}: {path} holds {answers[key]}: leave {flag} out")
+            raise UsageError(f"{flag_} {flags[key]}: {path} holds {answers[key]}: "
+                             f"leave {flag_} out")
     if ask["normalise"] and flags.get("normalise") is None:
-        raise UsageError(f"{path} holds normalize.mean/std in torchvision-style keys: DynACL++ and RobustSSL's files "
-                         f"apply them, but RobustSSL's SLF/ALF files of AdvCL and A-InfoNCE hold them unused: pass "
-                         f"--normalise inside or none")
+        raise UsageError(f"{path} holds normalize.mean/std in torchvision-style keys: DynACL++ "
+                         f"and RobustSSL's files apply them, but RobustSSL's SLF/ALF files of "
+                         f"AdvCL and A-InfoNCE hold them unused: pass --normalise inside or none")
+    normalise = normalising and flags.get("normalise") != "none"
     bn_branch = flags.get("bn_branch")
     if branches and bn_branch is None:
         bn_branch = branches[0] if len(branches) == 1 else 1
     if branches and bn_branch not in branches:
         if flags.get("bn_branch") is None:
-            raise UsageError(f"{path} holds BN branches {branches}, none of them 1 (adversarial): pass --bn-branch K")
-        raise UsageError(f"--bn-branch {bn_branch}: {path} holds BN branches {branches}: pass one of them")
-    normalise = normalising and flags.get("normalise") != "none"
+            raise UsageError(f"{path} holds BN branches {branches}, none of them 1 (adversarial): "
+                             f"pass --bn-branch K")
+        raise UsageError(f"--bn-branch {bn_branch}: {path} holds BN branches {branches}: pass one "
+                         f"of them")
+    return Reading(bn_branch, stem_padding, normalise)
+
+
+def encoder_state(sd, root, bn_branch, normalise):
+    """The encoder's tensors under our names -> (state, {ignored kind: count})."""
     state, ignored = {}, {}
     for k, v in sd.items():
         inside = k.startswith(root)
         name = k[len(root):] if inside else k
-        m, other = re.search(r"\.bn_list\.(\d+)\.", name), not inside or name.startswith(HEADS)
+        branch = re.search(r"\.bn_list\.(\d+)\.", name)
+        other = not inside or name.startswith(HEADS)
         unused = name.startswith("normalize.") and not normalise
-        if other or unused or m and int(m.group(1)) != bn_branch:
-            kind = name.split(".")[0] if other or unused else f"bn_list.{m.group(1)}"
+        if other or unused or branch and int(branch.group(1)) != bn_branch:
+            kind = name.split(".")[0] if other or unused else f"bn_list.{branch.group(1)}"
             ignored[kind] = ignored.get(kind, 0) + 1
             continue
         name = re.sub(r"\.bn_list(\.\d+)?\.", ".", name)
-        name = re.sub(r"downsample\.(0|conv)\.", "shortcut.0.", re.sub(r"downsample\.(1|bn)\.", "shortcut.1.", name))
+        name = re.sub(r"downsample\.(1|bn)\.", "shortcut.1.", name)
+        name = re.sub(r"downsample\.(0|conv)\.", "shortcut.0.", name)
         state[re.sub(r"^normalize\.", "", name)] = v
-    encoder = ResNet18(state["conv1.weight"].shape[0], normalise=normalise, stem_padding=stem_padding)
+    return state, ignored
+
+
+def field_encoder(ck, path, flags):
+    """A CIFAR ResNet-18 in one of the field's layouts -> (ResNet18 with exactly its weights, how it
+    was read). The encoder is the sub-network whose keys hold conv1 and layer1..4 (after
+    DataParallel's module. and compile's _orig_mod., nested or not), DynACL's encoder_k rather than
+    encoder_q, solo-learn's backbone rather than its momentum_backbone; other sub-networks, heads
+    and other BN branches are ignored and named; every other key must fit the encoder (strict).
+    - BN branch: bn_list.K (ACL, DynACL, AdvCL): the only branch, else --bn-branch, else 1 (pgd,
+      as their evaluations). downsample.conv/bn and downsample.0/1 are our shortcut.0/1.
+    - Stem: padding 1 (RoCL, ACL, AdvCL, DynACL: their own key names), 2 in a solo-learn
+      Lightning checkpoint (DeACL); torchvision-style names (downsample.0/1) outside one are
+      written with either: --stem-padding.
+    - Normalisation: normalize.mean/std are applied inside, except in a torchvision-style file of
+      padding 1 (DynACL++ applies them, RobustSSL's SLF/ALF files of AdvCL/A-InfoNCE hold them
+      unused): --normalise."""
+    sd, root = find_encoder(ck, path)
+    solo = isinstance(ck, dict) and "pytorch-lightning_version" in ck and root == "backbone."
+    enc = [k[len(root):] for k in sd if k.startswith(root) and k[len(root):].startswith(ENCODER)]
+    branches = sorted({int(b) for b in re.findall(r"\.bn_list\.(\d+)\.", " ".join(enc))})
+    how = how_to_read(path, enc, branches, solo, flags)
+    state, ignored = encoder_state(sd, root, how.bn_branch, how.normalise)
+    width = state["conv1.weight"].shape[0]
+    encoder = ResNet18(width, normalise=how.normalise, stem_padding=how.stem_padding)
     load_strict(encoder, state, f"{path}: state dict")
     layout = "other"
     if root == "encoder_k.":
@@ -1114,61 +1534,80 @@ def field_encoder(ck, path, flags):
         layout = "deacl"
     elif branches == [0, 1, 2]:
         layout = "advcl"
-    said = [f"ResNet-18 width {encoder.dim // 8}", f"stem padding {stem_padding}"]
+    said = [f"ResNet-18 width {width}", f"stem padding {how.stem_padding}"]
     if root:
         said[0] += f" from {root.rstrip('.')}"
     if branches:
-        said.append(f"BN branch {bn_branch} of {branches}")
-    if normalise:
+        said.append(f"BN branch {how.bn_branch} of {branches}")
+    if how.normalise:
         said.append("normalising inputs inside")
     if ignored:
-        said.append(f"ignored {sum(ignored.values())} keys: " + ", ".join(f"{k} ({n})" for k, n in ignored.items()))
+        kinds = ", ".join(f"{k} ({n})" for k, n in ignored.items())
+        said.append(f"ignored {sum(ignored.values())} keys: {kinds}")
     print(f"{path}: " + ", ".join(said))
-    return encoder, {"checkpoint": path, "layout": layout, "encoder": root.rstrip(".") or None, "bn_branch": bn_branch,
-                     "bn_branches": branches or None, "stem_padding": stem_padding, "normalise_inside": normalise,
-                     "ignored": ignored}
+    read = {"checkpoint": path, "layout": layout, "encoder": root.rstrip(".") or None,
+            "bn_branch": how.bn_branch, "bn_branches": branches or None,
+            "stem_padding": how.stem_padding, "normalise_inside": how.normalise,
+            "ignored": ignored}
+    return encoder, read
+
+
+class Loaded(NamedTuple):
+    """A checkpoint read: its path; the ainfonce checkpoint (None for the field's files); the whole
+    network (ainfonce checkpoints only); the encoder (always); how it was read."""
+    path: str
+    checkpoint: dict
+    net: nn.Module
+    encoder: nn.Module
+    read: dict
 
 
 def load_checkpoint(path, flags=None, what="checkpoint"):
-    """-> (path, ainfonce checkpoint or None, Net or ResNet18 with its weights, how it was read). An ainfonce
-    checkpoint (a run directory or its last.pt), or a CIFAR ResNet-18 in one of the field's layouts, read as
-    flags (bn_branch, stem_padding, normalise) say where the file does not. what: the flag that named it."""
+    """-> Loaded. An ainfonce checkpoint (a run directory or its last.pt), or a CIFAR ResNet-18 in
+    one of the field's layouts, read as flags (bn_branch, stem_padding, normalise) say where the
+    file does not. what: the flag that named it, for the error messages."""
     import pickle
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    path = os.path.join(path, "last.pt") if os.path.isdir(path) else path
+    if os.path.isdir(path):
+        path = os.path.join(path, "last.pt")
     if not os.path.isfile(path):
         raise UsageError(f"{what}: no checkpoint at {path}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise UsageError(f"{path} holds Python objects that weights_only=True refuses to load; if you trust it, keep "
-                         f"its dictionaries of tensors: python -c \"import torch; c = torch.load('{path}', "
-                         f"weights_only=False); torch.save({{k: v for k, v in c.items() if isinstance(v, dict)}}, "
-                         f"'weights.pt')\"")
+        advice = (f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+                  f"torch.save({{k: v for k, v in c.items() if isinstance(v, dict)}}, "
+                  f"'weights.pt')\"")
+        raise UsageError(f"{path} holds Python objects that weights_only=True refuses to load; "
+                         f"if you trust it, keep its dictionaries of tensors: {advice}")
     except Exception as e:
-        raise UsageError(f"{path} is not a readable checkpoint: corrupt or truncated ({type(e).__name__}); "
-                         f"restore a copy of it")
+        raise UsageError(f"{path} is not a readable checkpoint: corrupt or truncated "
+                         f"({type(e).__name__}); restore a copy of it")
     if not (isinstance(ck, dict) and {"encoder", "projector", "args"} <= set(ck)):
-        return (path, None, *field_encoder(ck, path, flags))
+        encoder, read = field_encoder(ck, path, flags)
+        return Loaded(path, None, None, encoder, read)
     missing = {"optimizer", "epoch", "step", "history", "sums", "rng"} - set(ck)
     if missing:
-        raise UsageError(f"{path} is not a complete ainfonce checkpoint: it lacks {sorted(missing)}")
+        raise UsageError(f"{path} is not a complete ainfonce checkpoint: it lacks "
+                         f"{sorted(missing)}")
     if flags:
         wrong = ", ".join(READ_FLAGS[k] for k in flags)
-        raise UsageError(f"{wrong}: {path} is an ainfonce checkpoint (one BN, stem padding 1, no normalisation): "
-                         f"leave {wrong} out")
+        raise UsageError(f"{wrong}: {path} is an ainfonce checkpoint (one BN, stem padding 1, no "
+                         f"normalisation): leave {wrong} out")
     net = Net(ck["args"]["width"])
     load_strict(net.encoder, ck["encoder"], f"{path}: encoder")
     load_strict(net.projector, ck["projector"], f"{path}: projector")
-    return path, ck, net, {"checkpoint": path, "layout": "ainfonce", "encoder": None, "bn_branch": None,
-                           "stem_padding": 1, "normalise_inside": False}
+    read = {"checkpoint": path, "layout": "ainfonce", "encoder": None, "bn_branch": None,
+            "stem_padding": 1, "normalise_inside": False}
+    return Loaded(path, ck, net, net.encoder, read)
 
 
 def weights_digest(module):
-    """A digest of a module's weights and buffers: an evaluation records it, and counts only for those weights."""
+    """A digest of a module's parameters and buffers: the weights part of a number's identity."""
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode() + v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+        flat = v.detach().cpu().reshape(-1).contiguous()
+        h.update(k.encode() + flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -1178,13 +1617,15 @@ def checkpoint_bytes(n_params):
 
 
 def prepare_out(args, n_params):
-    """Before training writes (the lock held): refuse to clobber another run; fail if the disk cannot hold the
-    run's checkpoints (last.pt and last.pt.tmp side by side during a save)."""
+    """Before training writes (the lock held): refuse to clobber another run; fail if the disk
+    cannot hold the run's checkpoints (last.pt and last.pt.tmp side by side during a save)."""
     last = os.path.join(args.out, "last.pt")
     if os.path.exists(last) and not args.resume and not args.overwrite:
         raise UsageError(f"{args.out} already holds a run: continue it with --resume {args.out}, "
                          f"or pass --overwrite to start over")
-    have = os.path.getsize(last) if os.path.exists(last) and args.resume else 0
+    have = 0
+    if os.path.exists(last) and args.resume:
+        have = os.path.getsize(last)
     need = 2 * checkpoint_bytes(n_params) - have
     free = shutil.disk_usage(args.out).free
     if free < need:
@@ -1193,7 +1634,7 @@ def prepare_out(args, n_params):
 
 
 def lock_owner(f, wait=1.0):
-    """The owner's line of a lock held by another process; it writes the line right after taking the lock."""
+    """The owner's line of a lock held by another process (written right after taking the lock)."""
     deadline = time.time() + wait
     while True:
         f.seek(0)
@@ -1205,10 +1646,10 @@ def lock_owner(f, wait=1.0):
 
 @contextlib.contextmanager
 def owning(directory):
-    """Owns `directory` while this process writes there: directory/.lock holds the owner's pid and host under an
-    flock, which the OS drops when a process dies, so a live owner is refused and a dead one's lock is taken over;
-    a clean exit leaves the file empty. Any *.tmp inside is then a dead writer's and is removed. A directory this
-    made and left empty (a check failed) is removed again."""
+    """Owns `directory` while this process writes there: directory/.lock holds the owner's pid and
+    host under an flock, which the OS drops when a process dies, so a live owner is refused and a
+    dead one's lock is taken over; a clean exit leaves the file empty. Any *.tmp inside is then a
+    dead writer's and is removed. A directory this made and left empty (a check failed) goes."""
     import fcntl  # POSIX
     created = not os.path.exists(directory)
     try:
@@ -1220,24 +1661,15 @@ def owning(directory):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise UsageError(f"{directory} is in use by {lock_owner(f)}: wait for it to end, or write elsewhere with "
-                             f"--out")
-        f.seek(0)
-        owner = f.read().strip()
-        pid = re.match(rf"pid (\d+) on {re.escape(socket.gethostname())} ", owner + " ")
-        if pid and os.path.exists(f"/proc/{pid.group(1)}") and int(pid.group(1)) != os.getpid():
-            print(f"{directory}: its lock file names {owner}, which is running but does not hold the lock (a copied "
-                  f"directory?): taking it over")
-        elif owner:
-            print(f"{directory}: taking over the lock of {owner}, which is no longer running")
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        f.flush()
+            raise UsageError(f"{directory} is in use by {lock_owner(f)}: wait for it to end, or "
+                             f"write elsewhere with --out")
+        take_over(directory, f)
         for name in os.listdir(directory):
             if name.endswith(".tmp"):
                 size = os.path.getsize(os.path.join(directory, name))
                 os.remove(os.path.join(directory, name))
-                print(f"{directory}: removed {name} ({size / 2**20:.1f} MiB), left by a writer that died")
+                print(f"{directory}: removed {name} ({size / 2**20:.1f} MiB), left by a writer "
+                      f"that died")
         try:
             yield
         except UsageError:
@@ -1251,102 +1683,135 @@ def owning(directory):
                 f.truncate(0)
 
 
-READ_KEYS = ("layout", "encoder", "bn_branch", "stem_padding", "normalise_inside")  # how a file became an encoder
+def take_over(directory, f):
+    """Write this process's line into the lock file, saying whose line was there."""
+    f.seek(0)
+    owner = f.read().strip()
+    here = socket.gethostname()
+    pid = re.match(rf"pid (\d+) on {re.escape(here)} ", owner + " ")
+    alive = pid and os.path.exists(f"/proc/{pid.group(1)}") and int(pid.group(1)) != os.getpid()
+    if alive:
+        print(f"{directory}: its lock file names {owner}, which is running but does not hold the "
+              f"lock (a copied directory?): taking it over")
+    elif owner:
+        print(f"{directory}: taking over the lock of {owner}, which is no longer running")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {here} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    f.flush()
 
 
-def results_identity(args, encoder, read, data, source):
-    """What a number depends on, computed in this one place: the weights (digest of parameters and buffers) and how
-    a file was read into them; the data (data set, directory, fingerprint of its files, subsets); the protocol
-    (every setting of every scheme, the threats, the attack, AutoAttack, the seed); the transfer source's weights.
-    Its hash names the results file, and the file records it: numbers are reused only under an equal identity."""
-    protocol = {"name": args.protocol, "pretraining": args.pretraining, "schemes": args.schemes,
-                "threats": [k for k, _, _ in args.threats], "eval_step": args.eval_step,
-                "eval_steps": args.eval_steps, "eval_batch_size": args.eval_batch_size,
-                "autoattack": autoattack_impl() if args.autoattack else None, "seed": args.seed,
-                "precision": "fp32, no TF32, no autocast"}
+# how a file became an encoder: part of its numbers' identity
+READ_KEYS = ("layout", "encoder", "bn_branch", "stem_padding", "normalise_inside")
+
+
+def results_identity(protocol, encoder, read, data, source):
+    """What a number depends on, computed in this one place: the weights (digest of parameters and
+    buffers) and how a file was read into them; the data (data set, directory, fingerprint of its
+    files, subsets); the protocol (every setting of every scheme, the threats, the attack,
+    AutoAttack, the seed); the transfer source's weights. Its hash names the results file, and the
+    file records it: numbers are reused only under an equal identity."""
+    weights = {"digest": weights_digest(encoder), **{k: read.get(k) for k in READ_KEYS}}
     transfer = None
     if source is not None:
-        transfer = {"digest": weights_digest(source[0]), **{k: source[1].get(k) for k in READ_KEYS}}
-    return {"weights": {"digest": weights_digest(encoder), **{k: read.get(k) for k in READ_KEYS}},
-            "data": data.identity, "protocol": protocol, "transfer": transfer}
+        source_encoder, source_read = source
+        transfer = {"digest": weights_digest(source_encoder),
+                    **{k: source_read.get(k) for k in READ_KEYS}}
+    return {"weights": weights, "data": data.identity, "protocol": protocol.identity(),
+            "transfer": transfer}
 
 
 def training_record(ck):
-    """What made a run's weights, as its checkpoint holds it: the arguments as first given, each later invocation
-    (a resume) with its step, command and changes, the training data's identity, time, speed and machine."""
+    """What made a run's weights, as its checkpoint holds it: the arguments as first given, each
+    later invocation (a resume) with its step, command and changes, the training data's
+    identity, time, speed and machine."""
+    images_per_s = ck["step"] * ck["args"]["batch_size"] / max(ck["train_s"], 1e-9)
     return {"args": ck.get("first_args", ck["args"]), "invocations": ck.get("invocations", []),
-            "data": ck.get("data"), "pretrain_s": ck["train_s"],
-            "images_per_s": ck["step"] * ck["args"]["batch_size"] / max(ck["train_s"], 1e-9), "env": ck["env"]}
+            "data": ck.get("data"), "pretrain_s": ck["train_s"], "images_per_s": images_per_s,
+            "env": ck["env"]}
 
 
-def plural(n, word):
-    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('s') else 's'}"
-
-
-def describe(args, data, path):
-    """One line that says which protocol and settings this evaluation runs, on what, and where the numbers go."""
+def describe(protocol, data, path):
+    """One line: which protocol and settings this evaluation runs, on what, and where the numbers
+    go."""
     parts = []
-    for name in args.eval:
-        s = args.schemes[name]
-        parts.append(f"{name.upper()} {plural(s['epochs'], 'epoch')} (lr {s['lr']:g}, batch {s['batch_size']}"
-                     + (", crop+flip" if s["augment"] else "") + (f", PGD at {s['eps'] * 255:g}/255" if "eps" in s
-                                                                   else "") + ")")
-    threats = ", ".join(k for k, _, _ in args.threats)
-    return (f"evaluation: {args.protocol} protocol on {data.identity['dataset']} {data.identity['dir']} "
-            f"({len(data.x_train)} training / {len(data.x_test)} test images): {'; '.join(parts)}; RA: "
-            f"PGD-{args.eval_steps} (step {args.eval_step * 255:g}/255) at {threats}"
-            + (", and AutoAttack" if args.autoattack else "") + f" -> {path}")
+    for name in protocol.run:
+        s = protocol.schemes[name]
+        part = f"{name.upper()} {plural(s['epochs'], 'epoch')} (lr {s['lr']:g}, "
+        part += f"batch {s['batch_size']}"
+        if s["augment"]:
+            part += ", crop+flip"
+        if "eps" in s:
+            part += f", PGD at {s['eps'] * 255:g}/255"
+        parts.append(part + ")")
+    threats = ", ".join(k for k, _, _ in protocol.threats)
+    also = ", and AutoAttack" if protocol.autoattack else ""
+    return (f"evaluation: {protocol.name} protocol on {data.identity['dataset']} "
+            f"{data.identity['dir']} ({len(data.x_train)} training / {len(data.x_test)} test "
+            f"images): {'; '.join(parts)}; RA: PGD-{protocol.eval_steps} (step "
+            f"{protocol.eval_step * 255:g}/255) at {threats}{also} -> {path}")
 
 
 def resume_command(out):
     return shlex.join(["python", os.path.relpath(__file__), "--resume", out])
 
 
-def report(args, ck, encoder, read, data, device, source, t_start, train):
-    """Evaluate and record: the numbers go to OUT/results-<key>.json, key the hash of their identity
-    (results_identity), which the file records; a finished scheme there is reused (--overwrite recomputes it),
-    each new one is saved as soon as it is done. Nothing of another identity is ever read or rewritten."""
-    identity = results_identity(args, encoder, read, data, source)
+def report(args, loaded, data, device, source, t_start, trained):
+    """Evaluate and record: the numbers go to OUT/results-<key>.json, key the hash of their
+    identity (results_identity), which the file records; a finished scheme there is reused
+    (--overwrite recomputes it), each new one is saved as soon as it is done. Nothing of another
+    identity is ever read or rewritten."""
+    protocol = protocol_of(args)
+    ck = loaded.checkpoint
+    identity = results_identity(protocol, loaded.encoder, loaded.read, data, source)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(args.out, f"results-{key}.json")
     res = read_json(path)
     if res and res.get("identity") != identity:
-        raise UsageError(f"{path} holds numbers of another identity than its name says (edited by hand?): move it "
-                         f"away")
+        raise UsageError(f"{path} holds numbers of another identity than its name says (edited by "
+                         f"hand?): move it away")
     if args.eval_only and args.overwrite:
-        res = {k: v for k, v in res.items() if not k.startswith(tuple(f"{s}_" for s in args.eval))}
-    if not train and all(f"{s}_sa" in res for s in args.eval):
+        asked = tuple(f"{s}_" for s in protocol.run)
+        res = {k: v for k, v in res.items() if not k.startswith(asked)}
+    if not trained and all(f"{s}_sa" in res for s in protocol.run):
         print(f"nothing to do: {path} holds every evaluation asked for\nresults: {path}")
         return dict(res, path=path)
-    weights = {"checkpoint": read["checkpoint"]}
+    weights = {"checkpoint": loaded.read["checkpoint"]}
     if ck:
-        weights.update(step=ck["step"], epoch=ck["epoch"], final=ck["epoch"] >= ck["args"]["epochs"])
-        if not weights["final"]:
-            print(f"note: {read['checkpoint']} holds epoch {ck['epoch']} of {ck['args']['epochs']} "
+        final = ck["epoch"] >= ck["args"]["epochs"]
+        weights.update(step=ck["step"], epoch=ck["epoch"], final=final)
+        if not final:
+            print(f"note: {loaded.path} holds epoch {ck['epoch']} of {ck['args']['epochs']} "
                   f"(step {ck['step']}): not the end of its run")
     invocation = {"command": args.command, "wall_s": 0.0, "env": provenance(device)}
-    res.update(identity=identity, key=key, weights=weights, training=training_record(ck) if ck else None,
-               read=read, invocations=res.get("invocations", []) + [invocation])
-    # an interrupt repeats this invocation's evaluation: a run that trained now continues through its checkpoint
+    res.update(identity=identity, key=key, weights=weights,
+               training=training_record(ck) if ck else None, read=loaded.read,
+               invocations=res.get("invocations", []) + [invocation])
+    # an interrupt repeats this invocation's evaluation: a run that trained now continues
+    # through its checkpoint
     again = args.command if args.eval_only or args.resume else resume_command(args.out)
 
     def save():
-        invocation["wall_s"] = time.time() - t_start  # the whole invocation: data, pretraining, evaluation
+        # the whole invocation: data, pretraining, evaluation
+        invocation["wall_s"] = time.time() - t_start
         try:
             write_json(path, res)
         except WriteFailed as e:
-            raise WriteFailed(f"{e}; the finished schemes stay in {path}; free space, then: {again}")
-    print(describe(args, data, path), flush=True)
+            raise WriteFailed(f"{e}; the finished schemes stay in {path}; free space, then: "
+                              f"{again}")
+    print(describe(protocol, data, path), flush=True)
     save()
-    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)  # during evaluation SIGTERM is a Ctrl-C
+    # during evaluation SIGTERM is a Ctrl-C
+    sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         on_device = Data(*[t.to(device) if torch.is_tensor(t) else t for t in data])
         done = [s for s in SCHEMES if f"{s}_sa" in res]
-        for name, r in evaluate(args, encoder, on_device, device, done, source and source[0]):
+        source_encoder = source[0] if source else None
+        for name, r in evaluate(protocol, loaded.encoder, on_device, device, done, source_encoder):
             res.update({f"{name}_{k}": v for k, v in r.items()})
             save()
     except KeyboardInterrupt:
-        print(f"interrupted: the finished schemes are in {path}; finish with: {again}", file=sys.stderr)
+        print(f"interrupted: the finished schemes are in {path}; finish with: {again}",
+              file=sys.stderr)
         raise SystemExit(130)
     finally:
         signal.signal(signal.SIGTERM, sigterm)
@@ -1354,36 +1819,47 @@ def report(args, ck, encoder, read, data, device, source, t_start, train):
     return dict(res, path=path)
 
 
-# ==== Processes, devices, progress =================================================================
-def setup(args):
-    """The process group (torchrun sets WORLD_SIZE/RANK), this rank's device, and the seed -> (device, rank, world)."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+# ==== Processes, devices, progress ================================================================
+def processes():
+    """-> (this process's rank, the number of processes), as torchrun sets them."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup(args, rank, world):
+    """The process group, this rank's device, and the seed -> the device."""
+    name = args.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
         raise UsageError(f"--device {name}: only cpu and cuda (or cuda:N) are supported")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError("--device cuda but no CUDA GPU is visible")
-        device = device if device.index is not None else torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not args.deterministic
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
     if world > 1 and not dist.is_initialized():
-        # Every collective runs on tensors of `device` (flags included), so one backend per device suffices.
-        # device_id binds NCCL's communicator to this rank's GPU (barrier and object collectives use it).
-        kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
+        # Every collective runs on tensors of `device` (flags included), so one backend per device
+        # suffices. device_id binds NCCL's communicator to this rank's GPU (barrier and object
+        # collectives use it).
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     torch.manual_seed(args.seed + rank)  # ranks draw different augmentations
-    return device, rank, world
+    return device
 
 
 class AllReduce(torch.autograd.Function):
-    """Sum over ranks, differentiably (the gradient is summed over ranks too). torch.distributed.nn's collectives
-    keep the process group alive after destroy_process_group, and gloo's threads can then abort a rank at exit
-    (README, Data parallel); these keep no reference to the group."""
+    """Sum over ranks, differentiably (the gradient is summed over ranks too).
+    torch.distributed.nn's collectives keep the process group alive after destroy_process_group,
+    and gloo's threads can then abort a rank at exit (README, Data parallel); these keep no
+    reference to the group."""
 
     @staticmethod
     def forward(ctx, t):
@@ -1397,17 +1873,20 @@ class AllReduce(torch.autograd.Function):
 
 
 class GatherCat(torch.autograd.Function):
-    """Concatenate t over all ranks along dim; the backward sums every rank's gradient of this rank's slice."""
+    """Concatenate t over all ranks along dim; the backward sums every rank's gradient of this
+    rank's slice."""
 
     @staticmethod
     def forward(ctx, t, dim):
-        parts, ctx.dim = [torch.empty_like(t) for _ in range(dist.get_world_size())], dim
+        ctx.dim = dim
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, t.contiguous())
         return torch.cat(parts, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return AllReduce.forward(ctx, grad.contiguous()).chunk(dist.get_world_size(), ctx.dim)[dist.get_rank()], None
+        summed = AllReduce.forward(ctx, grad.contiguous())
+        return summed.chunk(dist.get_world_size(), ctx.dim)[dist.get_rank()], None
 
 
 def allreduce_grads(params, world):
@@ -1419,68 +1898,87 @@ def allreduce_grads(params, world):
         g.copy_(f.view_as(g))
 
 
-def rng_state(device):  # this rank's generators: the CPU one and, on CUDA, its own GPU's (no other GPU's)
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+def rng_state(device):
+    """This rank's generators: the CPU one and, on CUDA, its own GPU's (no other GPU's)."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def set_rng_state(s, device):
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(s["cuda"], device)
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def hms(s):
-    return f"{s // 3600:.0f}:{s % 3600 // 60:02.0f}:{s % 60:02.0f}"
+def hms(seconds):
+    return f"{seconds // 3600:.0f}:{seconds % 3600 // 60:02.0f}:{seconds % 60:02.0f}"
 
 
-def progress(label, total, every=10.0):
-    """tick(done, extra=None): prints 'label: done/total (rate/s, ETA), extra()' at most every `every` seconds, and
-    never for a short phase; extra is a callable, so that what it shows (a loss: a host sync) costs only when shown."""
+def plural(n, word):
+    ending = "es" if word.endswith("s") else "s"
+    return f"{n} {word}" if n == 1 else f"{n} {word}{ending}"
+
+
+def progress(label, total, every=10.0, quiet=False):
+    """tick(done, extra=None): prints 'label: done/total (rate/s, ETA), extra()' at most every
+    `every` seconds, and never for a short phase; extra is a callable, so that what it shows (a
+    loss: a host sync) costs only when shown."""
     t0 = last = time.time()
 
     def tick(done, extra=None):
         nonlocal last
         now = time.time()
-        if now - last >= every and done < total:
-            last, rate = now, done / (now - t0)
-            speed = f"{rate:.1f}/s" if rate >= 1 else f"{1 / rate:.1f} s each"  # epochs of a head: seconds each
-            print(f"  {label}: {done}/{total} ({speed}, ETA {hms((total - done) / rate)})"
-                  + (f", {extra()}" if extra else ""), flush=True)
+        if quiet or now - last < every or done >= total:
+            return
+        last, rate = now, done / (now - t0)
+        # the epochs of a head: seconds each
+        speed = f"{rate:.1f}/s" if rate >= 1 else f"{1 / rate:.1f} s each"
+        shown = f", {extra()}" if extra else ""
+        print(f"  {label}: {done}/{total} ({speed}, ETA {hms((total - done) / rate)}){shown}",
+              flush=True)
     return tick
 
 
 @functools.lru_cache(maxsize=None)
 def provenance(device):
-    """What the numbers depend on: torch, the device (CPU model or GPU), threads, the code's git commit. Computed once
-    per process and device: the code that runs is the code loaded at the start, whatever git says later."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):  # platform.processor() is often empty on Linux
-        name = name if device.type == "cuda" else next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    """What the numbers depend on: torch, the device (CPU model or GPU), threads, the code's git
+    commit. Computed once per process and device: the code that runs is the code loaded at the
+    start, whatever git says later."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError, StopIteration):  # platform.processor() is often empty
+            with open("/proc/cpuinfo") as f:
+                line = next(line for line in f if line.startswith("model name"))
+            name = line.split(":", 1)[1].strip()
     git = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         here = os.path.dirname(os.path.abspath(__file__))
-        git = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=12"],
-                             capture_output=True, text=True, timeout=5).stdout.strip() or None
-    return {"torch": str(torch.__version__), "device_name": name, "threads": torch.get_num_threads(), "git": git}
+        command = ["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=12"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=5)
+        git = done.stdout.strip() or None
+    return {"torch": str(torch.__version__), "device_name": name,
+            "threads": torch.get_num_threads(), "git": git}
 
 
-# ==== Command line =================================================================================
+# ==== Command line ================================================================================
 DATASETS = ("cifar10", "cifar100", "stl10", "folder")
 # Base lr of the official scripts (Asym-RoCL/shell); every other method uses 0.1.
 BASE_LR = {"cifar100": {"hardneg": 0.1, "both": 0.2}, "other": {"hardneg": 0.2, "both": 0.3}}
-KNN_BANK, KNN_QUERIES = 5000, 1000  # the kNN monitor's training and test images (a fixed shuffle)
-# A resumed run must agree with its checkpoint on everything that defines its math (not --lr, not the data's path).
-RESUME_KEYS = ("method", "dataset", "subset", "width", "eps", "step", "attack_steps", "temperature", "ip_alpha",
-               "adv_weight", "hn_beta", "hn_normalise", "tau_plus", "reg_weight", "reg_forward", "epochs",
-               "batch_size", "warmup_epochs", "wd", "seed")
-# Flags that only pretraining reads: --eval-only refuses them (the seed also seeds the evaluation).
-PRETRAINING_KEYS = tuple(k for k in RESUME_KEYS if k != "seed") + ("lr", "ckpt_every", "knn_every", "amp",
-                                                                   "channels_last", "compile")
+# A resumed run must agree with its checkpoint on everything that defines its math (not --lr,
+# not the data's path).
+RESUME_KEYS = ("method", "dataset", "subset", "width", "eps", "step", "attack_steps",
+               "temperature", "ip_alpha", "adv_weight", "hn_beta", "hn_normalise", "tau_plus",
+               "reg_weight", "reg_forward", "epochs", "batch_size", "warmup_epochs", "wd", "seed")
+# Flags that only pretraining reads: --eval-only refuses them (the seed also seeds evaluation).
+PRETRAINING_KEYS = tuple(k for k in RESUME_KEYS if k != "seed")
+PRETRAINING_KEYS += ("lr", "ckpt_every", "knn_every", "amp", "channels_last", "compile")
 # Flags of one invocation: a checkpoint records them but never hands them on.
-OWN_KEYS = ("out", "overwrite", "resume", "eval_only", "device", "deterministic", "benchmark", "benchmark_steps",
-            "command")
-FIELD_METHODS = {"ainfonce": "a-infonce", "advcl": "advcl", "dynacl": "dynacl", "deacl": "deacl"}  # a file's method
+OWN_KEYS = ("out", "overwrite", "resume", "eval_only", "device", "deterministic", "benchmark",
+            "benchmark_steps", "command")
+# the method a file's layout names, for --protocol robustssl
+FIELD_METHODS = {"ainfonce": "a-infonce", "advcl": "advcl", "dynacl": "dynacl", "deacl": "deacl"}
 
 
 class UsageError(Exception):
@@ -1488,41 +1986,61 @@ class UsageError(Exception):
 
 
 class NonFiniteLoss(Exception):
-    """A NaN/inf loss or gradient: the run stops (exit code 3) and keeps its last good checkpoint."""
+    """A NaN/inf loss or gradient: the run stops (exit code 3), its last good checkpoint kept."""
 
 
-def fraction(s, hi=1.0):
+def fraction(text, hi=1.0):
     """A number in [0, hi], written as a decimal or a fraction: 8/255 == 0.031372..."""
     try:
-        v = float(Fraction(s))
+        value = float(Fraction(text))
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number or fraction like 8/255")
-    if not 0 <= v <= hi:
-        hint = f" (pixels are in [0, 1]: did you mean {s}/255?)" if 1 < v <= 255 and "/" not in s else ""
-        raise argparse.ArgumentTypeError(f"{s} is outside [0, {hi:g}]{hint}")
-    return v
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or fraction like 8/255")
+    if not 0 <= value <= hi:
+        hint = ""
+        if 1 < value <= 255 and "/" not in text:
+            hint = f" (pixels are in [0, 1]: did you mean {text}/255?)"
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, {hi:g}]{hint}")
+    return value
 
 
-def threat(s):
-    """NORM:EPS, e.g. linf:8/255 or l2:0.5 (pixel units) -> (key, norm, eps)."""
-    norm, _, eps = s.lower().partition(":")
+def weight(text):
+    """A loss weight >= 0, a decimal or a fraction: 1/256."""
+    return fraction(text, math.inf)
+
+
+class Threat(NamedTuple):
+    key: str  # as given: "linf:8/255"
+    norm: str  # "linf" or "l2"
+    eps: float  # pixel units
+
+
+def threat(text):
+    """NORM:EPS, e.g. linf:8/255 or l2:0.5 (pixel units) -> (key, norm, eps), a plain tuple
+    (a checkpoint's arguments hold it)."""
+    parts = text.lower().partition(":")
+    norm, eps = parts[0], parts[2]
     try:
         if norm not in ("linf", "l2"):
-            raise argparse.ArgumentTypeError("expected NORM:EPS with NORM linf or l2, e.g. linf:8/255 l2:0.5")
+            raise argparse.ArgumentTypeError("expected NORM:EPS with NORM linf or l2, e.g. "
+                                             "linf:8/255 l2:0.5")
         return f"{norm}:{eps}", norm, fraction(eps, 1.0 if norm == "linf" else 64.0)
     except argparse.ArgumentTypeError as e:
-        raise UsageError(f"--eval-threats {s}: {e}")
+        raise UsageError(f"--eval-threats {text}: {e}")
 
 
 def number(kind, lo, inclusive=True):
-    def parse(s):
+    """An argparse type: kind (int or float), finite, at least (or above) lo."""
+    def parse(text):
         try:
-            v = kind(s)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if kind is int else 'a number'}")
-        if not (math.isfinite(v) and (v >= lo if inclusive else v > lo)):
-            raise argparse.ArgumentTypeError(f"{s} must be {'at least' if inclusive else 'above'} {lo}")
-        return v
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        ok = value >= lo if inclusive else value > lo
+        if not (math.isfinite(value) and ok):
+            bound = "at least" if inclusive else "above"
+            raise argparse.ArgumentTypeError(f"{text} must be {bound} {lo}")
+        return value
     return parse
 
 
@@ -1533,88 +2051,144 @@ def say(message):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit code 2 (argparse would also print the usage block)
+    def error(self, message):
+        # one line, exit code 2 (argparse would also print the usage block)
         say(f"{self.prog}: error: {message}")
         sys.exit(2)
 
 
 class Help(argparse.HelpFormatter):
     def _get_help_string(self, action):  # a default only where there is one to show
-        h = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in h
-        return h + (" (default: %(default)s)" if shown else "")
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+        return text + (" (default: %(default)s)" if shown else "")
 
 
 def build_parser():
-    p = Parser(prog="ainfonce.py", formatter_class=Help, description="Adversarial contrastive pretraining with "
-               "A-InfoNCE; evaluation of robust encoders (SLF/ALF/AFF under PGD and AutoAttack).")
-    D, I, P, N = number(int, 1), number(int, 0), number(float, 0, False), number(float, 0)
-    g = p.add_argument_group("data").add_argument
-    g("--dataset", choices=DATASETS, help="torchvision's (STL-10 at 32x32), or DATA_DIR/{train,test}/<class>/<image>")
-    g("--data-dir", default="./data", help="download root, or the folder data set")
-    g("--subset", type=I, default=0, help="first N training images of a fixed shuffle (0: all)")
-    g = p.add_argument_group("model").add_argument
-    g("--width", type=D, default=64, help="ResNet-18 base width: 64 is the paper's; the README's CPU runs use 8")
-    g = p.add_argument_group("attack (pretraining)").add_argument
-    g("--eps", type=fraction, default="8/255", help="L_inf radius in [0,1] pixel units; fractions parse (code 0.0314)")
-    g("--step", type=fraction, default="0.007", help="PGD step, pixel units (paper 0.007)")
-    g("--attack-steps", type=I, default=7, help="PGD steps (paper 7)")
-    g = p.add_argument_group("loss").add_argument
-    g("--method", choices=METHODS, default="hardneg", help="rocl: symmetric; infpos: inferior positives (IP); "
-      "hardneg: hard negatives (HN); both: IP+HN; simclr: no adversary")
-    g("--temperature", type=P, default=0.5, help="tau of the loss, the attack and the regulariser (paper 0.5)")
-    g("--ip-alpha", type=fraction, default=0.2, help="IP weight of clean->adv terms (paper 0.2)")
-    g("--adv-weight", type=N, default=1.0, help="IP scale of the clean<->adv terms")
-    g("--hn-beta", type=N, default=1.0, help="HN concentration beta (paper 1.0)")
-    g("--hn-normalise", choices=("negatives", "official"), default="negatives", help="HN weights: HCL's, or the code's")
-    g("--tau-plus", type=N, help="HN class prior in [0,1): 0.1 on cifar100, else 0.12 (official scripts)")
-    g("--reg-weight", type=lambda v: fraction(v, math.inf), default="1/256", help="RoCL regulariser weight")
-    g("--reg-forward", choices=("separate", "shared"), default="separate", help="regulariser: own forward (RoCL) or "
-      "the main one's rows (faster; other BN statistics)")
-    g = p.add_argument_group("optimisation").add_argument
-    g("--epochs", type=D, default=1000, help="pretraining epochs (paper 1000)")
-    g("--batch-size", type=number(int, 2), default=512, help="images per step, all ranks together (paper 2 GPUs x 256)")
-    g("--lr", type=P, help="base lr, warmed up to 15x: 0.1; hardneg 0.2, both 0.3 (cifar100: 0.1, 0.2)")
-    g("--warmup-epochs", type=I, default=10, help="linear warm-up (paper 10)")
-    g("--wd", type=N, default=1e-6, help="weight decay inside LARS (paper 1e-6)")
-    g = p.add_argument_group("evaluation").add_argument
-    g("--eval", nargs="*", choices=("none",) + SCHEMES, help="after pretraining: slf (linear, clean), "
-      "alf (linear, PGD-10), aff (all, TRADES) (default: slf; robustssl: all three)")
-    g("--eval-only", metavar="CKPT", help="evaluate a run, a checkpoint, or a published ResNet-18 (with --dataset)")
-    g("--protocol", choices=("asym-rocl", "robustssl"), default="asym-rocl", help="finetuning protocol (README)")
-    g("--pretraining", choices=list(ROBUSTSSL), help="robustssl: the encoder's method, where its file does not "
-      "say it")
-    g("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS", help="e.g. linf:8/255 l2:0.5; RA is "
-      "the first (default: linf:8/255)")
-    g("--eval-step", type=fraction, default="2/255", help="L_inf PGD step (AdvCL 2/255, RoCL 0.00314); L2: 2.5 eps/n")
-    g("--eval-steps", type=D, default=20, help="PGD steps of RA")
-    g("--eval-subset", type=I, default=0, help="first N test images of a fixed shuffle (0: all)")
-    g("--ft-epochs", type=D, help="ALF/AFF epochs (asym-rocl: 25, lr/10 at 60%% and 80%%); robustssl: all schemes'")
-    g("--eval-batch-size", type=D, default=1024, help="images per finetuning step and attack batch (official 1024)")
-    g("--autoattack", action=argparse.BooleanOptionalAction, help="standard AutoAttack too (pip install pyautoattack; "
-      "on with robustssl)")
-    g("--transfer-from", metavar="CKPT", help="black-box RA: PGD crafted on this encoder's SLF classifier")
-    g("--eval-dataset", choices=DATASETS, help="finetune and evaluate on another data set")
-    g("--eval-data-dir", help="its directory (default: --data-dir)")
-    g("--bn-branch", type=I, help="bn_list.K of a multi-BN state dict (default: its only one, else 1)")
-    g("--stem-padding", type=int, choices=(1, 2), help="stem of a torchvision-style state dict: solo-learn 2, "
-      "DynACL++ and RobustSSL 1")
-    g("--normalise", choices=("inside", "none"), help="whether a torchvision-style file's normalize.mean/std apply "
-      "(RobustSSL's AdvCL/A-InfoNCE SLF/ALF files: none)")
-    g = p.add_argument_group("system").add_argument
-    g("--out", help="run directory (default runs/METHOD-DATASET-sSEED)")
-    g("--resume", metavar="DIR", help="continue the run in DIR with its own arguments, then its evaluation")
-    g("--overwrite", action="store_true", help="start over in an --out that holds a run; with --eval-only, recompute")
-    g("--ckpt-every", type=I, default=0, help="also checkpoint every N steps (0: off)")
-    g("--knn-every", type=I, default=2, help="kNN monitor every N epochs (0: off)")
-    g("--seed", type=I, default=0, help="seed of weights, augmentations and attacks")
-    g("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 pretraining (evaluation is fp32)")
-    g("--channels-last", action=argparse.BooleanOptionalAction, help="NHWC layout (default: on for CUDA)")
-    g("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the net")
-    g("--deterministic", action=argparse.BooleanOptionalAction, default=False, help="for bit-exact resume on a GPU")
-    g("--benchmark", action="store_true", help="time pretraining steps on random data, against the official step")
-    g("--benchmark-steps", type=D, default=5, help="timed steps, after 2 warm-up steps")
+    p = Parser(prog="ainfonce.py", formatter_class=Help,
+               description="Adversarial contrastive pretraining with A-InfoNCE; evaluation of "
+                           "robust encoders (SLF/ALF/AFF under PGD and AutoAttack).")
+    positive_int = number(int, 1)
+    count = number(int, 0)
+    positive = number(float, 0, inclusive=False)
+    non_negative = number(float, 0)
+
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS,
+                      help="torchvision's (STL-10 at 32x32), or "
+                           "DATA_DIR/{train,test}/<class>/<image>")
+    data.add_argument("--data-dir", default="./data", help="download root, or the folder data set")
+    data.add_argument("--subset", type=count, default=0,
+                      help="first N training images of a fixed shuffle (0: all)")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--width", type=positive_int, default=64,
+                       help="ResNet-18 base width: 64 is the paper's; the README's CPU runs use 8")
+
+    attack = p.add_argument_group("attack (pretraining)")
+    attack.add_argument("--eps", type=fraction, default="8/255",
+                        help="L_inf radius in [0,1] pixel units; fractions parse (code 0.0314)")
+    attack.add_argument("--step", type=fraction, default="0.007",
+                        help="PGD step, pixel units (paper 0.007)")
+    attack.add_argument("--attack-steps", type=count, default=7, help="PGD steps (paper 7)")
+
+    loss = p.add_argument_group("loss")
+    loss.add_argument("--method", choices=METHODS, default="hardneg",
+                      help="rocl: symmetric; infpos: inferior positives (IP); hardneg: hard "
+                           "negatives (HN); both: IP+HN; simclr: no adversary")
+    loss.add_argument("--temperature", type=positive, default=0.5,
+                      help="tau of the loss, the attack and the regulariser (paper 0.5)")
+    loss.add_argument("--ip-alpha", type=fraction, default=0.2,
+                      help="IP weight of clean->adv terms (paper 0.2)")
+    loss.add_argument("--adv-weight", type=non_negative, default=1.0,
+                      help="IP scale of the clean<->adv terms")
+    loss.add_argument("--hn-beta", type=non_negative, default=1.0,
+                      help="HN concentration beta (paper 1.0)")
+    loss.add_argument("--hn-normalise", choices=("negatives", "official"), default="negatives",
+                      help="HN weights: HCL's, or the code's")
+    loss.add_argument("--tau-plus", type=non_negative,
+                      help="HN class prior in [0,1): 0.1 on cifar100, else 0.12 (official scripts)")
+    loss.add_argument("--reg-weight", type=weight, default="1/256",
+                      help="RoCL regulariser weight")
+    loss.add_argument("--reg-forward", choices=("separate", "shared"), default="separate",
+                      help="regulariser: own forward (RoCL) or the main one's rows (faster; "
+                           "other BN statistics)")
+
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=positive_int, default=1000,
+                       help="pretraining epochs (paper 1000)")
+    optim.add_argument("--batch-size", type=number(int, 2), default=512,
+                       help="images per step, all ranks together (paper 2 GPUs x 256)")
+    optim.add_argument("--lr", type=positive,
+                       help="base lr, warmed up to 15x: 0.1; hardneg 0.2, both 0.3 (cifar100: "
+                            "0.1, 0.2)")
+    optim.add_argument("--warmup-epochs", type=count, default=10, help="linear warm-up (paper 10)")
+    optim.add_argument("--wd", type=non_negative, default=1e-6,
+                       help="weight decay inside LARS (paper 1e-6)")
+
+    ev = p.add_argument_group("evaluation")
+    ev.add_argument("--eval", nargs="*", choices=("none",) + SCHEMES,
+                    help="after pretraining: slf (linear, clean), alf (linear, PGD-10), aff (all, "
+                         "TRADES) (default: slf; robustssl: all three)")
+    ev.add_argument("--eval-only", metavar="CKPT",
+                    help="evaluate a run, a checkpoint, or a published ResNet-18 (with --dataset)")
+    ev.add_argument("--protocol", choices=("asym-rocl", "robustssl"), default="asym-rocl",
+                    help="finetuning protocol (README)")
+    ev.add_argument("--pretraining", choices=list(ROBUSTSSL),
+                    help="robustssl: the encoder's method, where its file does not say it")
+    ev.add_argument("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS",
+                    help="e.g. linf:8/255 l2:0.5; RA is the first (default: linf:8/255)")
+    ev.add_argument("--eval-step", type=fraction, default="2/255",
+                    help="L_inf PGD step (AdvCL 2/255, RoCL 0.00314); L2: 2.5 eps/n")
+    ev.add_argument("--eval-steps", type=positive_int, default=20, help="PGD steps of RA")
+    ev.add_argument("--eval-subset", type=count, default=0,
+                    help="first N test images of a fixed shuffle (0: all)")
+    ev.add_argument("--ft-epochs", type=positive_int,
+                    help="ALF/AFF epochs (asym-rocl: 25, lr/10 at 60%% and 80%%); robustssl: all "
+                         "schemes'")
+    ev.add_argument("--eval-batch-size", type=positive_int, default=1024,
+                    help="images per finetuning step and attack batch (official 1024)")
+    ev.add_argument("--autoattack", action=argparse.BooleanOptionalAction,
+                    help="standard AutoAttack too (pip install pyautoattack; on with robustssl)")
+    ev.add_argument("--transfer-from", metavar="CKPT",
+                    help="black-box RA: PGD crafted on this encoder's SLF classifier")
+    ev.add_argument("--eval-dataset", choices=DATASETS,
+                    help="finetune and evaluate on another data set")
+    ev.add_argument("--eval-data-dir", help="its directory (default: --data-dir)")
+    ev.add_argument("--bn-branch", type=count,
+                    help="bn_list.K of a multi-BN state dict (default: its only one, else 1)")
+    ev.add_argument("--stem-padding", type=int, choices=(1, 2),
+                    help="stem of a torchvision-style state dict: solo-learn 2, DynACL++ and "
+                         "RobustSSL 1")
+    ev.add_argument("--normalise", choices=("inside", "none"),
+                    help="whether a torchvision-style file's normalize.mean/std apply "
+                         "(RobustSSL's AdvCL/A-InfoNCE SLF/ALF files: none)")
+
+    system = p.add_argument_group("system")
+    system.add_argument("--out", help="run directory (default runs/METHOD-DATASET-sSEED)")
+    system.add_argument("--resume", metavar="DIR",
+                        help="continue the run in DIR with its own arguments, then its evaluation")
+    system.add_argument("--overwrite", action="store_true",
+                        help="start over in an --out that holds a run; with --eval-only, recompute")
+    system.add_argument("--ckpt-every", type=count, default=0,
+                        help="also checkpoint every N steps (0: off)")
+    system.add_argument("--knn-every", type=count, default=2,
+                        help="kNN monitor every N epochs (0: off)")
+    system.add_argument("--seed", type=count, default=0,
+                        help="seed of weights, augmentations and attacks")
+    system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    system.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                        help="bf16 pretraining (evaluation is fp32)")
+    system.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                        help="NHWC layout (default: on for CUDA)")
+    system.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                        help="torch.compile the net")
+    system.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+                        help="for bit-exact resume on a GPU")
+    system.add_argument("--benchmark", action="store_true",
+                        help="time pretraining steps on random data, against the official step")
+    system.add_argument("--benchmark-steps", type=positive_int, default=5,
+                        help="timed steps, after 2 warm-up steps")
     return p
 
 
@@ -1623,7 +2197,8 @@ def flag(key):
 
 
 def given_flags(argv):
-    """The flags given on the command line as {key: value}, without defaults: what an invocation records."""
+    """The flags given on the command line as {key: value}, without defaults: what an invocation
+    records."""
     p = build_parser()
     for action in p._actions:
         action.default = argparse.SUPPRESS
@@ -1631,49 +2206,81 @@ def given_flags(argv):
 
 
 def recorded_flags(ck):
-    """The flags a run was given, over all its invocations (a later one wins): what --resume and --eval-only
-    start from. A checkpoint from before invocations were recorded: its resolved arguments."""
+    """The flags a run was given, over all its invocations (a later one wins): what --resume and
+    --eval-only start from. A checkpoint from before invocations were recorded: its arguments."""
     merged = {}
     for invocation in ck.get("invocations") or [{"given": ck["args"]}]:
         merged.update(invocation["given"])
     return {k: v for k, v in merged.items() if k not in OWN_KEYS}
 
 
-def parse_args(argv=None):
-    """The arguments, resolved once, in one place -> (args, loaded). With --resume or --eval-only the checkpoint is
-    loaded (loaded: its path, the checkpoint, the network, how it was read) and the flags its run was given become
-    the parser's defaults, so that flags given here win; then come the values derived from others. --eval-only
-    refuses flags that only pretraining reads. After this, args is only read."""
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    p = build_parser()
-    args, loaded, given = p.parse_args(argv), None, given_flags(argv)
-    if args.resume and args.eval_only:
+def checkpoint_named(argv):
+    """The checkpoint that --resume or --eval-only names, read as the reading flags say -> Loaded,
+    or None for a new run."""
+    first = build_parser().parse_args(argv)
+    if first.resume and first.eval_only:
         raise UsageError("--resume continues a run and --eval-only evaluates one: pass one of them")
-    if args.resume or args.eval_only:
-        read_flags = {k: getattr(args, k) for k in READ_FLAGS}
-        loaded = load_checkpoint(args.resume or args.eval_only, read_flags, flag("resume" if args.resume else
-                                                                                 "eval_only"))
-        path, ck = loaded[:2]
-        if ck is None and args.resume:
-            raise UsageError(f"{path} is a plain state dict: --resume needs an ainfonce checkpoint")
-        if ck is None and args.dataset is None:
-            raise UsageError(f"{path} is a plain state dict: name its data set with --dataset (and --data-dir)")
-        refused = [k for k in given if args.eval_only and k in PRETRAINING_KEYS and (ck or k not in ("dataset",
-                                                                                                       "subset"))]
+    if not (first.resume or first.eval_only):
+        return None
+    reading = {k: getattr(first, k) for k in READ_FLAGS}
+    what = flag("resume" if first.resume else "eval_only")
+    loaded = load_checkpoint(first.resume or first.eval_only, reading, what)
+    if loaded.checkpoint is None and first.resume:
+        raise UsageError(f"{loaded.path} is a plain state dict: --resume needs an ainfonce "
+                         f"checkpoint")
+    if loaded.checkpoint is None and first.dataset is None:
+        raise UsageError(f"{loaded.path} is a plain state dict: name its data set with --dataset "
+                         f"(and --data-dir)")
+    return loaded
+
+
+def resolve_args(argv, loaded=None):
+    """The arguments, resolved once, in one place. With a checkpoint the flags its run was given
+    become the parser's defaults, so that flags given here win (--eval-only refuses flags that only
+    pretraining reads, and asks for its own schemes); then come the values derived from others.
+    After this, args is only read."""
+    p = build_parser()
+    given = given_flags(argv)
+    ck = loaded.checkpoint if loaded else None
+    if loaded and "eval_only" in given:
+        refused = [k for k in given
+                   if k in PRETRAINING_KEYS and (ck or k not in ("dataset", "subset"))]
         if refused:
-            what = "; its run's: " + ", ".join(f"{flag(k)} {ck['args'].get(k)}" for k in refused) if ck else ""
-            raise UsageError(f"{', '.join(flag(k) for k in refused)}: flags of pretraining do not apply to --eval-only"
-                             f"{what}" + ("; to evaluate on other data use --eval-dataset and --eval-data-dir" if
-                                          {"dataset", "subset"} & set(refused) else ""))
-        if ck:  # the run's flags; --eval-only asks for its own schemes (default: SLF), under the run's settings
-            p.set_defaults(**{k: v for k, v in recorded_flags(ck).items() if not (args.eval_only and k == "eval")})
-            args = p.parse_args(argv)
-        if args.out is None:
-            args.out = os.path.dirname(path) or "."
-    # derived values
+            names = ", ".join(flag(k) for k in refused)
+            run = ""
+            if ck:
+                run = "; its run's: " + ", ".join(f"{flag(k)} {ck['args'].get(k)}" for k in refused)
+            hint = ""
+            if {"dataset", "subset"} & set(refused):
+                hint = "; to evaluate on other data use --eval-dataset and --eval-data-dir"
+            raise UsageError(f"{names}: flags of pretraining do not apply to --eval-only"
+                             f"{run}{hint}")
+    if ck:
+        inherited = recorded_flags(ck)
+        if "eval_only" in given:  # its own schemes (default: SLF), under the run's settings
+            inherited.pop("eval", None)
+        p.set_defaults(**inherited)
+    args = p.parse_args(argv)
+    if loaded and args.out is None:
+        args.out = os.path.dirname(loaded.path) or "."
+    derive(args, loaded)
+    args.command = shlex.join(["python", os.path.relpath(__file__), *argv])  # pastes into a shell
+    args.given = given
+    if args.resume:
+        diff = [f"{flag(k)} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
+                for k in RESUME_KEYS if k in ck["args"] and getattr(args, k) != ck["args"][k]]
+        if diff:
+            raise UsageError(f"cannot resume {args.resume} with other arguments: "
+                             + ", ".join(diff) + "; a run with these needs its own --out")
+    return args
+
+
+def derive(args, loaded):
+    """The values that follow from others (in place)."""
     args.dataset = args.dataset or "cifar10"
     if args.lr is None:
-        args.lr = BASE_LR["cifar100" if args.dataset == "cifar100" else "other"].get(args.method, 0.1)
+        table = BASE_LR["cifar100" if args.dataset == "cifar100" else "other"]
+        args.lr = table.get(args.method, 0.1)
     if args.tau_plus is None:
         args.tau_plus = 0.1 if args.dataset == "cifar100" else 0.12
     if not 0 <= args.tau_plus < 1:
@@ -1684,98 +2291,128 @@ def parse_args(argv=None):
     args.threats = [threat(t) for t in args.eval_threats]
     args.out = args.out or f"runs/{args.method}-{args.dataset}-s{args.seed}"
     if args.protocol == "robustssl" and args.pretraining is None:
-        args.pretraining = FIELD_METHODS.get(loaded[3]["layout"] if loaded else "ainfonce")
+        layout = loaded.read["layout"] if loaded else "ainfonce"
+        args.pretraining = FIELD_METHODS.get(layout)
         if args.pretraining is None:
-            raise UsageError(f"--protocol robustssl: its settings differ per pretraining method, and {loaded[0]} does "
-                             f"not say which: name it with --pretraining {{{','.join(ROBUSTSSL)}}}")
-    args.autoattack = args.protocol == "robustssl" if args.autoattack is None else args.autoattack  # its preset
+            raise UsageError(f"--protocol robustssl: its settings differ per pretraining method, "
+                             f"and {loaded.path} does not say which: name it with --pretraining "
+                             f"{{{','.join(ROBUSTSSL)}}}")
+    if args.autoattack is None:  # robustssl's preset
+        args.autoattack = args.protocol == "robustssl"
     if args.autoattack and args.eval:
         autoattack_impl()  # fails now, not after training, when the package is missing
-    args.schemes = scheme_settings(args.protocol, args.pretraining, args.eval_dataset or args.dataset, args.ft_epochs,
+    args.schemes = scheme_settings(args.protocol, args.pretraining,
+                                   args.eval_dataset or args.dataset, args.ft_epochs,
                                    args.eval_batch_size)
     if args.channels_last is None:  # on by default on CUDA
-        args.channels_last = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
-    args.command = shlex.join(["python", os.path.relpath(__file__), *argv])  # pastes back into a shell
-    args.given = given
-    ck = loaded[1] if loaded else None
-    diff = [f"{flag(k)} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
-            for k in RESUME_KEYS if args.resume and k in ck["args"] and getattr(args, k) != ck["args"][k]]
-    if diff:
-        raise UsageError(f"cannot resume {args.resume} with other arguments: " + ", ".join(diff)
-                         + "; a run with these needs its own --out")
-    return args, loaded
+        cuda = args.device == "auto" and torch.cuda.is_available()
+        args.channels_last = args.device.startswith("cuda") or cuda
+
+
+def parse_args(argv=None):
+    """-> (args, loaded): the checkpoint --resume or --eval-only names (or None), and the arguments
+    resolved with it."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    loaded = checkpoint_named(argv)
+    return resolve_args(argv, loaded), loaded
 
 
 def run(args, loaded=None):
-    """Set up, read the data, pretrain (unless the run is done or only evaluated), then evaluate and report."""
+    """Set up, read the data, pretrain (unless the run is done or only evaluated), then evaluate
+    and report."""
     t_start = time.time()
-    device, rank, world = setup(args)
+    rank, world = processes()
+    device = setup(args, rank, world)
     if args.benchmark:
         return benchmark(args, device)
-    path, ck, net, read = loaded or (None, None, None, {})
+    ck = loaded.checkpoint if loaded else None
     source = None
     if args.transfer_from:
-        _, _, source_net, source_read = load_checkpoint(args.transfer_from, what="--transfer-from")
-        source = (source_net.encoder if isinstance(source_net, Net) else source_net, source_read)
+        other = load_checkpoint(args.transfer_from, what="--transfer-from")
+        source = (other.encoder, other.read)
     if world > 1 and args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    for key in ("data_dir", "eval_data_dir"):  # a checkpoint's relative path, read from another directory
-        given = getattr(args, key)
-        if ck and given and key not in args.given and not os.path.exists(given):
-            raise UsageError(f"data directory {given} does not exist (the path came from the checkpoint's "
-                             f"{flag(key)}): pass --data-dir (or --eval-data-dir) to say where the images are")
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} "
+                         f"processes")
+    for key in ("data_dir", "eval_data_dir"):
+        # a checkpoint's relative path, read from another directory
+        value = getattr(args, key)
+        if ck and value and key not in args.given and not os.path.exists(value):
+            raise UsageError(f"data directory {value} does not exist (the path came from the "
+                             f"checkpoint's {flag(key)}): pass --data-dir (or --eval-data-dir) to "
+                             f"say where the images are")
     train = not args.eval_only and (ck is None or ck["epoch"] < args.epochs)
+    train_data, data = read_data(args, ck, train)
+    net = loaded.net if loaded else Net(args.width)
+    # the first thing written: the lock
+    with owning(args.out) if rank == 0 else contextlib.nullcontext():
+        if train:
+            if rank == 0:
+                prepare_out(args, sum(p.numel() for p in net.parameters()))
+                if args.overwrite and not args.resume:
+                    # a new run: the old one's checkpoint and log go (its results stay)
+                    for name in ("last.pt", "log.jsonl"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(os.path.join(args.out, name))
+                print(start_line(args, ck, train_data, device), flush=True)
+            pretrain(args, net, train_data, device, rank, world, ck)
+            if rank == 0:
+                # the evaluation measures the saved weights
+                loaded = load_checkpoint(args.out)
+        if world > 1:
+            # evaluation runs on rank 0 alone, with batch norm back to per-process statistics
+            dist.barrier()
+            dist.destroy_process_group()
+        if rank != 0 or not args.eval:
+            return {}
+        return report(args, loaded, data, device, source, t_start, train)
+
+
+def read_data(args, ck, train):
+    """-> (the training data, the evaluation data), each loaded once; checked against the run."""
     eval_set = (args.eval_dataset or args.dataset, args.eval_data_dir or args.data_dir)
     same = eval_set == (args.dataset, args.data_dir)
     data = None
     if train or (args.eval and same):
         data = load_data(args.dataset, args.data_dir, args.subset, args.eval_subset)
         if ck and ck["args"].get("n_classes", data.n_classes) != data.n_classes:
-            raise UsageError(f"{args.dataset} in {args.data_dir} has {plural(data.n_classes, 'class')}, the "
-                             f"checkpoint's data set had {ck['args']['n_classes']}: to evaluate on another data set "
-                             f"use --eval-dataset")
+            raise UsageError(f"{args.dataset} in {args.data_dir} has "
+                             f"{plural(data.n_classes, 'class')}, the checkpoint's data set had "
+                             f"{ck['args']['n_classes']}: to evaluate on another data set use "
+                             f"--eval-dataset")
     trained_on = (ck or {}).get("data")
     if train and trained_on and trained_on["fingerprint"] != data.identity["fingerprint"]:
-        raise UsageError(f"--resume {args.resume}: the run trained on the images in {trained_on['dir']} (fingerprint "
-                         f"{trained_on['fingerprint']}); {args.data_dir} is {data.identity['dir']}, whose images "
-                         f"differ (fingerprint {data.identity['fingerprint']}): pass --data-dir with the run's images")
+        raise UsageError(f"--resume {args.resume}: the run trained on the images in "
+                         f"{trained_on['dir']} (fingerprint {trained_on['fingerprint']}); "
+                         f"{args.data_dir} is {data.identity['dir']}, whose images differ "
+                         f"(fingerprint {data.identity['fingerprint']}): pass --data-dir with the "
+                         f"run's images")
     if train and args.batch_size > len(data.x_train):
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(data.x_train)} training images")
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the "
+                         f"{len(data.x_train)} training images")
     train_data = data
     if args.eval and not same:
         data = load_data(*eval_set, args.subset, args.eval_subset)
     if args.eval and args.autoattack and data.n_classes < 4:
-        raise UsageError(f"--autoattack: standard AutoAttack needs >= 4 classes (its DLR loss uses the 3rd and 4th "
-                         f"largest logits); {args.eval_dataset or args.dataset} has {data.n_classes}")
-    net = net if net is not None else Net(args.width)
-    with owning(args.out) if rank == 0 else contextlib.nullcontext():  # the first thing written: the lock
-        if train:
-            if rank == 0:
-                prepare_out(args, sum(p.numel() for p in net.parameters()))
-                if args.overwrite and not args.resume:  # a new run: the old one's checkpoint and log go
-                    for name in ("last.pt", "log.jsonl"):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.remove(os.path.join(args.out, name))
-                steps, at = len(train_data.x_train) // args.batch_size, ck["step"] if ck else 0
-                resuming = f"resuming last.pt at epoch {at // steps + 1}, step {at % steps}/{steps}"
-                print(f"ainfonce: {args.out} | {device} ({provenance(device)['device_name']}) | {args.dataset} "
-                      f"{args.data_dir}: {len(train_data.x_train)} training / {len(train_data.x_test)} test images, "
-                      f"{plural(train_data.n_classes, 'class')} | {args.method} | {plural(args.epochs, 'epoch')} of "
-                      f"{plural(steps, 'step')} | " + (resuming if at else "new run"), flush=True)
-            pretrain(args, net, train_data, device, rank, world, ck)
-            if rank == 0:
-                path, ck, net, read = load_checkpoint(args.out)  # the evaluation measures the saved weights
-        if world > 1:  # evaluation runs on rank 0 alone, with batch norm back to per-process statistics
-            dist.barrier()
-            dist.destroy_process_group()
-        if rank != 0 or not args.eval:
-            return {}
-        encoder = net.encoder if isinstance(net, Net) else net
-        return report(args, ck, encoder, read, data, device, source, t_start, train)
+        raise UsageError(f"--autoattack: standard AutoAttack needs >= 4 classes (its DLR loss uses "
+                         f"the 3rd and 4th largest logits); {eval_set[0]} has {data.n_classes}")
+    return train_data, data
+
+
+def start_line(args, ck, data, device):
+    steps = len(data.x_train) // args.batch_size
+    at = ck["step"] if ck else 0
+    state = "new run"
+    if at:
+        state = f"resuming last.pt at epoch {at // steps + 1}, step {at % steps}/{steps}"
+    return (f"ainfonce: {args.out} | {device} ({provenance(device)['device_name']}) | "
+            f"{args.dataset} {args.data_dir}: {len(data.x_train)} training / {len(data.x_test)} "
+            f"test images, {plural(data.n_classes, 'class')} | {args.method} | "
+            f"{plural(args.epochs, 'epoch')} of {plural(steps, 'step')} | {state}")
 
 
 def main(argv=None):
-    """CLI entry point; returns the results dict (for tests). Bad input: one line on stderr, exit 2."""
+    """The command line; returns the results dict (for tests). Bad input: one line on stderr,
+    exit 2; a non-finite loss: exit 3; a file that cannot be written: exit 4; Ctrl-C: 130."""
     try:
         return run(*parse_args(argv))
     except UsageError as e:
@@ -1791,68 +2428,98 @@ def main(argv=None):
         say("ainfonce.py: interrupted")
         raise SystemExit(130)
     finally:
-        if dist.is_available() and dist.is_initialized():  # on every way out: no rank leaves a live group
+        # on every way out: no rank leaves a live group
+        if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
-# ==== Benchmark: our step against a straightforward version of the official step, on random data ====
-def official_step(net, opt, x1, x2, args):
+# ==== Benchmark: our step against a straightforward version of the official step =================
+def official_step(net, opt, x1, x2, step):
     """The official step's work: the attack re-embeds x2 at every PGD step, fp32, NCHW."""
     n = len(x1)
     with eval_mode(net):
-        x_adv = _ascend(lambda xa: a_infonce(net(torch.cat([xa, x2])).view(2, n, -1), temperature=args.temperature),
-                        x1, _random_start(x1, args.eps), args.eps, args.step, args.attack_steps)
-    loss, _ = pretrain_loss(net, x1, x2, x_adv, argparse.Namespace(**{**vars(args), "reg_forward": "separate"}))
+        def loss(xa):
+            z = net(torch.cat([xa, x2])).view(2, n, -1)  # [2, N, 128]
+            return a_infonce(z, temperature=step.temperature)
+        x_adv = ascend(loss, x1, start_point(x1, step.eps), step.eps, step.pgd_step,
+                       step.pgd_steps)
+    separate = dataclasses.replace(step, reg_forward="separate")
+    total, _ = pretrain_loss(net, x1, x2, x_adv, separate)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    lars_(list(net.parameters()), args.wd)
+    total.backward()
+    lars_(list(net.parameters()), step.wd)
     opt.step()
 
 
 def benchmark(args, device):
-    """Seconds per step of train_step (split: data, attack, forward-backward-LARS) and of official_step, after 2
-    warm-up steps, on random images; peak memory on CUDA. The last printed line is JSON."""
-    cuda, warmup, n = device.type == "cuda", 2, args.benchmark_steps
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    """Seconds per step of our step (split: data, attack, forward-backward-LARS-SGD) and of
+    official_step, after 2 warm-up steps, on random images; peak memory on CUDA. The last printed
+    line is JSON."""
+    cuda = device.type == "cuda"
+    warmup, n = 2, args.benchmark_steps
+    step = step_of(args)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randint(0, 256, (4 * args.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
     net = Net(args.width).to(device).to(memory_format=layout)
     ref = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
-    opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9) for m in (net, ref))
-    model, params = torch.compile(net) if args.compile else net, list(net.parameters())
-    times, mem = dict.fromkeys(("data_s", "attack_s", "fwd_bwd_s", "official_step_s"), 0.0), {}
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=args.lr, momentum=0.9)
+    model = torch.compile(net) if args.compile else net
+    params = list(net.parameters())
+    times = dict.fromkeys(("data_s", "attack_s", "fwd_bwd_s", "official_step_s"), 0.0)
+    peak = {}
     for i in range(warmup + n):
+        timed = i >= warmup
         if cuda and i == warmup:
             torch.cuda.reset_peak_memory_stats(device)
-        marks = []  # (phase, time): the time since the previous mark counts for `phase`
-        mark = lambda phase: (sync(), marks.append((phase, time.perf_counter())))
-        mark(None)
+        clock = Clock(cuda)
         xb = x[torch.randint(0, len(x), (args.batch_size,), device=device)]
-        x1, x2 = [augment(xb).contiguous(memory_format=layout) for _ in range(2)]
-        mark("data_s")
-        train_step(model, params, x1, x2, args, mark=mark)  # marks attack_s, fwd_bwd_s
+        x1 = augment(xb).contiguous(memory_format=layout)
+        x2 = augment(xb).contiguous(memory_format=layout)
+        clock.lap(times, "data_s", timed, n)
+        x_adv = adversary(model, x1, x2, step) if step.adversarial else None
+        clock.lap(times, "attack_s", timed, n)
+        update(model, params, x1, x2, x_adv, step)
         opt.step()
-        mark("fwd_bwd_s")
+        clock.lap(times, "fwd_bwd_s", timed, n)
         if cuda and i == warmup + n - 1:
-            mem["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # our step only
-        if args.method != "simclr":
-            mark(None)
-            official_step(ref, ref_opt, x1.contiguous(), x2.contiguous(), args)
-            mark("official_step_s")
-        for (_, t0), (phase, t1) in zip(marks, marks[1:]):
-            times[phase or "none"] = times.get(phase or "none", 0.0) + (t1 - t0) / n * (i >= warmup)
+            peak["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # our step's
+        if step.adversarial:
+            official_step(ref, ref_opt, x1.contiguous(), x2.contiguous(), step)
+            clock.lap(times, "official_step_s", timed, n)
     step_s = times["data_s"] + times["attack_s"] + times["fwd_bwd_s"]
-    res = {"device": torch.cuda.get_device_name(device) if cuda else f"cpu x{torch.get_num_threads()}",
-           "torch": str(torch.__version__), "method": args.method, "width": args.width, "batch_size": args.batch_size,
-           "attack_steps": args.attack_steps, "amp": args.amp, "channels_last": args.channels_last,
-           "compile": args.compile, "reg_forward": args.reg_forward, "steps": n, "step_s": step_s,
-           "images_per_s": args.batch_size / step_s, **times, **mem,
-           "ratio_vs_official": step_s / times["official_step_s"] if times["official_step_s"] else None}
-    res.pop("none")
-    print(f"ours {step_s:.3f} s/step ({res['images_per_s']:.1f} img/s): data {times['data_s']:.3f}, "
-          f"attack {times['attack_s']:.3f}, fwd+bwd {times['fwd_bwd_s']:.3f}; official {times['official_step_s']:.3f}")
+    ratio = step_s / times["official_step_s"] if times["official_step_s"] else None
+    name = torch.cuda.get_device_name(device) if cuda else f"cpu x{torch.get_num_threads()}"
+    res = {"device": name, "torch": str(torch.__version__), "method": args.method,
+           "width": args.width, "batch_size": args.batch_size, "attack_steps": args.attack_steps,
+           "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+           "reg_forward": args.reg_forward, "steps": n, "step_s": step_s,
+           "images_per_s": args.batch_size / step_s, **times, **peak, "ratio_vs_official": ratio}
+    print(f"ours {step_s:.3f} s/step ({res['images_per_s']:.1f} img/s): data "
+          f"{times['data_s']:.3f}, attack {times['attack_s']:.3f}, fwd+bwd "
+          f"{times['fwd_bwd_s']:.3f}; official {times['official_step_s']:.3f}")
     print(json.dumps(res))
     return res
+
+
+class Clock:
+    """Laps of wall time, the device synchronised at each (kernels run asynchronously)."""
+
+    def __init__(self, cuda):
+        self.cuda = cuda
+        self.last = self.now()
+
+    def now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, times, phase, counted, n):
+        """Add the time since the last lap, averaged over n steps, to times[phase] if counted."""
+        now = self.now()
+        if counted:
+            times[phase] += (now - self.last) / n
+        self.last = now
 
 
 if __name__ == "__main__":

@@ -678,10 +678,10 @@ def test_lars_equals_torchlars_over_steps():
 
 
 def test_lr_schedule():
-    lrs = [A.lr_at(s, 100, 10, 0.1) for s in range(100)]
-    assert lrs[0] == 0.1 and A.lr_at(10, 100, 10, 0.1) == pytest.approx(1.5)
+    lrs = [A.lr_at(s, 100, 10, 0.1, A.WARMUP_PEAK) for s in range(100)]
+    assert A.WARMUP_PEAK == 15 and lrs[0] == 0.1 and A.lr_at(10, 100, 10, 0.1, 15) == pytest.approx(1.5)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert A.lr_at(100, 100, 10, 0.1) == pytest.approx(0, abs=1e-12)
+    assert A.lr_at(100, 100, 10, 0.1, 15) == pytest.approx(0, abs=1e-12)
 
 
 def test_recipe_defaults_are_the_papers():
@@ -714,10 +714,11 @@ def test_the_step_uses_the_recipe(monkeypatch):
     monkeypatch.setattr(A, "a_infonce",
                         lambda z, *a, **kw: calls["loss"].append((z.shape[0], kw)) or real_loss(z, *a, **kw))
     net, x1, x2 = tiny_net(), images(0, 4), images(1, 4)
-    x_adv = A.attack_views(net, x1, x2, args)
-    assert calls["pgd"][0] == dict(eps=8 / 255, step=0.007, steps=2, temperature=0.5, gather=None)
+    step = A.step_of(args)
+    x_adv = A.adversary(net, x1, x2, step)
+    assert calls["pgd"][0] == dict(eps=8 / 255, step=0.007, steps=2, temperature=0.5)
     calls["loss"].clear()
-    loss, terms = A.pretrain_loss(net.train(), x1, x2, x_adv, args)
+    loss, terms = A.pretrain_loss(net.train(), x1, x2, x_adv, step)
     [(_, main)], [(_, reg)] = [c for c in calls["loss"] if c[0] == 3], [c for c in calls["loss"] if c[0] == 2]
     assert main == dict(adv_views=(2,), temperature=0.5, ip_alpha=0.2, adv_weight=1.0, tau_plus=0.12,
                         hn_normalise="negatives", hn_beta=1.0)
@@ -733,7 +734,7 @@ def test_regulariser_forward_runs_before_the_main_forward():
     args = A.parse_args(["--method", "rocl", "--width", "4"])[0]
     x1, x2, xa = images(0, 4), images(1, 4), images(2, 4)
     ours, official, reverse = tiny_net(), tiny_net(), tiny_net()
-    A.pretrain_loss(ours.train(), x1, x2, xa, args)
+    A.pretrain_loss(ours.train(), x1, x2, xa, A.step_of(args))
     official.train()(torch.cat([xa, x2]))
     official(torch.cat([x1, x2, xa]))
     reverse.train()(torch.cat([x1, x2, xa]))
@@ -879,7 +880,7 @@ def test_alf_trains_on_pgd_examples_of_encoder_and_head(monkeypatch):
     monkeypatch.setattr(A, "pgd", recording)
     x, y = (images(1, 16) * 255).to(torch.uint8), torch.arange(16, device=DEV) % 3
     s = dict(A.scheme_settings("asym-rocl", None, "cifar10", 1, 8)["alf"], epochs=2)
-    A.finetune("alf", encoder, x, y, 3, s)
+    A.finetune_alf(encoder, x, y, 3, s)
     assert len(pairs) == 4 and all(same for same, _ in pairs)
     assert all(rise > 0 for _, rise in pairs)  # the examples raise the classifier's loss
 
@@ -896,7 +897,7 @@ def test_aff_starts_from_the_pretrained_encoder(monkeypatch):
     monkeypatch.setattr(A, "trades_loss", recording)
     x, y = (images(2, 8) * 255).to(torch.uint8), torch.arange(8, device=DEV) % 2
     s = dict(A.scheme_settings("asym-rocl", None, "cifar10", 1, 8)["aff"], attack_steps=1)
-    A.finetune("aff", encoder, x, y, 2, s)
+    A.finetune_aff(encoder, x, y, 2, s)
     assert first == [True]
 
 
@@ -906,7 +907,7 @@ def test_robustssl_heads_start_at_zero():
     for protocol, zero in (("robustssl", True), ("asym-rocl", False)):
         for scheme in ("slf", "aff"):
             s = dict(A.scheme_settings(protocol, "a-infonce", "cifar10", 1, 8)[scheme], lr=0.0, attack_steps=1)
-            head = A.finetune(scheme, encoder, x, y, 2, s)[1]  # lr 0: the head as it started
+            head = A.FINETUNE[scheme](encoder, x, y, 2, s)[1]  # lr 0: the head as it started
             assert (head.weight.abs().sum() == 0 and head.bias.abs().sum() == 0) == zero, (protocol, scheme)
 
 
@@ -916,13 +917,13 @@ def test_robustssl_finetunes_on_random_crops_and_flips():
     x, y = (images(4, 64) * 255).to(torch.uint8), torch.arange(64, device=DEV) % 2
     s = dict(A.scheme_settings("robustssl", "a-infonce", "cifar10", 1, 64)["slf"], batch_size=64)
     torch.manual_seed(0)
-    A.finetune("slf", encoder, x, y, 2, s)
+    A.finetune_slf(encoder, x, y, 2, s)
     inputs = torch.cat(seen)
     untouched = (inputs[:, None] == (x.float() / 255)[None]).flatten(2).all(2).any(1)
     assert len(inputs) == 64 and untouched.float().mean() < 0.1  # 1 in 162 draws is the identity
     s["augment"] = False
     seen.clear()
-    A.finetune("slf", encoder, x, y, 2, s)
+    A.finetune_slf(encoder, x, y, 2, s)
     assert (torch.cat(seen)[:, None] == (x.float() / 255)[None]).flatten(2).all(2).any(1).all()
 
 
@@ -1339,15 +1340,15 @@ def test_field_layout_state_dicts_evaluate_exactly_as_our_checkpoint(folder, tmp
     dual = field_state_dict(enc, dual=True, prefix="encoder.")
     dual["encoder.normalize.mean"], dual["encoder.normalize.std"] = torch.zeros(3), torch.ones(3)  # ACL/DynACL's
     torch.save(dual, tmp_path / "dual.pt")
-    x, reference = images(3, 8).cpu(), A.load_checkpoint(str(tmp_path / "run"))[2].encoder.eval()
+    x, reference = images(3, 8).cpu(), A.load_checkpoint(str(tmp_path / "run")).encoder.eval()
     for name, ignored in (("plain", 2), ("dual", 102)):  # fc.*; and 20 BN layers x 5 tensors of the other branch
-        encoder = A.load_checkpoint(str(tmp_path / f"{name}.pt"))[2].eval()
+        encoder = A.load_checkpoint(str(tmp_path / f"{name}.pt")).encoder.eval()
         assert f"ignored {ignored} keys" in capsys.readouterr().out
         assert torch.equal(encoder(x), reference(x))
         res = eval_only(tmp_path / f"{name}.pt", *data, *strong, "--out", str(tmp_path / name))
         assert res["weights"]["checkpoint"].endswith(f"{name}.pt")
         assert {k: res[k] for k in ("slf_sa", "slf_ra")} == {k: ours[k] for k in ("slf_sa", "slf_ra")}
-    branch0 = A.load_checkpoint(str(tmp_path / "dual.pt"), {"bn_branch": 0})[2].eval()
+    branch0 = A.load_checkpoint(str(tmp_path / "dual.pt"), {"bn_branch": 0}).encoder.eval()
     assert not torch.allclose(branch0(x), reference(x))
     fails(["--eval-only", str(tmp_path / "plain.pt")], capsys, r"plain state dict: name its data set with --dataset")
     bad = dict(field_state_dict(enc), **{"module.layer5.0.conv1.weight": torch.zeros(1)})
@@ -1463,7 +1464,7 @@ def test_every_published_layout_loads_to_its_own_encoder(tmp_path, capsys):
               "dynacl-wrapped": (1, 1, ["encoder_q", "bn_list.0"])}
     layouts = {"advcl": "advcl", "dynacl": "dynacl", "dynacl-wrapped": "dynacl", "deacl": "deacl"}
     for name, (path, t, padding, norm) in published_files(tmp_path).items():
-        _, ck, encoder, read = A.load_checkpoint(path, flags.get(name, {}))
+        _, ck, _, encoder, read = A.load_checkpoint(path, flags.get(name, {}))
         ref = reference_features(t, x, padding, *(norm or (None, None)))
         with torch.no_grad():
             ours = encoder.eval()(x)
@@ -1513,7 +1514,7 @@ def test_unreadable_checkpoints_say_what_to_do(folder, tmp_path):
         A.load_checkpoint(str(tmp_path / "objects.pt"))
     advice = re.search(r'python -c "(.*)"$', str(e.value)).group(1)
     subprocess.run([sys.executable, "-c", advice], cwd=tmp_path, check=True)  # the advice, as printed, works
-    encoder = A.load_checkpoint(str(tmp_path / "weights.pt"))[2]
+    encoder = A.load_checkpoint(str(tmp_path / "weights.pt")).encoder
     assert torch.equal(encoder.state_dict()["conv1.weight"], ck["encoder"]["conv1.weight"])
 
 
@@ -1535,7 +1536,7 @@ def test_a_padding_2_file_is_never_evaluated_with_a_padding_1_stem(folder, tmp_p
 
 def test_bn_branches_are_read_from_the_file_or_named(tmp_path):
     files = published_files(tmp_path)
-    assert A.load_checkpoint(files["acl-single"][0])[3]["bn_branch"] == 0  # the only branch: no flag needed
+    assert A.load_checkpoint(files["acl-single"][0]).read["bn_branch"] == 0  # the only branch: no flag needed
     with pytest.raises(A.UsageError, match=r"holds BN branches \[0, 1\]: pass one of them"):
         A.load_checkpoint(files["acl"][0], {"bn_branch": 2})
     with pytest.raises(A.UsageError, match=r"one set of BN statistics .* leave --bn-branch out"):
@@ -2000,9 +2001,9 @@ def _ddp_worker(rank, world, port, out, method):
     x1, x2 = images(0, 8).cpu(), images(1, 8).cpu()
     b = 8 // world
     x1, x2 = x1[rank * b:(rank + 1) * b], x2[rank * b:(rank + 1) * b]
-    gather = A.GatherCat.apply if world > 1 else None
-    x_adv = A.attack_views(net, x1, x2, args, gather)
-    loss, _ = A.pretrain_loss(net, x1, x2, x_adv, args, gather)
+    step = A.step_of(args)  # in 2 processes, the loss and the attack gather the global batch
+    x_adv = A.adversary(net, x1, x2, step) if step.adversarial else None
+    loss, _ = A.pretrain_loss(net, x1, x2, x_adv, step)
     loss.backward()
     params = list(net.parameters())
     if world > 1:
