@@ -1,9 +1,10 @@
 """Tests for ainfonce.py: property tests of the pure functions, then end-to-end runs of main().
 
-    python -m pytest -q                                # all (README, Tests: how long they take)
-    AINFONCE_QUICK=1 python -m pytest -q               # without the slowest ones (subprocesses, whole scripts)
-    AINFONCE_TEST_DEVICE=cuda python -m pytest -q      # the same tests on a GPU; fails at once without one
+    python -m pytest -q                              # all (README, Tests: how long they take)
+    AINFONCE_QUICK=1 python -m pytest -q             # without the slowest (subprocesses, scripts)
+    AINFONCE_TEST_DEVICE=cuda python -m pytest -q    # on a GPU; fails at once without one
 """
+
 import argparse
 import glob
 import importlib.util
@@ -35,19 +36,198 @@ settings.load_profile("ci")
 
 DEVICE = os.environ.get("AINFONCE_TEST_DEVICE", "cpu")
 if DEVICE.startswith("cuda") and not torch.cuda.is_available():
-    pytest.exit(f"AINFONCE_TEST_DEVICE={DEVICE}, but torch {torch.__version__} sees no CUDA GPU: refusing to run "
-                f"the CUDA tests on the CPU", returncode=4)
+    pytest.exit(
+        f"AINFONCE_TEST_DEVICE={DEVICE}, but torch {torch.__version__} sees no CUDA GPU: "
+        f"refusing to run "
+        f"the CUDA tests on the CPU",
+        returncode=4,
+    )
 if not DEVICE.startswith(("cpu", "cuda")):
     pytest.exit(f"AINFONCE_TEST_DEVICE={DEVICE}: expected cpu, cuda or cuda:N", returncode=4)
 DEV = torch.device(DEVICE)
 CUDA = DEV.type == "cuda"
 cpu_only = pytest.mark.skipif(CUDA, reason="runs gloo processes on the CPU; NCCL would need 2 GPUs")
-slow = pytest.mark.skipif(os.environ.get("AINFONCE_QUICK") == "1", reason="slow: AINFONCE_QUICK=1 leaves it out")
+slow = pytest.mark.skipif(
+    os.environ.get("AINFONCE_QUICK") == "1", reason="slow: AINFONCE_QUICK=1 leaves it out"
+)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Independent references, written from the definitions and not from ainfonce.py
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Shared set-up: tiny networks, images, folder data sets, runs of main()
+# --------------------------------------------------------------------------------------------------
+def randz(seed, V, N, D, scale=1.0):
+    return (
+        torch.randn(
+            V, N, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        ).float()
+        * scale
+    ).to(DEV)
+
+
+def tiny_net(seed=0, width=4):
+    torch.manual_seed(seed)
+    return A.Net(width).to(DEV)
+
+
+def images(seed, n=6):
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(DEV)
+
+
+def make_folder(root, classes=2, n_train=16, n_test=8, seed=0, mislabelled=0.25):
+    """Noise images whose brightness says their class (class c: pixels uniform in [110 c / (classes
+    - 1), + 100]), except for the first quarter of each class, which look like the next class: a
+    classifier that learns the brightness is right on 75 % of the images, so SA lies well inside (0,
+    1) and says whether it learned."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in range(classes):
+            os.makedirs(os.path.join(root, split, f"class{c}"))
+            for i in range(n):
+                looks = (c + 1) % classes if i < mislabelled * n else c
+                x = (
+                    torch.rand(32, 32, 3, generator=g) * 100 + 110 * looks / max(1, classes - 1)
+                ).to(torch.uint8)
+                Image.fromarray(x.numpy()).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("data"))
+
+
+GPU_FLAGS = ["--device", DEVICE, "--amp", "--channels-last", "--deterministic"] if CUDA else []
+
+
+def tiny(folder, out, *extra):
+    return [
+        "--dataset",
+        "folder",
+        "--data-dir",
+        folder,
+        "--width",
+        "8",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--attack-steps",
+        "2",
+        "--warmup-epochs",
+        "0",
+        "--eval-steps",
+        "2",
+        "--ft-epochs",
+        "1",
+        "--eval-batch-size",
+        "64",
+        *GPU_FLAGS,
+        *extra,
+        "--out",
+        str(out),
+    ]
+
+
+def weights(path):
+    ck = torch.load(path, weights_only=True)
+    return {**ck["encoder"], **{f"p.{k}": v for k, v in ck["projector"].items()}}, ck
+
+
+def eval_only(run, *extra):
+    return A.main(
+        [
+            "--eval-only",
+            str(run),
+            "--eval-steps",
+            "2",
+            "--ft-epochs",
+            "1",
+            "--eval-batch-size",
+            "64",
+            *GPU_FLAGS[:2],
+            *extra,
+        ]
+    )
+
+
+def on_disk(res):
+    """The results file an invocation wrote, as written (main() also returns its path)."""
+    saved = json.load(open(res["path"]))
+    assert saved == json.loads(json.dumps({k: v for k, v in res.items() if k != "path"}))
+    return saved
+
+
+def results_files(out):
+    return sorted(glob.glob(os.path.join(str(out), "results-*.json")))
+
+
+def only_results(out):
+    files = results_files(out)
+    assert len(files) == 1, files
+    return json.load(open(files[0]))
+
+
+def scheme_keys(res):
+    return {k: v for k, v in res.items() if k.startswith(A.SCHEMES) and not k.endswith("_s")}
+
+
+def interrupt_as_alf_starts(monkeypatch):
+    """Ctrl-C when ALF's head starts training (SLF is done); returns the real train_head, to put
+    back."""
+    real = A.train_head
+
+    def interrupted(*a, label=None, **kw):
+        if label == "ALF":
+            raise KeyboardInterrupt
+        return real(*a, label=label, **kw)
+
+    monkeypatch.setattr(A, "train_head", interrupted)
+    return real
+
+
+def fails(argv, capsys, pattern, out=None, code=2):
+    with pytest.raises(SystemExit) as e:
+        A.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == code and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, err), err
+    if out is not None:
+        assert not os.path.exists(out)
+
+
+def launch(argv, **env):
+    return subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "ainfonce.py"), *argv],
+        cwd=HERE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_checkpoint(proc, path, done):
+    while proc.poll() is None:
+        try:
+            if done(torch.load(path, weights_only=True)):
+                return
+        except (FileNotFoundError, RuntimeError, EOFError):
+            pass
+        time.sleep(0.02)
+    pytest.fail(f"run ended before the checkpoint appeared: {proc.communicate()}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss: independent references, written from the definitions and not from ainfonce.py
+# --------------------------------------------------------------------------------------------------
 def ref_weighted(z, weights, t):
     """sum over (u, v) of weights[u][v] * l(u->v), l in cross-entropy form, over all V*N rows."""
     V, N, D = z.shape
@@ -79,7 +259,9 @@ def ref_hn(z, weights, t, beta, tau_plus):
             neg = [v * N + m for v in range(V) for m in range(N) if m != n]
             imp = torch.stack([(beta * S[i, j]).exp() for j in neg])
             w = imp / imp.mean()
-            ng = ((w * torch.stack([S[i, j].exp() for j in neg])).sum() - tau_plus * M * pos) / (1 - tau_plus)
+            ng = ((w * torch.stack([S[i, j].exp() for j in neg])).sum() - tau_plus * M * pos) / (
+                1 - tau_plus
+            )
             ng = torch.clamp(ng, min=M * math.exp(-1 / t))
             for v in range(V):
                 if v != u:
@@ -88,13 +270,14 @@ def ref_hn(z, weights, t, beta, tau_plus):
 
 
 def ref_official_hn(z, weights, t, beta, tau_plus):
-    """NT_xent_HN of the official Asym-RoCL loss.py (yqy2001/A-InfoNCE), transcribed line by line for V views,
-    in float64: masks built as there, imp = exp(beta log(e + 1e-9)), and `imp * e / imp.mean(dim=-1)`."""
+    """NT_xent_HN of the official Asym-RoCL loss.py (yqy2001/A-InfoNCE), transcribed line by line
+    for V views, in float64: masks built as there, imp = exp(beta log(e + 1e-9)), and `imp * e /
+    imp.mean(dim=-1)`."""
     V, N, D = z.shape
     out = z.reshape(V * N, D).double().cpu()
     N2 = V * N
     out_norm = out / (out.norm(dim=1).view(N2, 1) + 1e-8)
-    sim_exp = torch.exp((1. / t) * torch.mm(out_norm, out_norm.transpose(0, 1).detach()))
+    sim_exp = torch.exp((1.0 / t) * torch.mm(out_norm, out_norm.transpose(0, 1).detach()))
     N_neg = (N - 1) * V
     mask = torch.eye(N, dtype=torch.float64).repeat(V, V)
     logits_mask = torch.scatter(torch.ones_like(mask), 1, torch.arange(N2).view(-1, 1), 0)
@@ -115,206 +298,29 @@ def ip_weights(V, adv, alpha, adv_weight=1.0):
     for u in range(V):
         for v in range(V):
             if u != v:
-                w[u, v] = 1.0 if (u in adv) == (v in adv) else adv_weight * (alpha if v in adv else 1 - alpha)
+                w[u, v] = (
+                    1.0
+                    if (u in adv) == (v in adv)
+                    else adv_weight * (alpha if v in adv else 1 - alpha)
+                )
     return w
 
 
 shapes = dict(seed=st.integers(0, 10**6), N=st.integers(2, 6), D=st.integers(2, 16))
 
 
-def independent_pgd(model, x, y, eps, alpha, steps, seed):
-    """PGD from the definition (Madry et al. 2018), written apart from ainfonce.pgd."""
-    g = torch.Generator().manual_seed(seed)
-    delta = ((torch.rand(x.shape, generator=g) * 2 - 1) * eps).to(x.device)
-    delta = (x + delta).clamp(0, 1) - x
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = F.cross_entropy(model(x + delta), y, reduction="sum")
-        loss.backward()
-        delta = (delta.detach() + alpha * delta.grad.sign()).clamp(-eps, eps)
-        delta = (x + delta).clamp(0, 1) - x
-    return (x + delta).detach()
-
-
-def resnet18_tensors(width, seed):
-    """Random weights and BN statistics of a CIFAR ResNet-18 under canonical names (conv1, bn1, layerI.J.conv1/bn1/
-    conv2/bn2, layerI.0.down.conv/bn), written from the architecture, not from ainfonce's modules."""
-    g, t = torch.Generator().manual_seed(seed), {}
-
-    def conv(name, cout, cin, k):
-        t[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=g) * (2 / (cin * k * k)) ** 0.5
-
-    def bn(name, c):
-        t.update({f"{name}.weight": torch.rand(c, generator=g) + 0.5, f"{name}.bias": torch.randn(c, generator=g) * 0.1,
-                  f"{name}.running_mean": torch.randn(c, generator=g) * 0.1,
-                  f"{name}.running_var": torch.rand(c, generator=g) + 0.5,
-                  f"{name}.num_batches_tracked": torch.tensor(7)})
-    conv("conv1", width, 3, 3)
-    bn("bn1", width)
-    chans = [width, width, 2 * width, 4 * width, 8 * width]
-    for i in range(1, 5):
-        for j in range(2):
-            p, cin, cout = f"layer{i}.{j}", chans[i - 1] if j == 0 else chans[i], chans[i]
-            conv(f"{p}.conv1", cout, cin, 3), bn(f"{p}.bn1", cout)
-            conv(f"{p}.conv2", cout, cout, 3), bn(f"{p}.bn2", cout)
-            if j == 0 and i > 1:
-                conv(f"{p}.down.conv", cout, cin, 1), bn(f"{p}.down.bn", cout)
-    return t
-
-
-def reference_features(t, x, padding=1, mean=None, std=None):
-    """The ResNet-18 forward in eval mode, in plain functional ops on canonical names (not ainfonce's model)."""
-    if mean is not None:
-        x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-    bn = lambda h, n: F.batch_norm(h, t[f"{n}.running_mean"], t[f"{n}.running_var"], t[f"{n}.weight"], t[f"{n}.bias"],
-                                   False, 0.0, 1e-5)
-    h = F.relu(bn(F.conv2d(x, t["conv1.weight"], padding=padding), "bn1"))
-    for i in range(1, 5):
-        for j in range(2):
-            p, stride = f"layer{i}.{j}", 2 if i > 1 and j == 0 else 1
-            o = F.relu(bn(F.conv2d(h, t[f"{p}.conv1.weight"], stride=stride, padding=1), f"{p}.bn1"))
-            o = bn(F.conv2d(o, t[f"{p}.conv2.weight"], padding=1), f"{p}.bn2")
-            h = F.relu(o + (bn(F.conv2d(h, t[f"{p}.down.conv.weight"], stride=stride), f"{p}.down.bn")
-                            if f"{p}.down.conv.weight" in t else h))
-    return h.mean((2, 3))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Shared set-up: tiny networks, images, folder data sets, runs of main()
-# ---------------------------------------------------------------------------------------------------
-def randz(seed, V, N, D, scale=1.0):
-    return (torch.randn(V, N, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
-            * scale).to(DEV)
-
-
-def tiny_net(seed=0, width=4):
-    torch.manual_seed(seed)
-    return A.Net(width).to(DEV)
-
-
-def images(seed, n=6):
-    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed)).to(DEV)
-
-
-def make_folder(root, classes=2, n_train=16, n_test=8, seed=0, mislabelled=0.25):
-    """Noise images whose brightness says their class (class c: pixels uniform in [110 c / (classes - 1), + 100]),
-    except for the first quarter of each class, which look like the next class: a classifier that learns the
-    brightness is right on 75 % of the images, so SA lies well inside (0, 1) and says whether it learned."""
-    from PIL import Image
-    g = torch.Generator().manual_seed(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        for c in range(classes):
-            os.makedirs(os.path.join(root, split, f"class{c}"))
-            for i in range(n):
-                looks = (c + 1) % classes if i < mislabelled * n else c
-                x = (torch.rand(32, 32, 3, generator=g) * 100 + 110 * looks / max(1, classes - 1)).to(torch.uint8)
-                Image.fromarray(x.numpy()).save(os.path.join(root, split, f"class{c}", f"{i}.png"))
-    return str(root)
-
-
-@pytest.fixture(scope="session")
-def folder(tmp_path_factory):
-    return make_folder(tmp_path_factory.mktemp("data"))
-
-
-GPU_FLAGS = ["--device", DEVICE, "--amp", "--channels-last", "--deterministic"] if CUDA else []
-
-
-def tiny(folder, out, *extra):
-    return ["--dataset", "folder", "--data-dir", folder, "--width", "8", "--batch-size", "8", "--epochs", "1",
-            "--attack-steps", "2", "--warmup-epochs", "0", "--eval-steps", "2", "--ft-epochs", "1",
-            "--eval-batch-size", "64", *GPU_FLAGS, *extra, "--out", str(out)]
-
-
-def weights(path):
-    ck = torch.load(path, weights_only=True)
-    return {**ck["encoder"], **{f"p.{k}": v for k, v in ck["projector"].items()}}, ck
-
-
-def eval_only(run, *extra):
-    return A.main(["--eval-only", str(run), "--eval-steps", "2", "--ft-epochs", "1", "--eval-batch-size", "64",
-                   *GPU_FLAGS[:2], *extra])
-
-
-def on_disk(res):
-    """The results file an invocation wrote, as written (main() also returns its path)."""
-    saved = json.load(open(res["path"]))
-    assert saved == json.loads(json.dumps({k: v for k, v in res.items() if k != "path"}))
-    return saved
-
-
-def results_files(out):
-    return sorted(glob.glob(os.path.join(str(out), "results-*.json")))
-
-
-def only_results(out):
-    files = results_files(out)
-    assert len(files) == 1, files
-    return json.load(open(files[0]))
-
-
-def scheme_keys(res):
-    return {k: v for k, v in res.items() if k.startswith(A.SCHEMES) and not k.endswith("_s")}
-
-
-def interrupt_as_alf_starts(monkeypatch):
-    """Ctrl-C when ALF's head starts training (SLF is done); returns the real train_head, to put back."""
-    real = A.train_head
-
-    def interrupted(*a, label=None, **kw):
-        if label == "ALF":
-            raise KeyboardInterrupt
-        return real(*a, label=label, **kw)
-    monkeypatch.setattr(A, "train_head", interrupted)
-    return real
-
-
-def fails(argv, capsys, pattern, out=None, code=2):
-    with pytest.raises(SystemExit) as e:
-        A.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == code and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert re.search(pattern, err), err
-    if out is not None:
-        assert not os.path.exists(out)
-
-
-def launch(argv, **env):
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "ainfonce.py"), *argv], cwd=HERE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_checkpoint(proc, path, done):
-    while proc.poll() is None:
-        try:
-            if done(torch.load(path, weights_only=True)):
-                return
-        except (FileNotFoundError, RuntimeError, EOFError):
-            pass
-        time.sleep(0.02)
-    pytest.fail(f"run ended before the checkpoint appeared: {proc.communicate()}")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ---------------------------------------------------------------------------------------------------
-# The loss: values
-# ---------------------------------------------------------------------------------------------------
 @given(**shapes, t=st.floats(0.1, 2.0))
 def test_two_views_is_ntxent(seed, N, D, t):
     z = randz(seed, 2, N, D).requires_grad_(True)
     loss = A.a_infonce(z, temperature=t)
-    ours, = torch.autograd.grad(loss, z)
+    (ours,) = torch.autograd.grad(loss, z)
     zr = z.detach().clone().requires_grad_(True)
     ref = ref_ntxent(zr[0], zr[1], t)
-    ref_grad, = torch.autograd.grad(ref, zr)
+    (ref_grad,) = torch.autograd.grad(ref, zr)
     assert torch.allclose(loss.double().cpu(), ref, atol=1e-5)
-    assert torch.allclose(ours.double().cpu(), ref_grad.double().cpu(), atol=5e-6)  # fp32 rounding at tau 0.1
+    assert torch.allclose(
+        ours.double().cpu(), ref_grad.double().cpu(), atol=5e-6
+    )  # fp32 rounding at tau 0.1
 
 
 @given(**shapes, alpha=st.floats(0, 1), adv_weight=st.floats(0, 3), V=st.integers(2, 4))
@@ -325,29 +331,50 @@ def test_ip_matches_weighted_reference(seed, N, D, alpha, adv_weight, V):
     assert torch.allclose(ours.double().cpu(), ref, atol=1e-5)
 
 
-@given(**shapes, V=st.integers(2, 4), beta=st.floats(0, 3), tau_plus=st.floats(0, 0.95),
-       alpha=st.one_of(st.none(), st.floats(0, 1)), t=st.floats(0.2, 1.0))
+@given(
+    **shapes,
+    V=st.integers(2, 4),
+    beta=st.floats(0, 3),
+    tau_plus=st.floats(0, 0.95),
+    alpha=st.one_of(st.none(), st.floats(0, 1)),
+    t=st.floats(0.2, 1.0),
+)
 def test_hn_matches_row_by_row_reference(seed, N, D, V, beta, tau_plus, alpha, t):
     z = randz(seed, V, N, D).requires_grad_(True)
     weights = ip_weights(V, {V - 1}, alpha) if alpha is not None else ip_weights(V, set(), 0)
-    ours = A.a_infonce(z, adv_views=(V - 1,), ip_alpha=alpha, hn_beta=beta, tau_plus=tau_plus, temperature=t)
+    ours = A.a_infonce(
+        z, adv_views=(V - 1,), ip_alpha=alpha, hn_beta=beta, tau_plus=tau_plus, temperature=t
+    )
     ref = ref_hn(z, weights, t, beta, tau_plus)
-    g_ours, = torch.autograd.grad(ours, z)
-    g_ref, = torch.autograd.grad(ref, z)
+    (g_ours,) = torch.autograd.grad(ours, z)
+    (g_ref,) = torch.autograd.grad(ref, z)
     assert torch.allclose(ours.double().cpu(), ref, atol=1e-5, rtol=1e-5)
     assert torch.allclose(g_ours.double().cpu(), g_ref.double().cpu(), atol=1e-5)
 
 
-@given(**shapes, V=st.integers(2, 4), beta=st.floats(0, 3), tau_plus=st.floats(0, 0.95),
-       alpha=st.one_of(st.none(), st.floats(0, 1)), t=st.floats(0.2, 1.0))
+@given(
+    **shapes,
+    V=st.integers(2, 4),
+    beta=st.floats(0, 3),
+    tau_plus=st.floats(0, 0.95),
+    alpha=st.one_of(st.none(), st.floats(0, 1)),
+    t=st.floats(0.2, 1.0),
+)
 def test_official_hn_matches_the_official_code(seed, N, D, V, beta, tau_plus, alpha, t):
     z = randz(seed, V, N, D).requires_grad_(True)
     weights = ip_weights(V, {V - 1}, alpha) if alpha is not None else ip_weights(V, set(), 0)
-    ours = A.a_infonce(z, adv_views=(V - 1,), ip_alpha=alpha, hn_beta=beta, tau_plus=tau_plus, temperature=t,
-                       hn_normalise="official")
+    ours = A.a_infonce(
+        z,
+        adv_views=(V - 1,),
+        ip_alpha=alpha,
+        hn_beta=beta,
+        tau_plus=tau_plus,
+        temperature=t,
+        hn_normalise="official",
+    )
     ref = ref_official_hn(z, weights, t, beta, tau_plus)
-    g_ours, = torch.autograd.grad(ours, z)
-    g_ref, = torch.autograd.grad(ref, z)
+    (g_ours,) = torch.autograd.grad(ours, z)
+    (g_ref,) = torch.autograd.grad(ref, z)
     assert torch.allclose(ours.double().cpu(), ref, atol=1e-5, rtol=1e-5)
     assert torch.allclose(g_ours.double().cpu(), g_ref.double().cpu(), atol=1e-5)
 
@@ -356,14 +383,17 @@ def test_the_two_hn_normalisations_differ_as_documented():
     z = randz(7, 3, 64, 32).requires_grad_(True)
     kw = dict(adv_views=(2,), hn_beta=1.0, tau_plus=0.12)
     ours, off = (A.a_infonce(z, hn_normalise=h, **kw) for h in ("negatives", "official"))
-    g_ours, = torch.autograd.grad(ours, z)
-    g_off, = torch.autograd.grad(off, z)
+    (g_ours,) = torch.autograd.grad(ours, z)
+    (g_off,) = torch.autograd.grad(off, z)
     assert ours != off and not torch.allclose(g_ours, g_off, rtol=1e-3)
-    # the official normaliser of column j is row j's mean: gradient reaches a view that is only ever a key
+    # the official normaliser of column j is row j's mean: gradient reaches a view that is only ever
+    # a key
     z2 = randz(8, 2, 6, 8).requires_grad_(True)
-    kw = dict(adv_views=(1,), ip_alpha=1.0, hn_beta=1.0, tau_plus=0.1)  # adv->clean weight 0: adv is only a key
-    g_neg, = torch.autograd.grad(A.a_infonce(z2, **kw), z2)
-    g_off, = torch.autograd.grad(A.a_infonce(z2, hn_normalise="official", **kw), z2)
+    kw = dict(
+        adv_views=(1,), ip_alpha=1.0, hn_beta=1.0, tau_plus=0.1
+    )  # adv->clean weight 0: adv is only a key
+    (g_neg,) = torch.autograd.grad(A.a_infonce(z2, **kw), z2)
+    (g_off,) = torch.autograd.grad(A.a_infonce(z2, hn_normalise="official", **kw), z2)
     assert torch.all(g_neg[1] == 0) and g_off[1].abs().sum() > 0
 
 
@@ -372,60 +402,105 @@ def test_special_cases_reduce_to_symmetric(seed, N, D):
     z3, z2 = randz(seed, 3, N, D), randz(seed + 1, 2, N, D)
     sym3, sym2 = A.a_infonce(z3, adv_views=(2,)), A.a_infonce(z2)
     # IP with alpha = 1/2 and twice the adversarial weight is the symmetric loss
-    assert torch.allclose(A.a_infonce(z3, adv_views=(2,), ip_alpha=0.5, adv_weight=2.0), sym3, atol=1e-6)
+    assert torch.allclose(
+        A.a_infonce(z3, adv_views=(2,), ip_alpha=0.5, adv_weight=2.0), sym3, atol=1e-6
+    )
     # IP without adversarial views changes nothing
     assert torch.allclose(A.a_infonce(z3, ip_alpha=0.2), A.a_infonce(z3), atol=1e-6)
     # HN with beta = 0, tau+ = 0 and one positive per anchor is the plain denominator
     assert torch.allclose(A.a_infonce(z2, hn_beta=0.0, tau_plus=0.0), sym2, atol=1e-5)
 
 
-@given(**shapes, V=st.integers(2, 4), hn=st.sampled_from([None, "negatives", "official"]), data=st.data())
+@given(
+    **shapes,
+    V=st.integers(2, 4),
+    hn=st.sampled_from([None, "negatives", "official"]),
+    data=st.data(),
+)
 def test_invariant_to_row_scale_and_instance_order(seed, N, D, V, hn, data):
     z = randz(seed, V, N, D)
-    kw = dict(adv_views=(V - 1,), ip_alpha=0.2, hn_beta=hn and 1.0, tau_plus=0.1, hn_normalise=hn or "negatives")
+    kw = dict(
+        adv_views=(V - 1,),
+        ip_alpha=0.2,
+        hn_beta=hn and 1.0,
+        tau_plus=0.1,
+        hn_normalise=hn or "negatives",
+    )
     base = A.a_infonce(z, **kw)
-    scale = torch.exp(torch.empty(V, N, 1).uniform_(-7, 7, generator=torch.Generator().manual_seed(seed))).to(DEV)
+    scale = torch.exp(
+        torch.empty(V, N, 1).uniform_(-7, 7, generator=torch.Generator().manual_seed(seed))
+    ).to(DEV)
     assert torch.allclose(A.a_infonce(z * scale, **kw), base, atol=1e-5)
     perm = torch.tensor(data.draw(st.permutations(range(N))))
     assert torch.allclose(A.a_infonce(z[:, perm], **kw), base, atol=1e-5)
 
 
 @pytest.mark.parametrize("hn", [None, "negatives", "official"])
-@pytest.mark.parametrize("make", [
-    lambda: torch.ones(3, 4, 8, device=DEV),             # identical rows
-    lambda: randz(0, 3, 4, 8, scale=1e30),               # |z|^2 overflows float32
-    lambda: randz(1, 3, 4, 8, scale=1e-30),              # |z|^2 underflows float32
-    lambda: randz(2, 3, 2, 8),                           # N = 2
-    lambda: torch.zeros(3, 4, 8, device=DEV),            # all-zero projections
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.ones(3, 4, 8, device=DEV),  # identical rows
+        lambda: randz(0, 3, 4, 8, scale=1e30),  # |z|^2 overflows float32
+        lambda: randz(1, 3, 4, 8, scale=1e-30),  # |z|^2 underflows float32
+        lambda: randz(2, 3, 2, 8),  # N = 2
+        lambda: torch.zeros(3, 4, 8, device=DEV),  # all-zero projections
+    ],
+)
 def test_finite_on_extreme_inputs(make, hn):
     z = make().requires_grad_(True)
-    loss = A.a_infonce(z, adv_views=(2,), ip_alpha=0.2, hn_beta=hn and 1.0, tau_plus=0.12,
-                       hn_normalise=hn or "negatives")
-    grad, = torch.autograd.grad(loss, z)
+    loss = A.a_infonce(
+        z,
+        adv_views=(2,),
+        ip_alpha=0.2,
+        hn_beta=hn and 1.0,
+        tau_plus=0.12,
+        hn_normalise=hn or "negatives",
+    )
+    (grad,) = torch.autograd.grad(loss, z)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
 
 
 def test_large_norms_give_the_unit_norm_value():
     z = randz(3, 3, 4, 8)
-    assert torch.allclose(A.a_infonce(z * 1e30, adv_views=(2,)), A.a_infonce(z, adv_views=(2,)), atol=1e-6)
+    assert torch.allclose(
+        A.a_infonce(z * 1e30, adv_views=(2,)), A.a_infonce(z, adv_views=(2,)), atol=1e-6
+    )
 
 
-@pytest.mark.parametrize("z,kw,pattern", [
-    (torch.randn(1, 4, 8), {}, r">= 2 views of >= 2 instances"),
-    (torch.randn(3, 1, 8), {}, r">= 2 views of >= 2 instances"),
-    (torch.randn(6, 8), {}, r"shape \[V views, N instances, D\]"),
-    (torch.randn(3, 4, 8), {"adv_views": 2}, r"adv_views must be a sequence of view indices in \[0, 3\)"),
-    (torch.randn(3, 4, 8), {"adv_views": (5,)}, r"adv_views must be .*got \(5,\)"),
-    (torch.randn(3, 4, 8), {"hn_beta": 1.0, "hn_normalise": "rows"}, r"hn_normalise must be"),
-    (torch.randn(3, 4, 8), {"hn_beta": 1.0, "tau_plus": 1.0}, r"tau_plus must be in \[0, 1\), got 1.0"),
-    (torch.randn(3, 4, 8), {"hn_beta": 1.0, "tau_plus": -0.1}, r"tau_plus must be in \[0, 1\)"),
-    (torch.randn(3, 4, 8), {"temperature": 0.0}, r"temperature must be > 0, got 0.0"),
-    (torch.randn(3, 4, 8), {"temperature": -0.5}, r"temperature must be > 0"),
-    (torch.randn(3, 4, 8), {"hn_beta": -1.0}, r"hn_beta must be >= 0"),
-    (torch.randn(3, 4, 8), {"adv_views": (2,), "ip_alpha": 1.5}, r"ip_alpha must be in \[0, 1\]"),
-    (torch.randn(3, 4, 8), {"adv_views": (2,), "ip_alpha": -0.1}, r"ip_alpha must be in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "z,kw,pattern",
+    [
+        (torch.randn(1, 4, 8), {}, r">= 2 views of >= 2 instances"),
+        (torch.randn(3, 1, 8), {}, r">= 2 views of >= 2 instances"),
+        (torch.randn(6, 8), {}, r"shape \[V views, N instances, D\]"),
+        (
+            torch.randn(3, 4, 8),
+            {"adv_views": 2},
+            r"adv_views must be a sequence of view indices in \[0, 3\)",
+        ),
+        (torch.randn(3, 4, 8), {"adv_views": (5,)}, r"adv_views must be .*got \(5,\)"),
+        (torch.randn(3, 4, 8), {"hn_beta": 1.0, "hn_normalise": "rows"}, r"hn_normalise must be"),
+        (
+            torch.randn(3, 4, 8),
+            {"hn_beta": 1.0, "tau_plus": 1.0},
+            r"tau_plus must be in \[0, 1\), got 1.0",
+        ),
+        (torch.randn(3, 4, 8), {"hn_beta": 1.0, "tau_plus": -0.1}, r"tau_plus must be in \[0, 1\)"),
+        (torch.randn(3, 4, 8), {"temperature": 0.0}, r"temperature must be > 0, got 0.0"),
+        (torch.randn(3, 4, 8), {"temperature": -0.5}, r"temperature must be > 0"),
+        (torch.randn(3, 4, 8), {"hn_beta": -1.0}, r"hn_beta must be >= 0"),
+        (
+            torch.randn(3, 4, 8),
+            {"adv_views": (2,), "ip_alpha": 1.5},
+            r"ip_alpha must be in \[0, 1\]",
+        ),
+        (
+            torch.randn(3, 4, 8),
+            {"adv_views": (2,), "ip_alpha": -0.1},
+            r"ip_alpha must be in \[0, 1\]",
+        ),
+    ],
+)
 def test_loss_rejects_bad_input_with_a_message(z, kw, pattern):
     with pytest.raises(ValueError, match=pattern):
         A.a_infonce(z, **kw)
@@ -435,9 +510,17 @@ def test_float64_in_gives_float64_out():
     z = randz(1, 3, 5, 8).double()
     for kw in ({}, dict(adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.1)):
         loss = A.a_infonce(z, **kw)
-        assert loss.dtype == torch.float64 and torch.allclose(loss.float(), A.a_infonce(z.float(), **kw), atol=1e-5)
+        assert loss.dtype == torch.float64 and torch.allclose(
+            loss.float(), A.a_infonce(z.float(), **kw), atol=1e-5
+        )
     ref = ref_hn(z, ip_weights(3, {2}, 0.2), 0.5, 1.0, 0.1)
-    assert abs(A.a_infonce(z, adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.1).item() - ref.item()) < 1e-12
+    assert (
+        abs(
+            A.a_infonce(z, adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.1).item()
+            - ref.item()
+        )
+        < 1e-12
+    )
 
 
 def test_loss_is_float32_under_bf16_autocast():
@@ -445,38 +528,44 @@ def test_loss_is_float32_under_bf16_autocast():
     with torch.autocast(DEV.type, dtype=torch.bfloat16):
         loss = A.a_infonce(z.bfloat16(), adv_views=(2,), hn_beta=1.0, tau_plus=0.1)
     assert loss.dtype == torch.float32
-    assert torch.allclose(loss, A.a_infonce(z.bfloat16().float(), adv_views=(2,), hn_beta=1.0, tau_plus=0.1))
+    assert torch.allclose(
+        loss, A.a_infonce(z.bfloat16().float(), adv_views=(2,), hn_beta=1.0, tau_plus=0.1)
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The loss: gradients (stop-gradient on keys, IP, HN hardness)
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @given(**shapes, hn=st.sampled_from([None, 1.0]))
 def test_keys_get_no_gradient(seed, N, D, hn):
-    # clean->adv terms only (ip_alpha = 1 zeroes adv->clean): the adversarial view is only ever a key
+    # clean->adv terms only (ip_alpha = 1 zeroes adv->clean): the adversarial view is only ever a
+    # key
     z = randz(seed, 2, N, D).requires_grad_(True)
-    grad, = torch.autograd.grad(A.a_infonce(z, adv_views=(1,), ip_alpha=1.0, hn_beta=hn, tau_plus=0.1), z)
+    (grad,) = torch.autograd.grad(
+        A.a_infonce(z, adv_views=(1,), ip_alpha=1.0, hn_beta=hn, tau_plus=0.1), z
+    )
     assert torch.all(grad[1] == 0) and grad[0].abs().sum() > 0
 
 
 @given(**shapes)
 def test_ip_alpha_zero_clean_views_learn_nothing_from_the_adversary(seed, N, D):
     z = randz(seed, 3, N, D).requires_grad_(True)
-    grad, = torch.autograd.grad(A.a_infonce(z, adv_views=(2,), ip_alpha=0.0), z)
-    clean_only, = torch.autograd.grad(ref_weighted(z, {(0, 1): 1.0, (1, 0): 1.0}, 0.5), z)
+    (grad,) = torch.autograd.grad(A.a_infonce(z, adv_views=(2,), ip_alpha=0.0), z)
+    (clean_only,) = torch.autograd.grad(ref_weighted(z, {(0, 1): 1.0, (1, 0): 1.0}, 0.5), z)
     assert torch.allclose(grad[:2].double().cpu(), clean_only[:2].double().cpu(), atol=1e-6)
     # and with two views [clean, adv], the clean view receives no gradient at all
     z2 = randz(seed, 2, N, D).requires_grad_(True)
-    grad2, = torch.autograd.grad(A.a_infonce(z2, adv_views=(1,), ip_alpha=0.0), z2)
+    (grad2,) = torch.autograd.grad(A.a_infonce(z2, adv_views=(1,), ip_alpha=0.0), z2)
     assert torch.all(grad2[0] == 0) and grad2[1].abs().sum() > 0
 
 
 def negative_coefficients(z, **kw):
-    """dL/dS_0k for the negatives k of anchor 0, recovered from the anchor's gradient: with unit rows
-    and detached keys, grad_0 = sum_k a_k z_k - z_0 (sum_k a_k z_0.z_k), unique in the basis [keys, z_0]."""
+    """dL/dS_0k for the negatives k of anchor 0, recovered from the anchor's gradient: with unit
+    rows and detached keys, grad_0 = sum_k a_k z_k - z_0 (sum_k a_k z_0.z_k), unique in the basis
+    [keys, z_0]."""
     V, N, D = z.shape
     z = F.normalize(z, dim=-1).requires_grad_(True)
-    grad, = torch.autograd.grad(A.a_infonce(z, **kw), z)
+    (grad,) = torch.autograd.grad(A.a_infonce(z, **kw), z)
     rows, grad = z.detach().reshape(V * N, D).cpu(), grad.cpu()
     basis = torch.cat([rows[1:], rows[:1]]).double().T  # [D, V*N]
     coef = torch.linalg.lstsq(basis, grad.reshape(V * N, D)[0].double()[:, None]).solution[:-1, 0]
@@ -497,9 +586,9 @@ def test_hard_negatives_get_larger_gradient_weight(seed):
     assert (hard.max() - hard.min()) > 0.05 * hard.abs().max()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Attacks
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(3))
 def test_instance_pgd_properties(seed):
     net, x, x_pos = tiny_net(seed), images(seed), images(seed + 100)
@@ -537,25 +626,34 @@ class Linear2(nn.Module):
 
 
 def linear_data(n=400, seed=0, margin_max=0.06):
-    """x = 0.5 + y_sign * delta * p, delta ~ U(0, margin_max), p in {-1,1}^d. The classifier's margin is
-    m = y_sign * mean((x - 0.5) p). An L_inf attack of radius eps lowers it by exactly eps (the corner
-    x - y_sign eps p), an L2 attack by eps |p| / d = eps / sqrt(d) (the point x - y_sign eps p / |p|; no pixel
-    leaves [0, 1] here), so RA(eps) = P(m > eps) and P(m > eps / sqrt(d)), computed on the uint8 images."""
+    """x = 0.5 + y_sign * delta * p, delta ~ U(0, margin_max), p in {-1,1}^d. The classifier's
+    margin is m = y_sign * mean((x - 0.5) p). An L_inf attack of radius eps lowers it by exactly eps
+    (the corner x - y_sign eps p), an L2 attack by eps |p| / d = eps / sqrt(d) (the point x - y_sign
+    eps p / |p|; no pixel leaves [0, 1] here), so RA(eps) = P(m > eps) and P(m > eps / sqrt(d)),
+    computed on the uint8 images."""
     g = torch.Generator().manual_seed(seed)
     p = torch.randint(0, 2, (3, 32, 32), generator=g).float() * 2 - 1
     y = torch.randint(0, 2, (n,), generator=g)
     delta = torch.rand(n, generator=g) * margin_max
-    x8 = ((0.5 + ((2 * y - 1).float() * delta)[:, None, None, None] * p) * 255).round().to(torch.uint8)
+    x8 = (
+        ((0.5 + ((2 * y - 1).float() * delta)[:, None, None, None] * p) * 255)
+        .round()
+        .to(torch.uint8)
+    )
     margin = (2 * y - 1).float() * ((x8.float() / 255 - 0.5) * p).flatten(1).mean(1)
     return Linear2(p).to(DEV), x8.to(DEV), y.to(DEV), margin.to(DEV)
 
 
-@pytest.mark.parametrize("norm,radii", [("linf", (0.0, 4 / 255, 8 / 255)), ("l2", (0.0, 0.25, 1.0))])
+@pytest.mark.parametrize(
+    "norm,radii", [("linf", (0.0, 4 / 255, 8 / 255)), ("l2", (0.0, 0.25, 1.0))]
+)
 def test_pgd_stays_in_its_ball_and_box_and_does_not_lower_the_loss(norm, radii):
     torch.manual_seed(0)
     model, x8, y, _ = linear_data(64)
     x = x8.float() / 255
-    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 2)).to(DEV)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 2)).to(
+        DEV
+    )
     for m in (model, conv):
         m.train()
         for eps in radii:
@@ -571,21 +669,28 @@ def test_pgd_stays_in_its_ball_and_box_and_does_not_lower_the_loss(norm, radii):
 def test_attacks_start_at_a_random_point_in_the_ball(norm, eps):
     model, x8, y, _ = linear_data(64)
     x = x8.float() / 255
-    for start in (A.pgd(model, x, y, eps=eps, steps=0, norm=norm), A.pgd_attack(norm, eps, 2 / 255, 0)(model, x, y)):
+    for start in (
+        A.pgd(model, x, y, eps=eps, steps=0, norm=norm),
+        A.pgd_attack(norm, eps, 2 / 255, 0)(model, x, y),
+    ):
         d = (start - x).flatten(1)
         assert (d.abs().amax(1) if norm == "linf" else d.norm(dim=1)).max() <= eps + 1e-6
         assert (d.abs().amax(1) > 0).float().mean() > 0.9 and 0 <= start.min() and start.max() <= 1
     if norm == "linf":  # the training attack too
         net = tiny_net()
         start = A.instance_pgd(net, images(0, 4), images(1, 4), eps=eps, steps=0)
-        assert (start - images(0, 4)).abs().max() > eps / 2 and (start - images(0, 4)).abs().max() <= eps + 1e-6
+        assert (start - images(0, 4)).abs().max() > eps / 2 and (
+            start - images(0, 4)
+        ).abs().max() <= eps + 1e-6
 
 
 def test_trades_loss_is_ce_plus_kl():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 3)).to(DEV)
     x, y = images(0, 8), torch.arange(8, device=DEV) % 3
-    assert torch.allclose(A.trades_loss(model, x, y, eps=0.0), F.cross_entropy(model(x), y), atol=1e-6)
+    assert torch.allclose(
+        A.trades_loss(model, x, y, eps=0.0), F.cross_entropy(model(x), y), atol=1e-6
+    )
     assert A.trades_loss(model, x, y, beta=6.0) > F.cross_entropy(model(x), y)
 
 
@@ -602,9 +707,9 @@ def test_trades_beta_weighs_the_kl_term():
     assert torch.allclose(losses[6.0], ce + 6 * kl, rtol=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Model and the training step
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_model_shapes_and_the_fields_layout():
     net = A.Net(8).to(DEV)
     assert net.encoder.dim == 64 and net.encoder(images(0, 2)).shape == (2, 64)
@@ -613,8 +718,14 @@ def test_model_shapes_and_the_fields_layout():
     assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
     assert net.encoder.conv1.stride == (1, 1) and net.encoder.conv1.kernel_size == (3, 3)
     keys = set(net.encoder.state_dict())
-    assert {"conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer4.1.bn2.weight",
-            "layer2.0.shortcut.0.weight", "layer4.0.shortcut.1.running_var"} <= keys
+    assert {
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv1.weight",
+        "layer4.1.bn2.weight",
+        "layer2.0.shortcut.0.weight",
+        "layer4.0.shortcut.1.running_var",
+    } <= keys
 
 
 def test_the_weights_digest_covers_parameters_and_buffers():
@@ -637,8 +748,9 @@ def test_lars_scales_each_tensor():
 
 
 def torchlars_step(params, sgd, wd, eps=1e-8, trust_coef=0.001):
-    """kakaobrain/torchlars LARS.step, transcribed (lars.py and compute_adaptive_lr in adaptive_lr.cc): the wrapped
-    SGD's weight decay is hidden, each gradient becomes (g + wd w) * adaptive_lr, then the SGD steps."""
+    """kakaobrain/torchlars LARS.step, transcribed (lars.py and compute_adaptive_lr in
+    adaptive_lr.cc): the wrapped SGD's weight decay is hidden, each gradient becomes (g + wd w) *
+    adaptive_lr, then the SGD steps."""
     with torch.no_grad():
         for p in params:
             param_norm, grad_norm = p.norm(), p.grad.norm()
@@ -679,25 +791,60 @@ def test_lars_equals_torchlars_over_steps():
 
 def test_lr_schedule():
     lrs = [A.lr_at(s, 100, 10, 0.1, A.WARMUP_PEAK) for s in range(100)]
-    assert A.WARMUP_PEAK == 15 and lrs[0] == 0.1 and A.lr_at(10, 100, 10, 0.1, 15) == pytest.approx(1.5)
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert (
+        A.WARMUP_PEAK == 15
+        and lrs[0] == 0.1
+        and A.lr_at(10, 100, 10, 0.1, 15) == pytest.approx(1.5)
+    )
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(
+        a >= b for a, b in zip(lrs[10:], lrs[11:])
+    )
     assert A.lr_at(100, 100, 10, 0.1, 15) == pytest.approx(0, abs=1e-12)
 
 
 def test_recipe_defaults_are_the_papers():
     args = A.parse_args([])[0]
-    recipe = dict(eps=8 / 255, step=0.007, attack_steps=7, temperature=0.5, ip_alpha=0.2, adv_weight=1.0, hn_beta=1.0,
-                  reg_weight=1 / 256, width=64, epochs=1000, batch_size=512, warmup_epochs=10, wd=1e-6, lr=0.2,
-                  tau_plus=0.12, eval_step=2 / 255, eval_steps=20, eval_batch_size=1024, method="hardneg",
-                  hn_normalise="negatives", reg_forward="separate", protocol="asym-rocl", autoattack=False)
+    recipe = dict(
+        eps=8 / 255,
+        step=0.007,
+        attack_steps=7,
+        temperature=0.5,
+        ip_alpha=0.2,
+        adv_weight=1.0,
+        hn_beta=1.0,
+        reg_weight=1 / 256,
+        width=64,
+        epochs=1000,
+        batch_size=512,
+        warmup_epochs=10,
+        wd=1e-6,
+        lr=0.2,
+        tau_plus=0.12,
+        eval_step=2 / 255,
+        eval_steps=20,
+        eval_batch_size=1024,
+        method="hardneg",
+        hn_normalise="negatives",
+        reg_forward="separate",
+        protocol="asym-rocl",
+        autoattack=False,
+    )
     assert {k: getattr(args, k) for k in recipe} == recipe
     assert args.threats == [("linf:8/255", "linf", 8 / 255)] and args.eval == ["slf"]
 
 
-@pytest.mark.parametrize("dataset,method,lr,tau_plus", [
-    ("cifar10", "hardneg", 0.2, 0.12), ("cifar10", "both", 0.3, 0.12), ("cifar10", "rocl", 0.1, 0.12),
-    ("folder", "both", 0.3, 0.12), ("cifar100", "hardneg", 0.1, 0.1), ("cifar100", "both", 0.2, 0.1),
-    ("cifar100", "infpos", 0.1, 0.1)])
+@pytest.mark.parametrize(
+    "dataset,method,lr,tau_plus",
+    [
+        ("cifar10", "hardneg", 0.2, 0.12),
+        ("cifar10", "both", 0.3, 0.12),
+        ("cifar10", "rocl", 0.1, 0.12),
+        ("folder", "both", 0.3, 0.12),
+        ("cifar100", "hardneg", 0.1, 0.1),
+        ("cifar100", "both", 0.2, 0.1),
+        ("cifar100", "infpos", 0.1, 0.1),
+    ],
+)
 def test_defaults_per_data_set_follow_the_official_scripts(dataset, method, lr, tau_plus):
     args = A.parse_args(["--dataset", dataset, "--method", method])[0]
     assert args.lr == lr and args.tau_plus == tau_plus
@@ -705,32 +852,51 @@ def test_defaults_per_data_set_follow_the_official_scripts(dataset, method, lr, 
 
 
 def test_the_step_uses_the_recipe(monkeypatch):
-    """The training step passes the recipe's numbers to the attack and the losses, and its loss is the main term
-    plus 1/256 of RoCL's regulariser, both as logged."""
+    """The training step passes the recipe's numbers to the attack and the losses, and its loss is
+    the main term plus 1/256 of RoCL's regulariser, both as logged."""
     args = A.parse_args(["--method", "both", "--width", "4", "--attack-steps", "2"])[0]
     calls = {"pgd": [], "loss": []}
     real_pgd, real_loss = A.instance_pgd, A.a_infonce
-    monkeypatch.setattr(A, "instance_pgd", lambda *a, **kw: calls["pgd"].append(kw) or real_pgd(*a, **kw))
-    monkeypatch.setattr(A, "a_infonce",
-                        lambda z, *a, **kw: calls["loss"].append((z.shape[0], kw)) or real_loss(z, *a, **kw))
+    monkeypatch.setattr(
+        A, "instance_pgd", lambda *a, **kw: calls["pgd"].append(kw) or real_pgd(*a, **kw)
+    )
+    monkeypatch.setattr(
+        A,
+        "a_infonce",
+        lambda z, *a, **kw: calls["loss"].append((z.shape[0], kw)) or real_loss(z, *a, **kw),
+    )
     net, x1, x2 = tiny_net(), images(0, 4), images(1, 4)
     step = A.step_of(args)
     x_adv = A.adversary(net, x1, x2, step)
     assert calls["pgd"][0] == dict(eps=8 / 255, step=0.007, steps=2, temperature=0.5)
     calls["loss"].clear()
     loss, terms = A.pretrain_loss(net.train(), x1, x2, x_adv, step)
-    [(_, main)], [(_, reg)] = [c for c in calls["loss"] if c[0] == 3], [c for c in calls["loss"] if c[0] == 2]
-    assert main == dict(adv_views=(2,), temperature=0.5, ip_alpha=0.2, adv_weight=1.0, tau_plus=0.12,
-                        hn_normalise="negatives", hn_beta=1.0)
+    [(_, main)], [(_, reg)] = [c for c in calls["loss"] if c[0] == 3], [
+        c for c in calls["loss"] if c[0] == 2
+    ]
+    assert main == dict(
+        adv_views=(2,),
+        temperature=0.5,
+        ip_alpha=0.2,
+        adv_weight=1.0,
+        tau_plus=0.12,
+        hn_normalise="negatives",
+        hn_beta=1.0,
+    )
     assert reg == dict(temperature=0.5)
-    assert terms["reg"] > 0 and torch.allclose(loss, terms["infonce"] + terms["reg"] / 256, rtol=1e-6)
+    assert terms["reg"] > 0 and torch.allclose(
+        loss, terms["infonce"] + terms["reg"] / 256, rtol=1e-6
+    )
     z = net(torch.cat([x1, x2, x_adv])).view(3, 4, -1)
-    assert torch.allclose(terms["infonce"], real_loss(z, adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.12))
+    assert torch.allclose(
+        terms["infonce"], real_loss(z, adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.12)
+    )
     assert torch.allclose(terms["reg"], real_loss(net(torch.cat([x_adv, x2])).view(2, 4, -1)))
 
 
 def test_regulariser_forward_runs_before_the_main_forward():
-    """BN running statistics after one step equal the official order's: [x_adv; x2] first, then [x1; x2; x_adv]."""
+    """BN running statistics after one step equal the official order's: [x_adv; x2] first, then [x1;
+    x2; x_adv]."""
     args = A.parse_args(["--method", "rocl", "--width", "4"])[0]
     x1, x2, xa = images(0, 4), images(1, 4), images(2, 4)
     ours, official, reverse = tiny_net(), tiny_net(), tiny_net()
@@ -740,27 +906,46 @@ def test_regulariser_forward_runs_before_the_main_forward():
     reverse.train()(torch.cat([x1, x2, xa]))
     reverse(torch.cat([xa, x2]))
     stats = lambda n: torch.cat([b for k, b in n.state_dict().items() if "running" in k])
-    assert torch.equal(stats(ours), stats(official)) and not torch.allclose(stats(ours), stats(reverse))
+    assert torch.equal(stats(ours), stats(official)) and not torch.allclose(
+        stats(ours), stats(reverse)
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pretraining, end to end
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", A.METHODS)
 def test_end_to_end_every_method(folder, tmp_path, method):
     res = A.main(tiny(folder, tmp_path / "run", "--method", method))
     saved = on_disk(res)
     assert results_files(tmp_path / "run") == [res["path"]]
-    assert 0 <= saved["slf_ra"] <= saved["slf_sa"] and saved["slf_ra"] == saved["slf_robust"]["linf:8/255"]
-    assert 0 < saved["slf_sa"] < 1  # a quarter of the test images look like the other class: never all right
+    assert (
+        0 <= saved["slf_ra"] <= saved["slf_sa"]
+        and saved["slf_ra"] == saved["slf_robust"]["linf:8/255"]
+    )
+    assert (
+        0 < saved["slf_sa"] < 1
+    )  # a quarter of the test images look like the other class: never all right
     run, identity = saved["training"]["args"], saved["identity"]
-    assert run["method"] == method and run["epochs"] == 1 and run["seed"] == 0 and run["n_classes"] == 2
+    assert (
+        run["method"] == method
+        and run["epochs"] == 1
+        and run["seed"] == 0
+        and run["n_classes"] == 2
+    )
     assert identity["protocol"]["eval_step"] == 2 / 255 and identity["data"]["n_test"] == 16
-    assert identity["data"]["dir"] == os.path.realpath(folder) and saved["training"]["data"] == identity["data"]
+    assert (
+        identity["data"]["dir"] == os.path.realpath(folder)
+        and saved["training"]["data"] == identity["data"]
+    )
     assert saved["training"]["pretrain_s"] > 0 and saved["training"]["images_per_s"] > 0
     inv = saved["invocations"][-1]
-    assert inv["wall_s"] > saved["training"]["pretrain_s"] and inv["env"]["torch"] == str(torch.__version__)
-    assert inv["env"]["device_name"] and inv["command"].startswith("python ainfonce.py --dataset folder")
+    assert inv["wall_s"] > saved["training"]["pretrain_s"] and inv["env"]["torch"] == str(
+        torch.__version__
+    )
+    assert inv["env"]["device_name"] and inv["command"].startswith(
+        "python ainfonce.py --dataset folder"
+    )
     assert saved["training"]["env"]["torch"]
     w, ck = weights(tmp_path / "run" / "last.pt")
     assert ck["epoch"] == 1 and ck["step"] == 4 and ck["args"]["method"] == method
@@ -778,67 +963,140 @@ def test_amp_runs_the_step_in_bf16_and_the_loss_in_fp32(folder, tmp_path, monkey
         loss = real(z, *a, **kw)
         seen.append((z.dtype, loss.dtype))
         return loss
+
     monkeypatch.setattr(A, "a_infonce", recording)
-    res = A.main(tiny(folder, tmp_path / "run", "--method", "both", "--eval", "none", "--knn-every", "0",
-                      *(["--amp"] if amp else ["--no-amp"])))
-    projections = torch.bfloat16 if amp else torch.float32  # the projector's output, under autocast or not
+    res = A.main(
+        tiny(
+            folder,
+            tmp_path / "run",
+            "--method",
+            "both",
+            "--eval",
+            "none",
+            "--knn-every",
+            "0",
+            *(["--amp"] if amp else ["--no-amp"]),
+        )
+    )
+    projections = (
+        torch.bfloat16 if amp else torch.float32
+    )  # the projector's output, under autocast or not
     assert seen and set(seen) == {(projections, torch.float32)}
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
-    assert math.isfinite(log[0]["loss"]) and res == {} and results_files(tmp_path / "run") == []  # nothing measured
+    assert (
+        math.isfinite(log[0]["loss"]) and res == {} and results_files(tmp_path / "run") == []
+    )  # nothing measured
 
 
 def test_the_start_line_and_the_knn_monitor_leave_training_bit_identical(folder, tmp_path, capsys):
     A.main(tiny(folder, tmp_path / "on", "--epochs", "2", "--knn-every", "1", "--eval", "none"))
     start = capsys.readouterr().out.splitlines()[0]
-    assert start == (f"ainfonce: {tmp_path / 'on'} | {DEV.type} ({A.provenance(DEV)['device_name']}) | "
-                     f"folder {folder}: 32 training / 16 test images, 2 classes | hardneg | 2 epochs of 4 steps | "
-                     f"new run")
+    assert start == (
+        f"ainfonce: {tmp_path / 'on'} | {DEV.type} ({A.provenance(DEV)['device_name']}) | "
+        f"folder {folder}: 32 training / 16 test images, 2 classes | hardneg | 2 epochs of 4 "
+        f"steps | "
+        f"new run"
+    )
     A.main(tiny(folder, tmp_path / "off", "--epochs", "2", "--knn-every", "0", "--eval", "none"))
-    logs = {r: [json.loads(line) for line in open(tmp_path / r / "log.jsonl")] for r in ("on", "off")}
-    assert [0 <= rec["knn"] <= 1 for rec in logs["on"]] == [True, True] and all("knn" not in r for r in logs["off"])
-    strip = lambda log: [{k: v for k, v in rec.items() if k not in ("knn", "images_per_s", "train_s")} for rec in log]
+    logs = {
+        r: [json.loads(line) for line in open(tmp_path / r / "log.jsonl")] for r in ("on", "off")
+    }
+    assert [0 <= rec["knn"] <= 1 for rec in logs["on"]] == [True, True] and all(
+        "knn" not in r for r in logs["off"]
+    )
+    strip = lambda log: [
+        {k: v for k, v in rec.items() if k not in ("knn", "images_per_s", "train_s")} for rec in log
+    ]
     assert strip(logs["on"]) == strip(logs["off"])
-    (w_on, ck_on), (w_off, ck_off) = weights(tmp_path / "on" / "last.pt"), weights(tmp_path / "off" / "last.pt")
+    (w_on, ck_on), (w_off, ck_off) = weights(tmp_path / "on" / "last.pt"), weights(
+        tmp_path / "off" / "last.pt"
+    )
     assert all(torch.equal(w_on[k], w_off[k]) for k in w_on)  # BN statistics included
-    assert all(torch.equal(a, b) for a, b in zip(ck_on["rng"][0].values(), ck_off["rng"][0].values())
-               if torch.is_tensor(a))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(ck_on["rng"][0].values(), ck_off["rng"][0].values())
+        if torch.is_tensor(a)
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Evaluation: protocols, finetuning, robust accuracy, guards, AutoAttack
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_protocol_settings_are_the_official_and_robustssl_ones():
     asym = A.scheme_settings("asym-rocl", None, "cifar10", None, 1024)
-    assert asym["slf"] == dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4, momentum=0.9, batch_size=1024,
-                               augment=False, zero_head=False)
+    assert asym["slf"] == dict(
+        epochs=150,
+        milestones=[30, 50, 100],
+        lr=0.1,
+        wd=5e-4,
+        momentum=0.9,
+        batch_size=1024,
+        augment=False,
+        zero_head=False,
+    )
     for s in ("alf", "aff"):
-        assert {k: asym[s][k] for k in ("epochs", "milestones", "lr", "wd", "attack_steps", "attack_step", "eps")} == \
-            dict(epochs=25, milestones=[15, 20], lr=0.1, wd=2e-4, attack_steps=10, attack_step=2 / 255, eps=8 / 255)
-    assert asym["aff"]["trades_beta"] == 6.0 and A.scheme_settings("asym-rocl", None, "cifar10", 10, 8)["alf"][
-        "milestones"] == [6, 8]
+        assert {
+            k: asym[s][k]
+            for k in ("epochs", "milestones", "lr", "wd", "attack_steps", "attack_step", "eps")
+        } == dict(
+            epochs=25,
+            milestones=[15, 20],
+            lr=0.1,
+            wd=2e-4,
+            attack_steps=10,
+            attack_step=2 / 255,
+            eps=8 / 255,
+        )
+    assert asym["aff"]["trades_beta"] == 6.0 and A.scheme_settings(
+        "asym-rocl", None, "cifar10", 10, 8
+    )["alf"]["milestones"] == [6, 8]
     # RobustSSL's setup_hyperparameter, --mode ALL (GodXuxilie/RobustSSL_Benchmark)
     acl = A.scheme_settings("robustssl", "acl", "cifar100", None, 1024)
-    assert {k: acl["slf"][k] for k in ("epochs", "milestones", "lr", "batch_size", "wd", "augment", "zero_head")} == \
-        dict(epochs=25, milestones=[10, 20], lr=0.05, batch_size=512, wd=2e-4, augment=True, zero_head=True)
+    assert {
+        k: acl["slf"][k]
+        for k in ("epochs", "milestones", "lr", "batch_size", "wd", "augment", "zero_head")
+    } == dict(
+        epochs=25,
+        milestones=[10, 20],
+        lr=0.05,
+        batch_size=512,
+        wd=2e-4,
+        augment=True,
+        zero_head=True,
+    )
     assert {k: acl["aff"][k] for k in ("epochs", "milestones", "lr", "batch_size")} == dict(
-        epochs=100, milestones=[40, 60], lr=0.1, batch_size=128)
-    advcl = A.scheme_settings("robustssl", "a-infonce", "folder", None, 1024)  # folder: CIFAR-10's settings
-    assert (advcl["alf"]["lr"], advcl["alf"]["milestones"], advcl["aff"]["epochs"]) == (0.01, [15, 20], 25)
-    air = A.scheme_settings("robustssl", "dynacl-air", "cifar10", None, 1024)  # 5 SLF epochs carry over
+        epochs=100, milestones=[40, 60], lr=0.1, batch_size=128
+    )
+    advcl = A.scheme_settings(
+        "robustssl", "a-infonce", "folder", None, 1024
+    )  # folder: CIFAR-10's settings
+    assert (advcl["alf"]["lr"], advcl["alf"]["milestones"], advcl["aff"]["epochs"]) == (
+        0.01,
+        [15, 20],
+        25,
+    )
+    air = A.scheme_settings(
+        "robustssl", "dynacl-air", "cifar10", None, 1024
+    )  # 5 SLF epochs carry over
     assert [air[s]["epochs"] for s in A.SCHEMES] == [5, 5, 5] and air["aff"]["batch_size"] == 128
     assert A.scheme_settings("robustssl", "dynacl-rcs", "cifar10", None, 1024)["slf"]["lr"] == 0.1
     short = A.scheme_settings("robustssl", "acl", "cifar10", 5, 1024)
-    assert (short["slf"]["epochs"], short["slf"]["milestones"], short["aff"]["milestones"]) == (5, [2, 4], [2, 3])
+    assert (short["slf"]["epochs"], short["slf"]["milestones"], short["aff"]["milestones"]) == (
+        5,
+        [2, 4],
+        [2, 3],
+    )
 
 
 def test_train_head_follows_the_milestones_it_is_given():
     w = nn.Parameter(torch.zeros(2, device=DEV))
     s = dict(A.scheme_settings("asym-rocl", None, "cifar10", None, 4)["slf"])
-    lrs = A.train_head([w], lambda i: (w ** 2).sum() + w.sum(), 8, s, DEV, label="SLF")
+    lrs = A.train_head([w], lambda i: (w**2).sum() + w.sum(), 8, s, DEV, label="SLF")
     assert lrs == pytest.approx([0.1] * 30 + [0.01] * 20 + [0.001] * 50 + [0.0001] * 50)
     s.update(epochs=25, milestones=[15, 20])
-    assert A.train_head([w], lambda i: (w ** 2).sum(), 8, s, DEV, label="ALF") == pytest.approx(
-        [0.1] * 15 + [0.01] * 5 + [0.001] * 5)
+    assert A.train_head([w], lambda i: (w**2).sum(), 8, s, DEV, label="ALF") == pytest.approx(
+        [0.1] * 15 + [0.01] * 5 + [0.001] * 5
+    )
 
 
 def small_encoder(width=4, seed=0):
@@ -847,17 +1105,25 @@ def small_encoder(width=4, seed=0):
 
 
 def test_finetuning_shrinks_the_weights_by_its_decay():
-    """With a loss whose gradient is zero, SGD's steps are its weight decay alone: w <- w - lr v, v <- m v + wd w."""
+    """With a loss whose gradient is zero, SGD's steps are its weight decay alone: w <- w - lr v, v
+    <- m v + wd w."""
     for protocol in ("asym-rocl", "robustssl"):
-        s = dict(A.scheme_settings(protocol, "a-infonce", "cifar10", 1, 4)["slf"], epochs=1, milestones=[5])
+        s = dict(
+            A.scheme_settings(protocol, "a-infonce", "cifar10", 1, 4)["slf"],
+            epochs=1,
+            milestones=[5],
+        )
         w = nn.Parameter(torch.ones(3, device=DEV, dtype=torch.float64))
-        A.train_head([w], lambda idx: (w * 0).sum(), 4 * s["batch_size"], s, DEV, label="SLF")  # four steps
+        A.train_head(
+            [w], lambda idx: (w * 0).sum(), 4 * s["batch_size"], s, DEV, label="SLF"
+        )  # four steps
         expect, v = 1.0, 0.0
         for _ in range(4):
             v = s["momentum"] * v + s["wd"] * expect
             expect -= s["lr"] * v
-        assert s["wd"] > 0 and torch.allclose(w.detach().cpu(), torch.full((3,), expect, dtype=torch.float64),
-                                              rtol=1e-12, atol=0)
+        assert s["wd"] > 0 and torch.allclose(
+            w.detach().cpu(), torch.full((3,), expect, dtype=torch.float64), rtol=1e-12, atol=0
+        )
 
 
 def test_alf_trains_on_pgd_examples_of_encoder_and_head(monkeypatch):
@@ -866,7 +1132,9 @@ def test_alf_trains_on_pgd_examples_of_encoder_and_head(monkeypatch):
     monkeypatch.setattr(A, "linear_head", lambda *a: heads.append(real_head(*a)) or heads[-1])
     encoder = small_encoder()
 
-    def recording(model, x, y, **kw):  # the example made, and the one an attack on encoder + head makes
+    def recording(
+        model, x, y, **kw
+    ):  # the example made, and the one an attack on encoder + head makes
         start = torch.get_rng_state()
         x_adv = real_pgd(model, x, y, **kw)
         after = torch.get_rng_state()
@@ -875,8 +1143,14 @@ def test_alf_trains_on_pgd_examples_of_encoder_and_head(monkeypatch):
         reference = real_pgd(clf, x, y, **kw)
         torch.set_rng_state(after)
         with torch.no_grad():
-            pairs.append((torch.equal(x_adv, reference), F.cross_entropy(clf(x_adv), y) - F.cross_entropy(clf(x), y)))
+            pairs.append(
+                (
+                    torch.equal(x_adv, reference),
+                    F.cross_entropy(clf(x_adv), y) - F.cross_entropy(clf(x), y),
+                )
+            )
         return x_adv
+
     monkeypatch.setattr(A, "pgd", recording)
     x, y = (images(1, 16) * 255).to(torch.uint8), torch.arange(16, device=DEV) % 3
     s = dict(A.scheme_settings("asym-rocl", None, "cifar10", 1, 8)["alf"], epochs=2)
@@ -894,6 +1168,7 @@ def test_aff_starts_from_the_pretrained_encoder(monkeypatch):
             with A.eval_mode(model), torch.no_grad():
                 first.append(torch.allclose(model[0](x), encoder(x)))
         return real(model, x, y, **kw)
+
     monkeypatch.setattr(A, "trades_loss", recording)
     x, y = (images(2, 8) * 255).to(torch.uint8), torch.arange(8, device=DEV) % 2
     s = dict(A.scheme_settings("asym-rocl", None, "cifar10", 1, 8)["aff"], attack_steps=1)
@@ -906,9 +1181,16 @@ def test_robustssl_heads_start_at_zero():
     x, y = (images(5, 8) * 255).to(torch.uint8), torch.arange(8, device=DEV) % 2
     for protocol, zero in (("robustssl", True), ("asym-rocl", False)):
         for scheme in ("slf", "aff"):
-            s = dict(A.scheme_settings(protocol, "a-infonce", "cifar10", 1, 8)[scheme], lr=0.0, attack_steps=1)
+            s = dict(
+                A.scheme_settings(protocol, "a-infonce", "cifar10", 1, 8)[scheme],
+                lr=0.0,
+                attack_steps=1,
+            )
             head = A.FINETUNE[scheme](encoder, x, y, 2, s)[1]  # lr 0: the head as it started
-            assert (head.weight.abs().sum() == 0 and head.bias.abs().sum() == 0) == zero, (protocol, scheme)
+            assert (head.weight.abs().sum() == 0 and head.bias.abs().sum() == 0) == zero, (
+                protocol,
+                scheme,
+            )
 
 
 def test_robustssl_finetunes_on_random_crops_and_flips():
@@ -929,18 +1211,28 @@ def test_robustssl_finetunes_on_random_crops_and_flips():
 
 def test_crop_flip_is_a_padded_crop_and_a_flip():
     import torchvision.transforms.functional as TF
+
     x = (images(6, 400) * 255).to(torch.uint8)
     torch.manual_seed(0)
     out = A.crop_flip(x).cpu()
     padded = F.pad(x.cpu().float() / 255, (4, 4, 4, 4))
     seen, flips = set(), 0
     for img, p in zip(out, padded):
-        hits = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (0, 1)
-                if torch.equal(img, TF.crop(p, dy, dx, 32, 32).flip(2) if f else TF.crop(p, dy, dx, 32, 32))]
+        hits = [
+            (dy, dx, f)
+            for dy in range(9)
+            for dx in range(9)
+            for f in (0, 1)
+            if torch.equal(
+                img, TF.crop(p, dy, dx, 32, 32).flip(2) if f else TF.crop(p, dy, dx, 32, 32)
+            )
+        ]
         assert len(hits) == 1
         seen.add(hits[0][:2])
         flips += hits[0][2]
-    assert len(seen) > 70 and abs(flips / len(out) - 0.5) < 0.1  # offsets 0..8 each way, flips half the time
+    assert (
+        len(seen) > 70 and abs(flips / len(out) - 0.5) < 0.1
+    )  # offsets 0..8 each way, flips half the time
 
 
 def test_robust_accuracy_per_norm_falls_with_eps_as_in_closed_form():
@@ -948,30 +1240,62 @@ def test_robust_accuracy_per_norm_falls_with_eps_as_in_closed_form():
     sa = A.accuracy(model, x, y, 128)
     assert sa == (margin > 0).float().mean().item()
     d = x[0].numel()
-    for norm, radii, drop in (("linf", (2 / 255, 8 / 255, 16 / 255), 1.0), ("l2", (0.25, 1.0, 2.0), d ** -0.5)):
+    for norm, radii, drop in (
+        ("linf", (2 / 255, 8 / 255, 16 / 255), 1.0),
+        ("l2", (0.25, 1.0, 2.0), d**-0.5),
+    ):
         ra = [A.accuracy(model, x, y, 128, A.pgd_attack(norm, e, 2 / 255, 20)) for e in radii]
         assert sa >= ra[0] >= ra[1] >= ra[2], (norm, ra)
         for e, r in zip(radii, ra):
             assert abs(r - (margin > e * drop).float().mean().item()) <= 0.01, (norm, e, r)
 
 
+def independent_pgd(model, x, y, eps, alpha, steps, seed):
+    """PGD from the definition (Madry et al. 2018), written apart from ainfonce.pgd."""
+    g = torch.Generator().manual_seed(seed)
+    delta = ((torch.rand(x.shape, generator=g) * 2 - 1) * eps).to(x.device)
+    delta = (x + delta).clamp(0, 1) - x
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        loss = F.cross_entropy(model(x + delta), y, reduction="sum")
+        loss.backward()
+        delta = (delta.detach() + alpha * delta.grad.sign()).clamp(-eps, eps)
+        delta = (x + delta).clamp(0, 1) - x
+    return (x + delta).detach()
+
+
 def test_robust_accuracy_guards_and_parity_with_independent_pgd():
     model, x, y, margin = linear_data(400)
     sa = A.accuracy(model, x, y, 128)
-    ra = {e: A.accuracy(model, x, y, 128, lambda m, xb, yb: A.pgd(m, xb, yb, eps=e / 255, step=2 / 255))
-          for e in (0, 2, 8, 16, 64)}
+    ra = {
+        e: A.accuracy(
+            model, x, y, 128, lambda m, xb, yb: A.pgd(m, xb, yb, eps=e / 255, step=2 / 255)
+        )
+        for e in (0, 2, 8, 16, 64)
+    }
     assert ra[0] == sa and sa >= ra[2] >= ra[8] >= ra[16] >= ra[64]
     assert ra[64] == 0 and ra[16] <= 0.02
     assert abs(ra[8] - (margin > 8 / 255).float().mean().item()) <= 0.005
-    more = A.accuracy(model, x, y, 128, lambda m, xb, yb: A.pgd(m, xb, yb, eps=8 / 255, step=2 / 255, steps=50))
+    more = A.accuracy(
+        model, x, y, 128, lambda m, xb, yb: A.pgd(m, xb, yb, eps=8 / 255, step=2 / 255, steps=50)
+    )
     assert more <= ra[8] + 0.01
-    ind = (model(independent_pgd(model, x.float() / 255, y, 8 / 255, 2 / 255, 20, seed=1)).argmax(1) == y)
+    ind = (
+        model(independent_pgd(model, x.float() / 255, y, 8 / 255, 2 / 255, 20, seed=1)).argmax(1)
+        == y
+    )
     assert abs(ind.float().mean().item() - ra[8]) <= 0.02
-    g = A.guards(model, x, y, 128, 8 / 255, 20, [("linf", 8 / 255, ra[8]), ("linf", 16 / 255, ra[16])])
+    g = A.guards(
+        model, x, y, 128, 8 / 255, 20, [("linf", 8 / 255, ra[8]), ("linf", 16 / 255, ra[16])]
+    )
     assert g["ok"] and g["threats_fall"] and g["failed"] == []
-    rising = A.guards(model, x, y, 128, 8 / 255, 20, [("l2", 0.5, 0.20), ("l2", 1.0, 0.23)])  # 3 points up
+    rising = A.guards(
+        model, x, y, 128, 8 / 255, 20, [("l2", 0.5, 0.20), ("l2", 1.0, 0.23)]
+    )  # 3 points up
     assert not rising["ok"] and rising["failed"] == ["l2 RA 23.0% at 1 above 20.0% at 0.5"]
-    noise = A.guards(model, x, y, 128, 8 / 255, 20, [("l2", 0.5, 0.20), ("l2", 1.0, 0.2075)])  # a point and an image
+    noise = A.guards(
+        model, x, y, 128, 8 / 255, 20, [("l2", 0.5, 0.20), ("l2", 1.0, 0.2075)]
+    )  # a point and an image
     assert noise["ok"]
 
 
@@ -983,8 +1307,13 @@ class Masked(Linear2):
 def test_guards_flag_masked_gradients():
     model, x, y, _ = linear_data(200)
     masked = Masked(model.p.view(3, 32, 32))
-    masked_ra = A.accuracy(masked, x, y, 128,
-                           lambda m, xb, yb: A.pgd(m, xb, yb, eps=64 / 255, step=2.5 * 64 / 255 / 20))
+    masked_ra = A.accuracy(
+        masked,
+        x,
+        y,
+        128,
+        lambda m, xb, yb: A.pgd(m, xb, yb, eps=64 / 255, step=2.5 * 64 / 255 / 20),
+    )
     assert masked_ra > 0.05  # the attack is fooled ...
     assert not A.guards(masked, x, y, 128, 8 / 255, 20)["ok"]  # ... and the guards say so
 
@@ -995,19 +1324,25 @@ def test_guards_flag_a_classifier_that_no_attack_moves():
     constant = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)).to(DEV)
     with torch.no_grad():
         constant[1].weight.zero_()
-        constant[1].bias.copy_(torch.tensor([0.0, 1.0]))  # class 1 whatever the input: RA = SA at every eps
+        constant[1].bias.copy_(
+            torch.tensor([0.0, 1.0])
+        )  # class 1 whatever the input: RA = SA at every eps
     g = A.guards(constant, x, y, 256, 8 / 255, 4)
     assert g["failed"] == ["RA at 64/255 30.0% (should be ~0)"]
 
 
 def test_guards_use_images_of_every_class():
     x = torch.zeros(1000, 3, 32, 32, dtype=torch.uint8, device=DEV)
-    y = torch.arange(10, device=DEV).repeat_interleave(100)  # sorted by class, as ImageFolder lists them
+    y = torch.arange(10, device=DEV).repeat_interleave(
+        100
+    )  # sorted by class, as ImageFolder lists them
     always0 = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).to(DEV)
     with torch.no_grad():
         always0[1].weight.zero_()
         always0[1].bias.copy_(torch.eye(10)[0])  # predicts class 0 for every image
-    assert A.guards(always0, x, y, 256, 8 / 255, 2)["sa"] < 0.25  # 200 images of class 0 would give 1.0
+    assert (
+        A.guards(always0, x, y, 256, 8 / 255, 2)["sa"] < 0.25
+    )  # 200 images of class 0 would give 1.0
 
 
 def test_evaluation_is_fp32_under_autocast():
@@ -1020,29 +1355,44 @@ def test_evaluation_is_fp32_under_autocast():
 def test_autoattack_names_its_implementation(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyautoattack", types.SimpleNamespace(__version__="9.9"))
     assert A.autoattack_impl() == "pyautoattack 9.9"
-    monkeypatch.setitem(sys.modules, "torchattacks", types.SimpleNamespace(__version__="1.2"))  # not the reference
+    monkeypatch.setitem(
+        sys.modules, "torchattacks", types.SimpleNamespace(__version__="1.2")
+    )  # not the reference
     monkeypatch.setitem(sys.modules, "pyautoattack", None)
     with pytest.raises(A.UsageError, match="pip install pyautoattack"):
         A.autoattack_impl()
 
 
 def stand_in_autoattack(monkeypatch):
-    """A stand-in for pyautoattack that records how it is called (its AutoAttack's arguments, the targets of its
-    targeted attacks, the model's mode) and leaves the images as they are. -> the list of calls."""
+    """A stand-in for pyautoattack that records how it is called (its AutoAttack's arguments, the
+    targets of its targeted attacks, the model's mode) and leaves the images as they are. -> the
+    list of calls."""
     calls = []
 
     class AutoAttack:
         def __init__(self, model, norm, eps, version, device, seed):
             self.model, self.kw = model, dict(norm=norm, eps=eps, version=version, seed=seed)
-            self.apgd_targeted = types.SimpleNamespace(n_target_classes=9)  # as its set_version("standard")
+            self.apgd_targeted = types.SimpleNamespace(
+                n_target_classes=9
+            )  # as its set_version("standard")
             self.fab = types.SimpleNamespace(n_target_classes=9)
 
         def run_standard_evaluation(self, x, y, batch_size):
-            calls.append(dict(self.kw, targets=(self.apgd_targeted.n_target_classes, self.fab.n_target_classes),
-                              eval_mode=not self.model.training, in_range=(0 <= x.min() and x.max() <= 1)))
+            calls.append(
+                dict(
+                    self.kw,
+                    targets=(self.apgd_targeted.n_target_classes, self.fab.n_target_classes),
+                    eval_mode=not self.model.training,
+                    in_range=(0 <= x.min() and x.max() <= 1),
+                )
+            )
             return x, y
-    monkeypatch.setitem(sys.modules, "pyautoattack", types.SimpleNamespace(__version__="stand-in",
-                                                                           AutoAttack=AutoAttack))
+
+    monkeypatch.setitem(
+        sys.modules,
+        "pyautoattack",
+        types.SimpleNamespace(__version__="stand-in", AutoAttack=AutoAttack),
+    )
     return calls
 
 
@@ -1050,60 +1400,127 @@ def stand_in_autoattack(monkeypatch):
 def test_autoattack_is_called_as_the_reference_runs(tmp_path, monkeypatch, classes):
     calls = stand_in_autoattack(monkeypatch)
     data = make_folder(tmp_path / "data", classes=classes, n_train=2, n_test=1)
-    res = A.main(tiny(data, tmp_path / "run", "--autoattack", "--eval-threats", "linf:8/255", "l2:0.5"))
-    others = min(9, classes - 1)  # the targeted attacks aim at every other class, up to the standard 9
-    assert calls == [dict(norm="Linf", eps=8 / 255, version="standard", seed=0, targets=(others, others),
-                          eval_mode=True, in_range=True),
-                     dict(norm="L2", eps=0.5, version="standard", seed=0, targets=(others, others), eval_mode=True,
-                          in_range=True)]
-    assert res["slf_aa"] == res["slf_sa"] and res["identity"]["protocol"]["autoattack"] == "pyautoattack stand-in"
+    res = A.main(
+        tiny(data, tmp_path / "run", "--autoattack", "--eval-threats", "linf:8/255", "l2:0.5")
+    )
+    others = min(
+        9, classes - 1
+    )  # the targeted attacks aim at every other class, up to the standard 9
+    assert calls == [
+        dict(
+            norm="Linf",
+            eps=8 / 255,
+            version="standard",
+            seed=0,
+            targets=(others, others),
+            eval_mode=True,
+            in_range=True,
+        ),
+        dict(
+            norm="L2",
+            eps=0.5,
+            version="standard",
+            seed=0,
+            targets=(others, others),
+            eval_mode=True,
+            in_range=True,
+        ),
+    ]
+    assert (
+        res["slf_aa"] == res["slf_sa"]
+        and res["identity"]["protocol"]["autoattack"] == "pyautoattack stand-in"
+    )
 
 
 def test_resume_under_robustssl_takes_its_autoattack_preset(folder, tmp_path, monkeypatch, capsys):
     four = make_folder(tmp_path / "four", classes=4, n_train=4, n_test=2)
     A.main(tiny(four, tmp_path / "run", "--eval", "none"))  # trained without AutoAttack (asym-rocl)
     monkeypatch.setitem(sys.modules, "pyautoattack", None)
-    fails(["--resume", str(tmp_path / "run"), "--protocol", "robustssl", "--eval", "slf"], capsys,
-          r"AutoAttack needs an optional package: pip install pyautoattack .*--protocol robustssl runs it unless "
-          r"--no-autoattack")
+    fails(
+        ["--resume", str(tmp_path / "run"), "--protocol", "robustssl", "--eval", "slf"],
+        capsys,
+        r"AutoAttack needs an optional package: pip install pyautoattack .*--protocol robustssl "
+        r"runs it unless "
+        r"--no-autoattack",
+    )
     calls = stand_in_autoattack(monkeypatch)
-    res = A.main(["--resume", str(tmp_path / "run"), "--protocol", "robustssl", "--ft-epochs", "1", "--eval", "slf"])
+    res = A.main(
+        [
+            "--resume",
+            str(tmp_path / "run"),
+            "--protocol",
+            "robustssl",
+            "--ft-epochs",
+            "1",
+            "--eval",
+            "slf",
+        ]
+    )
     assert len(calls) == 1 and res["identity"]["protocol"]["autoattack"] == "pyautoattack stand-in"
 
 
 def test_autoattack_runs_and_records_its_implementation(folder, tmp_path, capsys):
     if not importlib.util.find_spec("pyautoattack"):
-        fails(tiny(folder, tmp_path / "none", "--autoattack"), capsys, r"needs an optional package: pip install pyauto",
-              tmp_path / "none")
+        fails(
+            tiny(folder, tmp_path / "none", "--autoattack"),
+            capsys,
+            r"needs an optional package: pip install pyauto",
+            tmp_path / "none",
+        )
         pytest.skip("optional: pip install pyautoattack")
-    fails(tiny(folder, tmp_path / "two", "--autoattack"), capsys, r"AutoAttack needs >= 4 classes", tmp_path / "two")
+    fails(
+        tiny(folder, tmp_path / "two", "--autoattack"),
+        capsys,
+        r"AutoAttack needs >= 4 classes",
+        tmp_path / "two",
+    )
     four = make_folder(tmp_path / "four", classes=4, n_train=4, n_test=2)
-    threats = ["linf:64/255", "l2:8"]  # radii that break every image fast: AutoAttack's later attacks have no work
+    threats = [
+        "linf:64/255",
+        "l2:8",
+    ]  # radii that break every image fast: AutoAttack's later attacks have no work
     res = A.main(tiny(four, tmp_path / "run", "--autoattack", "--eval-threats", *threats))
-    assert res["identity"]["protocol"]["autoattack"] == A.autoattack_impl() and list(res["slf_aa_robust"]) == threats
-    assert 0 <= res["slf_aa"] <= res["slf_sa"] and 0 <= res["slf_aa_robust"]["l2:8"] <= res["slf_sa"]
+    assert (
+        res["identity"]["protocol"]["autoattack"] == A.autoattack_impl()
+        and list(res["slf_aa_robust"]) == threats
+    )
+    assert (
+        0 <= res["slf_aa"] <= res["slf_sa"] and 0 <= res["slf_aa_robust"]["l2:8"] <= res["slf_sa"]
+    )
 
 
 def test_all_schemes_threats_and_eval_only(folder, tmp_path, capsys):
     threats = ["--eval-threats", "linf:8/255", "linf:16/255", "l2:0.5"]
-    res = A.main(tiny(folder, tmp_path / "run", "--eval", "slf", "alf", "aff", "--eval-subset", "10", *threats))
+    res = A.main(
+        tiny(
+            folder, tmp_path / "run", "--eval", "slf", "alf", "aff", "--eval-subset", "10", *threats
+        )
+    )
     console = capsys.readouterr().out  # every robust number is labelled with its threat
     for k in A.SCHEMES:
         r = res[f"{k}_robust"]
-        assert (f"{k.upper()}: SA {100 * res[f'{k}_sa']:.2f}%  RA linf:8/255 {100 * r['linf:8/255']:.2f}%  "
-                f"RA linf:16/255 {100 * r['linf:16/255']:.2f}%  RA l2:0.5 {100 * r['l2:0.5']:.2f}%") in console
+        assert (
+            f"{k.upper()}: SA {100 * res[f'{k}_sa']:.2f}%  RA linf:8/255 "
+            f"{100 * r['linf:8/255']:.2f}%  "
+            f"RA linf:16/255 {100 * r['linf:16/255']:.2f}%  RA l2:0.5 {100 * r['l2:0.5']:.2f}%"
+        ) in console
     for k in A.SCHEMES:
-        assert 0 <= res[f"{k}_ra"] <= res[f"{k}_sa"] <= 1 and list(res[f"{k}_robust"]) == threats[1:]
+        assert (
+            0 <= res[f"{k}_ra"] <= res[f"{k}_sa"] <= 1 and list(res[f"{k}_robust"]) == threats[1:]
+        )
     assert res["identity"]["data"]["n_test"] == 10 and res["slf_guards"]["threats_fall"] is not None
     before = open(res["path"]).read()
-    # the run's own protocol (eval-only inherits it): the finished schemes are kept, nothing is recomputed
+    # the run's own protocol (eval-only inherits it): the finished schemes are kept, nothing is
+    # recomputed
     same = eval_only(tmp_path / "run")
     assert scheme_keys(same) == scheme_keys(res) and open(res["path"]).read() == before
     assert "nothing to do" in capsys.readouterr().out
-    # recomputing them (--overwrite) gives the same numbers: evaluation seeds its own RNG, per scheme
+    # recomputing them (--overwrite) gives the same numbers: evaluation seeds its own RNG, per
+    # scheme
     again = eval_only(tmp_path / "run", "--eval", "alf", "aff", "slf", "--overwrite")
-    assert {k: v for k, v in scheme_keys(again).items() if k != "slf_guards"} == \
-        {k: v for k, v in scheme_keys(res).items() if k != "slf_guards"}
+    assert {k: v for k, v in scheme_keys(again).items() if k != "slf_guards"} == {
+        k: v for k, v in scheme_keys(res).items() if k != "slf_guards"
+    }
     assert again["path"] == res["path"] and results_files(tmp_path / "run") == [res["path"]]
 
 
@@ -1111,55 +1528,114 @@ def test_transfer_from_itself_equals_white_box_pgd(folder, tmp_path, monkeypatch
     A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
     real, made = A.attacked, []
     monkeypatch.setattr(A, "attacked", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
-    res = eval_only(tmp_path / "run", "--transfer-from", str(tmp_path / "run"), "--eval-steps", "5",
-                    "--eval-step", "4/255")
+    res = eval_only(
+        tmp_path / "run",
+        "--transfer-from",
+        str(tmp_path / "run"),
+        "--eval-steps",
+        "5",
+        "--eval-step",
+        "4/255",
+    )
     assert res["slf_ra_transfer"] == res["slf_ra"]
     assert res["identity"]["transfer"]["digest"] == res["identity"]["weights"]["digest"]
-    transfer, white_box = made[:2]  # crafted on the source's SLF classifier, then on the target's: the same draws
+    transfer, white_box = made[
+        :2
+    ]  # crafted on the source's SLF classifier, then on the target's: the same draws
     assert torch.equal(transfer, white_box)
 
 
 def test_eval_dataset_with_other_classes_end_to_end(folder, tmp_path):
     three = make_folder(tmp_path / "three", classes=3, n_train=8, n_test=4, seed=1)
-    res = A.main(tiny(folder, tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", three))
+    res = A.main(
+        tiny(folder, tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", three)
+    )
     data = res["identity"]["data"]
-    assert res["training"]["args"]["dataset"] == "folder" and res["training"]["args"]["n_classes"] == 2
-    assert data["dataset"] == "folder" and data["n_classes"] == 3 and data["dir"] == os.path.realpath(three)
+    assert (
+        res["training"]["args"]["dataset"] == "folder" and res["training"]["args"]["n_classes"] == 2
+    )
+    assert (
+        data["dataset"] == "folder"
+        and data["n_classes"] == 3
+        and data["dir"] == os.path.realpath(three)
+    )
     assert data["n_train"] == 24 and data["n_test"] == 12 and 0 <= res["slf_sa"] <= 1
 
 
 def test_robustssl_protocol_runs_and_never_mixes_with_the_default(folder, tmp_path, capsys):
     default = A.main(tiny(folder, tmp_path / "run", "--eval", "slf"))
     before = open(default["path"]).read()
-    res = eval_only(tmp_path / "run", "--protocol", "robustssl", "--no-autoattack", "--ft-epochs", "2")
+    res = eval_only(
+        tmp_path / "run", "--protocol", "robustssl", "--no-autoattack", "--ft-epochs", "2"
+    )
     p = res["identity"]["protocol"]
-    assert p["name"] == "robustssl" and p["pretraining"] == "a-infonce" and p["schemes"]["slf"]["augment"]
+    assert (
+        p["name"] == "robustssl"
+        and p["pretraining"] == "a-infonce"
+        and p["schemes"]["slf"]["augment"]
+    )
     assert p["schemes"]["slf"]["batch_size"] == 512 and p["schemes"]["aff"]["epochs"] == 2
     assert {"slf_sa", "alf_sa", "aff_sa"} <= set(res)  # robustssl runs all three, as its --mode ALL
-    assert open(default["path"]).read() == before and default["identity"]["protocol"]["name"] == "asym-rocl"
+    assert (
+        open(default["path"]).read() == before
+        and default["identity"]["protocol"]["name"] == "asym-rocl"
+    )
     assert results_files(tmp_path / "run") == sorted([default["path"], res["path"]])
     files = published_files(tmp_path)
-    fails(["--eval-only", files["acl"][0], "--dataset", "folder", "--data-dir", folder, "--protocol", "robustssl"],
-          capsys, r"differ per pretraining method, and .*acl.pt does not say which: name it with --pretraining")
-    fails(["--eval-only", files["acl"][0], "--dataset", "folder", "--data-dir", folder, "--protocol", "robustssl",
-           "--pretraining", "acl"], capsys, r"pip install pyautoattack|AutoAttack needs >= 4 classes")
+    fails(
+        [
+            "--eval-only",
+            files["acl"][0],
+            "--dataset",
+            "folder",
+            "--data-dir",
+            folder,
+            "--protocol",
+            "robustssl",
+        ],
+        capsys,
+        r"differ per pretraining method, and .*acl.pt does not say which: name it with "
+        r"--pretraining",
+    )
+    fails(
+        [
+            "--eval-only",
+            files["acl"][0],
+            "--dataset",
+            "folder",
+            "--data-dir",
+            folder,
+            "--protocol",
+            "robustssl",
+            "--pretraining",
+            "acl",
+        ],
+        capsys,
+        r"pip install pyautoattack|AutoAttack needs >= 4 classes",
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Data and augmentation
-# ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("op,factor", [(0, 0.6), (0, 1.4), (1, 0.6), (1, 1.4), (2, 0.6), (2, 1.4),
-                                       (3, -0.1), (3, 0.07), (3, 0.0)])
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "op,factor",
+    [(0, 0.6), (0, 1.4), (1, 0.6), (1, 1.4), (2, 0.6), (2, 1.4), (3, -0.1), (3, 0.07), (3, 0.0)],
+)
 def test_colour_ops_match_torchvision(op, factor):
     import torchvision.transforms.functional as TF
+
     x = images(op, 8)
     tv = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)[op]
     ref = torch.stack([tv(img, factor) for img in x.cpu()])
-    assert torch.allclose(A.adjust(x, op, torch.full((8,), factor, device=DEV)).cpu(), ref, atol=1e-5)
+    assert torch.allclose(
+        A.adjust(x, op, torch.full((8,), factor, device=DEV)).cpu(), ref, atol=1e-5
+    )
 
 
 def test_color_jitter_applies_each_images_ops_in_its_order_as_torchvision():
     import torchvision.transforms.functional as TF
+
     ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     x = images(7, 24)
     torch.manual_seed(3)
@@ -1173,8 +1649,9 @@ def test_color_jitter_applies_each_images_ops_in_its_order_as_torchvision():
 
 
 def test_jitter_draws_follow_color_jitter():
-    """Over many images: applied with p 0.8, factors uniform in their ranges, and the order a uniform permutation
-    of the four ops per image (each of the 24 orders about equally often), as torchvision's get_params."""
+    """Over many images: applied with p 0.8, factors uniform in their ranges, and the order a
+    uniform permutation of the four ops per image (each of the 24 orders about equally often), as
+    torchvision's get_params."""
     n = 24000
     torch.manual_seed(0)
     on, f, order = (t.cpu() for t in A.jitter_params(n, DEV))
@@ -1185,22 +1662,31 @@ def test_jitter_draws_follow_color_jitter():
     counts = torch.unique(order, dim=0, return_counts=True)[1].float()
     assert len(counts) == 24 and (counts / n - 1 / 24).abs().max() < 0.006
     for k in range(4):  # each op at each position a quarter of the time
-        assert ((order[:, k:k + 1] == torch.arange(4)).float().mean(0) - 0.25).abs().max() < 0.015
+        assert ((order[:, k : k + 1] == torch.arange(4)).float().mean(0) - 0.25).abs().max() < 0.015
 
 
 def test_crop_params_follow_random_resized_crop():
     from torchvision.transforms import RandomResizedCrop
+
     n, img = 10000, torch.zeros(3, 32, 32)
     torch.manual_seed(0)
     w, h, x0, y0 = (t.cpu() for t in A.crop_params(n, DEV))
-    ref = torch.tensor([RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)]).float()
-    pairs = (w * h, ref[:, 2] * ref[:, 3]), (w / h, ref[:, 3] / ref[:, 2]), (x0, ref[:, 1]), (y0, ref[:, 0])
+    ref = torch.tensor(
+        [RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)]
+    ).float()
+    pairs = (
+        (w * h, ref[:, 2] * ref[:, 3]),
+        (w / h, ref[:, 3] / ref[:, 2]),
+        (x0, ref[:, 1]),
+        (y0, ref[:, 0]),
+    )
     for ours, theirs in pairs:
         q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
         assert torch.allclose(ours.quantile(q), theirs.quantile(q), rtol=0.06, atol=1.0)
         assert ours.min() >= theirs.min() - 1 and ours.max() <= theirs.max() + 1
     assert (x0 >= 0).all() and (x0 + w <= 32).all() and (y0 >= 0).all() and (y0 + h <= 32).all()
-    # the aspect ratio is log-uniform: as many crops lean wide as tall, as torchvision's (0.46 / 0.46 here, where a
+    # the aspect ratio is log-uniform: as many crops lean wide as tall, as torchvision's (0.46 /
+    # 0.46 here, where a
     # ratio drawn uniformly would lean wide: 0.52 / 0.40)
     for ours, theirs in (((w > h), ref[:, 3] > ref[:, 2]), ((w < h), ref[:, 3] < ref[:, 2])):
         assert abs(ours.float().mean() - theirs.float().mean()) < 0.025
@@ -1208,10 +1694,17 @@ def test_crop_params_follow_random_resized_crop():
 
 def test_augment_rates_range_and_determinism():
     n = 4000
-    ramp = torch.linspace(0.2, 0.7, 32, device=DEV).expand(n, 3, 32, 32)  # a gray left-to-right ramp
+    ramp = torch.linspace(0.2, 0.7, 32, device=DEV).expand(
+        n, 3, 32, 32
+    )  # a gray left-to-right ramp
     torch.manual_seed(0)
     out = A.augment((ramp * 255).round().to(torch.uint8))
-    assert out.shape == (n, 3, 32, 32) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+    assert (
+        out.shape == (n, 3, 32, 32)
+        and out.dtype == torch.float32
+        and 0 <= out.min()
+        and out.max() <= 1
+    )
     flipped = (out[..., :16].mean((1, 2, 3)) > out[..., 16:].mean((1, 2, 3))).float().mean()
     assert abs(flipped - 0.5) < 0.04
     colour = (images(5, n) * 255).to(torch.uint8)
@@ -1244,11 +1737,17 @@ def test_bad_data(tmp_path, capsys, folder):
     fails(tiny(str(bad), out), capsys, r"cannot read image .*class0/3\.png", out)
     shutil.copytree(folder, tmp_path / "extra")
     (tmp_path / "extra" / "test" / "class9").mkdir()
-    shutil.copy(tmp_path / "extra" / "test" / "class0" / "0.png", tmp_path / "extra" / "test" / "class9")
-    fails(tiny(str(tmp_path / "extra"), out), capsys, r"test classes not in train/: \['class9'\]", out)
+    shutil.copy(
+        tmp_path / "extra" / "test" / "class0" / "0.png", tmp_path / "extra" / "test" / "class9"
+    )
+    fails(
+        tiny(str(tmp_path / "extra"), out), capsys, r"test classes not in train/: \['class9'\]", out
+    )
 
 
-def test_stray_files_are_skipped_and_empty_classes_refused_as_imagefolder_does(folder, tmp_path, capsys):
+def test_stray_files_are_skipped_and_empty_classes_refused_as_imagefolder_does(
+    folder, tmp_path, capsys
+):
     d = tmp_path / "stray"
     shutil.copytree(folder, d)
     (d / "train" / "class0" / "notes.txt").write_text("not an image")
@@ -1256,11 +1755,17 @@ def test_stray_files_are_skipped_and_empty_classes_refused_as_imagefolder_does(f
     res = A.main(tiny(str(d), tmp_path / "run"))
     assert res["identity"]["data"]["n_classes"] == 2 and res["identity"]["data"]["n_train"] == 32
     (d / "train" / "class2").mkdir()
-    fails(tiny(str(d), tmp_path / "run2"), capsys, r"Found no valid file for the classes class2", tmp_path / "run2")
+    fails(
+        tiny(str(d), tmp_path / "run2"),
+        capsys,
+        r"Found no valid file for the classes class2",
+        tmp_path / "run2",
+    )
 
 
 def test_images_of_another_size_are_resized(folder, tmp_path, capsys):
     from PIL import Image
+
     d = tmp_path / "mixed"
     shutil.copytree(folder, d)
     Image.new("RGB", (40, 28), (200, 10, 10)).save(d / "train" / "class1" / "big.png")
@@ -1270,16 +1775,22 @@ def test_images_of_another_size_are_resized(folder, tmp_path, capsys):
 
 def test_imagefolders_quiet_choices_are_said_once(folder, tmp_path, capsys):
     from PIL import Image
+
     d = tmp_path / "odd"
     shutil.copytree(folder, d)
     Image.new("RGBA", (32, 32), (200, 10, 10, 7)).save(d / "train" / "class0" / "alpha.png")
     Image.new("L", (32, 32), 90).save(d / "train" / "class0" / "gray.png")
     (d / "train" / "class1" / "deeper" / "still").mkdir(parents=True)
-    Image.new("RGB", (32, 32), (1, 2, 3)).save(d / "train" / "class1" / "deeper" / "still" / "nested.png")
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(
+        d / "train" / "class1" / "deeper" / "still" / "nested.png"
+    )
     res = A.main(tiny(str(d), tmp_path / "run", "--eval", "none"))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data:")]
-    assert lines == ["data: dropped the alpha channel of 1 train images; repeated 1 grayscale train images to RGB; "
-                     "counted 1 train images of nested sub-folders in their class folder's class"]
+    assert lines == [
+        "data: dropped the alpha channel of 1 train images; repeated 1 grayscale train images to "
+        "RGB; "
+        "counted 1 train images of nested sub-folders in their class folder's class"
+    ]
     assert res == {} and weights(tmp_path / "run" / "last.pt")[1]["args"]["n_classes"] == 2
 
 
@@ -1290,9 +1801,14 @@ def test_offline_download(tmp_path, capsys, monkeypatch, dataset, cls):
 
     def offline(self):
         raise urllib.error.URLError("network is unreachable")
+
     monkeypatch.setattr(getattr(torchvision.datasets, cls), "download", offline)
-    fails(["--dataset", dataset, "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "run")],
-          capsys, rf"could not get {dataset} .* offline\? .*--dataset folder", tmp_path / "run")
+    fails(
+        ["--dataset", dataset, "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "run")],
+        capsys,
+        rf"could not get {dataset} .* offline\? .*--dataset folder",
+        tmp_path / "run",
+    )
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "stl10"])
@@ -1302,18 +1818,27 @@ def test_offline_leaves_nothing_behind(tmp_path, capsys, monkeypatch, dataset):
 
     def offline(*a, **kw):
         raise urllib.error.URLError("network is unreachable")
+
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    fails(["--dataset", dataset, "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "run")], capsys,
-          rf"could not get {dataset}", tmp_path / "run")
+    fails(
+        ["--dataset", dataset, "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "run")],
+        capsys,
+        rf"could not get {dataset}",
+        tmp_path / "run",
+    )
     assert not os.path.exists(tmp_path / "d")  # torchvision made it to download into; nothing came
     (tmp_path / "mine").mkdir()
-    fails(["--dataset", dataset, "--data-dir", str(tmp_path / "mine")], capsys, rf"could not get {dataset}")
+    fails(
+        ["--dataset", dataset, "--data-dir", str(tmp_path / "mine")],
+        capsys,
+        rf"could not get {dataset}",
+    )
     assert os.path.isdir(tmp_path / "mine")  # the user's own directory stays
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints, the field's state dicts, results that cannot go stale or mix
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def field_state_dict(encoder_sd, dual=False, prefix="module."):
     """Our encoder's weights in the layouts published checkpoints use."""
     out = {}
@@ -1338,29 +1863,116 @@ def test_field_layout_state_dicts_evaluate_exactly_as_our_checkpoint(folder, tmp
     data = ["--dataset", "folder", "--data-dir", folder]
     torch.save({"state_dict": field_state_dict(enc)}, tmp_path / "plain.pt")
     dual = field_state_dict(enc, dual=True, prefix="encoder.")
-    dual["encoder.normalize.mean"], dual["encoder.normalize.std"] = torch.zeros(3), torch.ones(3)  # ACL/DynACL's
+    dual["encoder.normalize.mean"], dual["encoder.normalize.std"] = torch.zeros(3), torch.ones(
+        3
+    )  # ACL/DynACL's
     torch.save(dual, tmp_path / "dual.pt")
     x, reference = images(3, 8).cpu(), A.load_checkpoint(str(tmp_path / "run")).encoder.eval()
-    for name, ignored in (("plain", 2), ("dual", 102)):  # fc.*; and 20 BN layers x 5 tensors of the other branch
+    for name, ignored in (
+        ("plain", 2),
+        ("dual", 102),
+    ):  # fc.*; and 20 BN layers x 5 tensors of the other branch
         encoder = A.load_checkpoint(str(tmp_path / f"{name}.pt")).encoder.eval()
         assert f"ignored {ignored} keys" in capsys.readouterr().out
         assert torch.equal(encoder(x), reference(x))
         res = eval_only(tmp_path / f"{name}.pt", *data, *strong, "--out", str(tmp_path / name))
         assert res["weights"]["checkpoint"].endswith(f"{name}.pt")
-        assert {k: res[k] for k in ("slf_sa", "slf_ra")} == {k: ours[k] for k in ("slf_sa", "slf_ra")}
+        assert {k: res[k] for k in ("slf_sa", "slf_ra")} == {
+            k: ours[k] for k in ("slf_sa", "slf_ra")
+        }
     branch0 = A.load_checkpoint(str(tmp_path / "dual.pt"), {"bn_branch": 0}).encoder.eval()
     assert not torch.allclose(branch0(x), reference(x))
-    fails(["--eval-only", str(tmp_path / "plain.pt")], capsys, r"plain state dict: name its data set with --dataset")
+    fails(
+        ["--eval-only", str(tmp_path / "plain.pt")],
+        capsys,
+        r"plain state dict: name its data set with --dataset",
+    )
     bad = dict(field_state_dict(enc), **{"module.layer5.0.conv1.weight": torch.zeros(1)})
     torch.save(bad, tmp_path / "bad.pt")
-    fails(["--eval-only", str(tmp_path / "bad.pt"), *data], capsys, r"does not match the model .*unexpected layer5")
+    fails(
+        ["--eval-only", str(tmp_path / "bad.pt"), *data],
+        capsys,
+        r"does not match the model .*unexpected layer5",
+    )
     torch.save({"net": {"features.0.weight": torch.zeros(1)}}, tmp_path / "alien.pt")
-    fails(["--eval-only", str(tmp_path / "alien.pt"), *data], capsys, r"neither an ainfonce checkpoint nor .*layout")
+    fails(
+        ["--eval-only", str(tmp_path / "alien.pt"), *data],
+        capsys,
+        r"neither an ainfonce checkpoint nor .*layout",
+    )
+
+
+def resnet18_tensors(width, seed):
+    """Random weights and BN statistics of a CIFAR ResNet-18 under canonical names (conv1, bn1,
+    layerI.J.conv1/bn1/ conv2/bn2, layerI.0.down.conv/bn), written from the architecture, not from
+    ainfonce's modules."""
+    g, t = torch.Generator().manual_seed(seed), {}
+
+    def conv(name, cout, cin, k):
+        t[f"{name}.weight"] = torch.randn(cout, cin, k, k, generator=g) * (2 / (cin * k * k)) ** 0.5
+
+    def bn(name, c):
+        t.update(
+            {
+                f"{name}.weight": torch.rand(c, generator=g) + 0.5,
+                f"{name}.bias": torch.randn(c, generator=g) * 0.1,
+                f"{name}.running_mean": torch.randn(c, generator=g) * 0.1,
+                f"{name}.running_var": torch.rand(c, generator=g) + 0.5,
+                f"{name}.num_batches_tracked": torch.tensor(7),
+            }
+        )
+
+    conv("conv1", width, 3, 3)
+    bn("bn1", width)
+    chans = [width, width, 2 * width, 4 * width, 8 * width]
+    for i in range(1, 5):
+        for j in range(2):
+            p, cin, cout = f"layer{i}.{j}", chans[i - 1] if j == 0 else chans[i], chans[i]
+            conv(f"{p}.conv1", cout, cin, 3), bn(f"{p}.bn1", cout)
+            conv(f"{p}.conv2", cout, cout, 3), bn(f"{p}.bn2", cout)
+            if j == 0 and i > 1:
+                conv(f"{p}.down.conv", cout, cin, 1), bn(f"{p}.down.bn", cout)
+    return t
+
+
+def reference_features(t, x, padding=1, mean=None, std=None):
+    """The ResNet-18 forward in eval mode, in plain functional ops on canonical names (not
+    ainfonce's model)."""
+    if mean is not None:
+        x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    bn = lambda h, n: F.batch_norm(
+        h,
+        t[f"{n}.running_mean"],
+        t[f"{n}.running_var"],
+        t[f"{n}.weight"],
+        t[f"{n}.bias"],
+        False,
+        0.0,
+        1e-5,
+    )
+    h = F.relu(bn(F.conv2d(x, t["conv1.weight"], padding=padding), "bn1"))
+    for i in range(1, 5):
+        for j in range(2):
+            p, stride = f"layer{i}.{j}", 2 if i > 1 and j == 0 else 1
+            o = F.relu(
+                bn(F.conv2d(h, t[f"{p}.conv1.weight"], stride=stride, padding=1), f"{p}.bn1")
+            )
+            o = bn(F.conv2d(o, t[f"{p}.conv2.weight"], padding=1), f"{p}.bn2")
+            h = F.relu(
+                o
+                + (
+                    bn(F.conv2d(h, t[f"{p}.down.conv.weight"], stride=stride), f"{p}.down.bn")
+                    if f"{p}.down.conv.weight" in t
+                    else h
+                )
+            )
+    return h.mean((2, 3))
 
 
 def in_layout(branches, down, bn_list=True):
-    """Canonical tensors -> a repository's names: BN branches [{canonical: tensor}] as bn_list.K (or one plain BN),
-    the downsampling branch as `down` ("shortcut.0/1", "downsample.conv/bn", "downsample.0/1")."""
+    """Canonical tensors -> a repository's names: BN branches [{canonical: tensor}] as bn_list.K (or
+    one plain BN), the downsampling branch as `down` ("shortcut.0/1", "downsample.conv/bn",
+    "downsample.0/1")."""
     out = {}
     for k, t in enumerate(branches):
         for name, v in t.items():
@@ -1381,68 +1993,214 @@ CIFAR = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.247, 0.243, 0.26
 
 
 def published_files(tmp_path, width=8):
-    """A file in each published layout (README, Evaluating published checkpoints), saved the way each repository's
-    training script saves it -> {name: (path, tensors of the encoder to evaluate, stem padding, normalisation)}."""
+    """A file in each published layout (README, Evaluating published checkpoints), saved the way
+    each repository's training script saves it -> {name: (path, tensors of the encoder to evaluate,
+    stem padding, normalisation)}."""
+
     def branches(seed, n):  # one set of weights, n sets of BN statistics
         base, out = resnet18_tensors(width, seed), []
         for k in range(n):
             other = resnet18_tensors(width, seed * 10 + k + 1)
-            out.append({n_: (other[n_] if re.search(r"bn\d?\.|down\.bn\.", n_) else v) for n_, v in base.items()})
+            out.append(
+                {
+                    n_: (other[n_] if re.search(r"bn\d?\.|down\.bn\.", n_) else v)
+                    for n_, v in base.items()
+                }
+            )
         return out
+
     heads = lambda prefix, names: {f"{prefix}{n}.weight": torch.randn(3, 8 * width) for n in names}
     acl = branches(1, 2)
     files = {
-        "rocl": ({"epoch": 1, "acc": 0.0, "optimizer_state": {}, "rng_state": torch.get_rng_state(),
-                  "model": {f"module.{k}": v for k, v in in_layout(branches(0, 1), ("shortcut.0", "shortcut.1"),
-                                                                  bn_list=False).items()}}, branches(0, 1)[0], 1, None),
-        "acl": ({"epoch": 1, "optim": {}, "state_dict": {**in_layout(acl, ("downsample.conv", "downsample.bn")),
-                 "normalize.mean": IMAGENET[0], "normalize.std": IMAGENET[1], **heads("fc.", ["fc1", "fc2"])}},
-                acl[1], 1, IMAGENET),
-        "acl-single": ({"epoch": 1, "optim": {}, "state_dict": {**in_layout(acl[:1], ("downsample.conv",
-                        "downsample.bn")), "normalize.mean": IMAGENET[0], "normalize.std": IMAGENET[1]}},
-                       acl[0], 1, IMAGENET),
+        "rocl": (
+            {
+                "epoch": 1,
+                "acc": 0.0,
+                "optimizer_state": {},
+                "rng_state": torch.get_rng_state(),
+                "model": {
+                    f"module.{k}": v
+                    for k, v in in_layout(
+                        branches(0, 1), ("shortcut.0", "shortcut.1"), bn_list=False
+                    ).items()
+                },
+            },
+            branches(0, 1)[0],
+            1,
+            None,
+        ),
+        "acl": (
+            {
+                "epoch": 1,
+                "optim": {},
+                "state_dict": {
+                    **in_layout(acl, ("downsample.conv", "downsample.bn")),
+                    "normalize.mean": IMAGENET[0],
+                    "normalize.std": IMAGENET[1],
+                    **heads("fc.", ["fc1", "fc2"]),
+                },
+            },
+            acl[1],
+            1,
+            IMAGENET,
+        ),
+        "acl-single": (
+            {
+                "epoch": 1,
+                "optim": {},
+                "state_dict": {
+                    **in_layout(acl[:1], ("downsample.conv", "downsample.bn")),
+                    "normalize.mean": IMAGENET[0],
+                    "normalize.std": IMAGENET[1],
+                },
+            },
+            acl[0],
+            1,
+            IMAGENET,
+        ),
     }
     advcl = branches(2, 3)
-    files["advcl"] = ({"epoch": 1, "rng_state": torch.get_rng_state(), "model": {
-        f"module.{k}": v for k, v in {**in_layout(advcl, ("downsample.conv", "downsample.bn")), **heads(
-            "", ["fc_002", "fc_500", "head_ce.0", "head_proj.3", "head_pred.0"])}.items()}},
-        advcl[1], 1, None)
+    files["advcl"] = (
+        {
+            "epoch": 1,
+            "rng_state": torch.get_rng_state(),
+            "model": {
+                f"module.{k}": v
+                for k, v in {
+                    **in_layout(advcl, ("downsample.conv", "downsample.bn")),
+                    **heads("", ["fc_002", "fc_500", "head_ce.0", "head_proj.3", "head_pred.0"]),
+                }.items()
+            },
+        },
+        advcl[1],
+        1,
+        None,
+    )
     dyn_q, dyn_k = branches(3, 2), branches(4, 2)
     norm = {"normalize.mean": IMAGENET[0], "normalize.std": IMAGENET[1]}
-    files["dynacl"] = ({"epoch": 1, "optim": {}, "state_dict": {
-        **{f"encoder_q.{k}": v for k, v in {**in_layout(dyn_q, ("downsample.conv", "downsample.bn")),
-                                            **norm}.items()},
-        **{f"encoder_k.{k}": v for k, v in {**in_layout(dyn_k, ("downsample.conv", "downsample.bn")),
-                                            **norm}.items()}}},
-        dyn_k[1], 1, IMAGENET)
+    files["dynacl"] = (
+        {
+            "epoch": 1,
+            "optim": {},
+            "state_dict": {
+                **{
+                    f"encoder_q.{k}": v
+                    for k, v in {
+                        **in_layout(dyn_q, ("downsample.conv", "downsample.bn")),
+                        **norm,
+                    }.items()
+                },
+                **{
+                    f"encoder_k.{k}": v
+                    for k, v in {
+                        **in_layout(dyn_k, ("downsample.conv", "downsample.bn")),
+                        **norm,
+                    }.items()
+                },
+            },
+        },
+        dyn_k[1],
+        1,
+        IMAGENET,
+    )
     pp = branches(5, 1)
-    files["dynacl++"] = ({"epoch": 1, "optim": {}, "state_dict": {**in_layout(pp, ("downsample.0", "downsample.1"),
-                          bn_list=False), **norm, **heads("", ["fc"])}}, pp[0], 1, IMAGENET)
+    files["dynacl++"] = (
+        {
+            "epoch": 1,
+            "optim": {},
+            "state_dict": {
+                **in_layout(pp, ("downsample.0", "downsample.1"), bn_list=False),
+                **norm,
+                **heads("", ["fc"]),
+            },
+        },
+        pp[0],
+        1,
+        IMAGENET,
+    )
     student, teacher = branches(6, 1), branches(7, 1)
-    solo = lambda prefix, t: {f"{prefix}{k}": v for k, v in {
-        **in_layout(t, ("downsample.0", "downsample.1"), bn_list=False), "normalize.mean": CIFAR[0],
-        "normalize.std": CIFAR[1]}.items()}
-    files["deacl"] = ({"epoch": 99, "global_step": 1, "pytorch-lightning_version": "1.6.0", "state_dict": {
-        **solo("backbone.", student), **solo("momentum_backbone.", teacher),
-        **heads("", ["classifier", "classifier_adv"])}},
-        student[0], 2, CIFAR)
+    solo = lambda prefix, t: {
+        f"{prefix}{k}": v
+        for k, v in {
+            **in_layout(t, ("downsample.0", "downsample.1"), bn_list=False),
+            "normalize.mean": CIFAR[0],
+            "normalize.std": CIFAR[1],
+        }.items()
+    }
+    files["deacl"] = (
+        {
+            "epoch": 99,
+            "global_step": 1,
+            "pytorch-lightning_version": "1.6.0",
+            "state_dict": {
+                **solo("backbone.", student),
+                **solo("momentum_backbone.", teacher),
+                **heads("", ["classifier", "classifier_adv"]),
+            },
+        },
+        student[0],
+        2,
+        CIFAR,
+    )
     files["deacl-backbone"] = ({"state_dict": solo("backbone.", student)}, student[0], 2, CIFAR)
-    # RobustSSL's finetuned files (Vanilla_Finetuning/utils.py save_checkpoint): its models/resnet.py always holds
-    # ImageNet normalize buffers; its SLF/ALF models of AdvCL and A-InfoNCE are built with do_normalize=0
+    # RobustSSL's finetuned files (Vanilla_Finetuning/utils.py save_checkpoint): its
+    # models/resnet.py always holds
+    # ImageNet normalize buffers; its SLF/ALF models of AdvCL and A-InfoNCE are built with
+    # do_normalize=0
     finetuned = branches(8, 1)
-    files["robustssl-advcl-slf"] = ({"state_dict": {
-        **in_layout(finetuned, ("downsample.0", "downsample.1"), bn_list=False), **norm, **heads("", ["fc"])}},
-        finetuned[0], 1, None)
-    files["robustssl-acl-aff"] = ({"state_dict": {
-        **in_layout(finetuned, ("downsample.0", "downsample.1"), bn_list=False), **norm, **heads("", ["fc"])}},
-        finetuned[0], 1, IMAGENET)
-    dual = branches(9, 2)  # a file whose only state dict is state_dict_dual (RobustSSL looks there first)
-    files["state-dict-dual"] = ({"epoch": 1, "state_dict_dual": {**in_layout(dual, ("downsample.conv",
-                                 "downsample.bn")), **norm}}, dual[1], 1, IMAGENET)
+    files["robustssl-advcl-slf"] = (
+        {
+            "state_dict": {
+                **in_layout(finetuned, ("downsample.0", "downsample.1"), bn_list=False),
+                **norm,
+                **heads("", ["fc"]),
+            }
+        },
+        finetuned[0],
+        1,
+        None,
+    )
+    files["robustssl-acl-aff"] = (
+        {
+            "state_dict": {
+                **in_layout(finetuned, ("downsample.0", "downsample.1"), bn_list=False),
+                **norm,
+                **heads("", ["fc"]),
+            }
+        },
+        finetuned[0],
+        1,
+        IMAGENET,
+    )
+    dual = branches(
+        9, 2
+    )  # a file whose only state dict is state_dict_dual (RobustSSL looks there first)
+    files["state-dict-dual"] = (
+        {
+            "epoch": 1,
+            "state_dict_dual": {**in_layout(dual, ("downsample.conv", "downsample.bn")), **norm},
+        },
+        dual[1],
+        1,
+        IMAGENET,
+    )
     wrapped = branches(10, 2)  # DynACL's model.pt saved from DataParallel(torch.compile(model))
-    files["dynacl-wrapped"] = ({"epoch": 1, "state_dict": {
-        f"module._orig_mod.{prefix}.{k}": v for prefix in ("encoder_q", "encoder_k") for k, v in {
-            **in_layout(wrapped, ("downsample.conv", "downsample.bn")), **norm}.items()}}, wrapped[1], 1, IMAGENET)
+    files["dynacl-wrapped"] = (
+        {
+            "epoch": 1,
+            "state_dict": {
+                f"module._orig_mod.{prefix}.{k}": v
+                for prefix in ("encoder_q", "encoder_k")
+                for k, v in {
+                    **in_layout(wrapped, ("downsample.conv", "downsample.bn")),
+                    **norm,
+                }.items()
+            },
+        },
+        wrapped[1],
+        1,
+        IMAGENET,
+    )
     out = {}
     for name, (ck, t, padding, norm) in files.items():
         torch.save(ck, tmp_path / f"{name}.pt")
@@ -1452,16 +2210,26 @@ def published_files(tmp_path, width=8):
 
 def test_every_published_layout_loads_to_its_own_encoder(tmp_path, capsys):
     x = images(4, 6).cpu()
-    flags = {"dynacl++": dict(stem_padding=1, normalise="inside"), "deacl-backbone": dict(stem_padding=2),
-             "robustssl-advcl-slf": dict(stem_padding=1, normalise="none"),
-             "robustssl-acl-aff": dict(stem_padding=1, normalise="inside")}
-    expect = {"rocl": (1, None, []), "acl": (1, 1, ["bn_list.0", "fc"]), "acl-single": (1, 0, []),
-              "advcl": (1, 1, ["bn_list.0", "bn_list.2", "fc_002", "head_ce"]),
-              "dynacl": (1, 1, ["encoder_q", "bn_list.0"]),
-              "dynacl++": (1, None, ["fc"]), "deacl": (2, None, ["momentum_backbone", "classifier", "classifier_adv"]),
-              "deacl-backbone": (2, None, []), "robustssl-advcl-slf": (1, None, ["fc", "normalize"]),
-              "robustssl-acl-aff": (1, None, ["fc"]), "state-dict-dual": (1, 1, ["bn_list.0"]),
-              "dynacl-wrapped": (1, 1, ["encoder_q", "bn_list.0"])}
+    flags = {
+        "dynacl++": dict(stem_padding=1, normalise="inside"),
+        "deacl-backbone": dict(stem_padding=2),
+        "robustssl-advcl-slf": dict(stem_padding=1, normalise="none"),
+        "robustssl-acl-aff": dict(stem_padding=1, normalise="inside"),
+    }
+    expect = {
+        "rocl": (1, None, []),
+        "acl": (1, 1, ["bn_list.0", "fc"]),
+        "acl-single": (1, 0, []),
+        "advcl": (1, 1, ["bn_list.0", "bn_list.2", "fc_002", "head_ce"]),
+        "dynacl": (1, 1, ["encoder_q", "bn_list.0"]),
+        "dynacl++": (1, None, ["fc"]),
+        "deacl": (2, None, ["momentum_backbone", "classifier", "classifier_adv"]),
+        "deacl-backbone": (2, None, []),
+        "robustssl-advcl-slf": (1, None, ["fc", "normalize"]),
+        "robustssl-acl-aff": (1, None, ["fc"]),
+        "state-dict-dual": (1, 1, ["bn_list.0"]),
+        "dynacl-wrapped": (1, 1, ["encoder_q", "bn_list.0"]),
+    }
     layouts = {"advcl": "advcl", "dynacl": "dynacl", "dynacl-wrapped": "dynacl", "deacl": "deacl"}
     for name, (path, t, padding, norm) in published_files(tmp_path).items():
         _, ck, _, encoder, read = A.load_checkpoint(path, flags.get(name, {}))
@@ -1469,31 +2237,64 @@ def test_every_published_layout_loads_to_its_own_encoder(tmp_path, capsys):
         with torch.no_grad():
             ours = encoder.eval()(x)
         assert ck is None and ((ours - ref).abs().max() / ref.abs().max()) < 1e-4, name
-        assert (read["stem_padding"], read["bn_branch"]) == expect[name][:2] and encoder.conv1.padding == (padding,) * 2
+        assert (read["stem_padding"], read["bn_branch"]) == expect[name][
+            :2
+        ] and encoder.conv1.padding == (padding,) * 2
         assert set(expect[name][2]) <= set(read["ignored"]), (name, read["ignored"])
-        assert read["layout"] == layouts.get(name, "other") and read["normalise_inside"] == (norm is not None)
-        assert read["encoder"] == {"dynacl": "encoder_k", "dynacl-wrapped": "encoder_k"}.get(name, read["encoder"])
+        assert read["layout"] == layouts.get(name, "other") and read["normalise_inside"] == (
+            norm is not None
+        )
+        assert read["encoder"] == {"dynacl": "encoder_k", "dynacl-wrapped": "encoder_k"}.get(
+            name, read["encoder"]
+        )
         assert f"stem padding {padding}" in capsys.readouterr().out
-    for name in ("dynacl++", "deacl-backbone"):  # torchvision-style names without a solo-learn Lightning container
-        with pytest.raises(A.UsageError, match=r"torchvision-style keys .* pass --stem-padding 2 or 1"):
+    for name in (
+        "dynacl++",
+        "deacl-backbone",
+    ):  # torchvision-style names without a solo-learn Lightning container
+        with pytest.raises(
+            A.UsageError, match=r"torchvision-style keys .* pass --stem-padding 2 or 1"
+        ):
             A.load_checkpoint(str(tmp_path / f"{name}.pt"))
-    with pytest.raises(A.UsageError, match=r"RobustSSL's SLF/ALF files of AdvCL and A-InfoNCE hold them unused: "
-                                           r"pass --normalise inside or none"):
+    with pytest.raises(
+        A.UsageError,
+        match=r"RobustSSL's SLF/ALF files of AdvCL and A-InfoNCE hold them unused: "
+        r"pass --normalise inside or none",
+    ):
         A.load_checkpoint(str(tmp_path / "robustssl-advcl-slf.pt"), {"stem_padding": 1})
 
 
-@pytest.mark.parametrize("name,flags,pattern", [
-    ("rocl", {"stem_padding": 2}, r"--stem-padding 2: .*rocl.pt holds a stem its key names fix: leave --stem-padding"),
-    ("acl", {"stem_padding": 1}, r"--stem-padding 1: .* holds a stem its key names fix"),
-    ("advcl", {"stem_padding": 2}, r"--stem-padding 2: .* holds a stem its key names fix"),
-    ("dynacl", {"stem_padding": 1}, r"--stem-padding 1: .* holds a stem its key names fix"),
-    ("deacl", {"stem_padding": 1}, r"--stem-padding 1: .* holds a stem its key names fix"),
-    ("rocl", {"bn_branch": 1}, r"--bn-branch 1: .* holds one set of BN statistics"),
-    ("acl-single", {"bn_branch": 0}, r"--bn-branch 0: .* holds BN branches \[0\]: leave --bn-branch out"),
-    ("acl", {"normalise": "none"}, r"--normalise none: .* holds normalize.mean/std that its layout applies"),
-    ("deacl-backbone", {"stem_padding": 2, "normalise": "none"}, r"--normalise none: .* that its layout applies"),
-    ("advcl", {"normalise": "inside"}, r"--normalise inside: .* holds no normalize.mean/std"),
-])
+@pytest.mark.parametrize(
+    "name,flags,pattern",
+    [
+        (
+            "rocl",
+            {"stem_padding": 2},
+            r"--stem-padding 2: .*rocl.pt holds a stem its key names fix: leave --stem-padding",
+        ),
+        ("acl", {"stem_padding": 1}, r"--stem-padding 1: .* holds a stem its key names fix"),
+        ("advcl", {"stem_padding": 2}, r"--stem-padding 2: .* holds a stem its key names fix"),
+        ("dynacl", {"stem_padding": 1}, r"--stem-padding 1: .* holds a stem its key names fix"),
+        ("deacl", {"stem_padding": 1}, r"--stem-padding 1: .* holds a stem its key names fix"),
+        ("rocl", {"bn_branch": 1}, r"--bn-branch 1: .* holds one set of BN statistics"),
+        (
+            "acl-single",
+            {"bn_branch": 0},
+            r"--bn-branch 0: .* holds BN branches \[0\]: leave --bn-branch out",
+        ),
+        (
+            "acl",
+            {"normalise": "none"},
+            r"--normalise none: .* holds normalize.mean/std that its layout applies",
+        ),
+        (
+            "deacl-backbone",
+            {"stem_padding": 2, "normalise": "none"},
+            r"--normalise none: .* that its layout applies",
+        ),
+        ("advcl", {"normalise": "inside"}, r"--normalise inside: .* holds no normalize.mean/std"),
+    ],
+)
 def test_a_reading_flag_the_file_answers_is_refused(tmp_path, name, flags, pattern):
     files = published_files(tmp_path)
     with pytest.raises(A.UsageError, match=pattern):
@@ -1504,16 +2305,23 @@ def test_unreadable_checkpoints_say_what_to_do(folder, tmp_path):
     A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
     last = tmp_path / "run" / "last.pt"
     (tmp_path / "broken.pt").write_bytes(open(last, "rb").read()[:2000])
-    with pytest.raises(A.UsageError, match=r"broken.pt is not a readable checkpoint: corrupt or truncated "
-                                           r"\(RuntimeError\); restore a copy of it"):
+    with pytest.raises(
+        A.UsageError,
+        match=r"broken.pt is not a readable checkpoint: corrupt or truncated "
+        r"\(RuntimeError\); restore a copy of it",
+    ):
         A.load_checkpoint(str(tmp_path / "broken.pt"))
     ck = torch.load(last, weights_only=True)
-    torch.save({"state_dict": field_state_dict(ck["encoder"]), "args": argparse.Namespace(lr=0.1)},
-               tmp_path / "objects.pt")  # as RoCL-era scripts save their argparse arguments
+    torch.save(
+        {"state_dict": field_state_dict(ck["encoder"]), "args": argparse.Namespace(lr=0.1)},
+        tmp_path / "objects.pt",
+    )  # as RoCL-era scripts save their argparse arguments
     with pytest.raises(A.UsageError) as e:
         A.load_checkpoint(str(tmp_path / "objects.pt"))
     advice = re.search(r'python -c "(.*)"$', str(e.value)).group(1)
-    subprocess.run([sys.executable, "-c", advice], cwd=tmp_path, check=True)  # the advice, as printed, works
+    subprocess.run(
+        [sys.executable, "-c", advice], cwd=tmp_path, check=True
+    )  # the advice, as printed, works
     encoder = A.load_checkpoint(str(tmp_path / "weights.pt")).encoder
     assert torch.equal(encoder.state_dict()["conv1.weight"], ck["encoder"]["conv1.weight"])
 
@@ -1523,20 +2331,35 @@ def test_a_padding_2_file_is_never_evaluated_with_a_padding_1_stem(folder, tmp_p
     path, t, _, norm = files["deacl"]
     x = images(5, 6).cpu()
     with torch.no_grad():
-        assert not torch.allclose(reference_features(t, x, 1, *norm), reference_features(t, x, 2, *norm), rtol=1e-2)
-    fails(["--eval-only", files["deacl-backbone"][0], "--dataset", "folder", "--data-dir", folder], capsys,
-          r"pass --stem-padding 2 or 1")
-    res = eval_only(path, "--dataset", "folder", "--data-dir", folder, "--out", str(tmp_path / "deacl"))
+        assert not torch.allclose(
+            reference_features(t, x, 1, *norm), reference_features(t, x, 2, *norm), rtol=1e-2
+        )
+    fails(
+        ["--eval-only", files["deacl-backbone"][0], "--dataset", "folder", "--data-dir", folder],
+        capsys,
+        r"pass --stem-padding 2 or 1",
+    )
+    res = eval_only(
+        path, "--dataset", "folder", "--data-dir", folder, "--out", str(tmp_path / "deacl")
+    )
     read = res["read"]
-    assert read["stem_padding"] == 2 and read["encoder"] == "backbone" and 0 <= res["slf_ra"] <= res["slf_sa"] <= 1
+    assert (
+        read["stem_padding"] == 2
+        and read["encoder"] == "backbone"
+        and 0 <= res["slf_ra"] <= res["slf_sa"] <= 1
+    )
     assert read["ignored"]["momentum_backbone"] == 122  # the teacher: 20 convs/BNs, 122 tensors
     saved = only_results(tmp_path / "deacl")
-    assert saved["identity"]["weights"]["stem_padding"] == 2 and saved["identity"] == res["identity"]
+    assert (
+        saved["identity"]["weights"]["stem_padding"] == 2 and saved["identity"] == res["identity"]
+    )
 
 
 def test_bn_branches_are_read_from_the_file_or_named(tmp_path):
     files = published_files(tmp_path)
-    assert A.load_checkpoint(files["acl-single"][0]).read["bn_branch"] == 0  # the only branch: no flag needed
+    assert (
+        A.load_checkpoint(files["acl-single"][0]).read["bn_branch"] == 0
+    )  # the only branch: no flag needed
     with pytest.raises(A.UsageError, match=r"holds BN branches \[0, 1\]: pass one of them"):
         A.load_checkpoint(files["acl"][0], {"bn_branch": 2})
     with pytest.raises(A.UsageError, match=r"one set of BN statistics .* leave --bn-branch out"):
@@ -1544,7 +2367,9 @@ def test_bn_branches_are_read_from_the_file_or_named(tmp_path):
     ck = torch.load(files["advcl"][0], weights_only=True)
     ck["model"] = {k: v for k, v in ck["model"].items() if ".bn_list.1." not in k}
     torch.save(ck, tmp_path / "no-pgd.pt")
-    with pytest.raises(A.UsageError, match=r"holds BN branches \[0, 2\], none of them 1 .* --bn-branch"):
+    with pytest.raises(
+        A.UsageError, match=r"holds BN branches \[0, 2\], none of them 1 .* --bn-branch"
+    ):
         A.load_checkpoint(str(tmp_path / "no-pgd.pt"))
 
 
@@ -1556,27 +2381,62 @@ def test_corrupt_and_mismatched_checkpoints(folder, tmp_path, capsys):
     truncated.write_bytes(open(run / "last.pt", "rb").read()[:1000])
     fails(["--eval-only", str(truncated)], capsys, r"not a readable checkpoint")
     fails(["--resume", str(truncated)], capsys, r"not a readable checkpoint")
-    torch.save(dict(ck, encoder={f"module.{k}": v for k, v in ck["encoder"].items()}), tmp_path / "prefixed.pt")
-    fails(["--eval-only", str(tmp_path / "prefixed.pt")], capsys, r"encoder does not match .*missing conv1\.weight")
+    torch.save(
+        dict(ck, encoder={f"module.{k}": v for k, v in ck["encoder"].items()}),
+        tmp_path / "prefixed.pt",
+    )
+    fails(
+        ["--eval-only", str(tmp_path / "prefixed.pt")],
+        capsys,
+        r"encoder does not match .*missing conv1\.weight",
+    )
     torch.save(dict(ck, args=dict(ck["args"], width=16)), tmp_path / "wider.pt")
-    fails(["--eval-only", str(tmp_path / "wider.pt")], capsys, r"conv1\.weight \(8, 3, 3, 3\) vs \(16, 3, 3, 3\)")
+    fails(
+        ["--eval-only", str(tmp_path / "wider.pt")],
+        capsys,
+        r"conv1\.weight \(8, 3, 3, 3\) vs \(16, 3, 3, 3\)",
+    )
     torch.save({k: v for k, v in ck.items() if k != "history"}, tmp_path / "old.pt")
-    fails(["--eval-only", str(tmp_path / "old.pt")], capsys,
-          r"not a complete ainfonce checkpoint: it lacks \['history'\]")
+    fails(
+        ["--eval-only", str(tmp_path / "old.pt")],
+        capsys,
+        r"not a complete ainfonce checkpoint: it lacks \['history'\]",
+    )
     fails(["--eval-only", str(tmp_path / "missing.pt")], capsys, r"no checkpoint at")
     torch.save({"state_dict": field_state_dict(ck["encoder"])}, tmp_path / "plain.pt")
-    fails(["--resume", str(tmp_path / "plain.pt")], capsys, r"plain state dict: --resume needs an ainfonce checkpoint")
+    fails(
+        ["--resume", str(tmp_path / "plain.pt")],
+        capsys,
+        r"plain state dict: --resume needs an ainfonce checkpoint",
+    )
 
 
-def test_eval_only_evaluates_under_the_runs_protocol_and_never_changes_its_numbers(folder, tmp_path, capsys):
-    run = A.main(tiny(folder, tmp_path / "run", "--eval-subset", "10", "--batch-size", "4", "--attack-steps", "1"))
+def test_eval_only_evaluates_under_the_runs_protocol_and_never_changes_its_numbers(
+    folder, tmp_path, capsys
+):
+    run = A.main(
+        tiny(
+            folder,
+            tmp_path / "run",
+            "--eval-subset",
+            "10",
+            "--batch-size",
+            "4",
+            "--attack-steps",
+            "1",
+        )
+    )
     before = open(run["path"]).read()
     same = eval_only(tmp_path / "run")  # the run's own protocol: its 10 test images, its settings
     assert "nothing to do" in capsys.readouterr().out and same == json.loads(json.dumps(run))
     other = eval_only(tmp_path / "run", "--eval-subset", "0")  # another protocol: another file
-    assert open(run["path"]).read() == before and results_files(tmp_path / "run") == sorted([run["path"],
-                                                                                           other["path"]])
-    assert other["identity"]["data"]["n_test"] == 16 and other["identity"]["weights"] == run["identity"]["weights"]
+    assert open(run["path"]).read() == before and results_files(tmp_path / "run") == sorted(
+        [run["path"], other["path"]]
+    )
+    assert (
+        other["identity"]["data"]["n_test"] == 16
+        and other["identity"]["weights"] == run["identity"]["weights"]
+    )
     assert other["training"] == run["training"] and other["training"]["args"]["attack_steps"] == 1
 
 
@@ -1588,16 +2448,24 @@ def test_eval_only_finds_moved_data_and_checks_classes(folder, tmp_path, capsys,
     shutil.move(str(moved), tmp_path / "elsewhere")
     monkeypatch.chdir(tmp_path)
     fails(["--eval-only", str(tmp_path / "run")], capsys, r"data directory .*moved does not exist")
-    fails(["--eval-only", str(tmp_path / "run")], capsys, r"came from the checkpoint's --data-dir\): pass --data-dir")
+    fails(
+        ["--eval-only", str(tmp_path / "run")],
+        capsys,
+        r"came from the checkpoint's --data-dir\): pass --data-dir",
+    )
     res = eval_only(tmp_path / "run", "--data-dir", str(tmp_path / "elsewhere"))
     assert 0 <= res["slf_sa"] <= 1
     three = make_folder(tmp_path / "three", classes=3)
-    fails(["--eval-only", str(tmp_path / "run"), "--data-dir", three], capsys,
-          r"has 3 classes, .* had 2: .*--eval-dataset")
+    fails(
+        ["--eval-only", str(tmp_path / "run"), "--data-dir", three],
+        capsys,
+        r"has 3 classes, .* had 2: .*--eval-dataset",
+    )
 
 
-def test_evaluating_an_unfinished_run_never_changes_what_the_finished_run_reports(folder, tmp_path, monkeypatch,
-                                                                                    capsys):
+def test_evaluating_an_unfinished_run_never_changes_what_the_finished_run_reports(
+    folder, tmp_path, monkeypatch, capsys
+):
     full = A.main(tiny(folder, tmp_path / "full", "--epochs", "2"))
     real = A.lr_at
 
@@ -1605,6 +2473,7 @@ def test_evaluating_an_unfinished_run_never_changes_what_the_finished_run_report
         if step == 5:
             raise KeyboardInterrupt
         return real(step, *a)
+
     monkeypatch.setattr(A, "lr_at", cut)
     with pytest.raises(SystemExit):
         A.main(tiny(folder, tmp_path / "run", "--epochs", "2", "--ckpt-every", "1"))
@@ -1615,8 +2484,12 @@ def test_evaluating_an_unfinished_run_never_changes_what_the_finished_run_report
     assert early["weights"]["final"] is False and early["weights"]["step"] == 5
     assert results_files(tmp_path / "run") == [early["path"]]
     done = A.main(["--resume", str(tmp_path / "run")])
-    assert "SLF: SA" in capsys.readouterr().out  # evaluated again, on the final weights, into their own file
-    assert done["weights"]["final"] and results_files(tmp_path / "run") == sorted([early["path"], done["path"]])
+    assert (
+        "SLF: SA" in capsys.readouterr().out
+    )  # evaluated again, on the final weights, into their own file
+    assert done["weights"]["final"] and results_files(tmp_path / "run") == sorted(
+        [early["path"], done["path"]]
+    )
     assert done["identity"] == full["identity"] != early["identity"]
     assert scheme_keys(done) == scheme_keys(full) == scheme_keys(on_disk(done))
     # a file whose identity is not its name's (edited by hand) is refused, never used or rewritten
@@ -1633,84 +2506,146 @@ def test_a_live_owner_is_refused_and_a_dead_ones_lock_is_taken_over(folder, tmp_
     A.main(tiny(folder, out))
     assert open(out / ".lock").read() == ""  # a clean exit releases it
     before = {name: open(out / name, "rb").read() for name in os.listdir(out)}
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 4242 on elsewhere'); f.flush(); "
-                               "print('locked', flush=True); time.sleep(120)", str(out / ".lock")],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); f.write('pid 4242 on elsewhere'); f.flush(); "
+            "print('locked', flush=True); time.sleep(120)",
+            str(out / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
-    fails(tiny(folder, out), capsys, r"run is in use by pid 4242 on elsewhere: wait for it to end")  # not "holds a run"
-    fails(tiny(folder, out, "--overwrite"), capsys, r"run is in use by pid 4242 on elsewhere: wait for it to end")
-    fails(["--eval-only", str(out), "--eval-threats", "l2:0.5"], capsys, r"run is in use by pid 4242 on elsewhere")
+    fails(
+        tiny(folder, out), capsys, r"run is in use by pid 4242 on elsewhere: wait for it to end"
+    )  # not "holds a run"
+    fails(
+        tiny(folder, out, "--overwrite"),
+        capsys,
+        r"run is in use by pid 4242 on elsewhere: wait for it to end",
+    )
+    fails(
+        ["--eval-only", str(out), "--eval-threats", "l2:0.5"],
+        capsys,
+        r"run is in use by pid 4242 on elsewhere",
+    )
     fails(["--resume", str(out)], capsys, r"run is in use by pid 4242")
     after = {name: open(out / name, "rb").read() for name in os.listdir(out)}
-    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    assert {k: v for k, v in after.items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"
+    }
     holder.kill()
     holder.wait()  # died holding the lock: its line stays in the file, the flock is gone
     res = eval_only(out, "--eval-threats", "l2:0.5")
-    assert "taking over the lock of pid 4242 on elsewhere" in capsys.readouterr().out and 0 <= res["slf_sa"] <= 1
+    assert (
+        "taking over the lock of pid 4242 on elsewhere" in capsys.readouterr().out
+        and 0 <= res["slf_sa"] <= 1
+    )
     assert open(out / ".lock").read() == ""
-    # a directory copied while its owner ran: the copied line names a live process that holds no lock here
+    # a directory copied while its owner ran: the copied line names a live process that holds no
+    # lock here
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    (out / ".lock").write_text(f"pid {sleeper.pid} on {socket.gethostname()} since 2026-01-01 00:00:00")
+    (out / ".lock").write_text(
+        f"pid {sleeper.pid} on {socket.gethostname()} since 2026-01-01 00:00:00"
+    )
     eval_only(out, "--eval-threats", "l2:0.25")
     sleeper.kill()
     sleeper.wait()
-    assert f"names pid {sleeper.pid} on {socket.gethostname()} since 2026-01-01 00:00:00, which is running but does " \
-           f"not hold the lock (a copied directory?)" in capsys.readouterr().out
+    assert (
+        f"names pid {sleeper.pid} on {socket.gethostname()} since 2026-01-01 00:00:00, which is "
+        f"running but does "
+        f"not hold the lock (a copied directory?)" in capsys.readouterr().out
+    )
 
 
 @slow
 @cpu_only
 def test_two_runs_started_together_on_one_out_do_not_mix(folder, tmp_path):
-    argv = lambda method, seed: tiny(folder, tmp_path / "run", "--method", method, "--seed", seed, "--epochs", "2")
+    argv = lambda method, seed: tiny(
+        folder, tmp_path / "run", "--method", method, "--seed", seed, "--epochs", "2"
+    )
     procs = [launch(argv("hardneg", "0")), launch(argv("rocl", "1"))]
     outs = [p.communicate(timeout=300) for p in procs]
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 2], outs
     winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
-    # the loser meets the winner's lock (its line is written right after the lock is taken) or its checkpoint
+    # the loser meets the winner's lock (its line is written right after the lock is taken) or its
+    # checkpoint
     assert re.search(r"in use by pid \d+ on|already holds a run", outs[loser][1]), outs[loser][1]
     method = ("hardneg", "rocl")[winner]
     res = only_results(tmp_path / "run")
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     config = json.load(open(tmp_path / "run" / "config.json"))
-    assert res["training"]["args"]["method"] == ck["args"]["method"] == config["args"]["method"] == method
+    assert (
+        res["training"]["args"]["method"]
+        == ck["args"]["method"]
+        == config["args"]["method"]
+        == method
+    )
 
 
 def test_refuses_to_clobber_and_checks_resume(folder, tmp_path, capsys):
     run = tmp_path / "run"
     A.main(tiny(folder, run, "--eval", "none"))
     before = open(run / "last.pt", "rb").read()
-    fails(tiny(folder, run, "--eval", "none"), capsys, r"already holds a run: continue it with --resume")
-    fails(["--resume", str(run), "--method", "rocl"], capsys,
-          r"cannot resume .*--method hardneg \(checkpoint\) vs rocl")
-    fails(["--resume", str(run), "--width", "16", "--dataset", "cifar10"], capsys,
-          r"cannot resume .*--dataset folder \(checkpoint\) vs cifar10, --width 8 \(checkpoint\) vs 16")
+    fails(
+        tiny(folder, run, "--eval", "none"),
+        capsys,
+        r"already holds a run: continue it with --resume",
+    )
+    fails(
+        ["--resume", str(run), "--method", "rocl"],
+        capsys,
+        r"cannot resume .*--method hardneg \(checkpoint\) vs rocl",
+    )
+    fails(
+        ["--resume", str(run), "--width", "16", "--dataset", "cifar10"],
+        capsys,
+        r"cannot resume .*--dataset folder \(checkpoint\) vs cifar10, --width 8 \(checkpoint\) "
+        r"vs 16",
+    )
     assert open(run / "last.pt", "rb").read() == before
-    assert A.main(["--resume", str(run), "--eval", "none"]) == {}  # finished, nothing asked: nothing to do
+    assert (
+        A.main(["--resume", str(run), "--eval", "none"]) == {}
+    )  # finished, nothing asked: nothing to do
     assert open(run / "last.pt", "rb").read() == before
     A.main(tiny(folder, run, "--eval", "none", "--overwrite"))
 
 
 def test_unwritable_or_full_output_fails_before_training(folder, tmp_path, capsys, monkeypatch):
     (tmp_path / "file").write_text("x")
-    fails(tiny(folder, tmp_path / "file" / "run"), capsys, r"cannot write to .*(?i:not a directory)")
-    monkeypatch.setattr(A.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=2**40, used=2**40, free=1024))
+    fails(
+        tiny(folder, tmp_path / "file" / "run"), capsys, r"cannot write to .*(?i:not a directory)"
+    )
+    monkeypatch.setattr(
+        A.shutil,
+        "disk_usage",
+        lambda path: types.SimpleNamespace(total=2**40, used=2**40, free=1024),
+    )
     fails(tiny(folder, tmp_path / "run"), capsys, r"only 0 MiB free", tmp_path / "run")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Results: a number is filed under everything that made it, and reused only under the same
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_other_images_under_the_same_name_get_their_own_numbers(folder, tmp_path, capsys):
     run = A.main(tiny(folder, tmp_path / "run", "--eval", "slf"))
-    other = make_folder(tmp_path / "other", classes=2, seed=5)  # same class names and count, other images
+    other = make_folder(
+        tmp_path / "other", classes=2, seed=5
+    )  # same class names and count, other images
     res = eval_only(tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", other)
     assert "nothing to do" not in capsys.readouterr().out and res["path"] != run["path"]
     assert res["identity"]["data"]["fingerprint"] != run["identity"]["data"]["fingerprint"]
     assert res["identity"]["data"]["dir"] == os.path.realpath(other)
-    alf = eval_only(tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", other, "--eval", "alf")
-    assert alf["path"] == res["path"] and "alf_sa" not in on_disk(run)  # a new scheme joins its own data's file
+    alf = eval_only(
+        tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", other, "--eval", "alf"
+    )
+    assert alf["path"] == res["path"] and "alf_sa" not in on_disk(
+        run
+    )  # a new scheme joins its own data's file
     assert on_disk(run) == json.loads(json.dumps({k: v for k, v in run.items() if k != "path"}))
 
 
@@ -1724,19 +2659,26 @@ def test_two_encoders_evaluated_into_one_folder_keep_both_numbers(folder, tmp_pa
     first = eval_only(tmp_path / "ckpts" / "rocl.pt", *data)
     second = eval_only(tmp_path / "ckpts" / "hardneg.pt", *data)
     assert results_files(tmp_path / "ckpts") == sorted([first["path"], second["path"]])
-    assert on_disk(first)["slf_sa"] == first["slf_sa"] and on_disk(second)["slf_sa"] == second["slf_sa"]
+    assert (
+        on_disk(first)["slf_sa"] == first["slf_sa"]
+        and on_disk(second)["slf_sa"] == second["slf_sa"]
+    )
 
 
 def test_weights_that_differ_only_in_bn_statistics_or_stem_get_their_own_numbers(tmp_path, folder):
     files = published_files(tmp_path)
     data = ["--dataset", "folder", "--data-dir", folder, "--out", str(tmp_path / "out")]
     two = eval_only(files["deacl-backbone"][0], "--stem-padding", "2", *data)
-    one = eval_only(files["deacl-backbone"][0], "--stem-padding", "1", "--normalise", "inside", *data)  # another
+    one = eval_only(
+        files["deacl-backbone"][0], "--stem-padding", "1", "--normalise", "inside", *data
+    )  # another
     # network from the same tensors
     assert one["path"] != two["path"] and one["identity"]["weights"]["stem_padding"] == 1
     ck = torch.load(files["rocl"][0], weights_only=True)
     before = eval_only(files["rocl"][0], *data)
-    ck["model"]["module.bn1.running_var"] = ck["model"]["module.bn1.running_var"] * 2  # BN statistics alone
+    ck["model"]["module.bn1.running_var"] = (
+        ck["model"]["module.bn1.running_var"] * 2
+    )  # BN statistics alone
     torch.save(ck, files["rocl"][0])
     after = eval_only(files["rocl"][0], *data)
     assert after["identity"]["weights"]["digest"] != before["identity"]["weights"]["digest"]
@@ -1755,8 +2697,11 @@ def test_a_transfer_source_is_known_by_its_weights_not_its_path(folder, tmp_path
     second = eval_only(tmp_path / "run", "--transfer-from", str(tmp_path / "src"))
     assert "nothing to do" not in capsys.readouterr().out and second["path"] != first["path"]
     assert second["identity"]["transfer"]["digest"] != first["identity"]["transfer"]["digest"]
-    fails(["--eval-only", str(tmp_path / "run"), "--transfer-from", str(tmp_path / "nowhere")], capsys,
-          r"--transfer-from: no checkpoint at .*nowhere")
+    fails(
+        ["--eval-only", str(tmp_path / "run"), "--transfer-from", str(tmp_path / "nowhere")],
+        capsys,
+        r"--transfer-from: no checkpoint at .*nowhere",
+    )
 
 
 def test_a_resume_against_other_images_is_refused_by_name(folder, tmp_path, monkeypatch, capsys):
@@ -1770,6 +2715,7 @@ def test_a_resume_against_other_images_is_refused_by_name(folder, tmp_path, monk
         if step == 2:
             raise KeyboardInterrupt
         return real(step, *a)
+
     monkeypatch.setattr(A, "lr_at", cut)
     with pytest.raises(SystemExit):
         A.main(tiny("data", "run", "--ckpt-every", "1", "--eval", "none"))
@@ -1777,8 +2723,13 @@ def test_a_resume_against_other_images_is_refused_by_name(folder, tmp_path, monk
     shutil.copytree(here / "run", there / "run")
     monkeypatch.chdir(there)
     capsys.readouterr()
-    fails(["--resume", "run"], capsys, r"the run trained on the images in .*here/data \(fingerprint \w+\); data is "
-          r".*there/data, whose images differ \(fingerprint \w+\): pass --data-dir with the run's images")
+    fails(
+        ["--resume", "run"],
+        capsys,
+        r"the run trained on the images in .*here/data \(fingerprint \w+\); data is "
+        r".*there/data, whose images differ \(fingerprint \w+\): pass --data-dir with the run's "
+        r"images",
+    )
     A.main(["--resume", "run", "--data-dir", str(here / "data"), "--eval", "none"])
     ck = weights(there / "run" / "last.pt")[1]
     assert ck["step"] == 4 and ck["data"]["dir"] == os.path.realpath(here / "data")
@@ -1786,25 +2737,54 @@ def test_a_resume_against_other_images_is_refused_by_name(folder, tmp_path, monk
 
 def test_eval_only_refuses_flags_of_pretraining(folder, tmp_path, capsys):
     A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
-    fails(["--eval-only", str(tmp_path / "run"), "--method", "rocl", "--width", "4", "--epochs", "1000"], capsys,
-          r"--method, --width, --epochs: flags of pretraining do not apply to --eval-only; its run's: --method "
-          r"hardneg, --width 8, --epochs 1")
-    fails(["--eval-only", str(tmp_path / "run"), "--dataset", "cifar10"], capsys, r"use --eval-dataset")
-    fails(["--eval-only", str(tmp_path / "run"), "--resume", str(tmp_path / "run")], capsys,
-          r"--resume continues a run and --eval-only evaluates one: pass one of them")
+    fails(
+        [
+            "--eval-only",
+            str(tmp_path / "run"),
+            "--method",
+            "rocl",
+            "--width",
+            "4",
+            "--epochs",
+            "1000",
+        ],
+        capsys,
+        r"--method, --width, --epochs: flags of pretraining do not apply to --eval-only; its "
+        r"run's: --method "
+        r"hardneg, --width 8, --epochs 1",
+    )
+    fails(
+        ["--eval-only", str(tmp_path / "run"), "--dataset", "cifar10"],
+        capsys,
+        r"use --eval-dataset",
+    )
+    fails(
+        ["--eval-only", str(tmp_path / "run"), "--resume", str(tmp_path / "run")],
+        capsys,
+        r"--resume continues a run and --eval-only evaluates one: pass one of them",
+    )
 
 
 def test_the_finetuning_radius_is_the_protocols_not_the_first_threats(folder, tmp_path):
     A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
-    one = eval_only(tmp_path / "run", "--eval", "alf", "--eval-threats", "linf:16/255", "linf:8/255")
-    two = eval_only(tmp_path / "run", "--eval", "alf", "--eval-threats", "linf:8/255", "linf:16/255")
+    one = eval_only(
+        tmp_path / "run", "--eval", "alf", "--eval-threats", "linf:16/255", "linf:8/255"
+    )
+    two = eval_only(
+        tmp_path / "run", "--eval", "alf", "--eval-threats", "linf:8/255", "linf:16/255"
+    )
     assert one["alf_robust"] == two["alf_robust"] and one["alf_sa"] == two["alf_sa"]
     assert one["identity"]["protocol"]["schemes"]["alf"]["eps"] == 8 / 255
 
 
 def test_a_single_class_is_refused(tmp_path, capsys):
     one = make_folder(tmp_path / "one", classes=1)
-    fails(tiny(one, tmp_path / "run"), capsys, r"has 1 class: classification needs at least 2", tmp_path / "run")
+    fails(
+        tiny(one, tmp_path / "run"),
+        capsys,
+        r"has 1 class: classification needs at least 2",
+        tmp_path / "run",
+    )
 
 
 def test_evaluation_gives_sigterm_back(folder, tmp_path):
@@ -1816,19 +2796,25 @@ def test_evaluation_gives_sigterm_back(folder, tmp_path):
 def test_the_console_says_which_protocol_ran_and_where_its_numbers_are(folder, tmp_path, capsys):
     res = A.main(tiny(folder, tmp_path / "run", "--eval", "slf", "alf"))
     out = capsys.readouterr().out
-    assert f"evaluation: asym-rocl protocol on folder {os.path.realpath(folder)} (32 training / 16 test images): " \
-           f"SLF 150 epochs (lr 0.1, batch 64); ALF 1 epoch (lr 0.1, batch 64, PGD at 8/255); RA: PGD-2 (step " \
-           f"2/255) at linf:8/255 -> {res['path']}" in out
+    assert (
+        f"evaluation: asym-rocl protocol on folder {os.path.realpath(folder)} (32 training / 16 "
+        f"test images): "
+        f"SLF 150 epochs (lr 0.1, batch 64); ALF 1 epoch (lr 0.1, batch 64, PGD at 8/255); RA: "
+        f"PGD-2 (step "
+        f"2/255) at linf:8/255 -> {res['path']}" in out
+    )
     assert out.rstrip().endswith(f"results: {res['path']}")
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Interruption and resume
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 @slow
 @pytest.mark.parametrize("how", ["sigkill_after_epoch", "sigterm_mid_epoch"])
 def test_killed_run_resumes_from_the_printed_hint_bit_exactly(folder, tmp_path, how):
-    argv = lambda out: tiny(folder, out, "--epochs", "3", "--eval", "none", "--ckpt-every", "1", "--batch-size", "4")
+    argv = lambda out: tiny(
+        folder, out, "--epochs", "3", "--eval", "none", "--ckpt-every", "1", "--batch-size", "4"
+    )
     assert launch(argv(tmp_path / "full")).wait() == 0
     proc = launch(argv(tmp_path / "cut"))
     if how == "sigkill_after_epoch":
@@ -1840,41 +2826,76 @@ def test_killed_run_resumes_from_the_printed_hint_bit_exactly(folder, tmp_path, 
         wait_for_checkpoint(proc, tmp_path / "cut" / "last.pt", lambda ck: ck["step"] >= 10)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait() == 130
-        hint = re.search(r"continue with: python ainfonce.py (.*)", proc.communicate()[1]).group(1).split()
+        hint = (
+            re.search(r"continue with: python ainfonce.py (.*)", proc.communicate()[1])
+            .group(1)
+            .split()
+        )
     cut, ck = weights(tmp_path / "cut" / "last.pt")
     assert ck["step"] < 24  # the run really was cut short
     resumed = launch(hint)  # exactly what was printed: the checkpoint holds the arguments
     out, err = resumed.communicate()
     assert resumed.returncode == 0, err
-    assert how == "sigkill_after_epoch" or re.search(r"resuming .* at epoch (\d), step (\d+)/8", out).groups() == \
-        (str(ck["step"] // 8 + 1), str(ck["step"] % 8))
+    assert how == "sigkill_after_epoch" or re.search(
+        r"resuming .* at epoch (\d), step (\d+)/8", out
+    ).groups() == (str(ck["step"] // 8 + 1), str(ck["step"] % 8))
     full, _ = weights(tmp_path / "full" / "last.pt")
     done, ck = weights(tmp_path / "cut" / "last.pt")
     assert ck["epoch"] == 3 and ck["step"] == 24
     assert full.keys() == done.keys() and all(torch.equal(full[k], done[k]) for k in full)
-    logs = [[json.loads(line) for line in open(tmp_path / r / "log.jsonl")] for r in ("full", "cut")]
+    logs = [
+        [json.loads(line) for line in open(tmp_path / r / "log.jsonl")] for r in ("full", "cut")
+    ]
     assert [r["epoch"] for r in logs[1]] == [1, 2, 3]  # every epoch, the interrupted one too
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]]
 
 
-def test_interrupt_during_evaluation_keeps_the_finished_schemes(folder, tmp_path, monkeypatch, capsys):
+def test_a_stop_asked_during_the_last_step_stops_before_the_evaluation(
+    folder, tmp_path, monkeypatch, capsys
+):
+    real = A.end_epoch
+
+    def late(*a):  # SIGTERM once the last step has passed its stop check, as the epoch closes
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a)
+
+    monkeypatch.setattr(A, "end_epoch", late)
+    with pytest.raises(SystemExit) as e:
+        A.main(tiny(folder, tmp_path / "run"))
+    assert e.value.code == 130 and "continue with" in capsys.readouterr().err
+    assert weights(tmp_path / "run" / "last.pt")[1]["step"] == 4 and not results_files(
+        tmp_path / "run"
+    )
+    monkeypatch.setattr(A, "end_epoch", real)
+    assert "slf_sa" in A.main(["--resume", str(tmp_path / "run")])  # the hint's command evaluates
+
+
+def test_interrupt_during_evaluation_keeps_the_finished_schemes(
+    folder, tmp_path, monkeypatch, capsys
+):
     argv = tiny(folder, tmp_path / "run", "--eval", "slf", "alf", "aff")
     full = A.main(tiny(folder, tmp_path / "full", "--eval", "slf", "alf", "aff"))
     real = interrupt_as_alf_starts(monkeypatch)
     with pytest.raises(SystemExit) as e:
         A.main(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 130 and f"finish with: python ainfonce.py --resume {tmp_path / 'run'}" in err
+    assert (
+        e.value.code == 130
+        and f"finish with: python ainfonce.py --resume {tmp_path / 'run'}" in err
+    )
     kept = only_results(tmp_path / "run")
     assert "slf_sa" in kept and "alf_sa" not in kept
     monkeypatch.setattr(A, "train_head", real)
     done = A.main(["--resume", str(tmp_path / "run")])
     assert done["slf_s"] == kept["slf_s"] and {"alf_sa", "aff_sa"} <= set(done)
-    assert {k: v for k, v in scheme_keys(done).items() if "guards" not in k} == \
-        {k: v for k, v in scheme_keys(full).items() if "guards" not in k}
+    assert {k: v for k, v in scheme_keys(done).items() if "guards" not in k} == {
+        k: v for k, v in scheme_keys(full).items() if "guards" not in k
+    }
 
 
-def test_the_hint_after_an_interrupted_resume_finishes_what_it_asked(folder, tmp_path, monkeypatch, capsys):
+def test_the_hint_after_an_interrupted_resume_finishes_what_it_asked(
+    folder, tmp_path, monkeypatch, capsys
+):
     A.main(tiny(folder, tmp_path / "run", "--eval", "slf"))  # trained and evaluated: SLF only
     real = interrupt_as_alf_starts(monkeypatch)
     with pytest.raises(SystemExit):
@@ -1886,59 +2907,95 @@ def test_the_hint_after_an_interrupted_resume_finishes_what_it_asked(folder, tmp
     assert {"slf_sa", "alf_sa"} <= set(done) and "nothing to do" not in capsys.readouterr().out
 
 
-def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes(folder, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes(
+    folder, tmp_path, monkeypatch, capsys
+):
     real_save, calls = torch.save, []
 
     def full_disk(obj, f):
         calls.append(1)
         if len(calls) == 2:  # the second checkpoint meets a full disk half-way
             f.write(b"partial")
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
-                               "data/0: file write failed")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                "file "
+                "data/0: file write failed"
+            )
         real_save(obj, f)
 
     monkeypatch.setattr(torch, "save", full_disk)
-    fails(tiny(folder, tmp_path / "run", "--epochs", "2", "--eval", "none"), capsys,
-          r"could not write .*last\.pt: .*file write failed; .*last\.pt still holds step 4; free space, then: python "
-          r"ainfonce\.py --resume", code=4)
+    fails(
+        tiny(folder, tmp_path / "run", "--epochs", "2", "--eval", "none"),
+        capsys,
+        r"could not write .*last\.pt: .*file write failed; .*last\.pt still holds step 4; free "
+        r"space, then: python "
+        r"ainfonce\.py --resume",
+        code=4,
+    )
     _, ck = weights(tmp_path / "run" / "last.pt")
-    assert ck["epoch"] == 1 and not glob.glob(str(tmp_path / "run" / "*.tmp"))  # kept; nothing left to fill the disk
+    assert ck["epoch"] == 1 and not glob.glob(
+        str(tmp_path / "run" / "*.tmp")
+    )  # kept; nothing left to fill the disk
     monkeypatch.setattr(torch, "save", real_save)
     A.main(["--resume", str(tmp_path / "run"), "--eval", "none"])  # space freed
     assert weights(tmp_path / "run" / "last.pt")[1]["epoch"] == 2
-    # during evaluation: the finished scheme stays, no .tmp is left, and the printed command finishes the rest
+    # during evaluation: the finished scheme stays, no .tmp is left, and the printed command
+    # finishes the rest
     real_write, writes = A.atomic_write, []
 
     def fails_third(path, write):
         writes.append(path)
-        if len(writes) == 3:  # the file is written at the start and after each scheme: SLF is in, ALF is not
+        if (
+            len(writes) == 3
+        ):  # the file is written at the start and after each scheme: SLF is in, ALF is not
             raise A.WriteFailed(f"could not write {path}: No space left on device")
         real_write(path, write)
+
     monkeypatch.setattr(A, "atomic_write", fails_third)
-    fails(["--resume", str(tmp_path / "run"), "--eval", "slf", "alf"], capsys,
-          r"No space left on device; the finished schemes stay in .*results-\w+\.json; free space, then: python "
-          r"ainfonce\.py --resume", code=4)
+    fails(
+        ["--resume", str(tmp_path / "run"), "--eval", "slf", "alf"],
+        capsys,
+        r"No space left on device; the finished schemes stay in .*results-\w+\.json; free space, "
+        r"then: python "
+        r"ainfonce\.py --resume",
+        code=4,
+    )
     kept = only_results(tmp_path / "run")
-    assert "slf_sa" in kept and "alf_sa" not in kept and not glob.glob(str(tmp_path / "run" / "*.tmp"))
+    assert (
+        "slf_sa" in kept and "alf_sa" not in kept and not glob.glob(str(tmp_path / "run" / "*.tmp"))
+    )
     monkeypatch.setattr(A, "atomic_write", real_write)
     done = A.main(["--resume", str(tmp_path / "run"), "--eval", "slf", "alf"])
     assert done["slf_s"] == kept["slf_s"] and "alf_sa" in done
 
 
-def test_a_stale_tmp_is_removed_and_the_space_check_counts_both_checkpoints(folder, tmp_path, monkeypatch, capsys):
+def test_a_stale_tmp_is_removed_and_the_space_check_counts_both_checkpoints(
+    folder, tmp_path, monkeypatch, capsys
+):
     A.main(tiny(folder, tmp_path / "run", "--epochs", "2", "--eval", "none", "--ckpt-every", "1"))
     (tmp_path / "run" / "last.pt.tmp").write_bytes(b"\0" * 2**20)  # a writer that died mid-save
-    free = 3 * A.checkpoint_bytes(sum(p.numel() for p in A.Net(8).parameters())) // 2  # not two checkpoints
-    monkeypatch.setattr(A.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=2**40, used=0, free=free))
-    fails(tiny(folder, tmp_path / "run2", "--eval", "none"), capsys, r"only \d+ MiB free for .*run2; its checkpoints "
-          r"need \d+ MiB more \(last\.pt and last\.pt\.tmp during a save\)", tmp_path / "run2")
+    free = (
+        3 * A.checkpoint_bytes(sum(p.numel() for p in A.Net(8).parameters())) // 2
+    )  # not two checkpoints
+    monkeypatch.setattr(
+        A.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=2**40, used=0, free=free)
+    )
+    fails(
+        tiny(folder, tmp_path / "run2", "--eval", "none"),
+        capsys,
+        r"only \d+ MiB free for .*run2; its checkpoints "
+        r"need \d+ MiB more \(last\.pt and last\.pt\.tmp during a save\)",
+        tmp_path / "run2",
+    )
     monkeypatch.undo()
     A.main(["--resume", str(tmp_path / "run"), "--epochs", "2", "--eval", "slf"])
     assert "removed last.pt.tmp (1.0 MiB), left by a writer that died" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "run" / "last.pt.tmp")
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    folder, tmp_path, monkeypatch, capsys
+):
     real, calls = A.pretrain_loss, []
 
     def poisoned(*a, **kw):
@@ -1953,7 +3010,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, 
     err = capsys.readouterr().err
     assert "non-finite loss at epoch 2, step 5" in err and "infonce" in err and "--resume" in err
     w, ck = weights(tmp_path / "run" / "last.pt")
-    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
+    assert ck["epoch"] == 1 and all(
+        torch.isfinite(v).all() for v in w.values() if v.is_floating_point()
+    )
     monkeypatch.setattr(A, "pretrain_loss", real)
     res = A.main(["--resume", str(tmp_path / "run"), "--lr", "0.01", "--eval", "slf"])
     assert weights(tmp_path / "run" / "last.pt")[1]["epoch"] == 3
@@ -1967,40 +3026,61 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(folder, tmp_path, 
     assert config["args"]["lr"] == 0.2 and config["invocations"] == res["training"]["invocations"]
 
 
-def test_the_recorded_command_and_the_interrupt_hint_paste_back_into_a_shell(folder, tmp_path, monkeypatch, capsys):
+def test_the_recorded_command_and_the_interrupt_hint_paste_back_into_a_shell(
+    folder, tmp_path, monkeypatch, capsys
+):
     spaced = tmp_path / "my data"
     shutil.copytree(folder, spaced)
     argv = tiny(str(spaced), tmp_path / "a run", "--eval", "none")
     A.main(argv)
     command = shlex.split(weights(tmp_path / "a run" / "last.pt")[1]["invocations"][-1]["command"])
-    assert command[0] == "python" and os.path.samefile(command[1], A.__file__) and command[2:] == argv
+    assert (
+        command[0] == "python" and os.path.samefile(command[1], A.__file__) and command[2:] == argv
+    )
     real = interrupt_as_alf_starts(monkeypatch)
-    argv = ["--eval-only", str(tmp_path / "a run"), "--eval", "slf", "alf", "--eval-steps", "2", "--ft-epochs", "1",
-            "--eval-batch-size", "64", *GPU_FLAGS[:2]]
+    argv = [
+        "--eval-only",
+        str(tmp_path / "a run"),
+        "--eval",
+        "slf",
+        "alf",
+        "--eval-steps",
+        "2",
+        "--ft-epochs",
+        "1",
+        "--eval-batch-size",
+        "64",
+        *GPU_FLAGS[:2],
+    ]
     with pytest.raises(SystemExit) as e:
         A.main(argv)
     hint = re.search(r"finish with: (.*)", capsys.readouterr().err).group(1)
-    assert e.value.code == 130 and shlex.split(hint)[0] == "python" and shlex.split(hint)[2:] == argv
+    assert (
+        e.value.code == 130 and shlex.split(hint)[0] == "python" and shlex.split(hint)[2:] == argv
+    )
     monkeypatch.setattr(A, "train_head", real)
     done = A.main(shlex.split(hint)[2:])  # the hint finishes the evaluation: SLF kept, ALF added
     assert "slf_sa" in done and "alf_sa" in done
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Processes: 2 ranks x B == 1 rank x 2B (gloo, CPU), torchrun
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def _ddp_worker(rank, world, port, out, method):
     import functools
     import torch.distributed as dist
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    A.instance_pgd = functools.partial(A.instance_pgd, random_start=False)  # the only other randomness
+    A.instance_pgd = functools.partial(
+        A.instance_pgd, random_start=False
+    )  # the only other randomness
     args = A.parse_args(["--method", method, "--attack-steps", "3", "--width", "4"])[0]
     torch.manual_seed(0)
     net = A.Net(4)
     x1, x2 = images(0, 8).cpu(), images(1, 8).cpu()
     b = 8 // world
-    x1, x2 = x1[rank * b:(rank + 1) * b], x2[rank * b:(rank + 1) * b]
+    x1, x2 = x1[rank * b : (rank + 1) * b], x2[rank * b : (rank + 1) * b]
     step = A.step_of(args)  # in 2 processes, the loss and the attack gather the global batch
     x_adv = A.adversary(net, x1, x2, step) if step.adversarial else None
     loss, _ = A.pretrain_loss(net, x1, x2, x_adv, step)
@@ -2009,11 +3089,18 @@ def _ddp_worker(rank, world, port, out, method):
     if world > 1:
         A.allreduce_grads(params, world)
     if rank == 0:
-        torch.save({"loss": loss.detach(), "grads": [p.grad for p in params],
-                    "stats": {k: v for k, v in net.state_dict().items() if "running" in k}}, out)
+        torch.save(
+            {
+                "loss": loss.detach(),
+                "grads": [p.grad for p in params],
+                "stats": {k: v for k, v in net.state_dict().items() if "running" in k},
+            },
+            out,
+        )
     group = weakref.ref(dist.distributed_c10d._get_default_group())
     dist.destroy_process_group()
-    # nothing keeps the group (and gloo's threads) alive past teardown, into interpreter finalization
+    # nothing keeps the group (and gloo's threads) alive past teardown, into interpreter
+    # finalization
     assert group() is None, "the process group outlives destroy_process_group"
 
 
@@ -2022,11 +3109,17 @@ def _ddp_worker(rank, world, port, out, method):
 @pytest.mark.parametrize("method", ["both", "simclr"])
 def test_two_ranks_equal_one_rank_with_the_global_batch(tmp_path, method):
     import torch.multiprocessing as mp
+
     for world in (1, 2):
-        mp.spawn(_ddp_worker, args=(world, free_port(), str(tmp_path / f"w{world}.pt"), method), nprocs=world)
+        mp.spawn(
+            _ddp_worker,
+            args=(world, free_port(), str(tmp_path / f"w{world}.pt"), method),
+            nprocs=world,
+        )
     one, two = (torch.load(tmp_path / f"w{w}.pt", weights_only=True) for w in (1, 2))
     assert torch.allclose(one["loss"], two["loss"], atol=1e-5)
-    # every BN layer's running statistics: nn.BatchNorm2d keeps the unbiased variance of its batch, the synced one
+    # every BN layer's running statistics: nn.BatchNorm2d keeps the unbiased variance of its batch,
+    # the synced one
     # that of the global batch (layer4: 4x4 maps, so n is small and the n / (n - 1) shows)
     for k, v in one["stats"].items():
         assert torch.allclose(v, two["stats"][k], rtol=1e-5, atol=1e-6), k
@@ -2039,11 +3132,21 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(tmp_path, method):
 def test_torchrun_style_launch_trains_and_evaluates(folder, tmp_path):
     port, procs = free_port(), []
     for rank in range(2):
-        procs.append(launch(tiny(folder, tmp_path / "run", "--epochs", "2"), WORLD_SIZE="2", RANK=str(rank),
-                            LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+        procs.append(
+            launch(
+                tiny(folder, tmp_path / "run", "--epochs", "2"),
+                WORLD_SIZE="2",
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
+        )
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    epoch_lines = re.findall(r"^epoch +\d+/2 \|", outs[0][0], re.M)  # not the progress lines of a slow machine
+    epoch_lines = re.findall(
+        r"^epoch +\d+/2 \|", outs[0][0], re.M
+    )  # not the progress lines of a slow machine
     assert len(epoch_lines) == 2 and outs[1][0] == ""  # one process logs
     res = only_results(tmp_path / "run")
     assert 0 <= res["slf_ra"] <= res["slf_sa"] <= 1
@@ -2052,39 +3155,49 @@ def test_torchrun_style_launch_trains_and_evaluates(folder, tmp_path):
 
 @cpu_only
 def test_a_bad_argument_under_torchrun_is_reported_once(tmp_path):
-    procs = [launch(["--method", "bogus"], WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r)) for r in range(2)]
+    procs = [
+        launch(["--method", "bogus"], WORLD_SIZE="2", RANK=str(r), LOCAL_RANK=str(r))
+        for r in range(2)
+    ]
     errs = [p.communicate(timeout=120)[1] for p in procs]
-    assert [p.returncode for p in procs] == [2, 2] and "invalid choice: 'bogus'" in errs[0] and errs[1] == ""
+    assert (
+        [p.returncode for p in procs] == [2, 2]
+        and "invalid choice: 'bogus'" in errs[0]
+        and errs[1] == ""
+    )
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line: bad input is one line on stderr, exit code 2, no traceback, nothing written
-# ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("extra,pattern", [
-    (["--method", "bogus"], r"invalid choice: 'bogus'"),
-    (["--dataset", "mnist"], r"invalid choice: 'mnist'"),
-    (["--eps", "8"], r"outside \[0, 1\] \(pixels are in \[0, 1\]: did you mean 8/255\?\)"),
-    (["--eps", "-0.1"], r"outside \[0, 1\]"),
-    (["--eps", "eight"], r"not a number or fraction"),
-    (["--eps", "8/0"], r"not a number or fraction"),
-    (["--step", "1.5"], r"outside \[0, 1\]"),
-    (["--eval-step", "nan"], r"not a number or fraction|outside"),
-    (["--eval-threats", "l1:0.5"], r"--eval-threats l1:0.5: expected NORM:EPS"),
-    (["--eval-threats", "linf:8"], r"--eval-threats linf:8: .*did you mean 8/255"),
-    (["--eval-threats", "l2:"], r"not a number"),
-    (["--epochs", "0"], r"must be at least 1"),
-    (["--batch-size", "-8"], r"must be at least 2"),
-    (["--batch-size", "1"], r"must be at least 2"),
-    (["--hn-beta", "nan"], r"must be at least 0"),
-    (["--adv-weight", "-1"], r"must be at least 0"),
-    (["--device", "mps"], r"only cpu and cuda"),
-    (["--batch-size", "1000"], r"larger than the 32 training images"),
-    (["--subset", "100"], r"--subset 100 is larger than the 32 train images"),
-    (["--eval-subset", "100"], r"--eval-subset 100 is larger than the 16 test images"),
-    (["--epochs", "two"], r"not an integer"),
-    (["--lr", "0"], r"must be above 0"),
-    (["--tau-plus", "1"], r"tau-plus"),
-])
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra,pattern",
+    [
+        (["--method", "bogus"], r"invalid choice: 'bogus'"),
+        (["--dataset", "mnist"], r"invalid choice: 'mnist'"),
+        (["--eps", "8"], r"outside \[0, 1\] \(pixels are in \[0, 1\]: did you mean 8/255\?\)"),
+        (["--eps", "-0.1"], r"outside \[0, 1\]"),
+        (["--eps", "eight"], r"not a number or fraction"),
+        (["--eps", "8/0"], r"not a number or fraction"),
+        (["--step", "1.5"], r"outside \[0, 1\]"),
+        (["--eval-step", "nan"], r"not a number or fraction|outside"),
+        (["--eval-threats", "l1:0.5"], r"--eval-threats l1:0.5: expected NORM:EPS"),
+        (["--eval-threats", "linf:8"], r"--eval-threats linf:8: .*did you mean 8/255"),
+        (["--eval-threats", "l2:"], r"not a number"),
+        (["--epochs", "0"], r"must be at least 1"),
+        (["--batch-size", "-8"], r"must be at least 2"),
+        (["--batch-size", "1"], r"must be at least 2"),
+        (["--hn-beta", "nan"], r"must be at least 0"),
+        (["--adv-weight", "-1"], r"must be at least 0"),
+        (["--device", "mps"], r"only cpu and cuda"),
+        (["--batch-size", "1000"], r"larger than the 32 training images"),
+        (["--subset", "100"], r"--subset 100 is larger than the 32 train images"),
+        (["--eval-subset", "100"], r"--eval-subset 100 is larger than the 16 test images"),
+        (["--epochs", "two"], r"not an integer"),
+        (["--lr", "0"], r"must be above 0"),
+        (["--tau-plus", "1"], r"tau-plus"),
+    ],
+)
 def test_bad_arguments(folder, tmp_path, capsys, extra, pattern):
     fails(tiny(folder, tmp_path / "run", *extra), capsys, pattern, out=tmp_path / "run")
 
@@ -2097,35 +3210,58 @@ def test_eps_fraction_parses_exactly():
 def test_autoattack_missing_is_a_clear_error(folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyautoattack", None)
     monkeypatch.setitem(sys.modules, "torchattacks", None)
-    fails(tiny(folder, tmp_path / "run", "--autoattack"), capsys, r"pip install pyautoattack", tmp_path / "run")
+    fails(
+        tiny(folder, tmp_path / "run", "--autoattack"),
+        capsys,
+        r"pip install pyautoattack",
+        tmp_path / "run",
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_requested_without_gpu(folder, tmp_path, capsys):
-    fails(tiny(folder, tmp_path / "run", "--device", "cuda"), capsys, r"no CUDA GPU", tmp_path / "run")
+    fails(
+        tiny(folder, tmp_path / "run", "--device", "cuda"), capsys, r"no CUDA GPU", tmp_path / "run"
+    )
 
 
 @slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_the_cuda_test_switch_fails_at_once_without_a_gpu():
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", os.path.join(HERE, "test_ainfonce.py")],
-                       env={**os.environ, "AINFONCE_TEST_DEVICE": "cuda"}, capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and "sees no CUDA GPU" in p.stdout + p.stderr and " passed" not in p.stdout
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", os.path.join(HERE, "test_ainfonce.py")],
+        env={**os.environ, "AINFONCE_TEST_DEVICE": "cuda"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        p.returncode != 0
+        and "sees no CUDA GPU" in p.stdout + p.stderr
+        and " passed" not in p.stdout
+    )
 
 
 def test_progress_lines_and_help(capsys):
     tick = A.progress("decoding", 10, every=0)
     tick(5)
     tick(10)  # a finished phase prints nothing more
-    assert re.fullmatch(r"  decoding: 5/10 \(\d+\.\d/s, ETA \d+:\d\d:\d\d\)\n", capsys.readouterr().out)
+    assert re.fullmatch(
+        r"  decoding: 5/10 \(\d+\.\d/s, ETA \d+:\d\d:\d\d\)\n", capsys.readouterr().out
+    )
     shown = []
     tick = A.progress("epoch 1 step", 10, every=0)
     tick(3, lambda: shown.append(1) or "loss 2.5000")
-    assert re.fullmatch(r"  epoch 1 step: 3/10 \(.*\), loss 2\.5000\n", capsys.readouterr().out) and shown == [1]
+    assert re.fullmatch(
+        r"  epoch 1 step: 3/10 \(.*\), loss 2\.5000\n", capsys.readouterr().out
+    ) and shown == [1]
     tick = A.progress("SLF finetuning, epoch", 25, every=0)
     time.sleep(1.1)
     tick(1)  # fewer than one per second (a head's epochs): seconds each, not "0.0/s"
-    assert re.fullmatch(r"  SLF finetuning, epoch: 1/25 \(1\.\d s each, ETA \d+:\d\d:\d\d\)\n", capsys.readouterr().out)
+    assert re.fullmatch(
+        r"  SLF finetuning, epoch: 1/25 \(1\.\d s each, ETA \d+:\d\d:\d\d\)\n",
+        capsys.readouterr().out,
+    )
     tick = A.progress("epoch 1 step", 10)
     tick(4, lambda: shown.append(2) or "loss")  # not shown yet: the loss is not even computed
     assert shown == [1] and capsys.readouterr().out == ""
@@ -2141,11 +3277,20 @@ def test_a_long_attack_and_the_guards_show_progress(monkeypatch, capsys):
     monkeypatch.setattr(A, "progress", lambda label, total, every=10.0: real(label, total, every=0))
     model, x, y, _ = linear_data(64)
     A.accuracy(model, x, y, 64, A.pgd_attack("linf", 8 / 255, 2 / 255, 10), "SLF PGD-10 linf:8/255")
-    lines = capsys.readouterr().out.splitlines()  # one batch of 64: progress within it, step by step
-    assert [re.match(r"  SLF PGD-10 linf:8/255: (\d+)/64", line).group(1) for line in lines] == \
-        [str(64 * k // 10) for k in range(1, 10)]
+    lines = (
+        capsys.readouterr().out.splitlines()
+    )  # one batch of 64: progress within it, step by step
+    assert [re.match(r"  SLF PGD-10 linf:8/255: (\d+)/64", line).group(1) for line in lines] == [
+        str(64 * k // 10) for k in range(1, 10)
+    ]
     A.guards(model, x, y, 64, 8 / 255, 4)
-    assert re.findall(r"guards: PGD attacks: (\d)/6", capsys.readouterr().out) == ["1", "2", "3", "4", "5"]
+    assert re.findall(r"guards: PGD attacks: (\d)/6", capsys.readouterr().out) == [
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+    ]
 
 
 def test_hints_paste_back_from_any_directory(folder, tmp_path, monkeypatch, capsys):
@@ -2155,49 +3300,103 @@ def test_hints_paste_back_from_any_directory(folder, tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit):
         A.main(tiny(folder, tmp_path / "run", "--eval", "slf", "alf"))
     hint = shlex.split(re.search(r"finish with: (.*)", capsys.readouterr().err).group(1))
-    assert hint[0] == "python" and os.path.samefile(hint[1], A.__file__) and hint[2:] == ["--resume",
-                                                                                         str(tmp_path / "run")]
+    assert (
+        hint[0] == "python"
+        and os.path.samefile(hint[1], A.__file__)
+        and hint[2:] == ["--resume", str(tmp_path / "run")]
+    )
     monkeypatch.setattr(A, "train_head", real)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Benchmark and reproduce.sh
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 def test_benchmark_prints_json_last(capsys):
-    res = A.main(["--benchmark", "--width", "4", "--batch-size", "4", "--attack-steps", "1",
-                  "--benchmark-steps", "1", "--method", "rocl", *GPU_FLAGS[:2]])
+    res = A.main(
+        [
+            "--benchmark",
+            "--width",
+            "4",
+            "--batch-size",
+            "4",
+            "--attack-steps",
+            "1",
+            "--benchmark-steps",
+            "1",
+            "--method",
+            "rocl",
+            *GPU_FLAGS[:2],
+        ]
+    )
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last == json.loads(json.dumps(res))
-    assert last["images_per_s"] > 0 and last["attack_s"] > 0 and last["fwd_bwd_s"] > 0 and last["data_s"] > 0
+    assert (
+        last["images_per_s"] > 0
+        and last["attack_s"] > 0
+        and last["fwd_bwd_s"] > 0
+        and last["data_s"] > 0
+    )
     assert last["ratio_vs_official"] > 0 and ("peak_mem_gib" in last) == CUDA
 
 
 @slow
 @cpu_only
 def test_reproduce_sh_never_mixes_scales_reads_what_it_asked_and_says_how_to_continue(tmp_path):
-    data = make_folder(tmp_path / "data", classes=4, n_train=32, n_test=16)  # smoke: 128 training, 64 test images
-    env = {**os.environ, "SCALE": "smoke", "DATASET": "folder", "DATA_DIR": "data", "OUT": "out",
-           "METHODS": "rocl", "PYTHON": sys.executable}
+    data = make_folder(
+        tmp_path / "data", classes=4, n_train=32, n_test=16
+    )  # smoke: 128 training, 64 test images
+    env = {
+        **os.environ,
+        "SCALE": "smoke",
+        "DATASET": "folder",
+        "DATA_DIR": "data",
+        "OUT": "out",
+        "METHODS": "rocl",
+        "PYTHON": sys.executable,
+    }
     script = os.path.join(HERE, "reproduce.sh")
-    run = lambda **kw: subprocess.run(["bash", script], env={**env, **kw}, capture_output=True, text=True,
-                                      timeout=600, cwd=tmp_path)  # relative DATA_DIR and OUT: from where it runs
+    run = lambda **kw: subprocess.run(
+        ["bash", script],
+        env={**env, **kw},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )  # relative DATA_DIR and OUT: from where it runs
     p = run()
     assert p.returncode == 0, p.stderr
     table = open(tmp_path / "out" / "table.md").read()
-    assert table.startswith("folder, 128 training images, ResNet-18 width 4, 1 epoch, batch 32, 1-step training "
-                            "attack; asym-rocl finetuning; RA = PGD-2 at linf:8/255")  # read from the runs it shows
-    assert os.path.realpath(data) == json.load(open(tmp_path / "out" / "table.json"))["runs"]["rocl"][0][
-        "identity"]["data"]["dir"]
-    # another threat on the same OUT: its numbers are computed and the table shows them, read from their own file
+    assert table.startswith(
+        "folder, 128 training images, ResNet-18 width 4, 1 epoch, batch 32, 1-step training "
+        "attack; asym-rocl finetuning; RA = PGD-2 at linf:8/255"
+    )  # read from the runs it shows
+    assert (
+        os.path.realpath(data)
+        == json.load(open(tmp_path / "out" / "table.json"))["runs"]["rocl"][0]["identity"]["data"][
+            "dir"
+        ]
+    )
+    # another threat on the same OUT: its numbers are computed and the table shows them, read from
+    # their own file
     p = run(EVAL_THREATS="linf:8/255 l2:0.5")
     assert p.returncode == 0, p.stderr
     assert "SLF RA l2:0.5" in open(tmp_path / "out" / "table.md").read()
     assert len(results_files(tmp_path / "out" / "rocl-s0")) == 2
     p = run(SCALE="small")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert re.search(r"cannot resume .*rocl-s0 with other arguments: --subset 128 \(checkpoint\) vs 5000", p.stderr)
-    proc = subprocess.Popen(["bash", script], env={**env, "OUT": "out2"}, stdout=subprocess.PIPE, cwd=tmp_path,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert re.search(
+        r"cannot resume .*rocl-s0 with other arguments: --subset 128 \(checkpoint\) vs 5000",
+        p.stderr,
+    )
+    proc = subprocess.Popen(
+        ["bash", script],
+        env={**env, "OUT": "out2"},
+        stdout=subprocess.PIPE,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     while "steps | new run" not in proc.stdout.readline():  # the first cell is training
         assert proc.poll() is None
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
