@@ -81,23 +81,28 @@ ASYMMETRY = {
 
 # ==== The loss ====================================================================================
 def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0,
-              hn_beta=None, tau_plus=0.0, hn_normalise="negatives"):
+              hn_beta=None, tau_plus=0.0, hn_normalise="negatives", pair_weights=None,
+              detach_keys=True):
     """Generic (asymmetric) InfoNCE of V >= 2 views of N >= 2 instances.
 
     z: [V, N, D] raw projections (normalised here, in fp32; fp64 stays fp64).
     adv_views: indices of the adversarial views.
-    Returns 1/(V N) sum over instances and ordered view pairs u != v of weight(u,v) * l(u->v),
-    where every directed term moves only its anchor (keys are detached).
+    Returns 1/(V N) sum over instances and ordered view pairs u != v of weight(u,v) * l(u->v).
     ip_alpha=None: all weights 1; a float: clean->adv adv_weight*ip_alpha,
-    adv->clean adv_weight*(1-ip_alpha), other pairs 1.
+    adv->clean adv_weight*(1-ip_alpha), other pairs 1. pair_weights: a V x V table of
+    weight(u, v) instead (the AdvCL base's blocks).
+    detach_keys=True: every directed term moves only its anchor (RoCL); False: the keys too, as
+    SupCon and AdvCL's loss (then (tau/0.07)/(V-1) times this is SupCon's loss of the V views).
     hn_beta=None: plain denominator; a float: the HCL hard-negative estimator with tau_plus,
     its importance weights normalised over row i's negatives (hn_normalise="negatives", HCL's
     definition) or as the official Asym-RoCL code does ("official": column j divided by the mean
-    of row j over all V*N columns, positives and self included).
+    of row j over all V*N columns, positives and self included); "official-advcl", as the
+    official Asym-AdvCL code: that slip, the denominator of term (i, j) taken from row j, and its
+    clamp (floor M e^-2 on the max-shifted scale).
     With V=2 and nothing else set this is SimCLR's NT-Xent.
 
-    The gradient is that of the stop-gradient loss (keys detached), not the derivative of the loss
-    value with respect to z: torch.autograd.gradcheck against the value is not expected to pass.
+    With detached keys the gradient is that of the stop-gradient loss, not the derivative of the
+    loss value with respect to z: torch.autograd.gradcheck against the value would fail.
 
     >>> z = torch.stack([z1, z2, z_adv])
     >>> loss = a_infonce(z, adv_views=(2,), ip_alpha=0.2, hn_beta=1.0, tau_plus=0.12)
@@ -114,9 +119,9 @@ def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0
     except (TypeError, ValueError, IndexError):
         raise ValueError(f"adv_views must be a sequence of view indices in [0, {V}), "
                          f"got {adv_views!r}")
+    forms = ("negatives", "official", "official-advcl")
     rules = [
-        ("hn_normalise", hn_normalise, hn_normalise in ("negatives", "official"),
-         "'negatives' or 'official'"),
+        ("hn_normalise", hn_normalise, hn_normalise in forms, " or ".join(map(repr, forms))),
         ("temperature", temperature, temperature > 0, "> 0"),
         ("tau_plus", tau_plus, 0 <= tau_plus < 1, "in [0, 1)"),
         ("hn_beta", hn_beta, hn_beta is None or hn_beta >= 0, ">= 0 or None"),
@@ -126,22 +131,31 @@ def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0
     for name, value, ok, rule in rules:
         if not ok:
             raise ValueError(f"{name} must be {rule}, got {value!r}")
+    if pair_weights is None:
+        weights = [[pair_weight(u, v, adv, ip_alpha, adv_weight) for v in range(V)]
+                   for u in range(V)]
+    else:
+        weights = [[float(w) for w in row] for row in pair_weights]
+        if ip_alpha is not None or len(weights) != V or any(len(row) != V for row in weights):
+            raise ValueError(f"pair_weights must be a {V} x {V} table, without ip_alpha")
+        if not all(math.isfinite(w) and w >= 0 for row in weights for w in row):
+            raise ValueError("pair_weights must be finite and >= 0")
     if z.dtype != torch.float64:
         z = z.float()
     # the loss runs in fp32, also under --amp
     with torch.autocast(z.device.type, enabled=False):
-        return _a_infonce(z, adv, temperature, ip_alpha, adv_weight,
-                          hn_beta, tau_plus, hn_normalise)
+        return _a_infonce(z, weights, temperature, hn_beta, tau_plus, hn_normalise, detach_keys)
 
 
-def _a_infonce(z, adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus, hn_normalise):
+def _a_infonce(z, weights, temperature, hn_beta, tau_plus, hn_normalise, detach_keys):
     V, N = z.shape[:2]
     # scaled so that |z|^2 neither overflows nor underflows
     z = z / z.abs().amax(-1, keepdim=True).clamp_min(1e-30)
     # M = V*N rows: row m is view m // N of instance m % N
     zn = F.normalize(z.flatten(0, 1), dim=1)  # [M, D]
-    # S_ij = z^_i . sg(z^_j) / tau: the gradient reaches the anchors only
-    S = zn @ zn.detach().T / temperature  # [M, M]
+    # S_ij = z^_i . sg(z^_j) / tau: the gradient reaches the anchors only (or keys too)
+    keys = zn.detach() if detach_keys else zn
+    S = zn @ keys.T / temperature  # [M, M]
     instance = torch.arange(V * N, device=z.device) % N
     same = instance[:, None] == instance[None, :]  # [M, M]: two views of one instance
     eye = torch.eye(V * N, dtype=torch.bool, device=z.device)
@@ -151,12 +165,17 @@ def _a_infonce(z, adv, temperature, ip_alpha, adv_weight, hn_beta, tau_plus, hn_
     else:
         log_denom = hard_negative_log_denom(S, same, eye, V, N, temperature,
                                             hn_beta, tau_plus, hn_normalise)
+    if hn_normalise == "official-advcl" and hn_beta is not None:
+        # official Asym-AdvCL: exp_logits / (pos + Ng) broadcasts row j's denominator into (i, j)
+        logp = S - log_denom[None, :]
+    else:
+        logp = S - log_denom[:, None]
     # l(u->v) of instance n is -logp[u, v, n]
-    logp = (S - log_denom[:, None]).view(V, N, V, N).diagonal(dim1=1, dim2=3)  # [V, V, N]
+    logp = logp.view(V, N, V, N).diagonal(dim1=1, dim2=3)  # [V, V, N]
     loss = S.new_zeros(())
     for u in range(V):
         for v in range(V):
-            weight = pair_weight(u, v, adv, ip_alpha, adv_weight)
+            weight = weights[u][v]
             if u != v and weight:
                 loss = loss - weight * logp[u, v].sum()
     return loss / (V * N)
@@ -189,8 +208,11 @@ def hard_negative_log_denom(S, same, eye, V, N, temperature, hn_beta, tau_plus, 
         log_mean = imp.logsumexp(1) - math.log(V * N)
         w = (hn_beta * S - log_mean[None, :]).exp().masked_fill(same, 0)
     ng = ((w * e).sum(1) - tau_plus * M * pos) / (1 - tau_plus)
-    # the clamp: M e^(-1/tau)
-    return (pos + ng.clamp_min(M * math.exp(-2 * c))).log() + c
+    # the clamp: M e^(-1/tau); Asym-AdvCL's: M e^(-1/0.5) on its max-shifted (c) scale
+    floor = M * math.exp(-2 * c)
+    if hn_normalise == "official-advcl":
+        floor = M * math.exp(-2)
+    return (pos + ng.clamp_min(floor)).log() + c
 
 
 # ==== Attacks: images in [0, 1] (not 0-255, not mean/std-normalised) in and out ===================
@@ -314,17 +336,50 @@ class BatchNorm2d(nn.BatchNorm2d):
         return y.to(x.dtype)
 
 
+def batch_norm(channels, branches=1):
+    """One BatchNorm2d, or AdvCL's one per branch (bn_list.K, as its checkpoints name them)."""
+    if branches == 1:
+        return BatchNorm2d(channels)
+    return BranchedBatchNorm2d(channels, branches)
+
+
+class BranchedBatchNorm2d(nn.Module):
+    """AdvCL's batch norm: a BatchNorm2d per branch (normal, pgd, pgd_ce); `active` is the one a
+    forward uses, set by use_branch."""
+
+    def __init__(self, channels, branches):
+        super().__init__()
+        self.bn_list = nn.ModuleList([BatchNorm2d(channels) for _ in range(branches)])
+        self.active = 0
+
+    def forward(self, x):
+        return self.bn_list[self.active](x)
+
+
+@contextlib.contextmanager
+def use_branch(net, branch):
+    """Forwards inside run through BN branch `branch` of every branched batch norm of net."""
+    norms = [m for m in net.modules() if isinstance(m, BranchedBatchNorm2d)]
+    for m in norms:
+        m.active = branch
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.active = 0
+
+
 class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
+    def __init__(self, cin, cout, stride, branches=1):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = BatchNorm2d(cout)
+        self.bn1 = batch_norm(cout, branches)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = BatchNorm2d(cout)
+        self.bn2 = batch_norm(cout, branches)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          BatchNorm2d(cout))
+                                          batch_norm(cout, branches))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -335,20 +390,20 @@ class ResNet18(nn.Module):
     """CIFAR ResNet-18 in the layout the field's checkpoints share (conv1, bn1, layer1..4,
     shortcut): a 3x3 stride-1 stem (padding 1; solo-learn's has 2), no max-pool, BasicBlocks
     [2,2,2,2]; 8*width features. normalise=True adds the input normalisation (buffers mean, std)
-    that some published encoders carry inside."""
+    that some published encoders carry inside; branches > 1 gives every BN that many branches."""
 
-    def __init__(self, width=64, normalise=False, stem_padding=1):
+    def __init__(self, width=64, normalise=False, stem_padding=1, branches=1):
         super().__init__()
         if normalise:
             self.register_buffer("mean", torch.zeros(3))
             self.register_buffer("std", torch.ones(3))
         self.conv1 = nn.Conv2d(3, width, 3, 1, stem_padding, bias=False)
-        self.bn1 = BatchNorm2d(width)
+        self.bn1 = batch_norm(width, branches)
         chans = [width, width, 2 * width, 4 * width, 8 * width]
         for i in range(4):
             stride = 1 if i == 0 else 2
-            layer = nn.Sequential(Block(chans[i], chans[i + 1], stride),
-                                  Block(chans[i + 1], chans[i + 1], 1))
+            layer = nn.Sequential(Block(chans[i], chans[i + 1], stride, branches),
+                                  Block(chans[i + 1], chans[i + 1], 1, branches))
             setattr(self, f"layer{i + 1}", layer)
         self.dim = 8 * width
 
@@ -371,6 +426,53 @@ class Net(nn.Module):
 
     def forward(self, x):
         return self.projector(self.encoder(x))
+
+
+# The AdvCL base: its three BN branches, and the cluster counts of its pseudo-labels
+NORMAL, PGD, PGD_CE = 0, 1, 2
+PSEUDO_KS = (2, 10, 50, 100, 500)
+
+
+class AdvCLHeads(nn.Module):
+    """AdvCL's heads on the 8w features: head_proj = Linear -> BatchNorm1d (shared by the branches)
+    -> ReLU -> Linear(-> 128), and a linear head fc_K per pseudo-label set of K clusters."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.head_proj = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(),
+                                       nn.Linear(dim, 128))
+        for k in PSEUDO_KS:
+            setattr(self, f"fc_{k:03d}", nn.Linear(dim, k))
+
+    def logits(self, features):
+        return [getattr(self, f"fc_{k:03d}")(features) for k in PSEUDO_KS]
+
+
+class AdvCLNet(nn.Module):
+    """AdvCL's network (Fan et al. 2021, and Asym-AdvCL): the encoder with three BN branches
+    (normal for x1, x2 and the high-frequency view, pgd for the contrastive attack, pgd_ce for
+    the cross-entropy attack) and its heads; convolutions initialised as its code does."""
+
+    def __init__(self, width=64):
+        super().__init__()
+        self.encoder = ResNet18(width, branches=3)
+        self.projector = AdvCLHeads(self.encoder.dim)
+        for m in self.encoder.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def project(self, x, branch):
+        """z of images x through BN branch `branch`: [B, 3, 32, 32] -> [B, 128]."""
+        with use_branch(self.encoder, branch):
+            return self.projector.head_proj(self.encoder(x))
+
+    def classify(self, x, branch):
+        """The pseudo-label logits of x, one [B, K] per K; the projection is run too, unused, as
+        AdvCL's code runs it (its head_proj's BN statistics move)."""
+        with use_branch(self.encoder, branch):
+            features = self.encoder(x)
+        self.projector.head_proj(features)
+        return self.projector.logits(features)
 
 
 # ==== The training step ===========================================================================
@@ -480,6 +582,222 @@ def train_step(model, params, x1, x2, step):
     return update(model, params, x1, x2, x_adv, step)
 
 
+# ==== The AdvCL base (Fan et al. 2021; Asym-AdvCL): its step ===================================
+CE_WEIGHT = 0.2  # the pseudo-label cross-entropy's weight
+HFC_RADIUS = 8  # the high-frequency view: frequencies within this radius of the centre are removed
+SUPCON_SCALE = 1 / 0.07  # SupCon's base temperature: its loss is (tau / 0.07) times the mean term
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvCLStep:
+    """What one step of the AdvCL base computes, as plain values (resolved from the arguments)."""
+    method: str  # rocl (AdvCL's own symmetric loss), infpos, hardneg, both
+    eps: float
+    pgd_step: float
+    pgd_steps: int
+    temperature: float
+    adv_weight: float
+    ip_alpha: float  # IP: the clean anchors' weight at first (Asym-AdvCL's stop-gradient degree)
+    adaptive_from: int  # IP: the epoch after which the degree adapts to the attack's strength
+    d_min: float  # IP: the feature distance at which the degree reaches 0.5
+    hn_beta: float
+    tau_plus: float
+    hn_normalise: str
+    amp: bool
+
+
+def advcl_step_of(args):
+    return AdvCLStep(args.method, args.eps, args.step, args.attack_steps, args.temperature,
+                     args.adv_weight, args.ip_alpha, args.ip_adaptive_from, args.ip_d_min,
+                     args.hn_beta, args.tau_plus, args.hn_normalise, args.amp)
+
+
+def high_frequency(x, radius=HFC_RADIUS):
+    """AdvCL's high-frequency view: per image and channel, the 2-D spectrum (centred) without the
+    frequencies within `radius` of the centre, back in pixel space (real part, not clipped)."""
+    h, w = x.shape[-2:]
+    rows = torch.arange(h, device=x.device).view(-1, 1).double()
+    cols = torch.arange(w, device=x.device).view(1, -1).double()
+    low = ((rows - h / 2) ** 2 + (cols - w / 2) ** 2).sqrt() < radius  # [H, W]: the disc
+    spectrum = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
+    spectrum = spectrum * (~low).float()
+    back = torch.fft.ifftn(torch.fft.ifftshift(spectrum, dim=(-2, -1)), dim=(-2, -1))
+    return back.real.to(x.dtype)
+
+
+def advcl_views(xb):
+    """AdvCL's views of a uint8 batch [B,3,32,32] -> floats in [0, 1]: x1, x2 = RandomResizedCrop
+    (32, scale 0.2-1) + flip, then ColorJitter(0.4,0.4,0.4,0.1) p 0.8 and RandomGrayscale p 0.2;
+    x_org = RandomCrop(32, padding 4) + flip (the attacked image)."""
+    def view():
+        x = resized_crop_flip(xb.float() / 255, scale=(0.2, 1.0))
+        x = color_jitter(x, *jitter_params(len(x), x.device))
+        return random_gray(x)
+    x1 = view()
+    x2 = view()
+    return x1, x2, crop_flip(xb)
+
+
+def advcl_weights(step, phase, degree=None):
+    """A-InfoNCE on AdvCL: the pair weights of the views [x_adv, x1, x2, hfc] -> (weights of terms
+    whose keys carry gradient, weights of terms with detached keys), as the official losses.py
+    computes them. rocl: AdvCL's SupCon, every pair 1. Asym-AdvCL writes the adv<->clean blocks
+    over: in the attack (and HN's training, no stop-gradient) the block of rows adv takes
+    adv_weight * l(adv->clean) and the block of rows clean a view of it, scaled again: adv_weight
+    (1 + adv_weight) on adv->clean, 0 on clean->adv; with IP's stop-gradient the two blocks each
+    take adv_weight (degree l(clean->adv) + (1 - degree) l(adv->clean)), keys detached."""
+    ones = [[1.0] * 4 for _ in range(4)]
+    zeros = [[0.0] * 4 for _ in range(4)]
+    if step.method == "rocl":
+        return ones, zeros
+    aw = step.adv_weight
+    full = [[1.0] * 4 for _ in range(4)]
+    detached = [[0.0] * 4 for _ in range(4)]
+    for c in (1, 2, 3):
+        stop_gradient = phase == "train" and step.method in ("infpos", "both")
+        if stop_gradient:
+            # A-InfoNCE (IP): clean anchors toward x_adv weak (degree), x_adv toward clean strong
+            full[0][c] = full[c][0] = 0.0
+            detached[c][0] = 2 * aw * degree
+            detached[0][c] = 2 * aw * (1 - degree)
+        else:
+            full[0][c] = aw + aw * aw
+            full[c][0] = 0.0
+    return full, detached
+
+
+def advcl_contrastive(z, step, phase, degree=None):
+    """The contrastive loss of z [4, N, 128] (views x_adv, x1, x2, hfc): SupCon's scale times
+    a_infonce, with HN in training for hardneg and both (the attack of every method is
+    plain)."""
+    full, detached = advcl_weights(step, phase, degree)
+    hn = phase == "train" and step.method in ("hardneg", "both")
+    form = "official-advcl" if step.hn_normalise == "official" else "negatives"
+    kw = dict(adv_views=(0,), temperature=step.temperature, tau_plus=step.tau_plus,
+              hn_beta=step.hn_beta if hn else None, hn_normalise=form)
+    scale = step.temperature * SUPCON_SCALE / 3  # SupCon: the mean over each anchor's 3 positives
+    loss = scale * a_infonce(gather(z, 1), pair_weights=full, detach_keys=False, **kw)
+    if any(any(row) for row in detached):
+        loss = loss + scale * a_infonce(gather(z, 1), pair_weights=detached, **kw)
+    return loss
+
+
+def pseudo_label_ce(logits, labels, reduction):
+    """The mean over the K sets of the cross-entropies of the pseudo-labels (-1: none)."""
+    parts = [F.cross_entropy(lg, lb, reduction=reduction, ignore_index=-1)
+             for lg, lb in zip(logits, labels)]
+    return sum(parts) / len(parts)
+
+
+def advcl_attack(net, x1, x2, x_org, hfc, labels, step):
+    """AdvCL's joint attack, train mode throughout (BN statistics move): from two uniform random
+    starts around x_org (not clipped), PGD steps on contrastive([x_cl, x1, x2, hfc]) + 0.2 *
+    summed CE; x_cl gets only the contrastive gradient, x_ce only the CE one. -> (x_cl, x_ce)."""
+    x_cl = x_org + torch.zeros_like(x_org).uniform_(-step.eps, step.eps)
+    x_ce = x_org + torch.zeros_like(x_org).uniform_(-step.eps, step.eps)
+    with torch.enable_grad():
+        for _ in range(step.pgd_steps):
+            x_cl = x_cl.detach().requires_grad_(True)
+            x_ce = x_ce.detach().requires_grad_(True)
+            # the official order of the forwards: their BN statistics move in it
+            z_cl = net.project(x_cl, PGD)
+            logits = net.classify(x_ce, PGD_CE)
+            z = torch.stack([z_cl, net.project(x1, NORMAL), net.project(x2, NORMAL),
+                             net.project(hfc, NORMAL)])  # [4, N, 128]
+            loss = advcl_contrastive(z, step, "attack")
+            loss = loss + CE_WEIGHT * pseudo_label_ce(logits, labels, "sum")
+            grad_cl, grad_ce = torch.autograd.grad(loss, [x_cl, x_ce])
+            x_cl = x_cl.detach() + step.pgd_step * grad_cl.sign()
+            x_cl = torch.min(torch.max(x_cl, x_org - step.eps), x_org + step.eps).clamp(0, 1)
+            x_ce = x_ce.detach() + step.pgd_step * grad_ce.sign()
+            x_ce = torch.min(torch.max(x_ce, x_org - step.eps), x_org + step.eps).clamp(0, 1)
+    return x_cl.detach(), x_ce.detach()
+
+
+@dataclasses.dataclass
+class Distances:
+    """Asym-AdvCL's adaptive IP: the mean clean/adversarial feature distance of the first epochs
+    (its dis_avg, weighted by images)."""
+    total: float = 0.0
+    count: int = 0
+
+
+def stop_degree(step, epoch, distance, seen, n):
+    """A-InfoNCE (IP) on AdvCL: the clean anchors' weight. Up to epoch adaptive_from (1-based) it
+    is ip_alpha and the mean distance is recorded in seen; after it, it moves from ip_alpha to 0.5
+    as the batch's distance falls from the recorded mean to d_min."""
+    if step.adaptive_from < 0:
+        return step.ip_alpha
+    if epoch <= step.adaptive_from:
+        seen.total += distance * n
+        seen.count += n
+        return step.ip_alpha
+    mean = seen.total / seen.count
+    if distance > mean:
+        return step.ip_alpha
+    if distance < step.d_min:
+        return 0.5
+    return (mean - distance) / (mean - step.d_min) * (0.5 - step.ip_alpha) + step.ip_alpha
+
+
+def advcl_train_step(net, params, views, labels, step, epoch, seen):
+    """One step of the AdvCL base but the optimiser's: the joint attack on x_org (views: x1, x2,
+    x_org), then advcl_update -> Outcome. epoch (1-based) and seen drive IP's adaptive degree."""
+    hfc = high_frequency(views[2])
+    with torch.autocast(hfc.device.type, dtype=torch.bfloat16, enabled=step.amp):
+        x_cl, x_ce = advcl_attack(net, views[0], views[1], views[2], hfc, labels, step)
+    return advcl_update(net, params, views, hfc, x_cl, x_ce, labels, step, epoch, seen)
+
+
+def advcl_update(net, params, views, hfc, x_cl, x_ce, labels, step, epoch, seen):
+    """The forwards in the official order (pgd, pgd_ce, normal x1, x2, hfc), the loss
+    (contrastive + 0.2 mean CE), backward, gradients averaged over processes -> Outcome."""
+    x1, x2, x_org = views
+    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=step.amp):
+        z_cl = net.project(x_cl, PGD)
+        logits = net.classify(x_ce, PGD_CE)
+        z = torch.stack([z_cl, net.project(x1, NORMAL), net.project(x2, NORMAL),
+                         net.project(hfc, NORMAL)])  # [4, N, 128]
+        degree = step.ip_alpha
+        if step.method in ("infpos", "both") and step.adaptive_from >= 0:
+            # two forwards without gradient through the normal branch (their BN statistics move)
+            with torch.no_grad(), use_branch(net.encoder, NORMAL):
+                distance = F.pairwise_distance(net.encoder(x_org), net.encoder(x_cl)).mean()
+            if distributed():
+                distance = AllReduce.apply(distance) / dist.get_world_size()
+            n = len(x1) * dist_world()
+            degree = float(stop_degree(step, epoch, distance.item(), seen, n))
+        contrastive = advcl_contrastive(z, step, "train", degree)
+        ce = pseudo_label_ce(logits, labels, "mean")
+        loss = contrastive + CE_WEIGHT * ce
+    for p in params:
+        p.grad = None
+    loss.backward()
+    if distributed():
+        allreduce_grads(params, dist.get_world_size())
+    grad_norm = torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm()
+    terms = {"contrastive": contrastive.detach(), "ce": ce.detach(),
+             "degree": torch.tensor(degree, device=x1.device)}
+    return Outcome(loss, terms, grad_norm)
+
+
+def dist_world():
+    return dist.get_world_size() if distributed() else 1
+
+
+def advcl_lr_at(step, steps, epochs, base, warmup_epochs, warmup_from=0.01):
+    """AdvCL's schedule: per epoch e (1-based), a cosine from base to base * 1e-3 over `epochs`;
+    the first warmup_epochs instead rise linearly, per step, from warmup_from to the cosine's
+    value at warmup_epochs."""
+    e, b = step // steps + 1, step % steps
+    eta_min = base * 0.1 ** 3
+    if e <= warmup_epochs:
+        warm_to = eta_min + (base - eta_min) * (1 + math.cos(math.pi * warmup_epochs / epochs)) / 2
+        p = (b + (e - 1) * steps) / (warmup_epochs * steps)
+        return warmup_from + p * (warm_to - warmup_from)
+    return eta_min + (base - eta_min) * (1 + math.cos(math.pi * e / epochs)) / 2
+
+
 # ==== Pretraining =================================================================================
 KNN_BANK = 5000  # the kNN monitor's training images (a fixed shuffle)
 KNN_QUERIES = 1000  # and its test images
@@ -510,6 +828,7 @@ class Ledger:
     epoch_s: float = 0.0
     sums: dict = dataclasses.field(default_factory=dict)
     history: list = dataclasses.field(default_factory=list)
+    distances: Distances = dataclasses.field(default_factory=Distances)  # AdvCL base, IP
 
 
 def invocation_record(args, ck, step, n_classes):
@@ -523,10 +842,13 @@ def invocation_record(args, ck, step, n_classes):
     return {"step": step, "command": args.command, "given": args.given, "changes": changes}
 
 
-def pretrain(args, net, data, device, rank, world, ck=None):
+def pretrain(args, net, data, device, rank, world, ck=None, labels=None):
     """The pretraining loop, step by step; a checkpoint after every epoch (and every --ckpt-every
     steps). The checkpoint holds the epoch log, so log.jsonl has one line per completed epoch,
-    resumed or not. Every --knn-every epochs rank 0 adds the kNN monitor's accuracy to the line."""
+    resumed or not. Every --knn-every epochs rank 0 adds the kNN monitor's accuracy to the line.
+    The AdvCL base: its views, step, SGD (weight decay, no LARS) and schedule; labels: the
+    pseudo-labels (tensor [5, n_train], and what made them)."""
+    advcl = args.base == "advcl"
     x_train = data.x_train.to(device)
     per_rank = args.batch_size // world
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -534,13 +856,19 @@ def pretrain(args, net, data, device, rank, world, ck=None):
     steps = len(x_train) // args.batch_size  # per epoch: the last partial batch is dropped
     total, warmup = steps * args.epochs, steps * args.warmup_epochs
     params = list(net.parameters())
-    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)  # weight decay lives inside LARS
-    step = step_of(args)
+    if advcl:
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.wd)
+        step = advcl_step_of(args)
+        pseudo = labels[0].to(device)
+    else:
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)  # weight decay inside LARS
+        step = step_of(args)
     path = os.path.join(args.out, "last.pt")
     ledger = Ledger()
     if ck:
         opt.load_state_dict(ck["optimizer"])
-        ledger = Ledger(ck["step"], ck["train_s"], ck["epoch_s"], history=ck["history"])
+        ledger = Ledger(ck["step"], ck["train_s"], ck["epoch_s"], history=ck["history"],
+                        distances=Distances(*ck.get("distances", (0.0, 0))))
         ledger.sums = {k: torch.tensor(v, device=device) for k, v in ck["sums"].items()}
         if len(ck["rng"]) == world:
             set_rng_state(ck["rng"][rank], device)
@@ -576,6 +904,9 @@ def pretrain(args, net, data, device, rank, world, ck=None):
                  "history": ledger.history, "args": run_args, "first_args": first_args,
                  "invocations": invocations, "data": data.identity, "rng": states,
                  "env": provenance(device)}
+        if advcl:
+            state["distances"] = [ledger.distances.total, ledger.distances.count]
+            state["pseudo_labels"] = labels[1]
         lines = "".join(json.dumps(r) + "\n" for r in ledger.history).encode()
         try:
             atomic_write(path, lambda f: torch.save(state, f))
@@ -602,12 +933,20 @@ def pretrain(args, net, data, device, rank, world, ck=None):
                 tick = progress(f"epoch {epoch + 1} step", steps, quiet=rank != 0)
             start = s * args.batch_size + rank * per_rank
             idx = perm[start:start + per_rank]
-            x1 = augment(x_train[idx]).contiguous(memory_format=layout)
-            x2 = augment(x_train[idx]).contiguous(memory_format=layout)
-            lr = lr_at(ledger.step, total, warmup, args.lr, WARMUP_PEAK)
+            if advcl:
+                views = [v.contiguous(memory_format=layout) for v in advcl_views(x_train[idx])]
+                lr = advcl_lr_at(ledger.step, steps, args.epochs, args.lr, args.warmup_epochs)
+            else:
+                x1 = augment(x_train[idx]).contiguous(memory_format=layout)
+                x2 = augment(x_train[idx]).contiguous(memory_format=layout)
+                lr = lr_at(ledger.step, total, warmup, args.lr, WARMUP_PEAK)
             for group in opt.param_groups:
                 group["lr"] = lr
-            out = train_step(model, params, x1, x2, step)
+            if advcl:
+                out = advcl_train_step(model, params, views, pseudo[:, idx], step, epoch + 1,
+                                       ledger.distances)
+            else:
+                out = train_step(model, params, x1, x2, step)
             # One host sync per step, and device-resident flags (NCCL has no CPU tensors): a
             # non-finite loss or gradient on any rank, or a stop request to any rank, stops
             # every rank at this step.
@@ -631,7 +970,9 @@ def pretrain(args, net, data, device, rank, world, ck=None):
                 # the epoch is complete: its log line, then the checkpoint that holds it
                 record = end_epoch(args, ledger, epoch, steps, lr)
                 if knn_data and (epoch + 1) % args.knn_every == 0:  # not in the training time
-                    record["knn"] = knn_accuracy(net.encoder, *knn_data, data.n_classes)
+                    # the branch that is evaluated (AdvCL: pgd)
+                    with use_branch(net.encoder, PGD if advcl else 0):
+                        record["knn"] = knn_accuracy(net.encoder, *knn_data, data.n_classes)
                 save()
                 if rank == 0:
                     print(epoch_line(args, record, total, lr), flush=True)
@@ -726,6 +1067,8 @@ def scheme_settings(protocol, method, dataset, ft_epochs, batch_size):
     (RobustSSL: zeros; asym-rocl: nn.Linear's), and the training attacks at eps 8/255 (ALF: PGD-10
     of 2/255; AFF: TRADES, beta 6, 10 steps of 2/255). ft_epochs: the ALF/AFF epochs
     (asym-rocl), or every scheme's (robustssl)."""
+    if protocol == "asym-advcl":
+        return asym_advcl_settings(method, dataset, ft_epochs)
     if protocol == "asym-rocl":
         epochs = ft_epochs or 25
         milestones = [max(1, int(0.6 * epochs)), max(1, int(0.8 * epochs))]
@@ -748,6 +1091,30 @@ def scheme_settings(protocol, method, dataset, ft_epochs, batch_size):
         if ft_epochs:  # a shorter run: the milestones keep their place in it
             kept = [max(1, m * ft_epochs // s["epochs"]) for m in s["milestones"]]
             out[scheme].update(epochs=ft_epochs, milestones=kept)
+    return out
+
+
+# The official Asym-AdvCL finetuning (finetuning_advCL_SLF.py and the lrs of its shell scripts):
+# lr of SLF, ALF, AFF per data set, for AdvCL's own loss (rocl) and for A-InfoNCE's methods
+ASYM_ADVCL_LR = {"cifar10": {"rocl": (0.1, 0.1, 0.1), "asymmetric": (0.01, 0.01, 0.1)},
+                 "cifar100": {"rocl": (0.1, 0.1, 0.1), "asymmetric": (0.1, 0.1, 0.1)}}
+
+
+def asym_advcl_settings(method, dataset, ft_epochs):
+    """Asym-AdvCL's finetuning: 25 epochs, lr/10 at 15 and 20, batch 512, wd 2e-4, RandomCrop +
+    flip, ALF on PGD-20 examples (its training attack runs with train=False: 20 steps), AFF
+    TRADES with 10 steps. ft_epochs: every scheme's, the milestones scaled."""
+    table = ASYM_ADVCL_LR["cifar100" if dataset == "cifar100" else "cifar10"]
+    lrs = table["rocl" if method == "rocl" else "asymmetric"]
+    epochs = ft_epochs or 25
+    milestones = [max(1, 15 * epochs // 25), max(1, 20 * epochs // 25)]
+    out = {}
+    for scheme, lr in zip(SCHEMES, lrs):
+        s = dict(epochs=epochs, milestones=milestones, lr=lr, momentum=0.9, wd=2e-4,
+                 batch_size=512, augment=True, zero_head=False, **ATTACKS[scheme])
+        if scheme == "alf":
+            s["attack_steps"] = 20
+        out[scheme] = s
     return out
 
 
@@ -1175,13 +1542,15 @@ def decode(ds, idx, split):
 
 
 class Data(NamedTuple):
-    """A data set as uint8 images [N, 3, 32, 32] on the CPU, and what identifies it."""
+    """A data set as uint8 images [N, 3, 32, 32] on the CPU, and what identifies it; train_index:
+    the training images' places in the data set's order (a subset picks some)."""
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
     n_classes: int
     identity: dict
+    train_index: torch.Tensor
 
 
 def fingerprint(paths, root):
@@ -1204,24 +1573,26 @@ def load_data(dataset, data_dir, n_train=0, n_test=0):
         train = image_folder(data_dir, "train")
         test = image_folder(data_dir, "test", train.classes)
         files = [p for p, _ in train.samples + test.samples]
-        train_xy = decode(train, pick(len(train.samples), n_train, "train"), "train")
+        index = pick(len(train.samples), n_train, "train")
+        train_xy = decode(train, index, "train")
         test_xy = decode(test, pick(len(test.samples), n_test, "test"), "test")
-        data = Data(*train_xy, *test_xy, len(train.classes), None)
+        data = Data(*train_xy, *test_xy, len(train.classes), None, index)
+        n_items = len(train.samples)
     else:
-        data, files = torchvision_data(dataset, data_dir, n_train, n_test)
+        data, files, n_items = torchvision_data(dataset, data_dir, n_train, n_test)
     if data.n_classes < 2:
         raise UsageError(f"{dataset} in {data_dir} has {data.n_classes} class: classification "
                          f"needs at least 2")
     identity = {"dataset": dataset, "dir": os.path.realpath(data_dir),
                 "fingerprint": fingerprint(files, data_dir), "subset": n_train,
                 "eval_subset": n_test, "n_train": len(data.x_train), "n_test": len(data.x_test),
-                "n_classes": data.n_classes}
+                "n_classes": data.n_classes, "train_items": n_items}
     return data._replace(identity=identity)
 
 
 def torchvision_data(dataset, data_dir, n_train, n_test):
     """CIFAR-10/100 or STL-10 (at 32x32) through torchvision, downloaded where missing -> (Data
-    without its identity, the data set's files)."""
+    without its identity, the data set's files, its number of training images)."""
     import torchvision.datasets as tvd
     created = not os.path.exists(data_dir)
     kind = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}[dataset]
@@ -1236,12 +1607,13 @@ def torchvision_data(dataset, data_dir, n_train, n_test):
         raise UsageError(f"could not get {dataset} into {data_dir} ({type(e).__name__}: {e}); "
                          f"offline? copy torchvision's archive there, or use --dataset folder"
                          .replace("\n", " "))
-    out = []
+    out, picked = [], []
     for split, s, n in zip(("train", "test"), sets, (n_train, n_test)):
         x = torch.from_numpy(s.data)
         if dataset != "stl10":
             x = x.permute(0, 3, 1, 2)  # CIFAR is stored [N, 32, 32, 3]
         keep = pick(len(x), n, split)
+        picked.append(keep)
         labels = s.labels if dataset == "stl10" else s.targets
         x, y = x[keep], torch.as_tensor(labels)[keep]
         if x.shape[-1] != 32:  # STL-10's 96x96 at 32x32, antialiased (as PIL's bilinear resize)
@@ -1250,7 +1622,129 @@ def torchvision_data(dataset, data_dir, n_train, n_test):
         out += [x.contiguous(), y.long()]
     base = os.path.join(data_dir, kind.base_folder)
     files = sorted(os.path.join(d, f) for d, _, names in os.walk(base) for f in names)
-    return Data(*out, len(sets[0].classes), None), files
+    data = Data(*out, len(sets[0].classes), None, picked[0])
+    return data, files, len(sets[0].data)
+
+
+# ==== Pseudo-labels of the AdvCL base: AdvCL's and A-InfoNCE's files, or k-means ==================
+SAFE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "dtype"), ("numpy", "ndarray"), ("collections", "OrderedDict"),
+                ("torch._utils", "_rebuild_tensor_v2")}
+
+
+def read_pickle(path):
+    """A pickle of arrays or tensors, loading nothing else (no code runs)."""
+    import importlib
+    import io
+    import pickle
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ("torch.storage", "_load_from_bytes"):
+                return lambda b: torch.load(io.BytesIO(b), weights_only=True)
+            if (module, name) not in SAFE_GLOBALS:
+                raise pickle.UnpicklingError(f"{module}.{name} is not an array")
+            module = module.replace("numpy.core.", "numpy._core.")
+            return getattr(importlib.import_module(module), name)
+    try:
+        with open(path, "rb") as f:
+            return Unpickler(f).load()
+    except Exception as e:
+        raise UsageError(f"--pseudo-labels {path}: not a pickle of pseudo-labels ({e})")
+
+
+def pseudo_label_file(path, n_items):
+    """AdvCL's (a dict of int arrays pseudo_train_K) or A-InfoNCE's (torch tensors) file ->
+    LongTensor [5, n_items]: one label per training image, in the data set's order, for each K of
+    PSEUDO_KS (-1: none)."""
+    found = read_pickle(path)
+    if not isinstance(found, dict):
+        raise UsageError(f"--pseudo-labels {path}: a dict of pseudo_train_K arrays expected")
+    rows = []
+    for k in PSEUDO_KS:
+        key = f"pseudo_train_{k}"
+        if key not in found:
+            raise UsageError(f"--pseudo-labels {path} has no {key} (the AdvCL base needs K = "
+                             f"{', '.join(map(str, PSEUDO_KS))})")
+        row = torch.as_tensor(found[key]).long().flatten()
+        if len(row) != n_items:
+            raise UsageError(f"--pseudo-labels {path}: {key} has {len(row)} labels, the data set "
+                             f"{n_items} training images")
+        if row.min() < -1 or row.max() >= k:
+            raise UsageError(f"--pseudo-labels {path}: {key} holds labels outside [-1, {k})")
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def kmeans(x, k, seed=0, iters=100):
+    """Lloyd's k-means of the rows of x (cosine: rows L2-normalised) from a k-means++ start drawn
+    by a fixed generator -> labels [n]. Deterministic on one machine."""
+    x = F.normalize(x.double(), dim=1)
+    gen = torch.Generator().manual_seed(seed)
+    centres = [x[torch.randint(len(x), (1,), generator=gen)].squeeze(0)]
+    nearest = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        pick_ = torch.multinomial(nearest.cpu() + 1e-12, 1, generator=gen).item()
+        centres.append(x[pick_])
+        nearest = torch.minimum(nearest, ((x - x[pick_]) ** 2).sum(1))
+    c = torch.stack(centres)  # [k, d]
+    labels = None
+    for _ in range(iters):
+        new = torch.cdist(x, c).argmin(1)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            members = x[labels == j]
+            if len(members):
+                c[j] = members.mean(0)
+    return labels
+
+
+def cluster_labels(encoder, data, device, path):
+    """Pseudo-labels from the features of an encoder: k-means of its eval-mode fp32 features of
+    the training images, K = 2, 10, 50, 100, 500 -> LongTensor [5, items]; -1 for the images a
+    subset left out. Saved at path in AdvCL's format, for reuse."""
+    n_items = data.identity["train_items"]
+    x = data.x_train.to(device)
+    encoder = copy.deepcopy(encoder).float().to(device)
+    with eval_mode(encoder), torch.no_grad(), strict_fp32(device):
+        chunks = batches(len(x), 512, device)
+        features = torch.cat([encoder(as_float(x[i])) for i in chunks]).cpu()
+    rows = []
+    for k in PSEUDO_KS:
+        print(f"pseudo-labels: k-means of {len(x)} encoder features into {k} clusters", flush=True)
+        row = torch.full((n_items,), -1, dtype=torch.long)
+        row[data.train_index] = kmeans(features, min(k, len(x)))
+        rows.append(row)
+    import numpy as np
+    table = {f"pseudo_train_{k}": row.numpy().astype(np.int32) for k, row in zip(PSEUDO_KS, rows)}
+    import pickle
+    atomic_write(path, lambda f: pickle.dump(table, f))
+    return torch.stack(rows)
+
+
+def pseudo_labels(args, data, device):
+    """The pseudo-labels of the training images -> (LongTensor [5, n_train], what made them).
+    --pseudo-labels names a file of AdvCL's or A-InfoNCE's format, or an encoder (a run or a
+    checkpoint) whose features k-means clusters (saved as OUT/pseudo-labels.pkl)."""
+    source = args.pseudo_labels
+    n_items = data.identity["train_items"]
+    is_pickle = os.path.isfile(source) and source.endswith((".pkl", ".pickle"))
+    if is_pickle:
+        full = pseudo_label_file(source, n_items)
+        with open(source, "rb") as f:
+            made = {"file": os.path.realpath(source),
+                    "sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
+    else:
+        other = load_checkpoint(source, what="--pseudo-labels")
+        path = os.path.join(args.out, "pseudo-labels.pkl")
+        full = cluster_labels(other.encoder, data, device, path)
+        made = {"kmeans_of": weights_digest(other.encoder), "encoder": other.path,
+                "ks": list(PSEUDO_KS), "data": data.identity["fingerprint"], "saved": path}
+    labels = full[:, data.train_index]
+    made["labels_digest"] = hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]
+    return labels, made
 
 
 # ==== Augmentation: torchvision's transforms as batched tensor ops on the device =================
@@ -1328,17 +1822,17 @@ def color_jitter(x, on, f, order):
     return x
 
 
-def augment(xb):
-    """The paper's augmentation of a uint8 batch [B,3,32,32] -> float in [0,1], each image with its
-    own draws: ColorJitter(0.4,0.4,0.4,0.1) p=0.8 (ops in a random order per image),
-    RandomGrayscale p=0.2, horizontal flip p=0.5, RandomResizedCrop(32, scale=(0.08,1));
+def random_gray(x):
+    """RandomGrayscale(p=0.2) of float images [B, 3, H, W]."""
+    to_gray = (torch.rand(len(x), device=x.device) < 0.2).view(-1, 1, 1, 1)
+    return torch.where(to_gray, gray(x).expand_as(x), x)
+
+
+def resized_crop_flip(x, scale=(0.08, 1.0)):
+    """RandomResizedCrop(32, scale) and a horizontal flip (p 0.5) of float images [B,3,32,32]:
     bilinear, as one grid_sample."""
-    x = xb.float() / 255
     b, dev = x.size(0), x.device
-    x = color_jitter(x, *jitter_params(b, dev))
-    to_gray = (torch.rand(b, device=dev) < 0.2).view(-1, 1, 1, 1)
-    x = torch.where(to_gray, gray(x).expand_as(x), x)
-    w, h, x0, y0 = crop_params(b, dev)
+    w, h, x0, y0 = crop_params(b, dev, scale=scale)
     flip = torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0)
     # the output's [-1, 1] -> the crop box in input coordinates
     theta = torch.zeros(b, 2, 3, device=dev)
@@ -1348,6 +1842,15 @@ def augment(xb):
     theta[:, 1, 2] = (h + 2 * y0) / 32 - 1
     grid = F.affine_grid(theta, [b, 3, 32, 32], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment(xb):
+    """The paper's augmentation of a uint8 batch [B,3,32,32] -> float in [0,1], each image with its
+    own draws: ColorJitter(0.4,0.4,0.4,0.1) p=0.8 (ops in a random order per image),
+    RandomGrayscale p=0.2, horizontal flip p=0.5, RandomResizedCrop(32, scale=(0.08,1))."""
+    x = xb.float() / 255
+    x = color_jitter(x, *jitter_params(len(x), x.device))
+    return resized_crop_flip(random_gray(x))
 
 
 # ==== Checkpoints, the field's files, and results =================================================
@@ -1594,12 +2097,22 @@ def load_checkpoint(path, flags=None, what="checkpoint"):
         wrong = ", ".join(READ_FLAGS[k] for k in flags)
         raise UsageError(f"{wrong}: {path} is an ainfonce checkpoint (one BN, stem padding 1, no "
                          f"normalisation): leave {wrong} out")
-    net = Net(ck["args"]["width"])
-    load_strict(net.encoder, ck["encoder"], f"{path}: encoder")
-    load_strict(net.projector, ck["projector"], f"{path}: projector")
     read = {"checkpoint": path, "layout": "ainfonce", "encoder": None, "bn_branch": None,
             "stem_padding": 1, "normalise_inside": False}
-    return Loaded(path, ck, net, net.encoder, read)
+    if ck["args"].get("base", "rocl") == "rocl":
+        net = Net(ck["args"]["width"])
+    else:
+        net = AdvCLNet(ck["args"]["width"])
+    load_strict(net.encoder, ck["encoder"], f"{path}: encoder")
+    load_strict(net.projector, ck["projector"], f"{path}: projector")
+    if isinstance(net, Net):
+        return Loaded(path, ck, net, net.encoder, read)
+    # the AdvCL base is evaluated through its pgd branch, as the field does
+    state, _ = encoder_state(net.encoder.state_dict(), "", PGD, False)
+    encoder = ResNet18(ck["args"]["width"])
+    load_strict(encoder, state, f"{path}: encoder, BN branch {PGD}")
+    read.update(bn_branch=PGD, bn_branches=[NORMAL, PGD, PGD_CE])
+    return Loaded(path, ck, net, encoder, read)
 
 
 def weights_digest(module):
@@ -1966,14 +2479,35 @@ def provenance(device):
 DATASETS = ("cifar10", "cifar100", "stl10", "folder")
 # Base lr of the official scripts (Asym-RoCL/shell); every other method uses 0.1.
 BASE_LR = {"cifar100": {"hardneg": 0.1, "both": 0.2}, "other": {"hardneg": 0.2, "both": 0.3}}
+# The AdvCL base's recipe per data set and method, from the official shell scripts
+# (Asym-AdvCL/shell; rocl: AdvCL's own, lr 0.5): lr, IP's starting degree (ip_alpha),
+# adv_weight, the epoch after which the degree adapts and its d_min, HN's tau+ (CIFAR-100 IP+HN:
+# `--tau 0.01` reaches tau_plus by argparse's prefix matching). Folder and STL-10: CIFAR-10's.
+ADVCL_RECIPE = {
+    "cifar10": {
+        "rocl": dict(lr=0.5),
+        "infpos": dict(lr=1.0, ip_alpha=0.2, adv_weight=1.2, adaptive_from=30, d_min=0.4),
+        "hardneg": dict(lr=1.2, tau_plus=0.12),
+        "both": dict(lr=2.0, ip_alpha=0.2, adv_weight=0.7, adaptive_from=30, d_min=0.4,
+                     tau_plus=0.1),
+    },
+    "cifar100": {
+        "rocl": dict(lr=0.5),
+        "infpos": dict(lr=2.0, ip_alpha=0.3, adv_weight=1.5, adaptive_from=20, d_min=0.5),
+        "hardneg": dict(lr=2.0, tau_plus=0.01),
+        "both": dict(lr=2.0, ip_alpha=0.3, adv_weight=1.5, adaptive_from=20, d_min=0.5,
+                     tau_plus=0.01),
+    },
+}
 # A resumed run must agree with its checkpoint on everything that defines its math (not --lr,
 # not the data's path).
-RESUME_KEYS = ("method", "dataset", "subset", "width", "eps", "step", "attack_steps",
+RESUME_KEYS = ("base", "method", "dataset", "subset", "width", "eps", "step", "attack_steps",
                "temperature", "ip_alpha", "adv_weight", "hn_beta", "hn_normalise", "tau_plus",
                "reg_weight", "reg_forward", "epochs", "batch_size", "warmup_epochs", "wd", "seed")
 # Flags that only pretraining reads: --eval-only refuses them (the seed also seeds evaluation).
 PRETRAINING_KEYS = tuple(k for k in RESUME_KEYS if k != "seed")
-PRETRAINING_KEYS += ("lr", "ckpt_every", "knn_every", "amp", "channels_last", "compile")
+PRETRAINING_KEYS += ("lr", "ckpt_every", "knn_every", "amp", "channels_last", "compile",
+                     "pseudo_labels")
 # Flags of one invocation: a checkpoint records them but never hands them on.
 OWN_KEYS = ("out", "overwrite", "resume", "eval_only", "device", "deterministic", "benchmark",
             "benchmark_steps", "command")
@@ -2080,6 +2614,10 @@ def build_parser():
     data.add_argument("--data-dir", default="./data", help="download root, or the folder data set")
     data.add_argument("--subset", type=count, default=0,
                       help="first N training images of a fixed shuffle (0: all)")
+    data.add_argument("--pseudo-labels", metavar="FILE|ENCODER",
+                      help="AdvCL base: its pseudo-labels, AdvCL's or A-InfoNCE's pickle (one "
+                           "label per training image, in the data set's order), or an encoder "
+                           "(a run, a checkpoint) whose features k-means clusters")
 
     model = p.add_argument_group("model")
     model.add_argument("--width", type=positive_int, default=64,
@@ -2088,20 +2626,24 @@ def build_parser():
     attack = p.add_argument_group("attack (pretraining)")
     attack.add_argument("--eps", type=fraction, default="8/255",
                         help="L_inf radius in [0,1] pixel units; fractions parse (code 0.0314)")
-    attack.add_argument("--step", type=fraction, default="0.007",
-                        help="PGD step, pixel units (paper 0.007)")
-    attack.add_argument("--attack-steps", type=count, default=7, help="PGD steps (paper 7)")
+    attack.add_argument("--step", type=fraction,
+                        help="PGD step, pixel units: RoCL 0.007, AdvCL 2/255")
+    attack.add_argument("--attack-steps", type=count, help="PGD steps: RoCL 7, AdvCL 5")
 
     loss = p.add_argument_group("loss")
+    loss.add_argument("--base", choices=("rocl", "advcl"), default="rocl",
+                      help="the adversarial CL that A-InfoNCE makes asymmetric: RoCL (Kim et al. "
+                           "2020) or AdvCL (Fan et al. 2021)")
     loss.add_argument("--method", choices=METHODS, default="hardneg",
                       help="rocl: symmetric; infpos: inferior positives (IP); hardneg: hard "
                            "negatives (HN); both: IP+HN; simclr: no adversary")
     loss.add_argument("--temperature", type=positive, default=0.5,
                       help="tau of the loss, the attack and the regulariser (paper 0.5)")
-    loss.add_argument("--ip-alpha", type=fraction, default=0.2,
-                      help="IP weight of clean->adv terms (paper 0.2)")
-    loss.add_argument("--adv-weight", type=non_negative, default=1.0,
-                      help="IP scale of the clean<->adv terms")
+    loss.add_argument("--ip-alpha", type=fraction,
+                      help="IP weight of clean->adv terms: 0.2; AdvCL base: its starting "
+                           "stop-gradient degree, 0.2 (CIFAR-100 0.3)")
+    loss.add_argument("--adv-weight", type=non_negative,
+                      help="IP scale of the clean<->adv terms: 1; AdvCL base: per script")
     loss.add_argument("--hn-beta", type=non_negative, default=1.0,
                       help="HN concentration beta (paper 1.0)")
     loss.add_argument("--hn-normalise", choices=("negatives", "official"), default="negatives",
@@ -2115,16 +2657,16 @@ def build_parser():
                            "other BN statistics)")
 
     optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=positive_int, default=1000,
-                       help="pretraining epochs (paper 1000)")
+    optim.add_argument("--epochs", type=positive_int,
+                       help="pretraining epochs: RoCL 1000, AdvCL 400")
     optim.add_argument("--batch-size", type=number(int, 2), default=512,
                        help="images per step, all ranks together (paper 2 GPUs x 256)")
     optim.add_argument("--lr", type=positive,
                        help="base lr, warmed up to 15x: 0.1; hardneg 0.2, both 0.3 (cifar100: "
-                            "0.1, 0.2)")
+                            "0.1, 0.2); AdvCL base: per script (README)")
     optim.add_argument("--warmup-epochs", type=count, default=10, help="linear warm-up (paper 10)")
-    optim.add_argument("--wd", type=non_negative, default=1e-6,
-                       help="weight decay inside LARS (paper 1e-6)")
+    optim.add_argument("--wd", type=non_negative,
+                       help="weight decay: RoCL 1e-6 inside LARS, AdvCL 1e-4 (SGD)")
 
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--eval", nargs="*", choices=("none",) + SCHEMES,
@@ -2132,8 +2674,9 @@ def build_parser():
                          "TRADES) (default: slf; robustssl: all three)")
     ev.add_argument("--eval-only", metavar="CKPT",
                     help="evaluate a run, a checkpoint, or a published ResNet-18 (with --dataset)")
-    ev.add_argument("--protocol", choices=("asym-rocl", "robustssl"), default="asym-rocl",
-                    help="finetuning protocol (README)")
+    ev.add_argument("--protocol", choices=("asym-rocl", "asym-advcl", "robustssl"),
+                    help="finetuning protocol (README): the base's own (asym-rocl, asym-advcl), "
+                         "or the field's benchmark")
     ev.add_argument("--pretraining", choices=list(ROBUSTSSL),
                     help="robustssl: the encoder's method, where its file does not say it")
     ev.add_argument("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS",
@@ -2263,9 +2806,9 @@ def resolve_args(argv, loaded=None):
     args = p.parse_args(argv)
     if loaded and args.out is None:
         args.out = os.path.dirname(loaded.path) or "."
+    args.given = given
     derive(args, loaded)
     args.command = shlex.join(["python", os.path.relpath(__file__), *argv])  # pastes into a shell
-    args.given = given
     if args.resume:
         diff = [f"{flag(k)} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
                 for k in RESUME_KEYS if k in ck["args"] and getattr(args, k) != ck["args"][k]]
@@ -2278,11 +2821,26 @@ def resolve_args(argv, loaded=None):
 def derive(args, loaded):
     """The values that follow from others (in place)."""
     args.dataset = args.dataset or "cifar10"
-    if args.lr is None:
-        table = BASE_LR["cifar100" if args.dataset == "cifar100" else "other"]
-        args.lr = table.get(args.method, 0.1)
-    if args.tau_plus is None:
-        args.tau_plus = 0.1 if args.dataset == "cifar100" else 0.12
+    hundred = args.dataset == "cifar100"
+    if args.base == "rocl":
+        if "pseudo_labels" in args.given:
+            raise UsageError("--pseudo-labels: the AdvCL base's (--base advcl); RoCL has none")
+        recipe = dict(lr=BASE_LR["cifar100" if hundred else "other"].get(args.method, 0.1),
+                      tau_plus=0.1 if hundred else 0.12, epochs=1000, step=0.007,
+                      attack_steps=7, wd=1e-6, ip_alpha=0.2, adv_weight=1.0)
+    else:
+        check_advcl(args)
+        own = ADVCL_RECIPE["cifar100" if hundred else "cifar10"][args.method]
+        recipe = dict(tau_plus=0.1, epochs=400, step=2 / 255, attack_steps=5, wd=1e-4,
+                      ip_alpha=0.2, adv_weight=1.0)
+        recipe.update({k: v for k, v in own.items() if k not in ("adaptive_from", "d_min")})
+        args.ip_adaptive_from = own.get("adaptive_from", -1)
+        args.ip_d_min = own.get("d_min", 0.4)
+    for key, value in recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.protocol is None:
+        args.protocol = "asym-advcl" if args.base == "advcl" else "asym-rocl"
     if not 0 <= args.tau_plus < 1:
         raise UsageError(f"--tau-plus {args.tau_plus} must be in [0, 1)")
     if args.eval is None:
@@ -2293,6 +2851,8 @@ def derive(args, loaded):
     if args.protocol == "robustssl" and args.pretraining is None:
         layout = loaded.read["layout"] if loaded else "ainfonce"
         args.pretraining = FIELD_METHODS.get(layout)
+        if layout == "ainfonce" and args.base == "advcl" and args.method == "rocl":
+            args.pretraining = "advcl"  # AdvCL's own loss
         if args.pretraining is None:
             raise UsageError(f"--protocol robustssl: its settings differ per pretraining method, "
                              f"and {loaded.path} does not say which: name it with --pretraining "
@@ -2301,12 +2861,23 @@ def derive(args, loaded):
         args.autoattack = args.protocol == "robustssl"
     if args.autoattack and args.eval:
         autoattack_impl()  # fails now, not after training, when the package is missing
-    args.schemes = scheme_settings(args.protocol, args.pretraining,
-                                   args.eval_dataset or args.dataset, args.ft_epochs,
-                                   args.eval_batch_size)
+    method = args.method if args.protocol == "asym-advcl" else args.pretraining
+    args.schemes = scheme_settings(args.protocol, method, args.eval_dataset or args.dataset,
+                                   args.ft_epochs, args.eval_batch_size)
     if args.channels_last is None:  # on by default on CUDA
         cuda = args.device == "auto" and torch.cuda.is_available()
         args.channels_last = args.device.startswith("cuda") or cuda
+
+
+def check_advcl(args):
+    """The AdvCL base's own refusals: its methods, and the flags only RoCL reads."""
+    if args.method == "simclr":
+        raise UsageError("--base advcl has no simclr: its methods are rocl (AdvCL's own loss), "
+                         "infpos, hardneg and both")
+    rocl_only = [k for k in ("reg_weight", "reg_forward") if k in args.given]
+    if rocl_only:
+        names = ", ".join(flag(k) for k in rocl_only)
+        raise UsageError(f"{names}: RoCL's regulariser; the AdvCL base has none")
 
 
 def parse_args(argv=None):
@@ -2341,8 +2912,12 @@ def run(args, loaded=None):
                              f"checkpoint's {flag(key)}): pass --data-dir (or --eval-data-dir) to "
                              f"say where the images are")
     train = not args.eval_only and (ck is None or ck["epoch"] < args.epochs)
+    if train and args.base == "advcl" and not args.pseudo_labels:
+        raise UsageError("--base advcl trains on pseudo-labels: pass --pseudo-labels FILE "
+                         "(AdvCL's or A-InfoNCE's pickle) or ENCODER (a run or checkpoint whose "
+                         "features k-means clusters, e.g. a --method simclr run)")
     train_data, data = read_data(args, ck, train)
-    net = loaded.net if loaded else Net(args.width)
+    net = loaded.net if loaded else (AdvCLNet if args.base == "advcl" else Net)(args.width)
     # the first thing written: the lock
     with owning(args.out) if rank == 0 else contextlib.nullcontext():
         if train:
@@ -2354,7 +2929,14 @@ def run(args, loaded=None):
                         with contextlib.suppress(FileNotFoundError):
                             os.remove(os.path.join(args.out, name))
                 print(start_line(args, ck, train_data, device), flush=True)
-            pretrain(args, net, train_data, device, rank, world, ck)
+            labels = None
+            if args.base == "advcl":
+                labels = pseudo_labels(args, train_data, device)
+                made = (ck or {}).get("pseudo_labels")
+                if made and made["labels_digest"] != labels[1]["labels_digest"]:
+                    raise UsageError(f"--pseudo-labels {args.pseudo_labels}: other labels than "
+                                     f"the run trained on ({made}); pass the run's")
+            pretrain(args, net, train_data, device, rank, world, ck, labels)
             if rank == 0:
                 # the evaluation measures the saved weights
                 loaded = load_checkpoint(args.out)
