@@ -429,7 +429,9 @@ class Net(nn.Module):
 
 
 # The AdvCL base: its three BN branches, and the cluster counts of its pseudo-labels
-NORMAL, PGD, PGD_CE = 0, 1, 2
+NORMAL = 0  # x1, x2 and the high-frequency view
+PGD = 1  # the contrastive attack's examples: the branch that is evaluated
+PGD_CE = 2  # the cross-entropy attack's examples
 PSEUDO_KS = (2, 10, 50, 100, 500)
 
 
@@ -752,7 +754,8 @@ def advcl_train_step(net, params, views, labels, step, epoch, seen):
 def advcl_update(net, params, views, hfc, x_cl, x_ce, labels, step, epoch, seen):
     """The forwards in the official order (pgd, pgd_ce, normal x1, x2, hfc), the loss
     (contrastive + 0.2 mean CE), backward, gradients averaged over processes -> Outcome."""
-    x1, x2, x_org = views
+    x1, x2 = views[:2]
+    x_org = views[2]
     with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=step.amp):
         z_cl = net.project(x_cl, PGD)
         logits = net.classify(x_ce, PGD_CE)
@@ -1579,7 +1582,8 @@ def load_data(dataset, data_dir, n_train=0, n_test=0):
         data = Data(*train_xy, *test_xy, len(train.classes), None, index)
         n_items = len(train.samples)
     else:
-        data, files, n_items = torchvision_data(dataset, data_dir, n_train, n_test)
+        data, files = torchvision_data(dataset, data_dir, n_train, n_test)
+        n_items = data.identity["train_items"]
     if data.n_classes < 2:
         raise UsageError(f"{dataset} in {data_dir} has {data.n_classes} class: classification "
                          f"needs at least 2")
@@ -1592,7 +1596,7 @@ def load_data(dataset, data_dir, n_train=0, n_test=0):
 
 def torchvision_data(dataset, data_dir, n_train, n_test):
     """CIFAR-10/100 or STL-10 (at 32x32) through torchvision, downloaded where missing -> (Data
-    without its identity, the data set's files, its number of training images)."""
+    whose identity holds only its number of training images, the data set's files)."""
     import torchvision.datasets as tvd
     created = not os.path.exists(data_dir)
     kind = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}[dataset]
@@ -1622,13 +1626,14 @@ def torchvision_data(dataset, data_dir, n_train, n_test):
         out += [x.contiguous(), y.long()]
     base = os.path.join(data_dir, kind.base_folder)
     files = sorted(os.path.join(d, f) for d, _, names in os.walk(base) for f in names)
-    data = Data(*out, len(sets[0].classes), None, picked[0])
-    return data, files, len(sets[0].data)
+    data = Data(*out, len(sets[0].classes), {"train_items": len(sets[0].data)}, picked[0])
+    return data, files
 
 
 # ==== Pseudo-labels of the AdvCL base: AdvCL's and A-InfoNCE's files, or k-means ==================
-SAFE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "dtype"), ("numpy", "ndarray"), ("collections", "OrderedDict"),
+SAFE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy", "dtype"),
+                ("numpy", "ndarray"), ("collections", "OrderedDict"),
                 ("torch._utils", "_rebuild_tensor_v2")}
 
 
@@ -2917,7 +2922,9 @@ def run(args, loaded=None):
                          "(AdvCL's or A-InfoNCE's pickle) or ENCODER (a run or checkpoint whose "
                          "features k-means clusters, e.g. a --method simclr run)")
     train_data, data = read_data(args, ck, train)
-    net = loaded.net if loaded else (AdvCLNet if args.base == "advcl" else Net)(args.width)
+    net = loaded.net if loaded else None
+    if net is None:
+        net = AdvCLNet(args.width) if args.base == "advcl" else Net(args.width)
     # the first thing written: the lock
     with owning(args.out) if rank == 0 else contextlib.nullcontext():
         if train:
