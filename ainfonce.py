@@ -3040,21 +3040,33 @@ def official_step(net, opt, x1, x2, step):
     opt.step()
 
 
+def official_advcl_step(net, opt, views, labels, step, seen):
+    """The official AdvCL step's work: the same forwards, in fp32 and NCHW (its unused head_pred
+    forwards left out)."""
+    views = [v.contiguous() for v in views]
+    fp32 = dataclasses.replace(step, amp=False)
+    advcl_train_step(net, list(net.parameters()), views, labels, fp32, 1, seen)
+    opt.step()
+
+
 def benchmark(args, device):
-    """Seconds per step of our step (split: data, attack, forward-backward-LARS-SGD) and of
-    official_step, after 2 warm-up steps, on random images; peak memory on CUDA. The last printed
-    line is JSON."""
+    """Seconds per step of our step (split: data, attack, forward-backward and the update) and of
+    the official step's work, after 2 warm-up steps, on random images; peak memory on CUDA. The
+    last printed line is JSON."""
     cuda = device.type == "cuda"
+    advcl = args.base == "advcl"
     warmup, n = 2, args.benchmark_steps
-    step = step_of(args)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randint(0, 256, (4 * args.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
-    net = Net(args.width).to(device).to(memory_format=layout)
+    net = AdvCLNet(args.width) if advcl else Net(args.width)
+    net = net.to(device).to(memory_format=layout)
     ref = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=args.lr, momentum=0.9)
     model = torch.compile(net) if args.compile else net
     params = list(net.parameters())
+    step = advcl_step_of(args) if advcl else step_of(args)
+    seen = Distances()
     times = dict.fromkeys(("data_s", "attack_s", "fwd_bwd_s", "official_step_s"), 0.0)
     peak = {}
     for i in range(warmup + n):
@@ -3063,25 +3075,39 @@ def benchmark(args, device):
             torch.cuda.reset_peak_memory_stats(device)
         clock = Clock(cuda)
         xb = x[torch.randint(0, len(x), (args.batch_size,), device=device)]
-        x1 = augment(xb).contiguous(memory_format=layout)
-        x2 = augment(xb).contiguous(memory_format=layout)
-        clock.lap(times, "data_s", timed, n)
-        x_adv = adversary(model, x1, x2, step) if step.adversarial else None
-        clock.lap(times, "attack_s", timed, n)
-        update(model, params, x1, x2, x_adv, step)
+        if advcl:
+            views = [v.contiguous(memory_format=layout) for v in advcl_views(xb)]
+            labels = [torch.randint(0, k, (len(xb),), device=device) for k in PSEUDO_KS]
+            clock.lap(times, "data_s", timed, n)
+            hfc = high_frequency(views[2])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                x_cl, x_ce = advcl_attack(model, views[0], views[1], views[2], hfc, labels, step)
+            clock.lap(times, "attack_s", timed, n)
+            advcl_update(model, params, views, hfc, x_cl, x_ce, labels, step, 1, seen)
+        else:
+            x1 = augment(xb).contiguous(memory_format=layout)
+            x2 = augment(xb).contiguous(memory_format=layout)
+            clock.lap(times, "data_s", timed, n)
+            x_adv = adversary(model, x1, x2, step) if step.adversarial else None
+            clock.lap(times, "attack_s", timed, n)
+            update(model, params, x1, x2, x_adv, step)
         opt.step()
         clock.lap(times, "fwd_bwd_s", timed, n)
         if cuda and i == warmup + n - 1:
             peak["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # our step's
-        if step.adversarial:
+        if advcl:
+            official_advcl_step(ref, ref_opt, views, labels, step, seen)
+            clock.lap(times, "official_step_s", timed, n)
+        elif step.adversarial:
             official_step(ref, ref_opt, x1.contiguous(), x2.contiguous(), step)
             clock.lap(times, "official_step_s", timed, n)
     step_s = times["data_s"] + times["attack_s"] + times["fwd_bwd_s"]
     ratio = step_s / times["official_step_s"] if times["official_step_s"] else None
     name = torch.cuda.get_device_name(device) if cuda else f"cpu x{torch.get_num_threads()}"
-    res = {"device": name, "torch": str(torch.__version__), "method": args.method,
-           "width": args.width, "batch_size": args.batch_size, "attack_steps": args.attack_steps,
-           "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+    res = {"device": name, "torch": str(torch.__version__), "base": args.base,
+           "method": args.method, "width": args.width, "batch_size": args.batch_size,
+           "attack_steps": args.attack_steps, "amp": args.amp,
+           "channels_last": args.channels_last, "compile": args.compile,
            "reg_forward": args.reg_forward, "steps": n, "step_s": step_s,
            "images_per_s": args.batch_size / step_s, **times, **peak, "ratio_vs_official": ratio}
     print(f"ours {step_s:.3f} s/step ({res['images_per_s']:.1f} img/s): data "

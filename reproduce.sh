@@ -6,10 +6,14 @@
 #   SCALE=medium bash reproduce.sh   # width 64, batch 512, PGD-7, 40 epochs, SLF: about 20 min on one H100 (README)
 #   SCALE=small  bash reproduce.sh   # 2 CPU cores, about 75 minutes for 2 seeds (see README for what is cut)
 #   SCALE=smoke  bash reproduce.sh   # a couple of minutes: checks the script, not the method
+#   BASE=advcl SCALE=small bash reproduce.sh   # the same table for A-InfoNCE on AdvCL
 #
 # Environment: DATASET (cifar10 | cifar100 | stl10 | folder), DATA_DIR, SEEDS (number of seeds), OUT (default
 # results/$SCALE), METHODS, AA=1 (add standard AutoAttack; pip install pyautoattack), EVAL_THREATS (e.g.
-# "linf:8/255 l2:0.5": RA under each), PROTOCOL (asym-rocl | robustssl), TRANSFER_TO (a data set: a second
+# "linf:8/255 l2:0.5": RA under each), PROTOCOL (asym-rocl | asym-advcl | robustssl; default: the base's
+# own, asym-rocl at small and smoke scale for both bases), BASE (rocl | advcl), PSEUDO_LABELS (AdvCL base:
+# a pickle of pseudo-labels; default: k-means of a simclr run of this scale, $OUT/simclr-s0, made
+# first), TRANSFER_TO (a data set: a second
 # evaluation of every run on it, finetuned there) with TRANSFER_DIR, PYTHON. Relative paths are relative to the
 # directory you run it from.
 # Resumable: a cell with a checkpoint continues through `--resume`, which refuses a checkpoint made with other
@@ -40,13 +44,20 @@ SEEDS=${SEEDS:-$DEFAULT_SEEDS}
 OUT=${OUT:-results/$SCALE}
 METHODS=${METHODS:-rocl infpos hardneg both}
 PYTHON=${PYTHON:-python}
+BASE=${BASE:-rocl}
+case "$BASE" in rocl|advcl) ;; *) echo "reproduce.sh: BASE must be rocl or advcl, not '$BASE'" >&2; exit 2 ;; esac
 [ "${AA:-0}" = 1 ] && EVALUATE+=(--autoattack)
 [ -n "${EVAL_THREATS:-}" ] && EVALUATE+=(--eval-threats $EVAL_THREATS)
-[ -n "${PROTOCOL:-}" ] && EVALUATE+=(--protocol "$PROTOCOL")
+if [ -n "${PROTOCOL:-}" ]; then
+  EVALUATE+=(--protocol "$PROTOCOL")
+elif [ "$SCALE" = small ] || [ "$SCALE" = smoke ]; then
+  EVALUATE+=(--protocol asym-rocl)  # one protocol for both bases' tables: they sit side by side
+fi
 
 continue_hint() {  # the command that continues the whole table, with the environment it was started with
   local env="" v
-  for v in SCALE DATASET DATA_DIR SEEDS OUT METHODS AA EVAL_THREATS PROTOCOL TRANSFER_TO TRANSFER_DIR PYTHON; do
+  for v in SCALE BASE DATASET DATA_DIR SEEDS OUT METHODS AA EVAL_THREATS PROTOCOL PSEUDO_LABELS TRANSFER_TO \
+           TRANSFER_DIR PYTHON; do
     [ -n "${!v:-}" ] && env+="$v=$(printf %q "${!v}") "
   done
   echo "reproduce.sh: interrupted; continue the whole table with: ${env}bash $(printf %q "$0")" >&2
@@ -75,6 +86,19 @@ mkdir -p "$OUT"
 CELLS="$OUT/cells.tsv"
 : > "$CELLS"
 start=$(date +%s)
+if [ "$BASE" = advcl ]; then  # its pseudo-labels: a file, or k-means of a simclr encoder of this scale
+  if [ -z "${PSEUDO_LABELS:-}" ]; then
+    PSEUDO_LABELS="$OUT/simclr-s0"
+    echo "== $PSEUDO_LABELS (the encoder whose features give the AdvCL base its pseudo-labels)"
+    simclr=(--method simclr --seed 0 --dataset "$DATASET" --data-dir "$DATA_DIR" "${TRAIN[@]}" --eval none)
+    if [ -f "$PSEUDO_LABELS/last.pt" ]; then
+      cell simclr --resume "$PSEUDO_LABELS" "${simclr[@]}"
+    else
+      cell simclr "${simclr[@]}" --out "$PSEUDO_LABELS"
+    fi
+  fi
+  TRAIN+=(--base advcl --pseudo-labels "$PSEUDO_LABELS")
+fi
 for seed in $(seq 0 $((SEEDS - 1))); do
   for method in $METHODS; do
     dir="$OUT/$method-s$seed"
@@ -105,7 +129,7 @@ for m, rs in runs.items():  # the second evaluation on TRANSFER_TO, as columns "
             to = tr["identity"]["data"]["dataset"]
             r.update({f"to {to}: {k}": v for k, v in tr.items() if k.startswith(("slf_", "alf_", "aff_"))})
 # every cell must come from the same recipe, data and protocol: the heading below is read from them
-same = ("dataset", "subset", "width", "epochs", "batch_size", "attack_steps", "eps")
+same = ("base", "dataset", "subset", "width", "epochs", "batch_size", "attack_steps", "eps")
 
 
 def unseeded(r):  # what must agree across cells: the data, and the protocol but its seed
@@ -147,7 +171,8 @@ def cell(values):
 
 images = f"{a0['subset']} training images" if a0["subset"] else "all training images"
 epochs = f"{a0['epochs']} epoch" + ("s" if a0["epochs"] != 1 else "")
-heading = (f"{a0['dataset']}, {images}, ResNet-18 width {a0['width']}, {epochs}, "
+base = "A-InfoNCE on AdvCL" if a0.get("base") == "advcl" else "A-InfoNCE on RoCL"
+heading = (f"{base}: {a0['dataset']}, {images}, ResNet-18 width {a0['width']}, {epochs}, "
            f"batch {a0['batch_size']}, {a0['attack_steps']}-step training attack; {p['name']} finetuning; RA = "
            f"PGD-{p['eval_steps']} at {threats[0]}, step {p['eval_step'] * 255:.2f}/255, on {data['n_test']} test "
            f"images" + (f"; AutoAttack: {p['autoattack']}" if p["autoattack"] else "")

@@ -1,8 +1,8 @@
 """Tests for ainfonce.py: property tests of the pure functions, then end-to-end runs of main().
 
-    python -m pytest -q                              # all (README, Tests: how long they take)
-    AINFONCE_QUICK=1 python -m pytest -q             # without the slowest (subprocesses, scripts)
-    AINFONCE_TEST_DEVICE=cuda python -m pytest -q    # on a GPU; fails at once without one
+python -m pytest -q                              # all (README, Tests: how long they take)
+AINFONCE_QUICK=1 python -m pytest -q             # without the slowest (subprocesses, scripts)
+AINFONCE_TEST_DEVICE=cuda python -m pytest -q    # on a GPU; fails at once without one
 """
 
 import argparse
@@ -3309,6 +3309,326 @@ def test_hints_paste_back_from_any_directory(folder, tmp_path, monkeypatch, caps
 
 
 # --------------------------------------------------------------------------------------------------
+# The AdvCL base
+# --------------------------------------------------------------------------------------------------
+def ref_asym_supcon(
+    features,
+    *,
+    adv_weight=1.0,
+    stop_grad=False,
+    degree=0.2,
+    hn=False,
+    tau_plus=0.1,
+    beta=1.0,
+    t=0.5,
+    symmetric=False,
+):
+    """AdvCL's SupConLoss (symmetric=True) and Asym-AdvCL's ori_SupConLoss / SupConLoss (hn=True),
+    transcribed from their losses.py in float64: features [B, 4, D], view 0 adversarial."""
+    B, V = features.shape[:2]
+    feats = features.double()
+    contrast = torch.cat(torch.unbind(feats, dim=1), dim=0)
+
+    def log_probs(keys):
+        adc = contrast @ keys.T / t
+        logits = adc - adc.max(1, keepdim=True).values.detach()
+        mask = torch.eye(B, dtype=torch.float64).repeat(V, V)
+        lmask = torch.ones_like(mask).scatter(1, torch.arange(B * V).view(-1, 1), 0)
+        mask = mask * lmask
+        if not hn:
+            exp = torch.exp(logits) * lmask
+            return mask * (logits - torch.log(exp.sum(1, keepdim=True))), mask
+        N = (B - 1) * V
+        exp = torch.exp(logits)
+        neg = exp * (1 - mask) * lmask
+        pos = (exp * mask).sum(1) / mask.sum(1)
+        imp = (beta * (neg + 1e-9).log()).exp()
+        ng = (-tau_plus * N * pos + ((imp * neg) / imp.mean(dim=-1)).sum(-1)) / (1 - tau_plus)
+        ng = torch.clamp(ng, min=N * math.e ** (-1 / 0.5))
+        return -mask * -torch.log(exp / (pos + ng)), mask  # its log_prob is negated: sign back
+
+    square, mask = log_probs(contrast)
+    if not symmetric:
+        if stop_grad:
+            tmp, _ = log_probs(contrast.detach())
+            ac = degree * tmp[B:, :B].T + (1 - degree) * tmp[:B, B:]
+        else:
+            ac = square[:B, B:]
+        square[:B, B:] = ac * adv_weight
+        square[B:, :B] = ac.T * adv_weight
+    return -(t / 0.07) * (square.sum(1) / mask.sum(1)).mean()
+
+
+@pytest.mark.parametrize(
+    "method,phase,hn_form",
+    [
+        ("rocl", "train", "negatives"),
+        ("infpos", "attack", "negatives"),
+        ("infpos", "train", "negatives"),
+        ("hardneg", "train", "official"),
+        ("hardneg", "attack", "official"),
+        ("both", "train", "official"),
+    ],
+)
+def test_advcl_loss_is_the_official_supcon(method, phase, hn_form):
+    """The AdvCL base's contrastive loss, its value and its gradient, against the transcribed
+    official losses: SupCon's scale, keys carrying gradient, Asym-AdvCL's blocks, HN's form."""
+    aw = {"infpos": 1.2, "both": 0.7}.get(method, 1.0)
+    step = A.AdvCLStep(method, 8 / 255, 2 / 255, 5, 0.5, aw, 0.2, 30, 0.4, 1.0, 0.1, hn_form, False)
+    z = randz(11, 4, 6, 16).double().requires_grad_(True)  # [views, N, D]
+    ours = A.advcl_contrastive(z, step, phase, degree=0.3)
+    feats = F.normalize(z.transpose(0, 1), dim=-1)  # [N, views, D], as its model normalises
+    hn = phase == "train" and method in ("hardneg", "both")
+    stop_grad = phase == "train" and method in ("infpos", "both")
+    ref = ref_asym_supcon(
+        feats, adv_weight=aw, stop_grad=stop_grad, degree=0.3, hn=hn, symmetric=method == "rocl"
+    )
+    (g_ours,) = torch.autograd.grad(ours, z)
+    (g_ref,) = torch.autograd.grad(ref, z)
+    assert torch.allclose(ours.double(), ref, rtol=1e-6)
+    assert torch.allclose(g_ours.double(), g_ref, atol=1e-6, rtol=1e-5)
+
+
+def test_advcl_keys_carry_gradient_where_the_official_loss_lets_them():
+    z = randz(2, 4, 5, 8).requires_grad_(True)
+    plain = A.a_infonce(z, pair_weights=[[0, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]])
+    full = A.a_infonce(
+        z, pair_weights=[[0, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]], detach_keys=False
+    )
+    (g_plain,) = torch.autograd.grad(plain, z)
+    (g_full,) = torch.autograd.grad(full, z)
+    assert torch.equal(plain, full)  # the same value
+    assert torch.all(g_plain[0] == 0) and g_full[0].abs().sum() > 0  # view 0 is only ever a key
+
+
+def test_high_frequency_view_removes_exactly_the_disc():
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    low = (0.5 + 0.2 * torch.cos(2 * math.pi * 3 * xx / 32)).expand(2, 3, 32, 32)  # frequency 3
+    high = (0.5 + 0.2 * torch.cos(math.pi * (xx + yy))).expand(2, 3, 32, 32)  # the checkerboard
+    assert A.high_frequency(low).abs().max() < 1e-5
+    assert torch.allclose(A.high_frequency(high), high - 0.5, atol=1e-5)  # all but its mean
+    spectrum = torch.fft.fftshift(
+        torch.fft.fftn(A.high_frequency(torch.rand(1, 1, 32, 32)), dim=(-2, -1))
+    )
+    assert (spectrum.abs() < 1e-4).sum() == 193  # radius < 8 around the centre (16, 16)
+
+
+def test_a_forward_through_one_branch_moves_only_its_statistics():
+    net = A.AdvCLNet(4).train()
+    stats = lambda: {k: v.clone() for k, v in net.state_dict().items() if "running_mean" in k}
+    before = stats()
+    net.project(images(0, 4).cpu(), A.PGD)
+    moved = {k for k, v in stats().items() if not torch.equal(v, before[k])}
+    assert moved and all(".bn_list.1." in k or k.startswith("projector.head_proj") for k in moved)
+    assert any(k.startswith("projector.head_proj") for k in moved)  # its BatchNorm1d is shared
+
+
+def test_the_joint_attack_stays_in_its_ball_and_raises_its_losses():
+    torch.manual_seed(0)
+    net = A.AdvCLNet(4).train()
+    step = A.AdvCLStep(
+        "both", 8 / 255, 2 / 255, 3, 0.5, 0.7, 0.2, 30, 0.4, 1.0, 0.1, "negatives", False
+    )
+    x1, x2, org = images(1, 8).cpu(), images(2, 8).cpu(), images(3, 8).cpu()
+    labels = [torch.randint(0, k, (8,)) for k in A.PSEUDO_KS]
+    hfc = A.high_frequency(org)
+    x_cl, x_ce = A.advcl_attack(net, x1, x2, org, hfc, labels, step)
+    for x in (x_cl, x_ce):
+        assert (x - org).abs().max() <= 8 / 255 + 1e-6 and x.min() >= 0 and x.max() <= 1
+
+    def losses(cl, ce):  # the attack's own objectives, in train mode as it runs (on a copy)
+        copy_ = __import__("copy").deepcopy(net)
+        with torch.no_grad():
+            z = torch.stack(
+                [copy_.project(v, b) for v, b in ((cl, A.PGD), (x1, 0), (x2, 0), (hfc, 0))]
+            )
+            ce_loss = A.pseudo_label_ce(copy_.classify(ce, A.PGD_CE), labels, "mean")
+            return A.advcl_contrastive(z, step, "attack").item(), ce_loss.item()
+
+    attacked, clean = losses(x_cl, x_ce), losses(org, org)
+    assert attacked[0] > clean[0] and attacked[1] > clean[1]
+
+
+def test_the_adaptive_degree_and_the_schedule_follow_asym_advcl():
+    step = A.AdvCLStep(
+        "infpos", 8 / 255, 2 / 255, 5, 0.5, 1.2, 0.2, 2, 0.4, 1.0, 0.1, "negatives", False
+    )
+    seen = A.Distances()
+    assert (
+        A.stop_degree(step, 1, 3.0, seen, 10) == 0.2
+        and A.stop_degree(step, 2, 1.0, seen, 30) == 0.2
+    )
+    mean = (3.0 * 10 + 1.0 * 30) / 40  # its dis_avg: weighted by images, epochs 1..2
+    assert A.stop_degree(step, 3, 2.0, seen, 5) == 0.2  # farther than the mean: as it was
+    assert A.stop_degree(step, 3, 0.3, seen, 5) == 0.5  # nearer than d_min
+    assert A.stop_degree(step, 3, 1.0, seen, 5) == pytest.approx(
+        (mean - 1.0) / (mean - 0.4) * 0.3 + 0.2
+    )
+    assert (seen.total, seen.count) == (60.0, 40)  # recorded only in the first epochs
+    # utils.py adjust_learning_rate (per epoch) then warmup_learning_rate (per step), transcribed
+    lr, epochs, steps = 2.0, 40, 5
+    eta = lr * 0.1**3
+    warm_to = eta + (lr - eta) * (1 + math.cos(math.pi * 10 / epochs)) / 2
+    for s in range(epochs * steps):
+        e, b = s // steps + 1, s % steps
+        want = eta + (lr - eta) * (1 + math.cos(math.pi * e / epochs)) / 2
+        if e <= 10:
+            want = 0.01 + (b + (e - 1) * steps) / (10 * steps) * (warm_to - 0.01)
+        assert A.advcl_lr_at(s, steps, epochs, lr, 10) == pytest.approx(want, rel=1e-12)
+
+
+def write_pseudo_labels(path, n, as_tensors, ks=A.PSEUDO_KS, seed=0):
+    import pickle
+
+    g = torch.Generator().manual_seed(seed)
+    table = {f"pseudo_train_{k}": torch.randint(0, k, (n,), generator=g) for k in ks}
+    if not as_tensors:  # AdvCL's file: int32 numpy arrays, and test labels too
+        table = {k: v.numpy().astype("int32") for k, v in table.items()}
+        table["pseudo_test_2"] = table["pseudo_train_2"][:5]
+    with open(path, "wb") as f:
+        pickle.dump(table, f)
+    return torch.stack([torch.as_tensor(table[f"pseudo_train_{k}"]).long() for k in ks])
+
+
+def test_both_official_pseudo_label_formats_are_read(tmp_path):
+    for as_tensors in (False, True):
+        path = tmp_path / f"labels-{as_tensors}.pkl"
+        labels = write_pseudo_labels(path, 40, as_tensors)
+        assert torch.equal(A.pseudo_label_file(str(path), 40), labels)
+    import pickle
+
+    with open(tmp_path / "code.pkl", "wb") as f:
+        pickle.dump({"pseudo_train_2": types.SimpleNamespace(x=1)}, f)  # not an array: refused
+    with pytest.raises(A.UsageError, match="not a pickle of pseudo-labels"):
+        A.pseudo_label_file(str(tmp_path / "code.pkl"), 40)
+
+
+def test_kmeans_recovers_separated_clusters_and_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(6, 16, generator=g) * 10
+    x = torch.cat([c + torch.randn(40, 16, generator=g) for c in centres])
+    labels = A.kmeans(x, 6)
+    assert all(len(labels[40 * i : 40 * (i + 1)].unique()) == 1 for i in range(6))
+    assert len(labels.unique()) == 6 and torch.equal(labels, A.kmeans(x, 6))
+
+
+def advcl_run(folder, out, method, *extra):
+    return tiny(folder, out, "--base", "advcl", "--method", method, "--epochs", "2", *extra)
+
+
+@pytest.fixture(scope="session")
+def simclr_encoder(tmp_path_factory, folder):
+    out = tmp_path_factory.mktemp("simclr") / "run"
+    A.main(tiny(folder, out, "--method", "simclr", "--eval", "none"))
+    return str(out)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        pytest.param("rocl"),
+        pytest.param("infpos", marks=slow),
+        pytest.param("hardneg", marks=slow),
+        pytest.param("both"),
+    ],
+)
+def test_every_advcl_method_trains_resumes_bit_exactly_and_evaluates(
+    folder, tmp_path, monkeypatch, simclr_encoder, method
+):
+    labels = ["--pseudo-labels", simclr_encoder]
+    full = A.main(advcl_run(folder, tmp_path / "full", method, *labels, "--eval", "slf", "alf"))
+    real = A.advcl_lr_at
+
+    def cut(step, *a):  # Ctrl-C at step 5 of 8
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    monkeypatch.setattr(A, "advcl_lr_at", cut)
+    with pytest.raises(SystemExit):
+        A.main(advcl_run(folder, tmp_path / "cut", method, *labels, "--ckpt-every", "1"))
+    monkeypatch.setattr(A, "advcl_lr_at", real)
+    done = A.main(["--resume", str(tmp_path / "cut"), "--eval", "slf", "alf"])
+    w_full, ck = weights(tmp_path / "full" / "last.pt")
+    w_done, _ = weights(tmp_path / "cut" / "last.pt")
+    assert all(torch.equal(w_full[k], w_done[k]) for k in w_full)  # every branch's BN included
+    assert scheme_keys(done) == scheme_keys(full) and 0 <= full["slf_ra"] <= full["slf_sa"] <= 1
+    assert ck["args"]["base"] == "advcl" and ck["pseudo_labels"]["kmeans_of"]
+    assert (
+        full["read"]["bn_branch"] == A.PGD and full["identity"]["protocol"]["name"] == "asym-advcl"
+    )
+    loaded = A.load_checkpoint(str(tmp_path / "full"))  # evaluated: the pgd branch, as the field
+    x = images(8, 6).cpu()
+    with torch.no_grad(), A.eval_mode(loaded.net):
+        with A.use_branch(loaded.net.encoder, A.PGD):
+            pgd_features = loaded.net.encoder(x)
+        normal_features = loaded.net.encoder(x)
+        assert torch.allclose(loaded.encoder.eval()(x), pgd_features, atol=1e-6)
+        assert not torch.allclose(pgd_features, normal_features, atol=1e-4)
+    robust = eval_only(
+        tmp_path / "full", "--protocol", "robustssl", "--no-autoattack", "--eval", "slf"
+    )
+    assert robust["identity"]["protocol"]["pretraining"] == (
+        "advcl" if method == "rocl" else "a-infonce"
+    )
+
+
+def test_the_advcl_schedule_of_finetuning_is_asym_advcls():
+    c10 = A.scheme_settings("asym-advcl", "both", "cifar10", None, 1024)
+    assert [c10[s]["lr"] for s in A.SCHEMES] == [0.01, 0.01, 0.1]
+    assert [
+        A.scheme_settings("asym-advcl", "rocl", "cifar10", None, 8)[s]["lr"] for s in A.SCHEMES
+    ] == [0.1] * 3
+    assert c10["alf"]["attack_steps"] == 20 and c10["aff"]["attack_steps"] == 10
+    assert all(
+        c10[s]["epochs"] == 25
+        and c10[s]["milestones"] == [15, 20]
+        and c10[s]["batch_size"] == 512
+        and c10[s]["augment"]
+        for s in A.SCHEMES
+    )
+
+
+def test_advcl_bad_input_is_one_line_and_writes_nothing(folder, tmp_path, capsys, simclr_encoder):
+    out = tmp_path / "run"
+    short = tmp_path / "short.pkl"
+    write_pseudo_labels(short, 31, as_tensors=False)
+    fails(
+        advcl_run(folder, out, "both", "--pseudo-labels", str(short)),
+        capsys,
+        r"pseudo_train_2 has 31 labels, the data set 32 training images",
+        out,
+    )
+    missing = tmp_path / "missing.pkl"
+    write_pseudo_labels(missing, 32, as_tensors=True, ks=(2, 10, 50, 100))
+    fails(
+        advcl_run(folder, out, "both", "--pseudo-labels", str(missing)),
+        capsys,
+        r"has no pseudo_train_500 \(the AdvCL base needs K = 2, 10, 50, 100, 500\)",
+        out,
+    )
+    fails(advcl_run(folder, out, "both"), capsys, r"--base advcl trains on pseudo-labels", out)
+    fails(
+        advcl_run(folder, out, "both", "--pseudo-labels", simclr_encoder, "--reg-weight", "0.1"),
+        capsys,
+        r"--reg-weight: RoCL's regulariser; the AdvCL base has none",
+        out,
+    )
+    fails(
+        advcl_run(folder, out, "simclr", "--pseudo-labels", simclr_encoder),
+        capsys,
+        r"--base advcl has no simclr",
+        out,
+    )
+    fails(
+        tiny(folder, out, "--pseudo-labels", simclr_encoder),
+        capsys,
+        r"--pseudo-labels: the AdvCL base's",
+        out,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # Benchmark and reproduce.sh
 # --------------------------------------------------------------------------------------------------
 def test_benchmark_prints_json_last(capsys):
@@ -3367,7 +3687,8 @@ def test_reproduce_sh_never_mixes_scales_reads_what_it_asked_and_says_how_to_con
     assert p.returncode == 0, p.stderr
     table = open(tmp_path / "out" / "table.md").read()
     assert table.startswith(
-        "folder, 128 training images, ResNet-18 width 4, 1 epoch, batch 32, 1-step training "
+        "A-InfoNCE on RoCL: folder, 128 training images, ResNet-18 width 4, 1 epoch, batch 32, "
+        "1-step training "
         "attack; asym-rocl finetuning; RA = PGD-2 at linf:8/255"
     )  # read from the runs it shows
     assert (
@@ -3403,5 +3724,7 @@ def test_reproduce_sh_never_mixes_scales_reads_what_it_asked_and_says_how_to_con
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130 and err.count("continue the whole table with:") == 1, err
     hint = re.search(r"continue the whole table with: (.*)", err).group(1)
-    assert hint.startswith("SCALE=smoke DATASET=folder DATA_DIR=data") and "OUT=out2" in hint
+    assert (
+        hint.startswith("SCALE=smoke BASE=rocl DATASET=folder DATA_DIR=data") and "OUT=out2" in hint
+    )
     assert hint.endswith(f"METHODS=rocl PYTHON={sys.executable} bash {script}")
