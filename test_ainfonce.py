@@ -1193,20 +1193,33 @@ def test_robustssl_heads_start_at_zero():
             )
 
 
-def test_robustssl_finetunes_on_random_crops_and_flips():
+@pytest.mark.parametrize("scheme", ["slf", "alf", "aff"])
+def test_robustssl_finetunes_on_random_crops_and_flips(scheme):
+    """Every scheme's encoder sees crops and flips, not the images, and the images themselves without
+    augmentation. ALF and AFF attack at eps 0, so their examples are the augmented images (TRADES
+    starts its ascent 0.001 * N(0, 1) away from them)."""
     encoder, seen = small_encoder(), []
     encoder.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
     x, y = (images(4, 64) * 255).to(torch.uint8), torch.arange(64, device=DEV) % 2
-    s = dict(A.scheme_settings("robustssl", "a-infonce", "cifar10", 1, 64)["slf"], batch_size=64)
+    s = dict(A.scheme_settings("robustssl", "a-infonce", "cifar10", 1, 64)[scheme], batch_size=64)
+    if scheme != "slf":
+        s.update(eps=0.0, attack_steps=1)
+    finetune = {"slf": A.finetune_slf, "alf": A.finetune_alf, "aff": A.finetune_aff}[scheme]
+
+    def untouched():  # per input the encoder saw: is it one of the images, unchanged?
+        inputs = torch.cat(seen)
+        distance = (inputs[:, None] - (x.float() / 255)[None]).abs().flatten(2).amax(2)
+        return (distance < 0.01).any(1)
+
     torch.manual_seed(0)
-    A.finetune_slf(encoder, x, y, 2, s)
-    inputs = torch.cat(seen)
-    untouched = (inputs[:, None] == (x.float() / 255)[None]).flatten(2).all(2).any(1)
-    assert len(inputs) == 64 and untouched.float().mean() < 0.1  # 1 in 162 draws is the identity
+    finetune(encoder, x, y, 2, s)
+    assert untouched().float().mean() < 0.1  # 1 in 162 draws is the identity
+    if scheme == "slf":
+        assert len(seen) == 1 and len(seen[0]) == 64
     s["augment"] = False
     seen.clear()
-    A.finetune_slf(encoder, x, y, 2, s)
-    assert (torch.cat(seen)[:, None] == (x.float() / 255)[None]).flatten(2).all(2).any(1).all()
+    finetune(encoder, x, y, 2, s)
+    assert untouched().all()
 
 
 def test_crop_flip_is_a_padded_crop_and_a_flip():
@@ -1581,35 +1594,17 @@ def test_robustssl_protocol_runs_and_never_mixes_with_the_default(folder, tmp_pa
         and default["identity"]["protocol"]["name"] == "asym-rocl"
     )
     assert results_files(tmp_path / "run") == sorted([default["path"], res["path"]])
-    files = published_files(tmp_path)
+    acl = published_files(tmp_path)["acl"][0]
+    robustssl = ["--eval-only", acl, "--dataset", "folder", "--data-dir", folder]
+    robustssl += ["--protocol", "robustssl"]
     fails(
-        [
-            "--eval-only",
-            files["acl"][0],
-            "--dataset",
-            "folder",
-            "--data-dir",
-            folder,
-            "--protocol",
-            "robustssl",
-        ],
+        robustssl,
         capsys,
         r"differ per pretraining method, and .*acl.pt does not say which: name it with "
         r"--pretraining",
     )
     fails(
-        [
-            "--eval-only",
-            files["acl"][0],
-            "--dataset",
-            "folder",
-            "--data-dir",
-            folder,
-            "--protocol",
-            "robustssl",
-            "--pretraining",
-            "acl",
-        ],
+        robustssl + ["--pretraining", "acl"],
         capsys,
         r"pip install pyautoattack|AutoAttack needs >= 4 classes",
     )
