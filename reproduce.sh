@@ -3,8 +3,8 @@
 # per scheme, mean ± std over seeds), $OUT/table.json and, with matplotlib installed, $OUT/curves.png.
 #
 #   SCALE=paper  bash reproduce.sh   # the paper's recipe: ResNet-18 (width 64), 1000 epochs, batch 512, PGD-7; GPUs
-#   SCALE=medium bash reproduce.sh   # width 64, batch 512, PGD-7, 40 epochs, SLF: about 20 min on one H100 (README)
-#   SCALE=small  bash reproduce.sh   # 2 CPU cores, about 75 minutes for 2 seeds (see README for what is cut)
+#   SCALE=medium bash reproduce.sh   # width 64, batch 512, PGD-7, 40 epochs, SLF (not measured: no GPU yet)
+#   SCALE=small  bash reproduce.sh   # 2 CPU cores: 62 min for 2 seeds, BASE=advcl ~80 (README: what is cut)
 #   SCALE=smoke  bash reproduce.sh   # a couple of minutes: checks the script, not the method
 #   BASE=advcl SCALE=small bash reproduce.sh   # the same table for A-InfoNCE on AdvCL
 #
@@ -193,6 +193,7 @@ try:  # curves: training loss and kNN accuracy per epoch, robust accuracy agains
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 except ImportError:
     print("no figure: pip install matplotlib for curves.png (loss, kNN accuracy, RA against eps)")
     sys.exit(0)
@@ -226,6 +227,8 @@ for m in methods:
 axes[0].set(xlabel="epoch", ylabel="pretraining loss", title="loss")
 if has_knn:
     axes[1].set(xlabel="epoch", ylabel="kNN accuracy (%)", title="kNN monitor (k 200, cosine)")
+for ax in axes[:1 + has_knn]:  # epochs are whole numbers
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
 for ax, norm in zip(axes[1 + has_knn:], norms):
     ax.set(xlabel="eps (x/255)" if norm == "linf" else "eps (L2)", ylabel="SLF accuracy (%)",
            title=f"SLF RA, {norm} PGD")
