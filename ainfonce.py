@@ -661,15 +661,13 @@ def advcl_weights(step, phase, degree=None):
     adv_weight * l(adv->clean) and the block of rows clean a view of it, scaled again: adv_weight
     (1 + adv_weight) on adv->clean, 0 on clean->adv; with IP's stop-gradient the two blocks each
     take adv_weight (degree l(clean->adv) + (1 - degree) l(adv->clean)), keys detached."""
-    ones = [[1.0] * 4 for _ in range(4)]
-    zeros = [[0.0] * 4 for _ in range(4)]
-    if step.method == "rocl":
-        return ones, zeros
-    aw = step.adv_weight
     full = [[1.0] * 4 for _ in range(4)]
     detached = [[0.0] * 4 for _ in range(4)]
+    if step.method == "rocl":
+        return full, detached
+    aw = step.adv_weight
+    stop_gradient = phase == "train" and step.method in ("infpos", "both")
     for c in (1, 2, 3):
-        stop_gradient = phase == "train" and step.method in ("infpos", "both")
         if stop_gradient:
             # A-InfoNCE (IP): clean anchors toward x_adv weak (degree), x_adv toward clean strong
             full[0][c] = full[c][0] = 0.0
