@@ -9,13 +9,12 @@
 #   BASE=advcl SCALE=small bash reproduce.sh   # the same table for A-InfoNCE on AdvCL
 #
 # Environment: DATASET (cifar10 | cifar100 | stl10 | folder), DATA_DIR, SEEDS (number of seeds), OUT (default
-# results/$SCALE), METHODS, AA=1 (add standard AutoAttack; pip install pyautoattack), EVAL_THREATS (e.g.
-# "linf:8/255 l2:0.5": RA under each), PROTOCOL (asym-rocl | asym-advcl | robustssl; default: the base's
-# own, asym-rocl at small and smoke scale for both bases), BASE (rocl | advcl), PSEUDO_LABELS (AdvCL base:
-# a pickle of pseudo-labels; default: k-means of a simclr run of this scale, $OUT/simclr-s0, made
-# first), TRANSFER_TO (a data set: a second
-# evaluation of every run on it, finetuned there) with TRANSFER_DIR, PYTHON. Relative paths are relative to the
-# directory you run it from.
+# results/$SCALE, results/$SCALE-advcl for BASE=advcl), METHODS, AA=1 (add standard AutoAttack; pip install
+# pyautoattack), EVAL_THREATS (e.g. "linf:8/255 l2:0.5": RA under each), PROTOCOL (asym-rocl | asym-advcl |
+# robustssl; default: the base's own, asym-rocl at small and smoke scale for both bases), BASE (rocl | advcl),
+# PSEUDO_LABELS (AdvCL base: a pickle of pseudo-labels; default: k-means of a simclr run of this scale,
+# $OUT/simclr-s0, made first), TRANSFER_TO (a data set: a second evaluation of every run on it, finetuned
+# there) with TRANSFER_DIR, PYTHON. Relative paths are relative to the directory you run it from.
 # Resumable: a cell with a checkpoint continues through `--resume`, which refuses a checkpoint made with other
 # arguments (another SCALE in the same OUT), and finishes its training and evaluation. Each cell's evaluation names
 # the results file of exactly what it asked for (ainfonce.py prints "results: PATH"); the table reads those files.
@@ -41,11 +40,15 @@ esac
 DATASET=${DATASET:-$DEFAULT_DATASET}
 DATA_DIR=${DATA_DIR:-$DEFAULT_DATA_DIR}
 SEEDS=${SEEDS:-$DEFAULT_SEEDS}
-OUT=${OUT:-results/$SCALE}
 METHODS=${METHODS:-rocl infpos hardneg both}
 PYTHON=${PYTHON:-python}
 BASE=${BASE:-rocl}
 case "$BASE" in rocl|advcl) ;; *) echo "reproduce.sh: BASE must be rocl or advcl, not '$BASE'" >&2; exit 2 ;; esac
+if [ "$BASE" = advcl ]; then  # scales and bases never share a directory
+  OUT=${OUT:-results/$SCALE-advcl}
+else
+  OUT=${OUT:-results/$SCALE}
+fi
 [ "${AA:-0}" = 1 ] && EVALUATE+=(--autoattack)
 [ -n "${EVAL_THREATS:-}" ] && EVALUATE+=(--eval-threats $EVAL_THREATS)
 if [ -n "${PROTOCOL:-}" ]; then
