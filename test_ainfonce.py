@@ -1195,9 +1195,9 @@ def test_robustssl_heads_start_at_zero():
 
 @pytest.mark.parametrize("scheme", ["slf", "alf", "aff"])
 def test_robustssl_finetunes_on_random_crops_and_flips(scheme):
-    """Every scheme's encoder sees crops and flips, not the images, and the images themselves without
-    augmentation. ALF and AFF attack at eps 0, so their examples are the augmented images (TRADES
-    starts its ascent 0.001 * N(0, 1) away from them)."""
+    """Every scheme's encoder sees crops and flips, not the images, and the images themselves
+    without augmentation. ALF and AFF attack at eps 0, so their examples are the augmented images
+    (TRADES starts its ascent 0.001 * N(0, 1) away from them)."""
     encoder, seen = small_encoder(), []
     encoder.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
     x, y = (images(4, 64) * 255).to(torch.uint8), torch.arange(64, device=DEV) % 2
