@@ -29,7 +29,7 @@ l(i->j) moves only i):
     both    : HN denominators with IP weights
     + RoCL's regulariser 1/256 * NT-Xent[x_adv; x2] for every adversarial method;
       simclr has no attack.
-The AdvCL base (--base advcl) makes the same asymmetries of AdvCL's loss: SupCon over the views
+The AdvCL base (--base advcl) applies the same asymmetries to AdvCL's loss: SupCon over the views
 [x_adv, x1, x2, high-frequency x] (keys carry gradient), x_adv a joint PGD of the contrastive
 loss and of the cross-entropy of pseudo-labels; its pair weights as Asym-AdvCL writes them
 (advcl_weights), IP's weight adapting to the attack's strength.
