@@ -921,10 +921,11 @@ def pretrain(args, net, data, device, rank, world, ck=None, labels=None):
         if advcl:
             state["distances"] = [ledger.distances.total, ledger.distances.count]
             state["pseudo_labels"] = labels[1]
-        lines = "".join(json.dumps(r) + "\n" for r in ledger.history).encode()
+            state["pseudo_label_values"] = labels[0]
         try:
             atomic_write(path, lambda f: torch.save(state, f))
-            atomic_write(os.path.join(args.out, "log.jsonl"), lambda f: f.write(lines))
+            for name, text in run_files(state).items():
+                atomic_write(os.path.join(args.out, name), lambda f: f.write(text.encode()))
         except WriteFailed as e:
             kept = "no checkpoint yet"
             if os.path.exists(path):
@@ -1549,6 +1550,11 @@ def decode(ds, idx, split):
             counts = [c + f for c, f in zip(counts, choices)]
             tick(k + 1)
     said = [what.format(n=n, split=split) for n, what in zip(counts, QUIET_CHOICES) if n]
+    # files in the class folders that ImageFolder passed over (not images by their extension)
+    files = sum(len(names) for c in ds.classes
+                for _, _, names in os.walk(os.path.join(ds.root, c), followlinks=True))
+    if files > len(ds.samples):
+        said.insert(0, f"skipped {files - len(ds.samples)} {split} files that are not images")
     if said:
         print("data: " + "; ".join(said))
     labels = torch.tensor([ds.samples[i][1] for i in idx.tolist()])
@@ -1582,11 +1588,12 @@ def fingerprint(paths, root):
 def load_data(dataset, data_dir, n_train=0, n_test=0):
     """-> Data. n_train and n_test > 0 keep the first n images of a fixed shuffle (never a single
     class); only those are decoded. Its identity names the data set, its resolved directory, the
-    fingerprint of its files, the subsets and the classes."""
+    fingerprints of its training and of its test files (what training depends on, and what
+    evaluation adds), the subsets and the classes."""
     if dataset == "folder":
         train = image_folder(data_dir, "train")
         test = image_folder(data_dir, "test", train.classes)
-        files = [p for p, _ in train.samples + test.samples]
+        files = [[p for p, _ in ds.samples] for ds in (train, test)]
         index = pick(len(train.samples), n_train, "train")
         train_xy = decode(train, index, "train")
         test_xy = decode(test, pick(len(test.samples), n_test, "test"), "test")
@@ -1599,15 +1606,15 @@ def load_data(dataset, data_dir, n_train=0, n_test=0):
         raise UsageError(f"{dataset} in {data_dir} has {data.n_classes} class: classification "
                          f"needs at least 2")
     identity = {"dataset": dataset, "dir": os.path.realpath(data_dir),
-                "fingerprint": fingerprint(files, data_dir), "subset": n_train,
-                "eval_subset": n_test, "n_train": len(data.x_train), "n_test": len(data.x_test),
-                "n_classes": data.n_classes, "train_items": n_items}
+                "train": fingerprint(files[0], data_dir), "test": fingerprint(files[1], data_dir),
+                "subset": n_train, "eval_subset": n_test, "n_train": len(data.x_train),
+                "n_test": len(data.x_test), "n_classes": data.n_classes, "train_items": n_items}
     return data._replace(identity=identity)
 
 
 def torchvision_data(dataset, data_dir, n_train, n_test):
     """CIFAR-10/100 or STL-10 (at 32x32) through torchvision, downloaded where missing -> (Data
-    whose identity holds only its number of training images, the data set's files)."""
+    whose identity holds only its number of training images, [training files, test files])."""
     import torchvision.datasets as tvd
     created = not os.path.exists(data_dir)
     kind = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}[dataset]
@@ -1635,24 +1642,30 @@ def torchvision_data(dataset, data_dir, n_train, n_test):
             x = F.interpolate(x.float(), size=32, mode="bilinear", antialias=True)
             x = x.round().clamp(0, 255).byte()
         out += [x.contiguous(), y.long()]
+    # the files each split reads (not STL-10's unlabeled images)
     base = os.path.join(data_dir, kind.base_folder)
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(base) for f in names)
+    files = []
+    for split in (kind.train_list, kind.test_list):
+        files.append([os.path.join(base, f) for f, _ in split if not f.startswith("unlabeled")])
     data = Data(*out, len(sets[0].classes), {"train_items": len(sets[0].data)}, picked[0])
     return data, files
 
 
 # ==== Pseudo-labels of the AdvCL base: AdvCL's and A-InfoNCE's files, or k-means ==================
 SAFE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"),
-                ("numpy._core.multiarray", "_reconstruct"), ("numpy", "dtype"),
-                ("numpy", "ndarray"), ("collections", "OrderedDict"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+                ("numpy._core.numeric", "_frombuffer"), ("numpy", "dtype"), ("numpy", "ndarray"),
+                ("_codecs", "encode"), ("collections", "OrderedDict"),
                 ("torch._utils", "_rebuild_tensor_v2")}
 
 
 def read_pickle(path):
-    """A pickle of arrays or tensors, loading nothing else (no code runs)."""
+    """A pickle of arrays or tensors (numpy's protocols 2 to 5, or a torch.save file), loading
+    nothing else: no code runs."""
     import importlib
     import io
     import pickle
+    import zipfile
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module, name):
@@ -1663,10 +1676,13 @@ def read_pickle(path):
             module = module.replace("numpy.core.", "numpy._core.")
             return getattr(importlib.import_module(module), name)
     try:
+        if zipfile.is_zipfile(path):  # torch.save's format, whatever the file's name
+            return torch.load(path, map_location="cpu", weights_only=True)
         with open(path, "rb") as f:
             return Unpickler(f).load()
     except Exception as e:
-        raise UsageError(f"--pseudo-labels {path}: not a pickle of pseudo-labels ({e})")
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"--pseudo-labels {path}: not a pickle of pseudo-labels ({reason})")
 
 
 def pseudo_label_file(path, n_items):
@@ -1682,7 +1698,11 @@ def pseudo_label_file(path, n_items):
         if key not in found:
             raise UsageError(f"--pseudo-labels {path} has no {key} (the AdvCL base needs K = "
                              f"{', '.join(map(str, PSEUDO_KS))})")
-        row = torch.as_tensor(found[key]).long().flatten()
+        row = torch.as_tensor(found[key]).flatten()
+        if row.is_floating_point() and not torch.equal(row, row.round()):
+            raise UsageError(f"--pseudo-labels {path}: {key} holds numbers that are not whole: "
+                             f"pseudo-labels are cluster indices")
+        row = row.long()
         if len(row) != n_items:
             raise UsageError(f"--pseudo-labels {path}: {key} has {len(row)} labels, the data set "
                              f"{n_items} training images")
@@ -1717,11 +1737,9 @@ def kmeans(x, k, seed=0, iters=100):
     return labels
 
 
-def cluster_labels(encoder, data, device, path):
+def cluster_labels(encoder, data, device):
     """Pseudo-labels from the features of an encoder: k-means of its eval-mode fp32 features of
-    the training images, K = 2, 10, 50, 100, 500 -> LongTensor [5, items]; -1 for the images a
-    subset left out. Saved at path in AdvCL's format, for reuse."""
-    n_items = data.identity["train_items"]
+    the training images, K = 2, 10, 50, 100, 500 -> LongTensor [5, n_train]."""
     x = data.x_train.to(device)
     encoder = copy.deepcopy(encoder).float().to(device)
     with eval_mode(encoder), torch.no_grad(), strict_fp32(device):
@@ -1730,35 +1748,44 @@ def cluster_labels(encoder, data, device, path):
     rows = []
     for k in PSEUDO_KS:
         print(f"pseudo-labels: k-means of {len(x)} encoder features into {k} clusters", flush=True)
-        row = torch.full((n_items,), -1, dtype=torch.long)
-        row[data.train_index] = kmeans(features, min(k, len(x)))
-        rows.append(row)
-    import numpy as np
-    table = {f"pseudo_train_{k}": row.numpy().astype(np.int32) for k, row in zip(PSEUDO_KS, rows)}
-    import pickle
-    atomic_write(path, lambda f: pickle.dump(table, f))
+        rows.append(kmeans(features, min(k, len(x))))
     return torch.stack(rows)
 
 
-def pseudo_labels(args, data, device):
+def save_pseudo_labels(path, labels, data):
+    """labels [5, n_train] in AdvCL's format (int32 arrays pseudo_train_K, one label per image of
+    the data set, -1 for the images a subset left out), for reuse by --pseudo-labels."""
+    import numpy as np
+    import pickle
+    table = {}
+    for k, row in zip(PSEUDO_KS, labels):
+        full = torch.full((data.identity["train_items"],), -1, dtype=torch.long)
+        full[data.train_index] = row
+        table[f"pseudo_train_{k}"] = full.numpy().astype(np.int32)
+    atomic_write(path, lambda f: pickle.dump(table, f))
+
+
+def pseudo_labels(source, data, device):
     """The pseudo-labels of the training images -> (LongTensor [5, n_train], what made them).
-    --pseudo-labels names a file of AdvCL's or A-InfoNCE's format, or an encoder (a run or a
-    checkpoint) whose features k-means clusters (saved as OUT/pseudo-labels.pkl)."""
-    source = args.pseudo_labels
-    n_items = data.identity["train_items"]
+    source names a file of AdvCL's or A-InfoNCE's format, or an encoder (a run or a checkpoint)
+    whose features k-means clusters. Nothing is written."""
     is_pickle = os.path.isfile(source) and source.endswith((".pkl", ".pickle"))
     if is_pickle:
-        full = pseudo_label_file(source, n_items)
+        full = pseudo_label_file(source, data.identity["train_items"])
+        labels = full[:, data.train_index]
         with open(source, "rb") as f:
             made = {"file": os.path.realpath(source),
                     "sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
     else:
         other = load_checkpoint(source, what="--pseudo-labels")
-        path = os.path.join(args.out, "pseudo-labels.pkl")
-        full = cluster_labels(other.encoder, data, device, path)
+        labels = cluster_labels(other.encoder, data, device)
         made = {"kmeans_of": weights_digest(other.encoder), "encoder": other.path,
-                "ks": list(PSEUDO_KS), "data": data.identity["fingerprint"], "saved": path}
-    labels = full[:, data.train_index]
+                "ks": list(PSEUDO_KS), "data": data.identity["train"]}
+    for k, row in zip(PSEUDO_KS, labels):
+        if (row < 0).all():
+            raise UsageError(f"--pseudo-labels {source}: pseudo_train_{k} holds no label (all -1) "
+                             f"for the {len(row)} training images: the AdvCL base's "
+                             f"cross-entropy would be empty")
     made["labels_digest"] = hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]
     return labels, made
 
@@ -1896,11 +1923,40 @@ def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
-def read_json(path):
+def read_results(path):
+    """A results file -> its numbers ({} where there is none yet); one that does not read as a
+    results file (truncated, emptied, edited) is refused by name: its numbers cannot be trusted."""
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (ValueError, OSError):
+        res = None
+    if not isinstance(res, dict):
+        raise UsageError(f"{path} is not a readable results file (truncated or edited?): move it "
+                         f"away, and its numbers are computed again")
+    return res
+
+
+def run_files(ck):
+    """What log.jsonl and config.json of a run hold, as its checkpoint says it."""
+    log = "".join(json.dumps(record) + "\n" for record in ck["history"])
+    config = {"args": ck.get("first_args", ck["args"]), "invocations": ck.get("invocations", [])}
+    return {"log.jsonl": log, "config.json": json.dumps(config, indent=1)}
+
+
+def restore_run_files(out, ck):
+    """Rewrite a run's log.jsonl or config.json that is missing, truncated or edited from its
+    checkpoint, and say so."""
+    for name, text in run_files(ck).items():
+        path = os.path.join(out, name)
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(path) as f:
+                if f.read() == text:
+                    continue
+        atomic_write(path, lambda f: f.write(text.encode()))
+        print(f"{path} did not hold what {os.path.join(out, 'last.pt')} says: rebuilt from it")
 
 
 def load_strict(module, state, what):
@@ -1948,7 +2004,9 @@ def find_encoder(ck, path):
             break
     roots = roots - {r for r in roots if r.endswith(SECOND_ENCODERS)} or roots
     if len(roots) != 1:
-        keys = list(sd) or (list(ck) if isinstance(ck, dict) else [type(ck).__name__])
+        # the keys of the largest state dict it holds (a projector's, say), not its container's
+        largest = max(state_dicts(ck), key=len, default={})
+        keys = list(largest) or (list(ck) if isinstance(ck, dict) else [type(ck).__name__])
         if roots:
             found = f"it holds {len(roots)} encoders: {', '.join(sorted(roots))}"
         else:
@@ -1966,30 +2024,42 @@ class Reading(NamedTuple):
 
 def how_to_read(path, enc, branches, solo, flags):
     """(BN branch, stem padding, normalise) from the file's keys where they say it, from flags only
-    where they do not; a flag the file answers is refused, one it does not answer is asked for."""
+    where they do not: a flag that agrees with the file is accepted, one that contradicts it is
+    refused, and one the file does not answer is asked for."""
     torchvision_style = any(re.search(r"\.downsample\.[01]\.", k) for k in enc)
     normalising = any(k.startswith("normalize.") for k in enc)
-    ask = {"bn_branch": len(branches) > 1, "stem_padding": torchvision_style and not solo}
-    if ask["stem_padding"] and flags.get("stem_padding") is None:
-        raise UsageError(f"{path} has torchvision-style keys (downsample.0/1), which "
-                         f"solo-learn/DeACL write with a CIFAR stem of padding 2 and "
-                         f"DynACL++/RobustSSL with padding 1: pass --stem-padding 2 or 1")
-    stem_padding = flags.get("stem_padding") or (2 if solo else 1)
-    ask["normalise"] = normalising and ask["stem_padding"] and stem_padding == 1
-    answers = {"bn_branch": f"BN branches {branches}", "stem_padding": "a stem its key names fix",
-               "normalise": "normalize.mean/std that its layout applies"}
-    if not branches:
-        answers["bn_branch"] = "one set of BN statistics (no bn_list)"
-    if not normalising:
-        answers["normalise"] = "no normalize.mean/std"
+    # what the file says, or None where it does not say it
+    says = {"bn_branch": None, "stem_padding": 2 if solo else 1, "normalise": "none"}
+    why = {"stem_padding": "a stem its key names fix (padding "
+                           f"{says['stem_padding']})",
+           "normalise": "no normalize.mean/std"}
+    if len(branches) == 1:
+        says["bn_branch"] = branches[0]
+        why["bn_branch"] = f"BN branches {branches}"
+    elif not branches:
+        says["bn_branch"] = "none"
+        why["bn_branch"] = "one set of BN statistics (no bn_list)"
+    if torchvision_style and not solo:
+        if flags.get("stem_padding") is None:
+            raise UsageError(f"{path} has torchvision-style keys (downsample.0/1), which "
+                             f"solo-learn/DeACL write with a CIFAR stem of padding 2 and "
+                             f"DynACL++/RobustSSL with padding 1: pass --stem-padding 2 or 1")
+        says["stem_padding"] = None
+    stem_padding = flags.get("stem_padding") or says["stem_padding"]
+    if normalising:
+        says["normalise"] = "inside"
+        why["normalise"] = "normalize.mean/std that its layout applies"
+        if torchvision_style and not solo and stem_padding == 1:
+            says["normalise"] = None
+            if flags.get("normalise") is None:
+                raise UsageError(f"{path} holds normalize.mean/std in torchvision-style keys: "
+                                 f"DynACL++ and RobustSSL's files apply them, but RobustSSL's "
+                                 f"SLF/ALF files of AdvCL and A-InfoNCE hold them unused: pass "
+                                 f"--normalise inside or none")
     for key, flag_ in READ_FLAGS.items():
-        if flags.get(key) is not None and not ask[key]:
-            raise UsageError(f"{flag_} {flags[key]}: {path} holds {answers[key]}: "
-                             f"leave {flag_} out")
-    if ask["normalise"] and flags.get("normalise") is None:
-        raise UsageError(f"{path} holds normalize.mean/std in torchvision-style keys: DynACL++ "
-                         f"and RobustSSL's files apply them, but RobustSSL's SLF/ALF files of "
-                         f"AdvCL and A-InfoNCE hold them unused: pass --normalise inside or none")
+        given = flags.get(key)
+        if given is not None and says[key] is not None and given != says[key]:
+            raise UsageError(f"{flag_} {given}: {path} holds {why[key]}: leave {flag_} out")
     normalise = normalising and flags.get("normalise") != "none"
     bn_branch = flags.get("bn_branch")
     if branches and bn_branch is None:
@@ -2000,6 +2070,8 @@ def how_to_read(path, enc, branches, solo, flags):
                              f"pass --bn-branch K")
         raise UsageError(f"--bn-branch {bn_branch}: {path} holds BN branches {branches}: pass one "
                          f"of them")
+    if not branches:
+        bn_branch = None
     return Reading(bn_branch, stem_padding, normalise)
 
 
@@ -2093,12 +2165,13 @@ def load_checkpoint(path, flags=None, what="checkpoint"):
         raise UsageError(f"{what}: no checkpoint at {path}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        advice = (f"python -c \"import torch; c = torch.load('{path}', weights_only=False); "
-                  f"torch.save({{k: v for k, v in c.items() if isinstance(v, dict)}}, "
-                  f"'weights.pt')\"")
-        raise UsageError(f"{path} holds Python objects that weights_only=True refuses to load; "
-                         f"if you trust it, keep its dictionaries of tensors: {advice}")
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = refused.group(1) if refused else "a Python object"
+        raise UsageError(f"{path} holds {what}, which a weights-only load refuses (unpickling it "
+                         f"could run code): ainfonce reads tensors only; where the file was made, "
+                         f"save the encoder's state dict alone (torch.save(model.state_dict(), "
+                         f"...)) and pass that file")
     except Exception as e:
         raise UsageError(f"{path} is not a readable checkpoint: corrupt or truncated "
                          f"({type(e).__name__}); restore a copy of it")
@@ -2109,13 +2182,18 @@ def load_checkpoint(path, flags=None, what="checkpoint"):
     if missing:
         raise UsageError(f"{path} is not a complete ainfonce checkpoint: it lacks "
                          f"{sorted(missing)}")
-    if flags:
-        wrong = ", ".join(READ_FLAGS[k] for k in flags)
-        raise UsageError(f"{wrong}: {path} is an ainfonce checkpoint (one BN, stem padding 1, no "
-                         f"normalisation): leave {wrong} out")
+    advcl = ck["args"].get("base", "rocl") == "advcl"
+    # what the file says: stem padding 1, no normalisation, one BN (AdvCL base: its pgd branch)
+    says = {"stem_padding": 1, "normalise": "none", "bn_branch": PGD if advcl else "none"}
+    wrong = [READ_FLAGS[k] for k, v in flags.items() if v != says[k]]
+    if wrong:
+        names = ", ".join(wrong)
+        raise UsageError(f"{names}: {path} is an ainfonce checkpoint (stem padding 1, no "
+                         f"normalisation, {'BN branch 1 (pgd)' if advcl else 'one BN'}): leave "
+                         f"{names} out")
     read = {"checkpoint": path, "layout": "ainfonce", "encoder": None, "bn_branch": None,
             "stem_padding": 1, "normalise_inside": False}
-    if ck["args"].get("base", "rocl") == "rocl":
+    if not advcl:
         net = Net(ck["args"]["width"])
     else:
         net = AdvCLNet(ck["args"]["width"])
@@ -2294,7 +2372,7 @@ def report(args, loaded, data, device, source, t_start, trained):
     identity = results_identity(protocol, loaded.encoder, loaded.read, data, source)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(args.out, f"results-{key}.json")
-    res = read_json(path)
+    res = read_results(path)
     if res and res.get("identity") != identity:
         raise UsageError(f"{path} holds numbers of another identity than its name says (edited by "
                          f"hand?): move it away")
@@ -2355,7 +2433,7 @@ def processes():
 
 
 def setup(args, rank, world):
-    """The process group, this rank's device, and the seed -> the device."""
+    """The process group and this rank's device -> the device."""
     name = args.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -2380,7 +2458,6 @@ def setup(args, rank, world):
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-    torch.manual_seed(args.seed + rank)  # ranks draw different augmentations
     return device
 
 
@@ -2515,15 +2592,17 @@ ADVCL_RECIPE = {
                      tau_plus=0.01),
     },
 }
-# A resumed run must agree with its checkpoint on everything that defines its math (not --lr,
-# not the data's path).
+# A resumed run must agree with its checkpoint on everything that defines what a step computes:
+# the recipe, the seed and the precision. Not --lr (a smaller one after a non-finite loss), nor
+# the flags of how a step runs (--device, --channels-last, --compile, --deterministic: at most
+# rounding), nor the data's path (its images are checked instead).
 RESUME_KEYS = ("base", "method", "dataset", "subset", "width", "eps", "step", "attack_steps",
                "temperature", "ip_alpha", "adv_weight", "hn_beta", "hn_normalise", "tau_plus",
-               "reg_weight", "reg_forward", "epochs", "batch_size", "warmup_epochs", "wd", "seed")
+               "reg_weight", "reg_forward", "epochs", "batch_size", "warmup_epochs", "wd", "seed",
+               "amp")
 # Flags that only pretraining reads: --eval-only refuses them (the seed also seeds evaluation).
 PRETRAINING_KEYS = tuple(k for k in RESUME_KEYS if k != "seed")
-PRETRAINING_KEYS += ("lr", "ckpt_every", "knn_every", "amp", "channels_last", "compile",
-                     "pseudo_labels")
+PRETRAINING_KEYS += ("lr", "ckpt_every", "knn_every", "channels_last", "compile", "pseudo_labels")
 # Flags of one invocation: a checkpoint records them but never hands them on.
 OWN_KEYS = ("out", "overwrite", "resume", "eval_only", "device", "deterministic", "benchmark",
             "benchmark_steps", "command")
@@ -2610,7 +2689,8 @@ class Parser(argparse.ArgumentParser):
 class Help(argparse.HelpFormatter):
     def _get_help_string(self, action):  # a default only where there is one to show
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+        hidden = any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        shown = not hidden and "default" not in text
         return text + (" (default: %(default)s)" if shown else "")
 
 
@@ -2624,7 +2704,7 @@ def build_parser():
     non_negative = number(float, 0)
 
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS,
+    data.add_argument("--dataset", choices=DATASETS, default="cifar10",
                       help="torchvision's (STL-10 at 32x32), or "
                            "DATA_DIR/{train,test}/<class>/<image>")
     data.add_argument("--data-dir", default="./data", help="download root, or the folder data set")
@@ -2787,7 +2867,7 @@ def checkpoint_named(argv):
     if loaded.checkpoint is None and first.resume:
         raise UsageError(f"{loaded.path} is a plain state dict: --resume needs an ainfonce "
                          f"checkpoint")
-    if loaded.checkpoint is None and first.dataset is None:
+    if loaded.checkpoint is None and "dataset" not in given_flags(argv):
         raise UsageError(f"{loaded.path} is a plain state dict: name its data set with --dataset "
                          f"(and --data-dir)")
     return loaded
@@ -2836,8 +2916,17 @@ def resolve_args(argv, loaded=None):
 
 def derive(args, loaded):
     """The values that follow from others (in place)."""
-    args.dataset = args.dataset or "cifar10"
     hundred = args.dataset == "cifar100"
+    # the flags of an asymmetry the method does not have change nothing: refused
+    ip, hn = ASYMMETRY[args.method]
+    reads = {"ip_alpha": ip, "adv_weight": ip, "hn_beta": hn, "tau_plus": hn, "hn_normalise": hn}
+    if args.base == "advcl":
+        reads["adv_weight"] = args.method != "rocl"  # it scales Asym-AdvCL's blocks
+    unread = [flag(k) for k, read in reads.items() if k in args.given and not read]
+    if unread:
+        raise UsageError(f"{', '.join(unread)}: --method {args.method} does not use "
+                         f"{'them' if len(unread) > 1 else 'it'} on the {args.base} base: leave "
+                         f"{'them' if len(unread) > 1 else 'it'} out")
     if args.base == "rocl":
         if "pseudo_labels" in args.given:
             raise UsageError("--pseudo-labels: the AdvCL base's (--base advcl); RoCL has none")
@@ -2911,6 +3000,7 @@ def run(args, loaded=None):
     rank, world = processes()
     device = setup(args, rank, world)
     if args.benchmark:
+        torch.manual_seed(args.seed + rank)
         return benchmark(args, device)
     ck = loaded.checkpoint if loaded else None
     source = None
@@ -2933,11 +3023,19 @@ def run(args, loaded=None):
                          "(AdvCL's or A-InfoNCE's pickle) or ENCODER (a run or checkpoint whose "
                          "features k-means clusters, e.g. a --method simclr run)")
     train_data, data = read_data(args, ck, train)
+    labels = None
+    if train and args.base == "advcl":
+        labels = run_pseudo_labels(args, ck, train_data, device)
+    # seeded after everything is read: nothing loaded on the way (a transfer source, the encoder
+    # of the pseudo-labels) changes the run's draws; ranks draw different augmentations
+    torch.manual_seed(args.seed + rank)
     net = loaded.net if loaded else None
     if net is None:
         net = AdvCLNet(args.width) if args.base == "advcl" else Net(args.width)
-    # the first thing written: the lock
+    # the first thing written: the lock; every check that can refuse is behind
     with owning(args.out) if rank == 0 else contextlib.nullcontext():
+        if rank == 0 and ck and os.path.samefile(args.out, os.path.dirname(loaded.path) or "."):
+            restore_run_files(args.out, ck)
         if train:
             if rank == 0:
                 prepare_out(args, sum(p.numel() for p in net.parameters()))
@@ -2946,14 +3044,10 @@ def run(args, loaded=None):
                     for name in ("last.pt", "log.jsonl"):
                         with contextlib.suppress(FileNotFoundError):
                             os.remove(os.path.join(args.out, name))
+                saved = labels and labels[1].get("saved")
+                if saved and (not ck or not os.path.exists(saved)):
+                    save_pseudo_labels(saved, labels[0], train_data)
                 print(start_line(args, ck, train_data, device), flush=True)
-            labels = None
-            if args.base == "advcl":
-                labels = pseudo_labels(args, train_data, device)
-                made = (ck or {}).get("pseudo_labels")
-                if made and made["labels_digest"] != labels[1]["labels_digest"]:
-                    raise UsageError(f"--pseudo-labels {args.pseudo_labels}: other labels than "
-                                     f"the run trained on ({made}); pass the run's")
             pretrain(args, net, train_data, device, rank, world, ck, labels)
             if rank == 0:
                 # the evaluation measures the saved weights
@@ -2962,13 +3056,41 @@ def run(args, loaded=None):
             # evaluation runs on rank 0 alone, with batch norm back to per-process statistics
             dist.barrier()
             dist.destroy_process_group()
-        if rank != 0 or not args.eval:
+        if rank != 0:
+            return {}
+        if not args.eval:
+            done = "pretrained" if train else "its run is finished"
+            if args.eval_only:
+                done = "an evaluation was asked for"
+            command = shlex.join(["python", os.path.relpath(__file__), "--eval-only", args.out])
+            print(f"{args.out}: {done}; --eval none: nothing evaluated (evaluate with: {command})")
             return {}
         return report(args, loaded, data, device, source, t_start, train)
 
 
+def run_pseudo_labels(args, ck, data, device):
+    """The pseudo-labels a run trains on -> (LongTensor [5, n_train], what made them): a resumed
+    run's own, from its checkpoint (--pseudo-labels given again must give the same labels); a new
+    run's from --pseudo-labels (k-means labels are saved as OUT/pseudo-labels.pkl for reuse)."""
+    kept = (ck or {}).get("pseudo_label_values")
+    if kept is not None and "pseudo_labels" not in args.given:
+        return kept, ck["pseudo_labels"]
+    labels, made = pseudo_labels(args.pseudo_labels, data, device)
+    if "kmeans_of" in made:
+        made["saved"] = os.path.join(args.out, "pseudo-labels.pkl")
+    ran = (ck or {}).get("pseudo_labels")
+    if ran and ran["labels_digest"] != made["labels_digest"]:
+        raise UsageError(f"--pseudo-labels {args.pseudo_labels}: other labels (digest "
+                         f"{made['labels_digest']}) than the run trained on ("
+                         f"{ran['labels_digest']}, from {ran.get('file') or ran.get('encoder')}); "
+                         f"leave --pseudo-labels out to continue with the run's own")
+    return labels, made
+
+
 def read_data(args, ck, train):
-    """-> (the training data, the evaluation data), each loaded once; checked against the run."""
+    """-> (the training data, the evaluation data), each loaded once; checked against the run: a
+    resume must train on the run's training images (its test images may change), an evaluation on
+    other images than the run's says so."""
     eval_set = (args.eval_dataset or args.dataset, args.eval_data_dir or args.data_dir)
     same = eval_set == (args.dataset, args.data_dir)
     data = None
@@ -2979,13 +3101,17 @@ def read_data(args, ck, train):
                              f"{plural(data.n_classes, 'class')}, the checkpoint's data set had "
                              f"{ck['args']['n_classes']}: to evaluate on another data set use "
                              f"--eval-dataset")
-    trained_on = (ck or {}).get("data")
-    if train and trained_on and trained_on["fingerprint"] != data.identity["fingerprint"]:
-        raise UsageError(f"--resume {args.resume}: the run trained on the images in "
-                         f"{trained_on['dir']} (fingerprint {trained_on['fingerprint']}); "
-                         f"{args.data_dir} is {data.identity['dir']}, whose images differ "
-                         f"(fingerprint {data.identity['fingerprint']}): pass --data-dir with the "
-                         f"run's images")
+        trained_on = (ck or {}).get("data")
+        if trained_on and trained_on["train"] != data.identity["train"]:
+            if args.resume:
+                raise UsageError(f"--resume {args.resume}: the run trained on the images in "
+                                 f"{trained_on['dir']} (fingerprint {trained_on['train']}); "
+                                 f"{args.data_dir} is {data.identity['dir']}, whose training "
+                                 f"images differ (fingerprint {data.identity['train']}): pass "
+                                 f"--data-dir with the run's images")
+            print(f"note: evaluating on other images than the run trained on: {args.data_dir} is "
+                  f"{data.identity['dir']} (training images {data.identity['train']}), the run "
+                  f"trained on {trained_on['dir']} ({trained_on['train']})", flush=True)
     if train and args.batch_size > len(data.x_train):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the "
                          f"{len(data.x_train)} training images")

@@ -67,8 +67,9 @@ continue_hint() {  # the command that continues the whole table, with the enviro
 }
 trap 'continue_hint; exit 130' INT TERM
 
-# cell NAME ARGS...: one ainfonce invocation, shown as it runs; its results file is added to $CELLS under NAME.
-# An interrupt of ainfonce alone (exit 130) ends the script with the hint too; a Ctrl-C to the script runs the trap.
+# cell NAME ARGS...: one ainfonce invocation, shown as it runs; once it succeeds, its results file is added to $CELLS
+# under NAME. An interrupt of ainfonce alone (exit 130) ends the script with the hint too; a Ctrl-C to the script
+# runs the trap. A cell that fails (a resume refused: another scale, other images) ends the script before the table.
 cell() {
   local name=$1 log rc
   shift
@@ -77,7 +78,9 @@ cell() {
   "$PYTHON" "$HERE/ainfonce.py" "$@" | tee -i "$log"
   rc=${PIPESTATUS[0]}
   set -e
-  printf '%s\t%s\n' "$name" "$(sed -n 's/^results: //p' "$log" | tail -n 1)" >> "$CELLS"
+  if [ "$rc" = 0 ]; then
+    printf '%s\t%s\n' "$name" "$(sed -n 's/^results: //p' "$log" | tail -n 1)" >> "$CELLS"
+  fi
   rm -f "$log"
   if [ "$rc" != 0 ]; then
     [ "$rc" = 130 ] && continue_hint

@@ -1750,6 +1750,7 @@ def test_stray_files_are_skipped_and_empty_classes_refused_as_imagefolder_does(
     (d / "train" / "class0" / "notes.txt").write_text("not an image")
     (d / "test" / ".DS_Store").write_bytes(b"\0")
     res = A.main(tiny(str(d), tmp_path / "run"))
+    assert "data: skipped 1 train files that are not images" in capsys.readouterr().out
     assert res["identity"]["data"]["n_classes"] == 2 and res["identity"]["data"]["n_train"] == 32
     (d / "train" / "class2").mkdir()
     fails(
@@ -2267,18 +2268,13 @@ def test_every_published_layout_loads_to_its_own_encoder(tmp_path, capsys):
         (
             "rocl",
             {"stem_padding": 2},
-            r"--stem-padding 2: .*rocl.pt holds a stem its key names fix: leave --stem-padding",
+            r"--stem-padding 2: .*rocl.pt holds a stem its key names fix",
         ),
-        ("acl", {"stem_padding": 1}, r"--stem-padding 1: .* holds a stem its key names fix"),
         ("advcl", {"stem_padding": 2}, r"--stem-padding 2: .* holds a stem its key names fix"),
-        ("dynacl", {"stem_padding": 1}, r"--stem-padding 1: .* holds a stem its key names fix"),
+        ("dynacl", {"stem_padding": 2}, r"--stem-padding 2: .* holds a stem its key names fix"),
         ("deacl", {"stem_padding": 1}, r"--stem-padding 1: .* holds a stem its key names fix"),
         ("rocl", {"bn_branch": 1}, r"--bn-branch 1: .* holds one set of BN statistics"),
-        (
-            "acl-single",
-            {"bn_branch": 0},
-            r"--bn-branch 0: .* holds BN branches \[0\]: leave --bn-branch out",
-        ),
+        ("acl-single", {"bn_branch": 1}, r"--bn-branch 1: .* holds BN branches \[0\]: leave"),
         (
             "acl",
             {"normalise": "none"},
@@ -2292,10 +2288,48 @@ def test_every_published_layout_loads_to_its_own_encoder(tmp_path, capsys):
         ("advcl", {"normalise": "inside"}, r"--normalise inside: .* holds no normalize.mean/std"),
     ],
 )
-def test_a_reading_flag_the_file_answers_is_refused(tmp_path, name, flags, pattern):
+def test_a_reading_flag_that_contradicts_the_file_is_refused(tmp_path, name, flags, pattern):
     files = published_files(tmp_path)
     with pytest.raises(A.UsageError, match=pattern):
         A.load_checkpoint(files[name][0], flags)
+
+
+@pytest.mark.parametrize(
+    "name,flags",
+    [
+        ("rocl", dict(stem_padding=1)),
+        ("acl", dict(stem_padding=1)),
+        ("acl", dict(stem_padding=1, bn_branch=1, normalise="inside")),  # all of RobustSSL's flags
+        ("acl-single", dict(bn_branch=0)),
+        ("advcl", dict(stem_padding=1, normalise="none")),
+        ("dynacl", dict(stem_padding=1, bn_branch=1)),
+        ("deacl", dict(stem_padding=2)),
+        ("deacl", dict(stem_padding=2, normalise="inside")),
+        ("state-dict-dual", dict(stem_padding=1)),
+        ("dynacl++", dict(stem_padding=1, normalise="inside")),
+        ("robustssl-acl-aff", dict(stem_padding=1, normalise="inside")),
+        ("robustssl-advcl-slf", dict(stem_padding=1, normalise="none")),
+    ],
+)
+def test_a_reading_flag_that_agrees_with_the_file_is_accepted(tmp_path, name, flags):
+    """A user who evaluates many published files with the same flags is not refused for telling
+    the truth: the encoder read with them is the repository's own."""
+    path, t, padding, norm = published_files(tmp_path)[name]
+    x = images(4, 6).cpu()
+    encoder = A.load_checkpoint(path, flags).encoder.eval()
+    ref = reference_features(t, x, padding, *(norm or (None, None)))
+    with torch.no_grad():
+        assert ((encoder(x) - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+def test_a_reading_flag_on_our_own_checkpoint_is_accepted_where_it_agrees(folder, tmp_path):
+    A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
+    run = str(tmp_path / "run")
+    read = A.load_checkpoint(run, {"stem_padding": 1, "normalise": "none"}).read
+    assert read["layout"] == "ainfonce" and read["stem_padding"] == 1
+    for flags in ({"stem_padding": 2}, {"normalise": "inside"}, {"bn_branch": 1}):
+        with pytest.raises(A.UsageError, match=r"is an ainfonce checkpoint .*: leave --"):
+            A.load_checkpoint(run, flags)
 
 
 def test_unreadable_checkpoints_say_what_to_do(folder, tmp_path):
@@ -2315,12 +2349,55 @@ def test_unreadable_checkpoints_say_what_to_do(folder, tmp_path):
     )  # as RoCL-era scripts save their argparse arguments
     with pytest.raises(A.UsageError) as e:
         A.load_checkpoint(str(tmp_path / "objects.pt"))
-    advice = re.search(r'python -c "(.*)"$', str(e.value)).group(1)
-    subprocess.run(
-        [sys.executable, "-c", advice], cwd=tmp_path, check=True
-    )  # the advice, as printed, works
-    encoder = A.load_checkpoint(str(tmp_path / "weights.pt")).encoder
-    assert torch.equal(encoder.state_dict()["conv1.weight"], ck["encoder"]["conv1.weight"])
+    message = str(e.value)
+    assert "argparse.Namespace" in message and "state_dict()" in message  # what, and what to do
+    assert "weights_only=False" not in message and "pickle.load" not in message
+
+
+class Payload:
+    """A crafted checkpoint's object: unpickling it runs a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(self.marker)}",)
+
+
+def test_a_crafted_file_runs_nothing_and_no_message_offers_to_unpickle_it(folder, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "x": Payload(str(marker))}, crafted)
+    argv = ["--eval-only", str(crafted), "--dataset", "folder", "--data-dir", folder]
+    fails(argv, capsys, r"crafted.pt holds (posix|os)\.system, which a weights-only")
+    for flag in ("--pseudo-labels", "--transfer-from"):
+        extra = ["--base", "advcl", "--method", "both"] if flag == "--pseudo-labels" else []
+        with pytest.raises(SystemExit) as e:
+            A.main(tiny(folder, tmp_path / "run", *extra, flag, str(crafted)))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "weights_only=False" not in err and "system" in err, err
+    assert not marker.exists()
+
+
+def test_a_projector_file_is_refused_naming_its_own_keys(tmp_path):
+    """RoCL saves its projector apart, in the container of its model files (utils.py checkpoint
+    with save_name_add='_projector'): the refusal names the projector's keys, not the
+    container's."""
+    projector = {
+        "module.linear_1.weight": torch.zeros(2048, 512),
+        "module.linear_1.bias": torch.zeros(2048),
+    }
+    ck = {
+        "epoch": 1,
+        "acc": 0.0,
+        "model": projector,
+        "optimizer_state": {},
+        "rng_state": torch.get_rng_state(),
+    }
+    torch.save(ck, tmp_path / "ckpt.t7rocl_0_projector")
+    with pytest.raises(A.UsageError, match=r"keys: module\.linear_1\.weight") as e:
+        A.load_checkpoint(str(tmp_path / "ckpt.t7rocl_0_projector"))
+    assert "rng_state" not in str(e.value)
 
 
 def test_a_padding_2_file_is_never_evaluated_with_a_padding_1_stem(folder, tmp_path, capsys):
@@ -2635,7 +2712,8 @@ def test_other_images_under_the_same_name_get_their_own_numbers(folder, tmp_path
     )  # same class names and count, other images
     res = eval_only(tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", other)
     assert "nothing to do" not in capsys.readouterr().out and res["path"] != run["path"]
-    assert res["identity"]["data"]["fingerprint"] != run["identity"]["data"]["fingerprint"]
+    for split in ("train", "test"):
+        assert res["identity"]["data"][split] != run["identity"]["data"][split]
     assert res["identity"]["data"]["dir"] == os.path.realpath(other)
     alf = eval_only(
         tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", other, "--eval", "alf"
@@ -2724,12 +2802,148 @@ def test_a_resume_against_other_images_is_refused_by_name(folder, tmp_path, monk
         ["--resume", "run"],
         capsys,
         r"the run trained on the images in .*here/data \(fingerprint \w+\); data is "
-        r".*there/data, whose images differ \(fingerprint \w+\): pass --data-dir with the run's "
+        r".*there/data, whose training images differ \(fingerprint \w+\): pass --data-dir with the run's "
         r"images",
     )
     A.main(["--resume", "run", "--data-dir", str(here / "data"), "--eval", "none"])
     ck = weights(there / "run" / "last.pt")[1]
     assert ck["step"] == 4 and ck["data"]["dir"] == os.path.realpath(here / "data")
+
+
+def test_a_resume_must_train_on_the_runs_images_finished_or_not(folder, tmp_path, capsys):
+    """--resume continues one run: on other training images it is refused, also when the run is
+    finished and only its evaluation is left (which would measure it on other images)."""
+    A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
+    other = make_folder(tmp_path / "other", classes=2, seed=5)  # same classes, other images
+    before = {f: open(tmp_path / "run" / f, "rb").read() for f in os.listdir(tmp_path / "run")}
+    fails(
+        ["--resume", str(tmp_path / "run"), "--data-dir", other, "--eval", "slf"],
+        capsys,
+        r"the run trained on the images in .* whose training images differ",
+    )
+    after = {f: open(tmp_path / "run" / f, "rb").read() for f in os.listdir(tmp_path / "run")}
+    assert after == before
+
+
+def test_a_resume_is_not_refused_for_other_test_images(folder, tmp_path, monkeypatch):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    real = A.lr_at
+
+    def cut(step, *a):  # Ctrl-C at step 2 of 4
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    monkeypatch.setattr(A, "lr_at", cut)
+    with pytest.raises(SystemExit):
+        A.main(tiny(str(data), tmp_path / "run", "--ckpt-every", "1", "--eval", "none"))
+    monkeypatch.setattr(A, "lr_at", real)
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(data / "test" / "class0" / "0.png")  # one test image
+    A.main(["--resume", str(tmp_path / "run"), "--eval", "none"])
+    assert weights(tmp_path / "run" / "last.pt")[1]["step"] == 4
+
+
+def test_an_evaluation_on_other_images_than_the_runs_says_so_first(
+    folder, tmp_path, monkeypatch, capsys
+):
+    here, there = tmp_path / "here", tmp_path / "there"
+    shutil.copytree(folder, here / "data")
+    make_folder(there / "data", classes=2, seed=9)  # the same relative path, other images
+    monkeypatch.chdir(here)
+    A.main(tiny("data", "run", "--eval", "none"))
+    monkeypatch.chdir(there)
+    capsys.readouterr()
+    res = eval_only(here / "run")
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(
+        "note: evaluating on other images than the run trained on: data is "
+        f"{os.path.realpath(there / 'data')}"
+    )
+    assert res["identity"]["data"]["dir"] == os.path.realpath(there / "data")
+    assert res["training"]["data"]["dir"] == os.path.realpath(here / "data")
+
+
+def test_a_resume_refuses_a_change_of_precision(folder, tmp_path, capsys, monkeypatch):
+    real = A.lr_at
+
+    def cut(step, *a):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    monkeypatch.setattr(A, "lr_at", cut)
+    with pytest.raises(SystemExit):
+        A.main(tiny(folder, tmp_path / "run", "--ckpt-every", "1", "--eval", "none"))
+    monkeypatch.setattr(A, "lr_at", real)
+    capsys.readouterr()
+    amp = "--no-amp" if CUDA else "--amp"
+    fails(["--resume", str(tmp_path / "run"), amp], capsys, r"cannot resume .*--amp")
+
+
+@pytest.mark.parametrize("text", ["", '{"identity": {"weights"', "[1, 2]", "\x00\xff"])
+def test_a_results_file_that_does_not_read_is_named_in_one_line(folder, tmp_path, capsys, text):
+    res = A.main(tiny(folder, tmp_path / "run"))
+    with open(res["path"], "w", encoding="latin-1") as f:
+        f.write(text)
+    run = str(tmp_path / "run")
+    for argv in (["--eval-only", run], ["--resume", run], ["--eval-only", run, "--overwrite"]):
+        fails(argv, capsys, rf"{re.escape(res['path'])} is not a readable results file .*: move it")
+    assert open(res["path"], encoding="latin-1").read() == text
+
+
+def test_a_truncated_log_or_config_is_rebuilt_from_the_checkpoint(folder, tmp_path, capsys):
+    A.main(tiny(folder, tmp_path / "run", "--epochs", "2", "--eval", "none"))
+    log, config = tmp_path / "run" / "log.jsonl", tmp_path / "run" / "config.json"
+    good = {p: open(p).read() for p in (log, config)}
+    log.write_text(good[log][:30])
+    config.unlink()
+    capsys.readouterr()
+    A.main(["--resume", str(tmp_path / "run"), "--eval", "none"])
+    out = capsys.readouterr().out
+    assert f"{log} did not hold what" in out and f"{config} did not hold what" in out
+    assert {p: open(p).read() for p in (log, config)} == good
+    log.write_text("")
+    eval_only(tmp_path / "run")
+    assert open(log).read() == good[log]
+
+
+def test_what_was_and_was_not_done_is_said_without_an_evaluation(folder, tmp_path, capsys):
+    for argv in (
+        tiny(folder, tmp_path / "run", "--eval", "none"),
+        ["--resume", str(tmp_path / "run"), "--eval"],
+        ["--eval-only", str(tmp_path / "run"), "--eval", "none"],
+    ):
+        capsys.readouterr()
+        assert A.main(argv) == {}
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        assert "--eval none: nothing evaluated (evaluate with: python" in last, last
+    assert not results_files(tmp_path / "run")
+
+
+def test_a_flag_of_an_asymmetry_the_method_has_not_is_refused(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    for method, extra, names in (
+        ("hardneg", ["--adv-weight", "2"], "--adv-weight"),
+        ("rocl", ["--ip-alpha", "0.3", "--tau-plus", "0.1"], "--ip-alpha, --tau-plus"),
+        ("infpos", ["--hn-beta", "2"], "--hn-beta"),
+        ("simclr", ["--hn-normalise", "official"], "--hn-normalise"),
+    ):
+        fails(
+            tiny(folder, out, "--method", method, *extra),
+            capsys,
+            rf"{names}: --method {method} does not use (it|them)",
+            out,
+        )
+    labels = ["--pseudo-labels", "labels.pkl"]
+    fails(
+        advcl_run(folder, out, "rocl", *labels, "--adv-weight", "2"),
+        capsys,
+        r"--adv-weight: --method rocl does not use it on the advcl base",
+        out,
+    )
 
 
 def test_eval_only_refuses_flags_of_pretraining(folder, tmp_path, capsys):
@@ -3266,6 +3480,11 @@ def test_progress_lines_and_help(capsys):
         A.main(["--help"])
     out = capsys.readouterr().out
     assert "(default: 8/255)" in out and "(default: 1/256)" in out and "None" not in out
+    flat = " ".join(out.split())  # argparse wraps its lines where the terminal ends
+    assert re.search(r"--seed SEED seed [^-]*\(default: 0\)", flat)
+    assert re.search(
+        r"--dataset \{cifar10,cifar100,stl10,folder\} .{0,100}?\(default: cifar10\)", flat
+    )
     assert re.search(r"--method .*\n\s+rocl: symmetric", out)
 
 
@@ -3488,16 +3707,65 @@ def write_pseudo_labels(path, n, as_tensors, ks=A.PSEUDO_KS, seed=0):
 
 
 def test_both_official_pseudo_label_formats_are_read(tmp_path):
+    import pickle
+
     for as_tensors in (False, True):
         path = tmp_path / f"labels-{as_tensors}.pkl"
         labels = write_pseudo_labels(path, 40, as_tensors)
         assert torch.equal(A.pseudo_label_file(str(path), 40), labels)
+    table = {k: v.numpy() for k, v in zip([f"pseudo_train_{k}" for k in A.PSEUDO_KS], labels)}
+    for protocol in (2, 5):  # numpy arrays as protocol 2 (_codecs) and 5 (_frombuffer) write them
+        with open(tmp_path / f"p{protocol}.pkl", "wb") as f:
+            pickle.dump(table, f, protocol=protocol)
+        assert torch.equal(A.pseudo_label_file(str(tmp_path / f"p{protocol}.pkl"), 40), labels)
+    torch.save({k: torch.as_tensor(v) for k, v in table.items()}, tmp_path / "saved.pkl")
+    assert torch.equal(A.pseudo_label_file(str(tmp_path / "saved.pkl"), 40), labels)
+    whole = {k: v.astype("float32") for k, v in table.items()}  # whole numbers as floats: fine
+    with open(tmp_path / "whole.pkl", "wb") as f:
+        pickle.dump(whole, f)
+    assert torch.equal(A.pseudo_label_file(str(tmp_path / "whole.pkl"), 40), labels)
+
+
+@pytest.mark.parametrize(
+    "change,pattern",
+    [
+        (lambda t: {**t, "pseudo_train_2": types.SimpleNamespace(x=1)}, r"not a pickle of pseudo"),
+        (lambda t: {**t, "pseudo_train_10": t["pseudo_train_10"] + 0.5}, r"not whole"),
+        (lambda t: {**t, "pseudo_train_10": t["pseudo_train_10"] * 0 + 10}, r"outside \[-1, 10\)"),
+        (lambda t: {**t, "pseudo_train_50": t["pseudo_train_50"] * 0 - 2}, r"outside \[-1, 50\)"),
+        (lambda t: [1, 2], r"a dict of pseudo_train_K arrays expected"),
+    ],
+)
+def test_a_pseudo_label_file_that_is_not_labels_is_refused_in_one_line(tmp_path, change, pattern):
     import pickle
 
-    with open(tmp_path / "code.pkl", "wb") as f:
-        pickle.dump({"pseudo_train_2": types.SimpleNamespace(x=1)}, f)  # not an array: refused
-    with pytest.raises(A.UsageError, match="not a pickle of pseudo-labels"):
-        A.pseudo_label_file(str(tmp_path / "code.pkl"), 40)
+    labels = write_pseudo_labels(tmp_path / "good.pkl", 40, as_tensors=False)
+    table = {f"pseudo_train_{k}": row.numpy() for k, row in zip(A.PSEUDO_KS, labels)}
+    with open(tmp_path / "bad.pkl", "wb") as f:
+        pickle.dump(change(table), f)
+    with pytest.raises(A.UsageError, match=pattern) as e:
+        A.pseudo_label_file(str(tmp_path / "bad.pkl"), 40)
+    assert "\n" not in str(e.value)
+
+
+def test_a_torch_file_of_other_objects_named_pkl_is_one_line(tmp_path):
+    torch.save({"pseudo_train_2": argparse.Namespace(x=1)}, tmp_path / "objects.pkl")
+    with pytest.raises(A.UsageError, match=r"not a pickle of pseudo-labels") as e:
+        A.pseudo_label_file(str(tmp_path / "objects.pkl"), 40)
+    assert "\n" not in str(e.value)
+
+
+def test_a_set_without_any_label_is_refused_at_load(folder, tmp_path, capsys):
+    import pickle
+
+    labels = write_pseudo_labels(tmp_path / "l.pkl", 32, as_tensors=False)
+    table = {f"pseudo_train_{k}": row.numpy() for k, row in zip(A.PSEUDO_KS, labels)}
+    table["pseudo_train_100"] = table["pseudo_train_100"] * 0 - 1
+    with open(tmp_path / "none.pkl", "wb") as f:
+        pickle.dump(table, f)
+    out = tmp_path / "run"
+    argv = advcl_run(folder, out, "both", "--pseudo-labels", str(tmp_path / "none.pkl"))
+    fails(argv, capsys, r"pseudo_train_100 holds no label \(all -1\)", out)
 
 
 def test_kmeans_recovers_separated_clusters_and_is_deterministic():
@@ -3507,6 +3775,23 @@ def test_kmeans_recovers_separated_clusters_and_is_deterministic():
     labels = A.kmeans(x, 6)
     assert all(len(labels[40 * i : 40 * (i + 1)].unique()) == 1 for i in range(6))
     assert len(labels.unique()) == 6 and torch.equal(labels, A.kmeans(x, 6))
+
+
+def test_kmeans_clusters_directions_not_lengths():
+    """Cosine k-means (features L2-normalised, as the labels' encoder is compared by cosine):
+    two directions, each at lengths 1 and 20, give two clusters by direction, where k-means of
+    the raw features would split by length."""
+    g = torch.Generator().manual_seed(1)
+    u, v = F.normalize(torch.randn(2, 8, generator=g), dim=1)
+    points = [
+        d * r + 0.01 * torch.randn(8, generator=g)
+        for d in (u, v)
+        for r in (1.0, 20.0)
+        for _ in range(10)
+    ]
+    labels = A.kmeans(torch.stack(points), 2)
+    assert torch.equal(labels[:20], labels[:1].expand(20)) and labels[20] != labels[0]
+    assert torch.equal(labels[20:], labels[20:21].expand(20))
 
 
 def advcl_run(folder, out, method, *extra):
@@ -3568,6 +3853,254 @@ def test_every_advcl_method_trains_resumes_bit_exactly_and_evaluates(
     assert robust["identity"]["protocol"]["pretraining"] == (
         "advcl" if method == "rocl" else "a-infonce"
     )
+
+
+def official_script(argv):
+    """The pretraining flags of an official Asym-AdvCL shell script over pretraining_advCL.py's
+    argparse defaults (its --tau reaches --tau_plus by argparse's prefix matching)."""
+    p = argparse.ArgumentParser()
+    for name, default in (
+        ("learning_rate", 0.5),
+        ("epoch", 1000),
+        ("iter", 5),
+        ("weight_decay", 1e-4),
+        ("tau_plus", 0.1),
+        ("beta", 1.0),
+        ("adv_weight", 1.0),
+        ("d_min", 0.4),
+        ("stpg_degree", -1.0),
+        ("stop_grad_adaptive", -1),
+        ("dataset", "cifar10"),
+    ):
+        p.add_argument(f"--{name}", type=type(default), default=default)
+    for name in ("cosine", "stop_grad", "attack_ori", "HN"):
+        p.add_argument(f"--{name}", action="store_true")
+    return p.parse_args(argv.split())
+
+
+# Asym-AdvCL/shell/{cifar10,cifar100}/advcl*-{dataset}.sh (yqy2001/A-InfoNCE), transcribed
+OFFICIAL_ADVCL_SCRIPTS = {
+    "rocl": "--learning_rate 0.5 --dataset {d} --cosine --epoch 400",
+    ("cifar10", "infpos"): "--dataset cifar10 --cosine --epoch 400 --stpg_degree 0.2 --stop_grad "
+    "--adv_weight 1.2 --stop_grad_adaptive 30 --learning_rate 1.",
+    ("cifar10", "hardneg"): "--learning_rate 1.2 --dataset cifar10 --cosine --epoch 400 "
+    "--attack_ori --HN --beta 1.0 --tau_plus 0.12",
+    ("cifar10", "both"): "--learning_rate 2. --dataset cifar10 --cosine --epoch 400 --stpg_degree "
+    "0.2 --stop_grad --adv_weight 0.7 --stop_grad_adaptive 30 --attack_ori --HN",
+    ("cifar100", "infpos"): "--learning_rate 2. --dataset cifar100 --cosine --epoch 400 "
+    "--stpg_degree 0.3 --stop_grad --adv_weight 1.5 --stop_grad_adaptive 20 --d_min 0.5",
+    ("cifar100", "hardneg"): "--learning_rate 2. --dataset cifar100 --cosine --epoch 400 "
+    "--attack_ori --HN --beta 1. --tau_plus 0.01",
+    (
+        "cifar100",
+        "both",
+    ): "--learning_rate 2. --dataset cifar100 --cosine --epoch 400 --stpg_degree "
+    "0.3 --stop_grad --adv_weight 1.5 --stop_grad_adaptive 20 --d_min 0.5 --attack_ori --HN "
+    "--beta 1.0 --tau 0.01",
+}
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("method", ["rocl", "infpos", "hardneg", "both"])
+def test_the_advcl_recipes_are_the_official_scripts(dataset, method):
+    script = OFFICIAL_ADVCL_SCRIPTS.get((dataset, method), OFFICIAL_ADVCL_SCRIPTS["rocl"])
+    official = official_script(script.format(d=dataset))
+    args = A.parse_args(["--base", "advcl", "--method", method, "--dataset", dataset])[0]
+    assert (args.lr, args.epochs, args.attack_steps, args.wd) == (
+        official.learning_rate,
+        official.epoch,
+        official.iter,
+        official.weight_decay,
+    )
+    if method != "rocl":  # its loss writes Asym-AdvCL's blocks with adv_weight
+        assert args.adv_weight == official.adv_weight
+    if official.stop_grad:  # IP
+        assert (args.ip_alpha, args.ip_adaptive_from, args.ip_d_min) == (
+            official.stpg_degree,
+            official.stop_grad_adaptive,
+            official.d_min,
+        )
+    if official.HN:
+        assert (args.tau_plus, args.hn_beta) == (official.tau_plus, official.beta)
+
+
+def test_advcl_convolutions_start_at_kaimings_fan_out_scale():
+    torch.manual_seed(0)
+    net = A.AdvCLNet(16)
+    for conv in (net.encoder.conv1, net.encoder.layer4[0].conv1, net.encoder.layer3[0].shortcut[0]):
+        w = conv.weight  # kaiming normal, fan-out: std sqrt(2 / (c_out k k))
+        fan_out = w.shape[0] * w.shape[2] * w.shape[3]
+        assert abs(w.std().item() / (2 / fan_out) ** 0.5 - 1) < 0.05, conv
+
+
+@pytest.mark.parametrize("method,normal", [("infpos", 11), ("hardneg", 9)])
+def test_an_advcl_step_moves_each_branchs_statistics_as_the_official_step(
+    folder, tmp_path, simclr_encoder, method, normal
+):
+    """Per step, in the official order, each PGD iteration moves pgd, pgd_ce and (x1, x2, hfc)
+    normal once each; the update's forwards again; IP's distance adds two forwards through the
+    normal branch: 2 steps x 3 + 3 (+ 2)."""
+    A.main(
+        advcl_run(
+            folder,
+            tmp_path / "run",
+            method,
+            "--pseudo-labels",
+            simclr_encoder,
+            "--epochs",
+            "1",
+            "--eval",
+            "none",
+        )
+    )
+    ck = weights(tmp_path / "run" / "last.pt")[1]
+    steps = ck["step"]
+    moved = {b: ck["encoder"][f"bn1.bn_list.{b}.num_batches_tracked"].item() for b in range(3)}
+    assert moved == {A.NORMAL: normal * steps, A.PGD: 3 * steps, A.PGD_CE: 3 * steps}
+
+
+def test_the_advcl_optimiser_decays_the_weights(folder, tmp_path, simclr_encoder):
+    """One step from the same start with and without weight decay: SGD's first step differs by
+    exactly lr wd w0 (its momentum buffer starts at the gradient plus wd w)."""
+    runs = {}
+    for wd in ("0.5", "0"):  # a decay large enough to measure after one step at the warm-up's lr
+        out = tmp_path / wd
+        argv = advcl_run(
+            folder,
+            out,
+            "rocl",
+            "--pseudo-labels",
+            simclr_encoder,
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--warmup-epochs",
+            "1",
+            "--wd",
+            wd,
+            "--eval",
+            "none",
+            "--knn-every",
+            "0",
+        )
+        A.main(argv)
+        w, ck = weights(out / "last.pt")
+        runs[wd] = (w, ck["history"][0]["lr"])
+    torch.manual_seed(0)
+    w0 = A.AdvCLNet(8).encoder.state_dict()  # what the run starts from: seeded, then built
+    (decayed, lr), (plain, _) = runs["0.5"], runs["0"]
+    assert lr == 0.01  # the warm-up's start
+    for k in ("conv1.weight", "layer3.0.conv2.weight", "bn1.bn_list.0.weight"):
+        assert torch.allclose(decayed[k] - plain[k], -lr * 0.5 * w0[k], rtol=1e-3, atol=1e-8), k
+
+
+def test_the_saved_pseudo_labels_reproduce_their_run(folder, tmp_path, simclr_encoder):
+    first = advcl_run(folder, tmp_path / "a", "rocl", "--pseudo-labels", simclr_encoder)
+    A.main(first + ["--eval", "none"])
+    saved = str(tmp_path / "a" / "pseudo-labels.pkl")
+    A.main(advcl_run(folder, tmp_path / "b", "rocl", "--pseudo-labels", saved, "--eval", "none"))
+    (wa, cka), (wb, ckb) = weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")
+    assert cka["pseudo_labels"]["labels_digest"] == ckb["pseudo_labels"]["labels_digest"]
+    assert [r["loss"] for r in cka["history"]] == [r["loss"] for r in ckb["history"]]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_refused_resume_leaves_the_runs_pseudo_labels_and_the_run_continues(
+    folder, tmp_path, monkeypatch, capsys
+):
+    encoder = tmp_path / "simclr"
+    A.main(tiny(folder, encoder, "--method", "simclr", "--eval", "none"))
+    labels = ["--pseudo-labels", str(encoder)]
+    A.main(advcl_run(folder, tmp_path / "full", "both", *labels, "--eval", "none"))
+    real = A.advcl_lr_at
+
+    def cut(step, *a):  # Ctrl-C at step 5 of 8
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    monkeypatch.setattr(A, "advcl_lr_at", cut)
+    with pytest.raises(SystemExit):
+        A.main(advcl_run(folder, tmp_path / "cut", "both", *labels, "--ckpt-every", "1"))
+    monkeypatch.setattr(A, "advcl_lr_at", real)
+    before = {f: open(tmp_path / "cut" / f, "rb").read() for f in os.listdir(tmp_path / "cut")}
+    assert "pseudo-labels.pkl" in before
+    # the encoder of the labels is trained again, other weights in the same place
+    A.main(
+        tiny(folder, encoder, "--method", "simclr", "--seed", "1", "--overwrite", "--eval", "none")
+    )
+    capsys.readouterr()
+    fails(
+        ["--resume", str(tmp_path / "cut"), *labels],
+        capsys,
+        r"other labels \(digest \w+\) than the run trained on",
+    )
+    after = {f: open(tmp_path / "cut" / f, "rb").read() for f in os.listdir(tmp_path / "cut")}
+    assert {f: v for f, v in after.items() if f != ".lock"} == {
+        f: v for f, v in before.items() if f != ".lock"
+    }
+    A.main(["--resume", str(tmp_path / "cut"), "--eval", "none"])  # its own labels, from last.pt
+    w_full, w_cut = (
+        weights(tmp_path / "full" / "last.pt")[0],
+        weights(tmp_path / "cut" / "last.pt")[0],
+    )
+    assert all(torch.equal(w_full[k], w_cut[k]) for k in w_full)
+
+
+def test_the_knn_monitor_is_a_weighted_200_nearest_neighbour_vote(tmp_path):
+    """InstDisc's and MoCo's monitor, from its definition: cosine similarities, the k = 200
+    nearest bank images vote for their class with weight exp(similarity / 0.1)."""
+    g = torch.Generator().manual_seed(0)
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 8)).to(DEV)
+    x = torch.randint(0, 256, (500, 3, 32, 32), generator=g, dtype=torch.uint8).to(DEV)
+    with torch.no_grad():
+        feats = F.normalize(encoder(x.float() / 255), dim=1)
+    y = (feats[:, 0] + 0.6 * torch.randn(500, generator=g).to(DEV) > 0).long()  # noisy classes
+    y += 2 * (feats[:, 1] > 0.3).long()
+    bank, query = feats[:400], feats[400:]
+
+    def reference(k, t=0.1):
+        sim, idx = (query @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(100, 4, device=DEV).scatter_add_(1, y[:400][idx], (sim / t).exp())
+        return (votes.argmax(1) == y[400:]).float().mean().item()
+
+    assert reference(20) != reference(200)  # the data tell k apart
+    ours = A.knn_accuracy(encoder, x[:400], y[:400], x[400:], y[400:], 4)
+    assert ours == pytest.approx(reference(200), abs=1e-6)
+
+
+def test_a_run_logs_the_knn_monitor_of_its_encoder(tmp_path):
+    data = make_folder(tmp_path / "data", classes=4, n_train=75, n_test=25, seed=3)
+    argv = tiny(data, tmp_path / "run", "--width", "4", "--batch-size", "100", "--knn-every", "1")
+    A.main(argv + ["--eval", "none"])
+    logged = json.loads(open(tmp_path / "run" / "log.jsonl").readline())["knn"]
+    d = A.load_data("folder", data)
+    encoder = A.load_checkpoint(str(tmp_path / "run")).encoder.to(DEV).eval()
+    with torch.no_grad():
+        bank, query = (
+            F.normalize(encoder(x.to(DEV).float() / 255), dim=1) for x in (d.x_train, d.x_test)
+        )
+    accuracy = {}
+    for k in (20, 200):  # 300 bank images, 100 queries: k tells
+        sim, idx = (query @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(query), 4, device=DEV)
+        votes.scatter_add_(1, d.y_train.to(DEV)[idx], (sim / 0.1).exp())
+        accuracy[k] = (votes.argmax(1).cpu() == d.y_test).float().mean().item()
+    assert logged == pytest.approx(accuracy[200], abs=1e-6)
+
+
+def test_the_pseudo_label_cross_entropy_is_the_mean_over_the_sets():
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(6, k, generator=g) for k in A.PSEUDO_KS]
+    labels = [torch.randint(-1, k, (6,), generator=g) for k in A.PSEUDO_KS]
+    labels[0][0] = -1  # no label: ignored
+    for reduction in ("mean", "sum"):
+        each = [
+            F.cross_entropy(lg, lb, reduction=reduction, ignore_index=-1)
+            for lg, lb in zip(logits, labels)
+        ]
+        assert torch.allclose(A.pseudo_label_ce(logits, labels, reduction), sum(each) / 5)
 
 
 def test_the_advcl_schedule_of_finetuning_is_asym_advcls():
@@ -3700,6 +4233,18 @@ def test_reproduce_sh_never_mixes_scales_reads_what_it_asked_and_says_how_to_con
     assert p.returncode == 0, p.stderr
     assert "SLF RA l2:0.5" in open(tmp_path / "out" / "table.md").read()
     assert len(results_files(tmp_path / "out" / "rocl-s0")) == 2
+    # the same OUT on other images: refused, never a table of encoders measured on other images
+    shutil.copytree(data, tmp_path / "inverted")
+    for path in glob.glob(str(tmp_path / "inverted" / "*" / "*" / "*.png")):
+        from PIL import Image, ImageOps
+
+        ImageOps.invert(Image.open(path).convert("RGB")).save(path)
+    table = open(tmp_path / "out" / "table.md").read()
+    p = run(DATA_DIR="inverted")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "whose training images differ" in p.stderr
+    assert open(tmp_path / "out" / "table.md").read() == table
+    assert open(tmp_path / "out" / "cells.tsv").read() == ""  # no cell of a table that failed
     p = run(SCALE="small")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert re.search(
