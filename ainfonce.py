@@ -1,18 +1,8 @@
-"""ainfonce.py: adversarial contrastive learning with the asymmetric InfoNCE (A-InfoNCE),
-in one file.
+"""ainfonce.py: adversarial contrastive learning with the asymmetric InfoNCE (A-InfoNCE), in one
+file.
 
-Reference implementation of Yu et al., "Adversarial Contrastive Learning via Asymmetric InfoNCE",
-ECCV 2022 (arXiv 2207.08374), on both of its bases: RoCL (Kim, Tack, Hwang, NeurIPS 2020, arXiv
-2006.07589) and AdvCL (Fan, Liu, Chen, Zhang, Gan, NeurIPS 2021, arXiv 2111.01124).
-
-Measured (README.md has the commands; no GPU was available, so every number is from CPUs): one
-step of every method on either base equals the official code's step, run on the CPU, to fp32
-rounding (each gradient within 2e-6 relative, the BN statistics exactly). At CPU scale (5,000
-CIFAR-10 JPEGs, a width-8 ResNet-18, 6 epochs, 2 seeds, 2 cores of an Intel Xeon; SLF/ALF/AFF,
-PGD-20 at 8/255), HN lies above the symmetric loss in all six SA/RA columns on the RoCL base
-(SLF SA 39.95 / RA 10.50 % against 38.20 / 8.90) and below it on the AdvCL base; the seed-to-seed
-spread reaches 3.7 points, so neither ordering is significant at that scale. Nothing here has run
-on a GPU yet.
+Yu et al., "Adversarial Contrastive Learning via Asymmetric InfoNCE", ECCV 2022 (arXiv 2207.08374),
+on both of its bases: RoCL (Kim, Tack, Hwang, NeurIPS 2020) and AdvCL (Fan et al., NeurIPS 2021).
 
 Each step takes N unlabeled images, makes two augmented views x1, x2 and an instance-wise
 adversarial view x_adv = PGD(x1) that maximises the contrastive loss of [x_adv; x2]. With
@@ -27,41 +17,41 @@ l(i->j) moves only i):
               Ng_i = max((sum_j w_ij e^S_ij - tau+ M pos_i) / (1 - tau+), M e^(-1/tau)),
               w_ij = e^(beta S_ij) / mean_k e^(beta S_ik) over the M negatives of row i
     both    : HN denominators with IP weights
-    + RoCL's regulariser 1/256 * NT-Xent[x_adv; x2] for every adversarial method;
-      simclr has no attack.
-The AdvCL base (--base advcl) applies the same asymmetries to AdvCL's loss: SupCon over the views
-[x_adv, x1, x2, high-frequency x] (keys carry gradient), x_adv a joint PGD of the contrastive
-loss and of the cross-entropy of pseudo-labels; its pair weights as Asym-AdvCL writes them
-(advcl_weights), IP's weight adapting to the attack's strength.
+    + RoCL's regulariser 1/256 * NT-Xent[x_adv; x2]; simclr has no attack.
+The AdvCL base (--base advcl) makes AdvCL's loss asymmetric the same way: SupCon over the views
+[x_adv, x1, x2, high-frequency x] (keys carry gradient), x_adv a joint PGD of the contrastive loss
+and of the cross-entropy of pseudo-labels, the pair weights as Asym-AdvCL writes them.
+
+Measured (README.md: commands, machines, the tables): one step of every method on either base
+equals the official code's step, run on the CPU, to fp32 rounding. MEASURED_HEADLINE
 
 Usage:
     python ainfonce.py --method hardneg --dataset cifar10          # paper recipe, one GPU
+    python ainfonce.py --preset small --dataset folder --data-dir data/cifar10-jpeg   # a CPU run
     python ainfonce.py --base advcl --method both --dataset cifar10 --pseudo-labels LABELS.pkl
-    python ainfonce.py --method hardneg --dataset folder --data-dir data/cifar10-jpeg \\
-        --subset 5000 --width 8 --epochs 6 --batch-size 128 --attack-steps 3 \\
-        --warmup-epochs 1 --eval-subset 1000                      # a CPU run
     torchrun --nproc_per_node 8 ainfonce.py --method both         # data parallel
     python ainfonce.py --resume runs/hardneg-cifar10-s0           # continue a run, then evaluate
-    python ainfonce.py --eval-only runs/hardneg-cifar10-s0 --eval slf alf aff --autoattack \\
-        --eval-threats linf:8/255 l2:0.5 --transfer-from runs/rocl-cifar10-s0
-    python ainfonce.py --eval-only ACL.pt --dataset cifar10 --protocol robustssl \\
-        --pretraining acl                                         # a published encoder
+    python ainfonce.py --eval-only runs/hardneg-cifar10-s0 --eval slf alf aff --autoattack
+    python ainfonce.py --eval-only ACL.pt --dataset cifar10 --protocol robustssl --pretraining acl
     python ainfonce.py --benchmark --width 64 --batch-size 512 --amp   # speed
     python -m pytest -q       # tests; AINFONCE_TEST_DEVICE=cuda runs them on a GPU
 
-Reading order: the loss, the attacks, the model, the training steps of both bases and the loop,
-evaluation; then data, pseudo-labels and augmentation, checkpoints and results, processes, the
-command line; the benchmark last.
+Reading order: the loss, the attacks, the model, the steps of both bases, the augmentation, the
+training loop, evaluation, the command line and main. A reader can stop at the divider; after it
+come data and pseudo-label files, checkpoints and the field's layouts, results, processes,
+progress and the benchmark.
 """
 import argparse
 import contextlib
 import copy
-import dataclasses
 import functools
 import hashlib
+import importlib
+import io
 import json
 import math
 import os
+import pickle
 import platform
 import re
 import shlex
@@ -81,7 +71,7 @@ import torch.nn.functional as F
 
 METHODS = ("simclr", "rocl", "infpos", "hardneg", "both")
 SCHEMES = ("slf", "alf", "aff")
-# A-InfoNCE: the asymmetries each method adds to the symmetric loss:
+# A-InfoNCE: the asymmetries each method adds to the symmetric loss
 # (IP: adversarial views are inferior positives, HN: they are hard negatives)
 ASYMMETRY = {
     "simclr": (False, False),
@@ -157,41 +147,36 @@ def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0
         z = z.float()
     # the loss runs in fp32, also under --amp
     with torch.autocast(z.device.type, enabled=False):
-        return _a_infonce(z, weights, temperature, hn_beta, tau_plus, hn_normalise, detach_keys)
-
-
-def _a_infonce(z, weights, temperature, hn_beta, tau_plus, hn_normalise, detach_keys):
-    V, N = z.shape[:2]
-    # scaled so that |z|^2 neither overflows nor underflows
-    z = z / z.abs().amax(-1, keepdim=True).clamp_min(1e-30)
-    # M = V*N rows: row m is view m // N of instance m % N
-    zn = F.normalize(z.flatten(0, 1), dim=1)  # [M, D]
-    # S_ij = z^_i . sg(z^_j) / tau: the gradient reaches the anchors only (or keys too)
-    keys = zn.detach() if detach_keys else zn
-    S = zn @ keys.T / temperature  # [M, M]
-    instance = torch.arange(V * N, device=z.device) % N
-    same = instance[:, None] == instance[None, :]  # [M, M]: two views of one instance
-    eye = torch.eye(V * N, dtype=torch.bool, device=z.device)
-    if hn_beta is None:
-        # log sum_{k != i} exp(S_ik)
-        log_denom = S.masked_fill(eye, -math.inf).logsumexp(1)  # [M]
-    else:
-        log_denom = hard_negative_log_denom(S, same, eye, V, N, temperature,
-                                            hn_beta, tau_plus, hn_normalise)
-    if hn_normalise == "official-advcl" and hn_beta is not None:
-        # official Asym-AdvCL: exp_logits / (pos + Ng) broadcasts row j's denominator into (i, j)
-        logp = S - log_denom[None, :]
-    else:
-        logp = S - log_denom[:, None]
-    # l(u->v) of instance n is -logp[u, v, n]
-    logp = logp.view(V, N, V, N).diagonal(dim1=1, dim2=3)  # [V, V, N]
-    loss = S.new_zeros(())
-    for u in range(V):
-        for v in range(V):
-            weight = weights[u][v]
-            if u != v and weight:
-                loss = loss - weight * logp[u, v].sum()
-    return loss / (V * N)
+        # scaled so that |z|^2 neither overflows nor underflows
+        z = z / z.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+        # M = V*N rows: row m is view m // N of instance m % N
+        zn = F.normalize(z.flatten(0, 1), dim=1)  # [M, D]
+        # S_ij = z^_i . sg(z^_j) / tau: the gradient reaches the anchors only (or keys too)
+        keys = zn.detach() if detach_keys else zn
+        S = zn @ keys.T / temperature  # [M, M]
+        instance = torch.arange(V * N, device=z.device) % N
+        same = instance[:, None] == instance[None, :]  # [M, M]: two views of one instance
+        eye = torch.eye(V * N, dtype=torch.bool, device=z.device)
+        if hn_beta is None:
+            # log sum_{k != i} exp(S_ik)
+            log_denom = S.masked_fill(eye, -math.inf).logsumexp(1)  # [M]
+        else:
+            log_denom = hard_negative_log_denom(S, same, eye, V, N, temperature,
+                                                hn_beta, tau_plus, hn_normalise)
+        if hn_normalise == "official-advcl" and hn_beta is not None:
+            # official Asym-AdvCL: exp_logits / (pos + Ng) broadcasts row j's denominator
+            logp = S - log_denom[None, :]
+        else:
+            logp = S - log_denom[:, None]
+        # l(u->v) of instance n is -logp[u, v, n]
+        logp = logp.view(V, N, V, N).diagonal(dim1=1, dim2=3)  # [V, V, N]
+        loss = S.new_zeros(())
+        for u in range(V):
+            for v in range(V):
+                weight = weights[u][v]
+                if u != v and weight:
+                    loss = loss - weight * logp[u, v].sum()
+        return loss / (V * N)
 
 
 def pair_weight(u, v, adv, ip_alpha, adv_weight):
@@ -327,42 +312,13 @@ def gather(t, dim):
     return GatherCat.apply(t, dim)
 
 
-class BatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d whose training statistics span all processes, on gloo and NCCL alike (one code
-    path, tested on the CPU; nn.SyncBatchNorm runs on GPUs only). One process: plain BatchNorm2d."""
-
-    def forward(self, x):
-        if not (self.training and distributed()):
-            return super().forward(x)
-        xf = x.float()
-        n = xf.numel() // xf.size(1) * dist.get_world_size()
-        sums = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))])  # [2C]
-        mean, sq = (AllReduce.apply(sums) / n).chunk(2)
-        var = sq - mean * mean  # the biased variance of the global batch
-        with torch.no_grad():
-            self.num_batches_tracked += 1
-            self.running_mean.lerp_(mean, self.momentum)
-            # unbiased, as nn.BatchNorm2d keeps it
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
-        y = (xf - mean.view(1, -1, 1, 1)) * (var.view(1, -1, 1, 1) + self.eps).rsqrt()
-        y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-        return y.to(x.dtype)
-
-
-def batch_norm(channels, branches=1):
-    """One BatchNorm2d, or AdvCL's one per branch (bn_list.K, as its checkpoints name them)."""
-    if branches == 1:
-        return BatchNorm2d(channels)
-    return BranchedBatchNorm2d(channels, branches)
-
-
 class BranchedBatchNorm2d(nn.Module):
-    """AdvCL's batch norm: a BatchNorm2d per branch (normal, pgd, pgd_ce); `active` is the one a
-    forward uses, set by use_branch."""
+    """AdvCL's batch norm: one per branch (normal, pgd, pgd_ce) in bn_list.K, as its checkpoints
+    name them; `active` is the one a forward uses, set by use_branch."""
 
-    def __init__(self, channels, branches):
+    def __init__(self, channels, branches, norm):
         super().__init__()
-        self.bn_list = nn.ModuleList([BatchNorm2d(channels) for _ in range(branches)])
+        self.bn_list = nn.ModuleList([norm(channels) for _ in range(branches)])
         self.active = 0
 
     def forward(self, x):
@@ -383,16 +339,15 @@ def use_branch(net, branch):
 
 
 class Block(nn.Module):
-    def __init__(self, cin, cout, stride, branches=1):
+    def __init__(self, cin, cout, stride, norm):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = batch_norm(cout, branches)
+        self.bn1 = norm(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = batch_norm(cout, branches)
+        self.bn2 = norm(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          batch_norm(cout, branches))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), norm(cout))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -403,20 +358,24 @@ class ResNet18(nn.Module):
     """CIFAR ResNet-18 in the layout the field's checkpoints share (conv1, bn1, layer1..4,
     shortcut): a 3x3 stride-1 stem (padding 1; solo-learn's has 2), no max-pool, BasicBlocks
     [2,2,2,2]; 8*width features. normalise=True adds the input normalisation (buffers mean, std)
-    that some published encoders carry inside; branches > 1 gives every BN that many branches."""
+    that some published encoders carry inside; branches > 1 gives every BN that many branches.
+    Under torchrun its batch norm spans all processes (SyncBatchNorm2d)."""
 
     def __init__(self, width=64, normalise=False, stem_padding=1, branches=1):
         super().__init__()
+        norm = SyncBatchNorm2d if distributed() else nn.BatchNorm2d
+        if branches > 1:
+            norm = functools.partial(BranchedBatchNorm2d, branches=branches, norm=norm)
         if normalise:
             self.register_buffer("mean", torch.zeros(3))
             self.register_buffer("std", torch.ones(3))
         self.conv1 = nn.Conv2d(3, width, 3, 1, stem_padding, bias=False)
-        self.bn1 = batch_norm(width, branches)
+        self.bn1 = norm(width)
         chans = [width, width, 2 * width, 4 * width, 8 * width]
         for i in range(4):
             stride = 1 if i == 0 else 2
-            layer = nn.Sequential(Block(chans[i], chans[i + 1], stride, branches),
-                                  Block(chans[i + 1], chans[i + 1], 1, branches))
+            layer = nn.Sequential(Block(chans[i], chans[i + 1], stride, norm),
+                                  Block(chans[i + 1], chans[i + 1], 1, norm))
             setattr(self, f"layer{i + 1}", layer)
         self.dim = 8 * width
 
@@ -441,37 +400,28 @@ class Net(nn.Module):
         return self.projector(self.encoder(x))
 
 
-# The AdvCL base: its three BN branches, and the cluster counts of its pseudo-labels
-NORMAL = 0  # x1, x2 and the high-frequency view
-PGD = 1  # the contrastive attack's examples: the branch that is evaluated
-PGD_CE = 2  # the cross-entropy attack's examples
+# The AdvCL base: its BN branches (normal, pgd, pgd_ce), and the cluster counts of its
+# pseudo-labels
+BN_CLEAN = 0  # x1, x2 and the high-frequency view
+BN_ADV = 1  # the contrastive attack's examples: the branch that is evaluated
+BN_CE = 2  # the cross-entropy attack's examples
 PSEUDO_KS = (2, 10, 50, 100, 500)
 
 
-class AdvCLHeads(nn.Module):
-    """AdvCL's heads on the 8w features: head_proj = Linear -> BatchNorm1d (shared by the branches)
-    -> ReLU -> Linear(-> 128), and a linear head fc_K per pseudo-label set of K clusters."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.head_proj = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(),
-                                       nn.Linear(dim, 128))
-        for k in PSEUDO_KS:
-            setattr(self, f"fc_{k:03d}", nn.Linear(dim, k))
-
-    def logits(self, features):
-        return [getattr(self, f"fc_{k:03d}")(features) for k in PSEUDO_KS]
-
-
 class AdvCLNet(nn.Module):
-    """AdvCL's network (Fan et al. 2021, and Asym-AdvCL): the encoder with three BN branches
-    (normal for x1, x2 and the high-frequency view, pgd for the contrastive attack, pgd_ce for
-    the cross-entropy attack) and its heads; convolutions initialised as its code does."""
+    """AdvCL's network (Fan et al. 2021, and Asym-AdvCL): the encoder with three BN branches and
+    its heads: head_proj = Linear -> BatchNorm1d (shared by the branches) -> ReLU -> Linear(-> 128),
+    and a linear classifier fc_K per pseudo-label set of K clusters. Convolutions are initialised
+    as its code does (kaiming normal, fan-out)."""
 
     def __init__(self, width=64):
         super().__init__()
         self.encoder = ResNet18(width, branches=3)
-        self.projector = AdvCLHeads(self.encoder.dim)
+        dim = self.encoder.dim
+        self.heads = nn.ModuleDict({"head_proj": nn.Sequential(
+            nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, 128))})
+        for k in PSEUDO_KS:
+            self.heads[f"fc_{k:03d}"] = nn.Linear(dim, k)
         for m in self.encoder.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -479,45 +429,28 @@ class AdvCLNet(nn.Module):
     def project(self, x, branch):
         """z of images x through BN branch `branch`: [B, 3, 32, 32] -> [B, 128]."""
         with use_branch(self.encoder, branch):
-            return self.projector.head_proj(self.encoder(x))
+            return self.heads["head_proj"](self.encoder(x))
 
     def classify(self, x, branch):
         """The pseudo-label logits of x, one [B, K] per K; the projection is run too, unused, as
         AdvCL's code runs it (its head_proj's BN statistics move)."""
         with use_branch(self.encoder, branch):
             features = self.encoder(x)
-        self.projector.head_proj(features)
-        return self.projector.logits(features)
+        self.heads["head_proj"](features)
+        return [self.heads[f"fc_{k:03d}"](features) for k in PSEUDO_KS]
 
 
-# ==== The training step ===========================================================================
+# ==== The RoCL base's step ========================================================================
 WARMUP_PEAK = 15.0  # RoCL: the lr warms up linearly from the base to 15x the base
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """What one training step computes, as plain values (resolved from the arguments once)."""
-    adversarial: bool  # simclr: no attack
-    eps: float  # L_inf radius of the attack, pixels in [0, 1]
-    pgd_step: float  # its step size
-    pgd_steps: int
-    temperature: float  # of the loss, the attack and the regulariser
-    loss: dict  # a_infonce's weights for the main loss: the method's IP and HN
-    reg_weight: float
-    reg_forward: str  # "separate" (RoCL's own forward) or "shared" (rows of the main one)
-    wd: float  # weight decay, inside LARS
-    amp: bool  # bf16 autocast for the forwards (the loss stays fp32)
-
-
-def step_of(args):
-    """The step that args ask for: the method -> (IP, HN) table stated once, in ASYMMETRY."""
-    ip, hn = ASYMMETRY[args.method]
-    loss = dict(ip_alpha=args.ip_alpha if ip else None, adv_weight=args.adv_weight,
-                hn_beta=args.hn_beta if hn else None, tau_plus=args.tau_plus,
-                hn_normalise=args.hn_normalise)
-    return Step(adversarial=args.method != "simclr", eps=args.eps, pgd_step=args.step,
-                pgd_steps=args.attack_steps, temperature=args.temperature, loss=loss,
-                reg_weight=args.reg_weight, reg_forward=args.reg_forward, wd=args.wd, amp=args.amp)
+def lr_at(it, total, warmup, base, peak=WARMUP_PEAK):
+    """The lr of step `it`: a linear warm-up from base to peak*base over `warmup` steps, then a
+    cosine to 0 at step `total`."""
+    if it < warmup:
+        return base * (1 + (peak - 1) * it / warmup)
+    done = (it - warmup) / max(1, total - warmup)
+    return base * peak * 0.5 * (1 + math.cos(math.pi * done))
 
 
 @torch.no_grad()
@@ -534,29 +467,15 @@ def lars_(params, wd, trust=1e-3, eps=1e-8):
     return torch.stack(norms).norm()
 
 
-def lr_at(step, total, warmup, base, peak):
-    """Per step: a linear warm-up from base to peak*base over `warmup` steps, then cosine to 0."""
-    if step < warmup:
-        return base * (1 + (peak - 1) * step / warmup)
-    done = (step - warmup) / max(1, total - warmup)
-    return base * peak * 0.5 * (1 + math.cos(math.pi * done))
-
-
-def adversary(net, x1, x2, step):
-    """x_adv: RoCL's instance-wise attack of x1 against its positive x2 ([N, 3, 32, 32] each)."""
-    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=step.amp):
-        return instance_pgd(net, x1, x2, eps=step.eps, step=step.pgd_step,
-                            steps=step.pgd_steps, temperature=step.temperature)
-
-
-def pretrain_loss(net, x1, x2, x_adv, step):
-    """The step's loss on views x1, x2 and (adversarial methods) x_adv -> (loss, {term: value})."""
-    n, tau = len(x1), step.temperature
-    if not step.adversarial:  # SimCLR
+def rocl_loss(net, x1, x2, x_adv, args):
+    """The RoCL base's loss of views x1, x2 and x_adv (None for simclr) -> (loss, {term: value}):
+    A-InfoNCE of [x1; x2; x_adv] plus RoCL's regulariser, reg_weight * NT-Xent of [x_adv; x2]."""
+    n, tau = len(x1), args.temperature
+    if x_adv is None:  # SimCLR
         z = net(torch.cat([x1, x2])).view(2, n, -1)  # [2, N, 128]
         loss = a_infonce(gather(z, 1), temperature=tau)
         return loss, {"infonce": loss.detach()}
-    if step.reg_forward == "separate":
+    if args.reg_forward == "separate":
         # RoCL's regulariser in its own train-mode forward, first, as the official step: the BN
         # running statistics see it before the main forward
         z_reg = net(torch.cat([x_adv, x2])).view(2, n, -1)  # [2, N, 128]
@@ -565,66 +484,48 @@ def pretrain_loss(net, x1, x2, x_adv, step):
         # shared: the x_adv and x2 rows of the main forward, with its 3N-batch BN statistics
         z = net(torch.cat([x1, x2, x_adv])).view(3, n, -1)
         z_reg = torch.stack([z[2], z[1]])
-    infonce = a_infonce(gather(z, 1), adv_views=(2,), temperature=tau, **step.loss)
+    ip, hn = ASYMMETRY[args.method]
+    infonce = a_infonce(gather(z, 1), adv_views=(2,), temperature=tau,
+                        ip_alpha=args.ip_alpha if ip else None, adv_weight=args.adv_weight,
+                        hn_beta=args.hn_beta if hn else None, tau_plus=args.tau_plus,
+                        hn_normalise=args.hn_normalise)
     reg = a_infonce(gather(z_reg, 1), temperature=tau)  # the global batch, as the main loss
     terms = {"infonce": infonce.detach(), "reg": reg.detach()}
-    return infonce + step.reg_weight * reg, terms
+    return infonce + args.reg_weight * reg, terms
 
 
-class Outcome(NamedTuple):
-    loss: torch.Tensor
-    terms: dict  # the loss's terms, detached
-    grad_norm: torch.Tensor  # before LARS
-
-
-def update(model, params, x1, x2, x_adv, step):
-    """Up to the optimiser's step: the loss (bf16 autocast with amp, the loss itself in fp32),
-    backward, gradients averaged over processes, LARS -> Outcome."""
-    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=step.amp):
-        loss, terms = pretrain_loss(model, x1, x2, x_adv, step)
+def rocl_step(net, xb, args, lap=None):
+    """One step of the RoCL base but the optimiser's, on a uint8 batch xb [N, 3, 32, 32]: its two
+    augmentations x1, x2; x_adv, the instance-wise attack of x1 against x2 (simclr: none); the
+    loss (bf16 autocast with --amp, the loss itself in fp32); backward; gradients averaged over
+    processes; LARS -> (loss, terms, gradient norm before LARS). lap(phase) ends each phase."""
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    x1 = augment(xb).contiguous(memory_format=layout)
+    x2 = augment(xb).contiguous(memory_format=layout)
+    if lap:
+        lap("data_s")
+    x_adv = None
+    if args.method != "simclr":
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=args.amp):
+            x_adv = instance_pgd(net, x1, x2, eps=args.eps, step=args.step,
+                                 steps=args.attack_steps, temperature=args.temperature)
+    if lap:
+        lap("attack_s")
+    with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=args.amp):
+        loss, terms = rocl_loss(net, x1, x2, x_adv, args)
+    params = list(net.parameters())
     for p in params:
         p.grad = None
     loss.backward()
     if distributed():  # what DDP's hooks do, once, after the step's only backward
         allreduce_grads(params, dist.get_world_size())
-    grad_norm = lars_(params, step.wd)
-    return Outcome(loss, terms, grad_norm)
+    return loss, terms, lars_(params, args.wd)
 
 
-def train_step(model, params, x1, x2, step):
-    """One training step but the optimiser's: x_adv, then the update of update()."""
-    x_adv = adversary(model, x1, x2, step) if step.adversarial else None
-    return update(model, params, x1, x2, x_adv, step)
-
-
-# ==== The AdvCL base (Fan et al. 2021; Asym-AdvCL): its step ===================================
+# ==== The AdvCL base's step (Fan et al. 2021; Asym-AdvCL) =========================================
 CE_WEIGHT = 0.2  # the pseudo-label cross-entropy's weight
 HFC_RADIUS = 8  # the high-frequency view: frequencies within this radius of the centre are removed
 SUPCON_SCALE = 1 / 0.07  # SupCon's base temperature: its loss is (tau / 0.07) times the mean term
-
-
-@dataclasses.dataclass(frozen=True)
-class AdvCLStep:
-    """What one step of the AdvCL base computes, as plain values (resolved from the arguments)."""
-    method: str  # rocl (AdvCL's own symmetric loss), infpos, hardneg, both
-    eps: float
-    pgd_step: float
-    pgd_steps: int
-    temperature: float
-    adv_weight: float
-    ip_alpha: float  # IP: the clean anchors' weight at first (Asym-AdvCL's stop-gradient degree)
-    adaptive_from: int  # IP: the epoch after which the degree adapts to the attack's strength
-    d_min: float  # IP: the feature distance at which the degree reaches 0.5
-    hn_beta: float
-    tau_plus: float
-    hn_normalise: str
-    amp: bool
-
-
-def advcl_step_of(args):
-    return AdvCLStep(args.method, args.eps, args.step, args.attack_steps, args.temperature,
-                     args.adv_weight, args.ip_alpha, args.ip_adaptive_from, args.ip_d_min,
-                     args.hn_beta, args.tau_plus, args.hn_normalise, args.amp)
 
 
 def high_frequency(x, radius=HFC_RADIUS):
@@ -644,16 +545,15 @@ def advcl_views(xb):
     """AdvCL's views of a uint8 batch [B,3,32,32] -> floats in [0, 1]: x1, x2 = RandomResizedCrop
     (32, scale 0.2-1) + flip, then ColorJitter(0.4,0.4,0.4,0.1) p 0.8 and RandomGrayscale p 0.2;
     x_org = RandomCrop(32, padding 4) + flip (the attacked image)."""
-    def view():
+    views = []
+    for _ in range(2):
         x = resized_crop_flip(xb.float() / 255, scale=(0.2, 1.0))
         x = color_jitter(x, *jitter_params(len(x), x.device))
-        return random_gray(x)
-    x1 = view()
-    x2 = view()
-    return x1, x2, crop_flip(xb)
+        views.append(random_gray(x))
+    return views[0], views[1], crop_flip(xb)
 
 
-def advcl_weights(step, phase, degree=None):
+def advcl_weights(args, phase, degree=None):
     """A-InfoNCE on AdvCL: the pair weights of the views [x_adv, x1, x2, hfc] -> (weights of terms
     whose keys carry gradient, weights of terms with detached keys), as the official losses.py
     computes them. rocl: AdvCL's SupCon, every pair 1. Asym-AdvCL writes the adv<->clean blocks
@@ -663,10 +563,10 @@ def advcl_weights(step, phase, degree=None):
     take adv_weight (degree l(clean->adv) + (1 - degree) l(adv->clean)), keys detached."""
     full = [[1.0] * 4 for _ in range(4)]
     detached = [[0.0] * 4 for _ in range(4)]
-    if step.method == "rocl":
+    if args.method == "rocl":
         return full, detached
-    aw = step.adv_weight
-    stop_gradient = phase == "train" and step.method in ("infpos", "both")
+    aw = args.adv_weight
+    stop_gradient = phase == "train" and ASYMMETRY[args.method][0]
     for c in (1, 2, 3):
         if stop_gradient:
             # A-InfoNCE (IP): clean anchors toward x_adv weak (degree), x_adv toward clean strong
@@ -679,16 +579,15 @@ def advcl_weights(step, phase, degree=None):
     return full, detached
 
 
-def advcl_contrastive(z, step, phase, degree=None):
+def advcl_contrastive(z, args, phase, degree=None):
     """The contrastive loss of z [4, N, 128] (views x_adv, x1, x2, hfc): SupCon's scale times
-    a_infonce, with HN in training for hardneg and both (the attack of every method is
-    plain)."""
-    full, detached = advcl_weights(step, phase, degree)
-    hn = phase == "train" and step.method in ("hardneg", "both")
-    form = "official-advcl" if step.hn_normalise == "official" else "negatives"
-    kw = dict(adv_views=(0,), temperature=step.temperature, tau_plus=step.tau_plus,
-              hn_beta=step.hn_beta if hn else None, hn_normalise=form)
-    scale = step.temperature * SUPCON_SCALE / 3  # SupCon: the mean over each anchor's 3 positives
+    a_infonce, with HN in training for hardneg and both (the attack of every method is plain)."""
+    full, detached = advcl_weights(args, phase, degree)
+    hn = phase == "train" and ASYMMETRY[args.method][1]
+    form = "official-advcl" if args.hn_normalise == "official" else "negatives"
+    kw = dict(adv_views=(0,), temperature=args.temperature, tau_plus=args.tau_plus,
+              hn_beta=args.hn_beta if hn else None, hn_normalise=form)
+    scale = args.temperature * SUPCON_SCALE / 3  # SupCon: the mean over each anchor's positives
     loss = scale * a_infonce(gather(z, 1), pair_weights=full, detach_keys=False, **kw)
     if any(any(row) for row in detached):
         loss = loss + scale * a_infonce(gather(z, 1), pair_weights=detached, **kw)
@@ -702,88 +601,101 @@ def pseudo_label_ce(logits, labels, reduction):
     return sum(parts) / len(parts)
 
 
-def advcl_attack(net, x1, x2, x_org, hfc, labels, step):
+def advcl_forwards(net, x_cl, x_ce, x1, x2, hfc):
+    """The official step's forwards, in its order (their BN statistics move in it): pgd(x_cl),
+    pgd_ce(x_ce), normal(x1, x2, hfc) -> (z [4, N, 128] of [x_cl, x1, x2, hfc], logits)."""
+    z_cl = net.project(x_cl, BN_ADV)
+    logits = net.classify(x_ce, BN_CE)
+    z = [z_cl] + [net.project(x, BN_CLEAN) for x in (x1, x2, hfc)]
+    return torch.stack(z), logits
+
+
+def advcl_attack(net, x1, x2, x_org, hfc, labels, args):
     """AdvCL's joint attack, train mode throughout (BN statistics move): from two uniform random
     starts around x_org (not clipped), PGD steps on contrastive([x_cl, x1, x2, hfc]) + 0.2 *
     summed CE; x_cl gets only the contrastive gradient, x_ce only the CE one. -> (x_cl, x_ce)."""
-    x_cl = x_org + torch.zeros_like(x_org).uniform_(-step.eps, step.eps)
-    x_ce = x_org + torch.zeros_like(x_org).uniform_(-step.eps, step.eps)
+    eps = args.eps
+    x_cl = x_org + torch.zeros_like(x_org).uniform_(-eps, eps)
+    x_ce = x_org + torch.zeros_like(x_org).uniform_(-eps, eps)
     with torch.enable_grad():
-        for _ in range(step.pgd_steps):
+        for _ in range(args.attack_steps):
             x_cl = x_cl.detach().requires_grad_(True)
             x_ce = x_ce.detach().requires_grad_(True)
-            # the official order of the forwards: their BN statistics move in it
-            z_cl = net.project(x_cl, PGD)
-            logits = net.classify(x_ce, PGD_CE)
-            z = torch.stack([z_cl, net.project(x1, NORMAL), net.project(x2, NORMAL),
-                             net.project(hfc, NORMAL)])  # [4, N, 128]
-            loss = advcl_contrastive(z, step, "attack")
+            z, logits = advcl_forwards(net, x_cl, x_ce, x1, x2, hfc)
+            loss = advcl_contrastive(z, args, "attack")
             loss = loss + CE_WEIGHT * pseudo_label_ce(logits, labels, "sum")
             grad_cl, grad_ce = torch.autograd.grad(loss, [x_cl, x_ce])
-            x_cl = x_cl.detach() + step.pgd_step * grad_cl.sign()
-            x_cl = torch.min(torch.max(x_cl, x_org - step.eps), x_org + step.eps).clamp(0, 1)
-            x_ce = x_ce.detach() + step.pgd_step * grad_ce.sign()
-            x_ce = torch.min(torch.max(x_ce, x_org - step.eps), x_org + step.eps).clamp(0, 1)
+            x_cl = x_cl.detach() + args.step * grad_cl.sign()
+            x_cl = torch.min(torch.max(x_cl, x_org - eps), x_org + eps).clamp(0, 1)
+            x_ce = x_ce.detach() + args.step * grad_ce.sign()
+            x_ce = torch.min(torch.max(x_ce, x_org - eps), x_org + eps).clamp(0, 1)
     return x_cl.detach(), x_ce.detach()
 
 
-@dataclasses.dataclass
-class Distances:
-    """Asym-AdvCL's adaptive IP: the mean clean/adversarial feature distance of the first epochs
-    (its dis_avg, weighted by images)."""
-    total: float = 0.0
-    count: int = 0
-
-
-def stop_degree(step, epoch, distance, seen, n):
-    """A-InfoNCE (IP) on AdvCL: the clean anchors' weight. Up to epoch adaptive_from (1-based) it
-    is ip_alpha and the mean distance is recorded in seen; after it, it moves from ip_alpha to 0.5
-    as the batch's distance falls from the recorded mean to d_min."""
-    if step.adaptive_from < 0:
-        return step.ip_alpha
-    if epoch <= step.adaptive_from:
-        seen.total += distance * n
-        seen.count += n
-        return step.ip_alpha
-    mean = seen.total / seen.count
+def stop_degree(args, epoch, distance, seen, n):
+    """A-InfoNCE (IP) on AdvCL: the clean anchors' weight. Up to epoch ip_adaptive_from (1-based)
+    it is ip_alpha and the distances' sum and count go into seen (Asym-AdvCL's dis_avg, weighted
+    by images); after it, it moves from ip_alpha to 0.5 as the batch's distance falls from their
+    mean to ip_d_min."""
+    if args.ip_adaptive_from < 0:
+        return args.ip_alpha
+    if epoch <= args.ip_adaptive_from:
+        seen[0] += distance * n
+        seen[1] += n
+        return args.ip_alpha
+    mean = seen[0] / seen[1]
     if distance > mean:
-        return step.ip_alpha
-    if distance < step.d_min:
+        return args.ip_alpha
+    if distance < args.ip_d_min:
         return 0.5
-    return (mean - distance) / (mean - step.d_min) * (0.5 - step.ip_alpha) + step.ip_alpha
+    return (mean - distance) / (mean - args.ip_d_min) * (0.5 - args.ip_alpha) + args.ip_alpha
 
 
-def advcl_train_step(net, params, views, labels, step, epoch, seen):
-    """One step of the AdvCL base but the optimiser's: the joint attack on x_org (views: x1, x2,
-    x_org), then advcl_update -> Outcome. epoch (1-based) and seen drive IP's adaptive degree."""
-    hfc = high_frequency(views[2])
-    with torch.autocast(hfc.device.type, dtype=torch.bfloat16, enabled=step.amp):
-        x_cl, x_ce = advcl_attack(net, views[0], views[1], views[2], hfc, labels, step)
-    return advcl_update(net, params, views, hfc, x_cl, x_ce, labels, step, epoch, seen)
+def advcl_lr_at(it, per_epoch, epochs, base, warmup_epochs, warmup_from=0.01):
+    """AdvCL's schedule: per epoch e (1-based), a cosine from base to base * 1e-3 over `epochs`;
+    the first warmup_epochs instead rise linearly, per step, from warmup_from to the cosine's
+    value at warmup_epochs."""
+    e, b = it // per_epoch + 1, it % per_epoch
+    eta_min = base * 0.1 ** 3
+    if e <= warmup_epochs:
+        warm_to = eta_min + (base - eta_min) * (1 + math.cos(math.pi * warmup_epochs / epochs)) / 2
+        p = (b + (e - 1) * per_epoch) / (warmup_epochs * per_epoch)
+        return warmup_from + p * (warm_to - warmup_from)
+    return eta_min + (base - eta_min) * (1 + math.cos(math.pi * e / epochs)) / 2
 
 
-def advcl_update(net, params, views, hfc, x_cl, x_ce, labels, step, epoch, seen):
-    """The forwards in the official order (pgd, pgd_ce, normal x1, x2, hfc), the loss
-    (contrastive + 0.2 mean CE), backward, gradients averaged over processes -> Outcome."""
+def advcl_step(net, xb, labels, args, epoch, seen, lap=None):
+    """One step of the AdvCL base but the optimiser's, on a uint8 batch xb and its pseudo-labels
+    [5, N]: the views, the joint attack, the forwards in the official order, IP's adaptive degree
+    (epoch 1-based; seen: its distances), the loss (contrastive + 0.2 mean CE), backward,
+    gradients averaged over processes -> (loss, terms, gradient norm)."""
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    views = [v.contiguous(memory_format=layout) for v in advcl_views(xb)]
     x1, x2 = views[:2]
     x_org = views[2]
-    with torch.autocast(x1.device.type, dtype=torch.bfloat16, enabled=step.amp):
-        z_cl = net.project(x_cl, PGD)
-        logits = net.classify(x_ce, PGD_CE)
-        z = torch.stack([z_cl, net.project(x1, NORMAL), net.project(x2, NORMAL),
-                         net.project(hfc, NORMAL)])  # [4, N, 128]
-        degree = step.ip_alpha
-        if step.method in ("infpos", "both") and step.adaptive_from >= 0:
+    if lap:
+        lap("data_s")
+    hfc = high_frequency(x_org)
+    with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=args.amp):
+        x_cl, x_ce = advcl_attack(net, x1, x2, x_org, hfc, labels, args)
+    if lap:
+        lap("attack_s")
+    with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=args.amp):
+        z, logits = advcl_forwards(net, x_cl, x_ce, x1, x2, hfc)
+        degree = args.ip_alpha
+        if ASYMMETRY[args.method][0] and args.ip_adaptive_from >= 0:
             # two forwards without gradient through the normal branch (their BN statistics move)
-            with torch.no_grad(), use_branch(net.encoder, NORMAL):
+            with torch.no_grad(), use_branch(net.encoder, BN_CLEAN):
                 distance = F.pairwise_distance(net.encoder(x_org), net.encoder(x_cl)).mean()
+            world = 1
             if distributed():
-                distance = AllReduce.apply(distance) / dist.get_world_size()
-            n = len(x1) * dist_world()
-            degree = float(stop_degree(step, epoch, distance.item(), seen, n))
-        contrastive = advcl_contrastive(z, step, "train", degree)
+                world = dist.get_world_size()
+                distance = AllReduce.apply(distance) / world
+            degree = float(stop_degree(args, epoch, distance.item(), seen, len(x1) * world))
+        contrastive = advcl_contrastive(z, args, "train", degree)
         ce = pseudo_label_ce(logits, labels, "mean")
         loss = contrastive + CE_WEIGHT * ce
+    params = list(net.parameters())
     for p in params:
         p.grad = None
     loss.backward()
@@ -791,1010 +703,15 @@ def advcl_update(net, params, views, hfc, x_cl, x_ce, labels, step, epoch, seen)
         allreduce_grads(params, dist.get_world_size())
     grad_norm = torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm()
     terms = {"contrastive": contrastive.detach(), "ce": ce.detach(),
-             "degree": torch.tensor(degree, device=x1.device)}
-    return Outcome(loss, terms, grad_norm)
-
-
-def dist_world():
-    return dist.get_world_size() if distributed() else 1
-
-
-def advcl_lr_at(step, steps, epochs, base, warmup_epochs, warmup_from=0.01):
-    """AdvCL's schedule: per epoch e (1-based), a cosine from base to base * 1e-3 over `epochs`;
-    the first warmup_epochs instead rise linearly, per step, from warmup_from to the cosine's
-    value at warmup_epochs."""
-    e, b = step // steps + 1, step % steps
-    eta_min = base * 0.1 ** 3
-    if e <= warmup_epochs:
-        warm_to = eta_min + (base - eta_min) * (1 + math.cos(math.pi * warmup_epochs / epochs)) / 2
-        p = (b + (e - 1) * steps) / (warmup_epochs * steps)
-        return warmup_from + p * (warm_to - warmup_from)
-    return eta_min + (base - eta_min) * (1 + math.cos(math.pi * e / epochs)) / 2
-
-
-# ==== Pretraining =================================================================================
-KNN_BANK = 5000  # the kNN monitor's training images (a fixed shuffle)
-KNN_QUERIES = 1000  # and its test images
-
-
-@torch.no_grad()
-def knn_accuracy(encoder, x_bank, y_bank, x_query, y_query, n_classes, k=200, t=0.1, bs=1024):
-    """The weighted kNN monitor of InstDisc and MoCo: cosine similarities of eval-mode fp32 encoder
-    features; the k nearest bank images vote for their class with weight exp(similarity / t). No
-    randomness, no BN update."""
-    def features(x):
-        parts = [encoder(as_float(x[i])) for i in batches(len(x), bs, x.device)]
-        return F.normalize(torch.cat(parts), dim=1)
-    with eval_mode(encoder), strict_fp32(x_bank.device):
-        bank, query = features(x_bank), features(x_query)
-        sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)  # [Q, k]
-        votes = torch.zeros(len(query), n_classes, device=query.device)
-        votes.scatter_add_(1, y_bank[idx], (sim / t).exp())  # [Q, classes]
-    return (votes.argmax(1) == y_query).float().mean().item()
-
-
-@dataclasses.dataclass
-class Ledger:
-    """A run's counters, saved in its checkpoint: the step, seconds of training (all and this
-    epoch's), this epoch's summed loss terms, and the log of finished epochs."""
-    step: int = 0
-    train_s: float = 0.0
-    epoch_s: float = 0.0
-    sums: dict = dataclasses.field(default_factory=dict)
-    history: list = dataclasses.field(default_factory=list)
-    distances: Distances = dataclasses.field(default_factory=Distances)  # AdvCL base, IP
-
-
-def invocation_record(args, ck, step, n_classes):
-    """This invocation's record in the run's history: the step it starts at, its command, the
-    flags it gave and what they changed (for a resume) in the run's arguments."""
-    run_args = {**vars(args), "n_classes": n_classes}
-    changes = {}
-    for key, value in run_args.items():
-        if ck and key not in OWN_KEYS + ("given",) and ck["args"].get(key) != value:
-            changes[key] = [ck["args"].get(key), value]
-    return {"step": step, "command": args.command, "given": args.given, "changes": changes}
-
-
-def pretrain(args, net, data, device, rank, world, ck=None, labels=None):
-    """The pretraining loop, step by step; a checkpoint after every epoch (and every --ckpt-every
-    steps). The checkpoint holds the epoch log, so log.jsonl has one line per completed epoch,
-    resumed or not. Every --knn-every epochs rank 0 adds the kNN monitor's accuracy to the line.
-    The AdvCL base: its views, step, SGD (weight decay, no LARS) and schedule; labels: the
-    pseudo-labels (tensor [5, n_train], and what made them)."""
-    advcl = args.base == "advcl"
-    x_train = data.x_train.to(device)
-    per_rank = args.batch_size // world
-    layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    net.to(device).to(memory_format=layout)
-    steps = len(x_train) // args.batch_size  # per epoch: the last partial batch is dropped
-    total, warmup = steps * args.epochs, steps * args.warmup_epochs
-    params = list(net.parameters())
-    if advcl:
-        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.wd)
-        step = advcl_step_of(args)
-        pseudo = labels[0].to(device)
-    else:
-        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)  # weight decay inside LARS
-        step = step_of(args)
-    path = os.path.join(args.out, "last.pt")
-    ledger = Ledger()
-    if ck:
-        opt.load_state_dict(ck["optimizer"])
-        ledger = Ledger(ck["step"], ck["train_s"], ck["epoch_s"], history=ck["history"],
-                        distances=Distances(*ck.get("distances", (0.0, 0))))
-        ledger.sums = {k: torch.tensor(v, device=device) for k, v in ck["sums"].items()}
-        if len(ck["rng"]) == world:
-            set_rng_state(ck["rng"][rank], device)
-        else:  # another number of processes: fresh streams, so not bit-exact
-            torch.manual_seed(args.seed + rank + 7919 * ledger.step)
-    knn_data = None
-    if args.knn_every and rank == 0:
-        bank = fixed_shuffle(len(x_train), KNN_BANK)
-        query = fixed_shuffle(len(data.x_test), KNN_QUERIES)
-        knn_data = [x_train[bank.to(device)], data.y_train[bank], data.x_test[query],
-                    data.y_test[query]]
-        knn_data = [t.to(device) for t in knn_data]
-    model = torch.compile(net) if args.compile else net
-    # What made these weights: the arguments as first given, then each invocation's own record
-    run_args = {**vars(args), "n_classes": data.n_classes}
-    first_args = ck.get("first_args", ck["args"]) if ck else run_args
-    invocations = ck.get("invocations", []) if ck else []
-    invocations = invocations + [invocation_record(args, ck, ledger.step, data.n_classes)]
-    if rank == 0:
-        config = {"args": first_args, "invocations": invocations}
-        write_json(os.path.join(args.out, "config.json"), config)
-
-    def save():
-        states = [rng_state(device)] * world
-        if world > 1:
-            dist.all_gather_object(states, rng_state(device))
-        if rank != 0:
-            return
-        state = {"encoder": net.encoder.state_dict(), "projector": net.projector.state_dict(),
-                 "optimizer": opt.state_dict(), "epoch": len(ledger.history),
-                 "step": ledger.step, "train_s": ledger.train_s, "epoch_s": ledger.epoch_s,
-                 "sums": {k: float(v) for k, v in ledger.sums.items()},
-                 "history": ledger.history, "args": run_args, "first_args": first_args,
-                 "invocations": invocations, "data": data.identity, "rng": states,
-                 "env": provenance(device)}
-        if advcl:
-            state["distances"] = [ledger.distances.total, ledger.distances.count]
-            state["pseudo_labels"] = labels[1]
-            state["pseudo_label_values"] = labels[0]
-        try:
-            atomic_write(path, lambda f: torch.save(state, f))
-            for name, text in run_files(state).items():
-                atomic_write(os.path.join(args.out, name), lambda f: f.write(text.encode()))
-        except WriteFailed as e:
-            kept = "no checkpoint yet"
-            if os.path.exists(path):
-                kept = f"{path} still holds step {saved_step(path)}"
-            raise WriteFailed(f"{e}; {kept}; free space, then: {resume_command(args.out)}")
-
-    # SIGTERM / SIGINT: finish the step, save, exit
-    stopping = []
-    handlers = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        handlers[sig] = signal.signal(sig, lambda *_: stopping.append(1))
-    perm, last = None, time.time()
-    try:
-        while ledger.step < total:
-            epoch, s = divmod(ledger.step, steps)
-            if perm is None or s == 0:
-                # the same order on every rank
-                order = torch.Generator().manual_seed(args.seed * 100003 + epoch)
-                perm = torch.randperm(len(x_train), generator=order).to(device)
-                tick = progress(f"epoch {epoch + 1} step", steps, quiet=rank != 0)
-            start = s * args.batch_size + rank * per_rank
-            idx = perm[start:start + per_rank]
-            if advcl:
-                views = [v.contiguous(memory_format=layout) for v in advcl_views(x_train[idx])]
-                lr = advcl_lr_at(ledger.step, steps, args.epochs, args.lr, args.warmup_epochs)
-            else:
-                x1 = augment(x_train[idx]).contiguous(memory_format=layout)
-                x2 = augment(x_train[idx]).contiguous(memory_format=layout)
-                lr = lr_at(ledger.step, total, warmup, args.lr, WARMUP_PEAK)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            if advcl:
-                out = advcl_train_step(model, params, views, pseudo[:, idx], step, epoch + 1,
-                                       ledger.distances)
-            else:
-                out = train_step(model, params, x1, x2, step)
-            # One host sync per step, and device-resident flags (NCCL has no CPU tensors): a
-            # non-finite loss or gradient on any rank, or a stop request to any rank, stops
-            # every rank at this step.
-            flags = torch.stack([~torch.isfinite(out.loss.detach() + out.grad_norm),
-                                 torch.tensor(bool(stopping), device=device)]).float()
-            if world > 1:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)
-            bad, stop = flags.tolist()
-            if bad:  # before the update: the weights stay good
-                raise NonFiniteLoss(non_finite_message(args, epoch, ledger, out, path))
-            opt.step()
-            ledger.step += 1
-            for k, v in {"loss": out.loss.detach(), **out.terms}.items():
-                ledger.sums[k] = ledger.sums.get(k, 0) + v
-            now = time.time()
-            ledger.train_s += now - last
-            ledger.epoch_s += now - last
-            last = now
-            tick(s + 1, lambda: f"loss {float(ledger.sums['loss']) / (s + 1):.4f}")
-            if ledger.step % steps == 0:
-                # the epoch is complete: its log line, then the checkpoint that holds it
-                record = end_epoch(args, ledger, epoch, steps, lr)
-                if knn_data and (epoch + 1) % args.knn_every == 0:  # not in the training time
-                    # the branch that is evaluated (AdvCL: pgd)
-                    with use_branch(net.encoder, PGD if advcl else 0):
-                        record["knn"] = knn_accuracy(net.encoder, *knn_data, data.n_classes)
-                save()
-                if rank == 0:
-                    print(epoch_line(args, record, total, lr), flush=True)
-            elif stop or (args.ckpt_every and ledger.step % args.ckpt_every == 0):
-                save()
-            last = time.time()
-            if stop:
-                raise KeyboardInterrupt
-        if stopping:  # asked during the last step, after its check: stop before the evaluation
-            raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if rank == 0:
-            print(f"interrupted: {path} holds step {ledger.step}; continue with: "
-                  f"{resume_command(args.out)}", file=sys.stderr)
-        raise SystemExit(130)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-
-def end_epoch(args, ledger, epoch, steps, lr):
-    """Close an epoch in the ledger: its log record (mean loss terms, lr, speed) -> the record."""
-    means = {k: float(v) / steps for k, v in ledger.sums.items()}
-    record = {"epoch": epoch + 1, "step": ledger.step, **means, "lr": lr,
-              "images_per_s": steps * args.batch_size / ledger.epoch_s, "train_s": ledger.train_s}
-    ledger.history.append(record)
-    ledger.sums, ledger.epoch_s = {}, 0.0
-    return record
-
-
-def epoch_line(args, record, total, lr):
-    eta = hms((total - record["step"]) * args.batch_size / record["images_per_s"])
-    knn = f"kNN {100 * record['knn']:5.2f}% | " if "knn" in record else ""
-    return (f"epoch {record['epoch']:4d}/{args.epochs} | loss {record['loss']:.4f} | "
-            f"lr {lr:.4f} | {knn}{record['images_per_s']:7.1f} img/s | ETA {eta}")
-
-
-def non_finite_message(args, epoch, ledger, out, path):
-    parts = ", ".join(f"{k} {v.item():.4g}" for k, v in out.terms.items())
-    advice = "no checkpoint yet; restart with a smaller --lr"
-    if os.path.exists(path):
-        advice = (f"last good checkpoint: {path} (epoch {len(ledger.history)}); resume it with "
-                  f"--resume {args.out} --lr <smaller>")
-    return (f"non-finite loss at epoch {epoch + 1}, step {ledger.step} (loss "
-            f"{out.loss.item():.4g}: {parts}; grad norm {out.grad_norm.item():.4g}); {advice}")
-
-
-def saved_step(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["step"]
-
-
-# ==== Evaluation: fine-tune a scheme -> classifier; measure it -> SA, RA (strict fp32) ============
-# Finetuning protocols: settings per scheme, recorded with the results. "asym-rocl" (the default):
-# the official Asym-RoCL finetuning. "robustssl": the field's benchmark (GodXuxilie/
-# RobustSSL_Benchmark, vanilla_finetuning.py --mode ALL and setup_hyperparameter in its utils.py),
-# per pretraining method; as in its code, a setting made for one scheme carries over to the next
-# (DynACL-AIR's 5 SLF epochs on CIFAR-10 hold for ALF and AFF). A value per data set is a dict.
-_LF = dict(batch_size={"cifar10": 512, "cifar100": 512, "stl10": 128}, milestones=[10, 20])
-_ACL = dict(_LF, lr={"cifar10": 0.01, "cifar100": 0.05, "stl10": 0.01})
-_AIR = dict(_LF, lr={"cifar10": 0.01, "cifar100": 0.1, "stl10": 0.01})
-_AIR2 = dict(_LF, batch_size={"cifar10": 512, "cifar100": 512})
-_AFF = dict(batch_size=128, lr=0.1, milestones=[15, 20])
-_ADVCL_LF = dict(batch_size=512, lr=0.01, milestones=[15, 20])
-_ADVCL = {"slf": _ADVCL_LF, "alf": _ADVCL_LF, "aff": _AFF}
-ROBUSTSSL = {
-    "acl": {"slf": _ACL, "alf": _ACL, "aff": dict(_AFF, epochs=100, milestones=[40, 60])},
-    "dynacl": {"slf": _ACL, "alf": _ACL, "aff": _AFF},
-    "dynacl++": {"slf": _ACL, "alf": _ACL, "aff": _AFF},
-    "advcl": _ADVCL,
-    "a-infonce": _ADVCL,
-    "deacl": _ADVCL,
-    "dynacl-air": {"slf": dict(_AIR, epochs={"cifar10": 5}), "alf": _AIR, "aff": _AFF},
-    "dynacl-air++": {
-        "slf": dict(_AIR2, lr={"cifar10": 0.01, "cifar100": 0.09}),
-        "alf": dict(_AIR2, lr={"cifar10": 0.01, "cifar100": 0.1}, epochs={"cifar10": 4}),
-        "aff": _AFF,
-    },
-    # its setup_hyperparameter tests for 'DynACL_RCS', its command line says 'DynACL-RCS': defaults
-    "dynacl-rcs": {},
-}
-# the training attacks of ALF and AFF, in both protocols
-ATTACKS = {
-    "slf": {},
-    "alf": dict(eps=8 / 255, attack_steps=10, attack_step=2 / 255),
-    "aff": dict(eps=8 / 255, attack_steps=10, attack_step=2 / 255, trades_beta=6.0),
-}
-
-
-def scheme_settings(protocol, method, dataset, ft_epochs, batch_size):
-    """Per scheme: epochs, lr milestones (lr/10 at each), lr, momentum, weight decay, batch, the
-    training augmentation (RobustSSL: RandomCrop(32, padding 4) + flip), the head's initialisation
-    (RobustSSL: zeros; asym-rocl: nn.Linear's), and the training attacks at eps 8/255 (ALF: PGD-10
-    of 2/255; AFF: TRADES, beta 6, 10 steps of 2/255). ft_epochs: the ALF/AFF epochs
-    (asym-rocl), or every scheme's (robustssl)."""
-    if protocol == "asym-advcl":
-        return asym_advcl_settings(method, dataset, ft_epochs)
-    if protocol == "asym-rocl":
-        epochs = ft_epochs or 25
-        milestones = [max(1, int(0.6 * epochs)), max(1, int(0.8 * epochs))]
-        adversarial = dict(epochs=epochs, milestones=milestones, lr=0.1, wd=2e-4)
-        own = {"slf": dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4),
-               "alf": adversarial, "aff": adversarial}
-        common = dict(momentum=0.9, batch_size=batch_size, augment=False, zero_head=False)
-        return {k: dict(v, **common, **ATTACKS[k]) for k, v in own.items()}
-    s = dict(epochs=25, milestones=[15, 20], lr=0.1, momentum=0.9, wd=2e-4, batch_size=128,
-             augment=True, zero_head=True)
-    out = {}
-    # its argparse defaults, then setup_hyperparameter's changes, carried over (--mode ALL)
-    for scheme in SCHEMES:
-        for key, value in ROBUSTSSL[method].get(scheme, {}).items():
-            if isinstance(value, dict):
-                value = value.get("cifar10" if dataset == "folder" else dataset)
-            if value is not None:
-                s[key] = value
-        out[scheme] = dict(s, **ATTACKS[scheme])
-        if ft_epochs:  # a shorter run: the milestones keep their place in it
-            kept = [max(1, m * ft_epochs // s["epochs"]) for m in s["milestones"]]
-            out[scheme].update(epochs=ft_epochs, milestones=kept)
-    return out
-
-
-# The official Asym-AdvCL finetuning (finetuning_advCL_SLF.py and the lrs of its shell scripts):
-# lr of SLF, ALF, AFF per data set, for AdvCL's own loss (rocl) and for A-InfoNCE's methods
-ASYM_ADVCL_LR = {"cifar10": {"rocl": (0.1, 0.1, 0.1), "asymmetric": (0.01, 0.01, 0.1)},
-                 "cifar100": {"rocl": (0.1, 0.1, 0.1), "asymmetric": (0.1, 0.1, 0.1)}}
-
-
-def asym_advcl_settings(method, dataset, ft_epochs):
-    """Asym-AdvCL's finetuning: 25 epochs, lr/10 at 15 and 20, batch 512, wd 2e-4, RandomCrop +
-    flip, ALF on PGD-20 examples (its training attack runs with train=False: 20 steps), AFF
-    TRADES with 10 steps. ft_epochs: every scheme's, the milestones scaled."""
-    table = ASYM_ADVCL_LR["cifar100" if dataset == "cifar100" else "cifar10"]
-    lrs = table["rocl" if method == "rocl" else "asymmetric"]
-    epochs = ft_epochs or 25
-    milestones = [max(1, 15 * epochs // 25), max(1, 20 * epochs // 25)]
-    out = {}
-    for scheme, lr in zip(SCHEMES, lrs):
-        s = dict(epochs=epochs, milestones=milestones, lr=lr, momentum=0.9, wd=2e-4,
-                 batch_size=512, augment=True, zero_head=False, **ATTACKS[scheme])
-        if scheme == "alf":
-            s["attack_steps"] = 20
-        out[scheme] = s
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Protocol:
-    """How encoders are evaluated, as plain values: the finetuning settings of every scheme, the
-    schemes to run, the threats (key, norm, eps) of RA (the first one is "ra"), the PGD step and
-    steps, the batch of the attacks, AutoAttack (its implementation, or None), the seed."""
-    name: str
-    pretraining: str
-    schemes: dict
-    run: tuple
-    threats: tuple
-    eval_step: float
-    eval_steps: int
-    batch_size: int
-    autoattack: str
-    seed: int
-
-    def identity(self):
-        """Everything of the protocol that its numbers depend on (the schemes run are not)."""
-        return {"name": self.name, "pretraining": self.pretraining, "schemes": self.schemes,
-                "threats": [key for key, _, _ in self.threats], "eval_step": self.eval_step,
-                "eval_steps": self.eval_steps, "eval_batch_size": self.batch_size,
-                "autoattack": self.autoattack, "seed": self.seed,
-                "precision": "fp32, no TF32, no autocast"}
-
-
-def protocol_of(args):
-    autoattack = autoattack_impl() if args.autoattack else None
-    threats = tuple(Threat(*t) for t in args.threats)
-    return Protocol(args.protocol, args.pretraining, args.schemes, tuple(args.eval), threats,
-                    args.eval_step, args.eval_steps, args.eval_batch_size, autoattack, args.seed)
-
-
-@contextlib.contextmanager
-def strict_fp32(device):
-    """No autocast and no TF32 (cuDNN allows TF32 convolutions by default): for every measured
-    number."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
-
-
-def batches(n, bs, device="cpu", shuffle=False):
-    if shuffle:
-        return torch.randperm(n, device=device).split(bs)
-    return torch.arange(n, device=device).split(bs)
-
-
-def as_float(xb):
-    """uint8 images -> [0, 1]; float images (crafted adversarial examples) pass through."""
-    if xb.dtype == torch.uint8:
-        return xb.float() / 255
-    return xb
-
-
-def attacked(classifier, x, y, bs, attack, label=None):
-    """attack(classifier, xb, yb) over images x in batches -> adversarial images, float in [0, 1].
-    Progress is shown per attack step (a forward pass of the classifier), so one long batch shows
-    it too."""
-    tick, out = progress(label or "attack", len(x)), []
-    steps = getattr(attack, "keywords", {}).get("steps")  # a pgd_attack: its passes per batch
-    for idx in batches(len(x), bs, x.device):
-        done, calls = sum(len(o) for o in out), [0]
-
-        def count(*_):
-            calls[0] += 1
-            tick(done + len(idx) * min(calls[0], steps) // steps)
-        hook = classifier.register_forward_hook(count) if steps else None
-        try:
-            out.append(attack(classifier, as_float(x[idx]), y[idx]))
-        finally:
-            if hook:
-                hook.remove()
-    return torch.cat(out)
-
-
-def accuracy(classifier, x, y, bs, attack=None, label=None):
-    """Top-1 accuracy of classifier on images x (uint8, or float in [0, 1]), after
-    attack(classifier, x, y) if given."""
-    if attack:
-        x = attacked(classifier, x, y, bs, attack, label)
-    correct = 0
-    with eval_mode(classifier), torch.no_grad():
-        for idx in batches(len(x), bs, x.device):
-            correct += (classifier(as_float(x[idx])).argmax(1) == y[idx]).sum().item()
-    return correct / len(x)
-
-
-def pgd_attack(norm, eps, step, steps):
-    """The RA attack of one threat: L_inf with step `step`, L2 with step 2.5 eps / steps."""
-    if norm != "linf":
-        step = 2.5 * eps / max(steps, 1)
-    return functools.partial(pgd, eps=eps, step=step, steps=steps, norm=norm)
-
-
-def train_head(params, loss_fn, n, s, device, label):
-    """SGD with lr/10 at each milestone epoch, settings s of scheme_settings; loss_fn(idx) -> the
-    loss of that batch of the n images. Returns the lr of every epoch."""
-    opt = torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], weight_decay=s["wd"])
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, s["milestones"], 0.1)
-    lrs, epochs_tick = [], progress(f"{label} finetuning, epoch", s["epochs"])
-    for epoch in range(s["epochs"]):
-        tick = progress(f"{label} epoch {epoch + 1}/{s['epochs']}, images", n)
-        lrs.append(opt.param_groups[0]["lr"])
-        for k, idx in enumerate(batches(n, s["batch_size"], device, shuffle=True)):
-            loss = loss_fn(idx)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tick(min(n, (k + 1) * s["batch_size"]))
-        sched.step()
-        epochs_tick(epoch + 1, lambda: f"loss {loss.item():.4f}")
-    return lrs
-
-
-def crop_flip(xb):
-    """RandomCrop(32, padding=4) and RandomHorizontalFlip of uint8 images [B,3,32,32] -> [0, 1]."""
-    b, dev = len(xb), xb.device
-    dy = torch.randint(0, 9, (b, 1, 1, 1), device=dev)
-    dx = torch.randint(0, 9, (b, 1, 1, 1), device=dev)
-    rows = torch.arange(32, device=dev).view(1, 1, 32, 1) + dy  # [B, 1, 32, 1]
-    cols = torch.arange(32, device=dev).view(1, 1, 1, 32) + dx  # [B, 1, 1, 32]
-    images = torch.arange(b, device=dev).view(b, 1, 1, 1)
-    channels = torch.arange(3, device=dev).view(1, 3, 1, 1)
-    x = F.pad(xb, (4, 4, 4, 4))[images, channels, rows, cols]  # [B, 3, 32, 32]
-    flip = torch.rand(b, 1, 1, 1, device=dev) < 0.5
-    return torch.where(flip, x.flip(3), x).float() / 255
-
-
-def linear_head(dim, n_classes, zero):
-    head = nn.Linear(dim, n_classes)
-    if zero:  # RobustSSL's heads start at zero
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-    return head
-
-
-def frozen(encoder, xb):
-    """Features of the frozen encoder: eval mode, no gradient."""
-    with eval_mode(encoder), torch.no_grad():
-        return encoder(xb)
-
-
-def finetune_slf(encoder, x, y, n_classes, s):
-    """SLF: a linear head on the frozen encoder's features of uint8 images x -> encoder + head."""
-    head = linear_head(encoder.dim, n_classes, s["zero_head"]).to(x.device)
-    if s["augment"]:
-        def loss(idx):  # a new crop and flip of every image in every epoch
-            return F.cross_entropy(head(frozen(encoder, crop_flip(x[idx]))), y[idx])
-    else:
-        # the encoder is frozen and the images fixed: their features, once
-        chunks = batches(len(x), s["batch_size"], x.device)
-        parts = [frozen(encoder, as_float(x[i])) for i in chunks]
-        feats = torch.cat(parts)
-
-        def loss(idx):
-            return F.cross_entropy(head(feats[idx]), y[idx])
-    train_head(head.parameters(), loss, len(x), s, x.device, label="SLF")
-    return nn.Sequential(encoder, head)
-
-
-def finetune_alf(encoder, x, y, n_classes, s):
-    """ALF: a linear head on PGD examples made through encoder + head -> encoder + head."""
-    head = linear_head(encoder.dim, n_classes, s["zero_head"]).to(x.device)
-    clf = nn.Sequential(encoder, head)
-    view = crop_flip if s["augment"] else as_float
-
-    def loss(idx):
-        x_adv = pgd(clf, view(x[idx]), y[idx], eps=s["eps"], step=s["attack_step"],
-                    steps=s["attack_steps"])
-        return F.cross_entropy(head(frozen(encoder, x_adv)), y[idx])
-    train_head(head.parameters(), loss, len(x), s, x.device, label="ALF")
-    return clf
-
-
-def finetune_aff(encoder, x, y, n_classes, s):
-    """AFF: TRADES on the whole network, starting from the pretrained encoder -> the network."""
-    clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True),
-                        linear_head(encoder.dim, n_classes, s["zero_head"]))
-    clf = clf.to(x.device).train()
-    view = crop_flip if s["augment"] else as_float
-
-    def loss(idx):
-        return trades_loss(clf, view(x[idx]), y[idx], beta=s["trades_beta"], eps=s["eps"],
-                           step=s["attack_step"], steps=s["attack_steps"])
-    train_head(clf.parameters(), loss, len(x), s, x.device, label="AFF")
-    return clf
-
-
-FINETUNE = {"slf": finetune_slf, "alf": finetune_alf, "aff": finetune_aff}
-
-
-def guards(classifier, x, y, bs, eps, steps, robust=()):
-    """Cheap checks that catch masked or broken gradients, on 200 test images of a fixed shuffle:
-    RA <= SA, RA falls as eps grows and is ~0 at eps 64/255, 2.5x more PGD steps do not raise RA;
-    and on the whole test set, RA under each norm of robust [(norm, eps, RA)] falls as eps grows.
-    -> the measurements, the failures in words ("failed"), and "ok"."""
-    idx = fixed_shuffle(len(x), 200).to(x.device)
-    x, y = x[idx], y[idx]
-    tol = 0.01 + 1 / len(x)  # a point, and one image
-    tick, done = progress("guards: PGD attacks", 6), [0]
-
-    def ra_at(e, k):
-        ra = accuracy(classifier, x, y, bs, pgd_attack("linf", e, 2.5 * e / k, k))
-        done[0] += 1
-        tick(done[0])
-        return ra
-    g = {"sa": accuracy(classifier, x, y, bs)}
-    g["ra_eps"] = {f"{e}/255": ra_at(e / 255, steps) for e in (2, 8, 16, 64)}
-    more = 5 * steps // 2
-    g[f"ra_{steps}_steps"] = ra_at(eps, steps)
-    g[f"ra_{more}_steps"] = ra_at(eps, more)
-    chain = [("SA", g["sa"])] + [(f"RA at {k}", ra) for k, ra in g["ra_eps"].items()]
-    failed = []
-    for (a, ra), (b, rb) in zip(chain, chain[1:]):
-        if rb > ra + tol:
-            failed.append(f"{b} {100 * rb:.1f}% above {a} {100 * ra:.1f}%")
-    if chain[-1][1] > 0.05:
-        failed.append(f"RA at 64/255 {100 * chain[-1][1]:.1f}% (should be ~0)")
-    if g[f"ra_{more}_steps"] > g[f"ra_{steps}_steps"] + tol:
-        failed.append(f"PGD-{more} RA {100 * g[f'ra_{more}_steps']:.1f}% above PGD-{steps}'s "
-                      f"{100 * g[f'ra_{steps}_steps']:.1f}%")
-    rising = []  # RA under each norm of robust, on the whole test set, as eps grows
-    for norm in ("linf", "l2"):
-        ras = [(e, ra) for n, e, ra in sorted(robust) if n == norm]
-        for (ea, ra), (eb, rb) in zip(ras, ras[1:]):
-            if rb > ra + tol:
-                rising.append(f"{norm} RA {100 * rb:.1f}% at {eb:.4g} above {100 * ra:.1f}% "
-                              f"at {ea:.4g}")
-    g["threats_fall"] = not rising
-    g["failed"] = failed + rising
-    g["ok"] = not g["failed"]
-    return g
-
-
-def autoattack_impl():
-    """The AutoAttack that --autoattack runs: Croce and Hein's reference code (RobustBench's)."""
-    try:
-        import pyautoattack
-    except ImportError:
-        raise UsageError("AutoAttack needs an optional package: pip install pyautoattack (Croce "
-                         "and Hein's reference AutoAttack); --protocol robustssl runs it unless "
-                         "--no-autoattack")
-    return f"pyautoattack {pyautoattack.__version__}"
-
-
-def autoattack(classifier, x, y, bs, norm, eps, n_classes, seed):
-    """Accuracy under standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) at radius eps."""
-    import pyautoattack
-    with eval_mode(classifier):
-        aa = pyautoattack.AutoAttack(classifier, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
-                                     version="standard", device=x.device, seed=seed)
-        # the targeted attacks aim at every other class, up to the standard 9
-        targets = min(9, n_classes - 1)
-        aa.apgd_targeted.n_target_classes = targets
-        aa.fab.n_target_classes = targets
-        x_adv, _ = aa.run_standard_evaluation(as_float(x), y, batch_size=bs)
-    return accuracy(classifier, x_adv, y, bs)
-
-
-def measure(clf, data, protocol, name, x_transfer):
-    """SA, RA under every threat, AutoAttack, transfer RA and (SLF) the guards of a classifier.
-    Every attack pass starts from the same random draws (the protocol's seed)."""
-    x_te, y_te = data.x_test, data.y_test
-    bs = protocol.batch_size
-    key0 = protocol.threats[0][0]
-    r = {"sa": accuracy(clf, x_te, y_te, bs), "robust": {}}
-    for key, norm, eps in protocol.threats:
-        torch.manual_seed(protocol.seed)
-        attack = pgd_attack(norm, eps, protocol.eval_step, protocol.eval_steps)
-        label = f"{name.upper()} PGD-{protocol.eval_steps} {key}"
-        r["robust"][key] = accuracy(clf, x_te, y_te, bs, attack, label)
-    r["ra"] = r["robust"][key0]
-    if protocol.autoattack:
-        r["aa_robust"] = {}
-        for key, norm, eps in protocol.threats:
-            r["aa_robust"][key] = autoattack(clf, x_te, y_te, bs, norm, eps, data.n_classes,
-                                             protocol.seed)
-        r["aa"] = r["aa_robust"][key0]
-    if x_transfer is not None:
-        r["ra_transfer"] = accuracy(clf, x_transfer, y_te, bs)
-    if name == "slf":
-        # the guards' more-steps check runs at the first L_inf radius
-        guard_eps = next((e for _, n, e in protocol.threats if n == "linf"), 8 / 255)
-        robust = [(n, e, r["robust"][k]) for k, n, e in protocol.threats]
-        r["guards"] = guards(clf, x_te, y_te, bs, guard_eps, protocol.eval_steps, robust)
-    return r
-
-
-def result_line(name, r, key0):
-    shown = {"SA": r["sa"], **{f"RA {k}": v for k, v in r["robust"].items()},
-             **{f"AA {k}": v for k, v in r.get("aa_robust", {}).items()},
-             f"transfer RA {key0}": r.get("ra_transfer")}
-    line = "  ".join(f"{k} {100 * v:.2f}%" for k, v in shown.items() if v is not None)
-    if name == "slf":
-        verdict = "ok" if r["guards"]["ok"] else "FAILED: " + "; ".join(r["guards"]["failed"])
-        line += "  guards " + verdict
-    return f"{name.upper()}: {line}  ({hms(r['s'])})"
-
-
-def evaluate(protocol, encoder, data, device, done=(), source=None):
-    """Yields (scheme, numbers) for each scheme of the protocol not in done: fine-tune, then
-    measure(). With a source encoder, transfer RA: PGD crafted on the source's SLF classifier.
-    Finetuning runs at PyTorch's default precision; every measured number is strict fp32."""
-    def prep(enc):  # a frozen fp32 copy on the device, in the default memory layout
-        enc = copy.deepcopy(enc).float().to(device, memory_format=torch.contiguous_format)
-        return enc.requires_grad_(False)
-    encoder = prep(encoder)
-    todo = [s for s in protocol.run if s not in done]
-    x_transfer = None
-    if source is not None and todo:
-        torch.manual_seed(protocol.seed)
-        src = finetune_slf(prep(source), data.x_train, data.y_train, data.n_classes,
-                           protocol.schemes["slf"])
-        first = protocol.threats[0]
-        attack = pgd_attack(first.norm, first.eps, protocol.eval_step, protocol.eval_steps)
-        with strict_fp32(device):
-            # the random starts of white-box RA: transfer from itself equals it
-            torch.manual_seed(protocol.seed)
-            x_transfer = attacked(src, data.x_test, data.y_test, protocol.batch_size, attack,
-                                  f"transfer source PGD {first.key}")
-    for name in todo:
-        t0 = time.time()
-        # each scheme its own draws: one can be (re)run alone
-        torch.manual_seed(protocol.seed + SCHEMES.index(name))
-        clf = FINETUNE[name](encoder, data.x_train, data.y_train, data.n_classes,
-                             protocol.schemes[name])
-        with strict_fp32(device):
-            r = measure(clf, data, protocol, name, x_transfer)
-        r["s"] = time.time() - t0
-        print(result_line(name, r, protocol.threats[0][0]), flush=True)
-        yield name, r
-
-
-# ==== Data: whole data sets as uint8 tensors [N, 3, 32, 32] ======================================
-def fixed_shuffle(n_items, n):
-    """Indices of the first n items of a fixed permutation (the same for every run, seed and
-    method)."""
-    if not 0 < n < n_items:
-        return torch.arange(n_items)
-    return torch.randperm(n_items, generator=torch.Generator().manual_seed(0))[:n]
-
-
-def pick(n_items, n, split):
-    if n > n_items:
-        flag_ = "--subset" if split == "train" else "--eval-subset"
-        raise UsageError(f"{flag_} {n} is larger than the {n_items} {split} images")
-    return fixed_shuffle(n_items, n)
-
-
-def image_folder(root, split, classes=None):
-    """torchvision's ImageFolder (it skips files that are not images and refuses empty class
-    folders); test labels follow the training split's class indices."""
-    from torchvision.datasets import ImageFolder
-    d = os.path.join(root, split)
-    if not os.path.isdir(root):
-        what = "is a file, not a directory" if os.path.exists(root) else "does not exist"
-        raise UsageError(f"data directory {root} {what}")
-    if not os.path.isdir(d):
-        raise UsageError(f"{d} is missing: --dataset folder reads DATA_DIR/train/<class>/<image> "
-                         f"and DATA_DIR/test/<class>/<image>")
-    try:
-        ds = ImageFolder(d)
-    except (FileNotFoundError, OSError) as e:
-        raise UsageError(f"{d}: {e}".replace("\n", " "))
-    if classes is not None:
-        unknown = sorted(set(ds.classes) - set(classes))
-        if unknown:
-            raise UsageError(f"test classes not in train/: {unknown}")
-        ds.samples = [(p, classes.index(ds.classes[c])) for p, c in ds.samples]
-    return ds
-
-
-QUIET_CHOICES = (
-    "resized {n} {split} images of another size to 32x32 (bilinear)",
-    "dropped the alpha channel of {n} {split} images",
-    "repeated {n} grayscale {split} images to RGB",
-    "counted {n} {split} images of nested sub-folders in their class folder's class",
-)
-
-
-def decode(ds, idx, split):
-    """Decode the images idx of an ImageFolder -> (uint8 [n, 3, 32, 32], labels). As
-    torchvision's loader does, images are converted to RGB (an alpha channel is dropped, gray is
-    repeated); other sizes are resized; images in nested sub-folders count in their class. Each of
-    these quiet choices is said once."""
-    from concurrent.futures import ThreadPoolExecutor
-    from PIL import Image
-    x = torch.empty(len(idx), 32, 32, 3, dtype=torch.uint8)
-    tick = progress(f"decoding {split} images", len(idx))
-
-    def one(i):
-        path = ds.samples[idx[i]][0]
-        try:
-            with Image.open(path) as im:
-                alpha = "A" in im.getbands() or "transparency" in im.info
-                gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
-                size = im.size
-                im = im.convert("RGB")
-                if im.size != (32, 32):
-                    im = im.resize((32, 32), Image.BILINEAR)
-                x[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(32, 32, 3)
-        except Exception as e:
-            raise UsageError(f"cannot read image {path}: {e}")
-        nested = os.path.relpath(path, ds.root).count(os.sep) > 1
-        return size != (32, 32), alpha, gray, nested
-    counts = [0] * 4
-    # PIL releases the GIL while decoding
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        for k, choices in enumerate(pool.map(one, range(len(idx)))):
-            counts = [c + f for c, f in zip(counts, choices)]
-            tick(k + 1)
-    said = [what.format(n=n, split=split) for n, what in zip(counts, QUIET_CHOICES) if n]
-    # files in the class folders that ImageFolder passed over (not images by their extension)
-    files = sum(len(names) for c in ds.classes
-                for _, _, names in os.walk(os.path.join(ds.root, c), followlinks=True))
-    if files > len(ds.samples):
-        said.insert(0, f"skipped {files - len(ds.samples)} {split} files that are not images")
-    if said:
-        print("data: " + "; ".join(said))
-    labels = torch.tensor([ds.samples[i][1] for i in idx.tolist()])
-    return x.permute(0, 3, 1, 2).contiguous(), labels
-
-
-class Data(NamedTuple):
-    """A data set as uint8 images [N, 3, 32, 32] on the CPU, and what identifies it; train_index:
-    the training images' places in the data set's order (a subset picks some)."""
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    n_classes: int
-    identity: dict
-    train_index: torch.Tensor
-
-
-def fingerprint(paths, root):
-    """sha256 of the files' paths (relative to root) and bytes: equal images give an equal value
-    wherever they lie; a file changed, added, renamed or moved to another class changes it. About
-    0.5 s for CIFAR-10."""
-    h = hashlib.sha256()
-    for path in paths:
-        h.update(os.path.relpath(path, root).encode() + b"\0")
-        with open(path, "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:16]
-
-
-def load_data(dataset, data_dir, n_train=0, n_test=0):
-    """-> Data. n_train and n_test > 0 keep the first n images of a fixed shuffle (never a single
-    class); only those are decoded. Its identity names the data set, its resolved directory, the
-    fingerprints of its training and of its test files (what training depends on, and what
-    evaluation adds), the subsets and the classes."""
-    if dataset == "folder":
-        train = image_folder(data_dir, "train")
-        test = image_folder(data_dir, "test", train.classes)
-        files = [[p for p, _ in ds.samples] for ds in (train, test)]
-        index = pick(len(train.samples), n_train, "train")
-        train_xy = decode(train, index, "train")
-        test_xy = decode(test, pick(len(test.samples), n_test, "test"), "test")
-        data = Data(*train_xy, *test_xy, len(train.classes), None, index)
-        n_items = len(train.samples)
-    else:
-        data, files = torchvision_data(dataset, data_dir, n_train, n_test)
-        n_items = data.identity["train_items"]
-    if data.n_classes < 2:
-        raise UsageError(f"{dataset} in {data_dir} has {data.n_classes} class: classification "
-                         f"needs at least 2")
-    identity = {"dataset": dataset, "dir": os.path.realpath(data_dir),
-                "train": fingerprint(files[0], data_dir), "test": fingerprint(files[1], data_dir),
-                "subset": n_train, "eval_subset": n_test, "n_train": len(data.x_train),
-                "n_test": len(data.x_test), "n_classes": data.n_classes, "train_items": n_items}
-    return data._replace(identity=identity)
-
-
-def torchvision_data(dataset, data_dir, n_train, n_test):
-    """CIFAR-10/100 or STL-10 (at 32x32) through torchvision, downloaded where missing -> (Data
-    whose identity holds only its number of training images, [training files, test files])."""
-    import torchvision.datasets as tvd
-    created = not os.path.exists(data_dir)
-    kind = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}[dataset]
-    try:
-        if dataset == "stl10":
-            sets = [kind(data_dir, split=split, download=True) for split in ("train", "test")]
-        else:
-            sets = [kind(data_dir, train=train, download=True) for train in (True, False)]
-    except Exception as e:  # offline (URLError) or a corrupt archive (RuntimeError)
-        if created and os.path.isdir(data_dir) and not os.listdir(data_dir):
-            os.rmdir(data_dir)  # nothing was downloaded: leave nothing behind
-        raise UsageError(f"could not get {dataset} into {data_dir} ({type(e).__name__}: {e}); "
-                         f"offline? copy torchvision's archive there, or use --dataset folder"
-                         .replace("\n", " "))
-    out, picked = [], []
-    for split, s, n in zip(("train", "test"), sets, (n_train, n_test)):
-        x = torch.from_numpy(s.data)
-        if dataset != "stl10":
-            x = x.permute(0, 3, 1, 2)  # CIFAR is stored [N, 32, 32, 3]
-        keep = pick(len(x), n, split)
-        picked.append(keep)
-        labels = s.labels if dataset == "stl10" else s.targets
-        x, y = x[keep], torch.as_tensor(labels)[keep]
-        if x.shape[-1] != 32:  # STL-10's 96x96 at 32x32, antialiased (as PIL's bilinear resize)
-            x = F.interpolate(x.float(), size=32, mode="bilinear", antialias=True)
-            x = x.round().clamp(0, 255).byte()
-        out += [x.contiguous(), y.long()]
-    # the files each split reads (not STL-10's unlabeled images)
-    base = os.path.join(data_dir, kind.base_folder)
-    files = []
-    for split in (kind.train_list, kind.test_list):
-        files.append([os.path.join(base, f) for f, _ in split if not f.startswith("unlabeled")])
-    data = Data(*out, len(sets[0].classes), {"train_items": len(sets[0].data)}, picked[0])
-    return data, files
-
-
-# ==== Pseudo-labels of the AdvCL base: AdvCL's and A-InfoNCE's files, or k-means ==================
-SAFE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"),
-                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
-                ("numpy._core.numeric", "_frombuffer"), ("numpy", "dtype"), ("numpy", "ndarray"),
-                ("_codecs", "encode"), ("collections", "OrderedDict"),
-                ("torch._utils", "_rebuild_tensor_v2")}
-
-
-def read_pickle(path):
-    """A pickle of arrays or tensors (numpy's protocols 2 to 5, or a torch.save file), loading
-    nothing else: no code runs."""
-    import importlib
-    import io
-    import pickle
-    import zipfile
-
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if (module, name) == ("torch.storage", "_load_from_bytes"):
-                return lambda b: torch.load(io.BytesIO(b), weights_only=True)
-            if (module, name) not in SAFE_GLOBALS:
-                raise pickle.UnpicklingError(f"{module}.{name} is not an array")
-            module = module.replace("numpy.core.", "numpy._core.")
-            return getattr(importlib.import_module(module), name)
-    try:
-        if zipfile.is_zipfile(path):  # torch.save's format, whatever the file's name
-            return torch.load(path, map_location="cpu", weights_only=True)
-        with open(path, "rb") as f:
-            return Unpickler(f).load()
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f"--pseudo-labels {path}: not a pickle of pseudo-labels ({reason})")
-
-
-def pseudo_label_file(path, n_items):
-    """AdvCL's (a dict of int arrays pseudo_train_K) or A-InfoNCE's (torch tensors) file ->
-    LongTensor [5, n_items]: one label per training image, in the data set's order, for each K of
-    PSEUDO_KS (-1: none)."""
-    found = read_pickle(path)
-    if not isinstance(found, dict):
-        raise UsageError(f"--pseudo-labels {path}: a dict of pseudo_train_K arrays expected")
-    rows = []
-    for k in PSEUDO_KS:
-        key = f"pseudo_train_{k}"
-        if key not in found:
-            raise UsageError(f"--pseudo-labels {path} has no {key} (the AdvCL base needs K = "
-                             f"{', '.join(map(str, PSEUDO_KS))})")
-        row = torch.as_tensor(found[key]).flatten()
-        if row.is_floating_point() and not torch.equal(row, row.round()):
-            raise UsageError(f"--pseudo-labels {path}: {key} holds numbers that are not whole: "
-                             f"pseudo-labels are cluster indices")
-        row = row.long()
-        if len(row) != n_items:
-            raise UsageError(f"--pseudo-labels {path}: {key} has {len(row)} labels, the data set "
-                             f"{n_items} training images")
-        if row.min() < -1 or row.max() >= k:
-            raise UsageError(f"--pseudo-labels {path}: {key} holds labels outside [-1, {k})")
-        rows.append(row)
-    return torch.stack(rows)
-
-
-def kmeans(x, k, seed=0, iters=100):
-    """Lloyd's k-means of the rows of x (cosine: rows L2-normalised) from a k-means++ start drawn
-    by a fixed generator -> labels [n]. Deterministic on one machine."""
-    x = F.normalize(x.double(), dim=1)
-    gen = torch.Generator().manual_seed(seed)
-    centres = [x[torch.randint(len(x), (1,), generator=gen)].squeeze(0)]
-    nearest = ((x - centres[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        pick_ = torch.multinomial(nearest.cpu() + 1e-12, 1, generator=gen).item()
-        centres.append(x[pick_])
-        nearest = torch.minimum(nearest, ((x - x[pick_]) ** 2).sum(1))
-    c = torch.stack(centres)  # [k, d]
-    labels = None
-    for _ in range(iters):
-        new = torch.cdist(x, c).argmin(1)
-        if labels is not None and torch.equal(new, labels):
-            break
-        labels = new
-        for j in range(k):
-            members = x[labels == j]
-            if len(members):
-                c[j] = members.mean(0)
-    return labels
-
-
-def cluster_labels(encoder, data, device):
-    """Pseudo-labels from the features of an encoder: k-means of its eval-mode fp32 features of
-    the training images, K = 2, 10, 50, 100, 500 -> LongTensor [5, n_train]."""
-    x = data.x_train.to(device)
-    encoder = copy.deepcopy(encoder).float().to(device)
-    with eval_mode(encoder), torch.no_grad(), strict_fp32(device):
-        chunks = batches(len(x), 512, device)
-        features = torch.cat([encoder(as_float(x[i])) for i in chunks]).cpu()
-    rows = []
-    for k in PSEUDO_KS:
-        print(f"pseudo-labels: k-means of {len(x)} encoder features into {k} clusters", flush=True)
-        rows.append(kmeans(features, min(k, len(x))))
-    return torch.stack(rows)
-
-
-def save_pseudo_labels(path, labels, data):
-    """labels [5, n_train] in AdvCL's format (int32 arrays pseudo_train_K, one label per image of
-    the data set, -1 for the images a subset left out), for reuse by --pseudo-labels."""
-    import numpy as np
-    import pickle
-    table = {}
-    for k, row in zip(PSEUDO_KS, labels):
-        full = torch.full((data.identity["train_items"],), -1, dtype=torch.long)
-        full[data.train_index] = row
-        table[f"pseudo_train_{k}"] = full.numpy().astype(np.int32)
-    atomic_write(path, lambda f: pickle.dump(table, f))
-
-
-def pseudo_labels(source, data, device):
-    """The pseudo-labels of the training images -> (LongTensor [5, n_train], what made them).
-    source names a file of AdvCL's or A-InfoNCE's format, or an encoder (a run or a checkpoint)
-    whose features k-means clusters. Nothing is written."""
-    is_pickle = os.path.isfile(source) and source.endswith((".pkl", ".pickle"))
-    if is_pickle:
-        full = pseudo_label_file(source, data.identity["train_items"])
-        labels = full[:, data.train_index]
-        with open(source, "rb") as f:
-            made = {"file": os.path.realpath(source),
-                    "sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
-    else:
-        other = load_checkpoint(source, what="--pseudo-labels")
-        labels = cluster_labels(other.encoder, data, device)
-        made = {"kmeans_of": weights_digest(other.encoder), "encoder": other.path,
-                "ks": list(PSEUDO_KS), "data": data.identity["train"]}
-    for k, row in zip(PSEUDO_KS, labels):
-        if (row < 0).all():
-            raise UsageError(f"--pseudo-labels {source}: pseudo_train_{k} holds no label (all -1) "
-                             f"for the {len(row)} training images: the AdvCL base's "
-                             f"cross-entropy would be empty")
-    made["labels_digest"] = hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]
-    return labels, made
+             "degree": torch.tensor(degree, device=xb.device)}
+    return loss, terms, grad_norm
 
 
 # ==== Augmentation: torchvision's transforms as batched tensor ops on the device =================
 def gray(x):
     """ITU-R 601 luma, as torchvision's rgb_to_grayscale: [B, 3, H, W] -> [B, 1, H, W]."""
-    r, g, b = x.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b)[:, None]
+    rgb = x.unbind(1)
+    return (0.2989 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])[:, None]
 
 
 def hue_shift(x, shift):
@@ -1896,7 +813,1412 @@ def augment(xb):
     return resized_crop_flip(random_gray(x))
 
 
-# ==== Checkpoints, the field's files, and results =================================================
+def crop_flip(xb):
+    """RandomCrop(32, padding=4) and RandomHorizontalFlip of uint8 images [B,3,32,32] -> [0, 1]."""
+    b, dev = len(xb), xb.device
+    dy = torch.randint(0, 9, (b, 1, 1, 1), device=dev)
+    dx = torch.randint(0, 9, (b, 1, 1, 1), device=dev)
+    rows = torch.arange(32, device=dev).view(1, 1, 32, 1) + dy  # [B, 1, 32, 1]
+    cols = torch.arange(32, device=dev).view(1, 1, 1, 32) + dx  # [B, 1, 1, 32]
+    images = torch.arange(b, device=dev).view(b, 1, 1, 1)
+    channels = torch.arange(3, device=dev).view(1, 3, 1, 1)
+    x = F.pad(xb, (4, 4, 4, 4))[images, channels, rows, cols]  # [B, 3, 32, 32]
+    flip = torch.rand(b, 1, 1, 1, device=dev) < 0.5
+    return torch.where(flip, x.flip(3), x).float() / 255
+
+
+# ==== Pretraining =================================================================================
+KNN_BANK = 5000  # the kNN monitor's training images (a fixed shuffle)
+KNN_QUERIES = 1000  # and its test images
+
+
+@torch.no_grad()
+def knn_accuracy(encoder, x_bank, y_bank, x_query, y_query, n_classes, k=200, t=0.1, bs=1024):
+    """The weighted kNN monitor of InstDisc and MoCo: cosine similarities of eval-mode fp32 encoder
+    features; the k nearest bank images vote for their class with weight exp(similarity / t). No
+    randomness, no BN update."""
+    def features(x):
+        parts = [encoder(as_float(x[i])) for i in batches(len(x), bs, x.device)]
+        return F.normalize(torch.cat(parts), dim=1)
+    with eval_mode(encoder), strict_fp32(x_bank.device):
+        bank, query = features(x_bank), features(x_query)
+        sim, idx = (query @ bank.T).topk(min(k, len(bank)), dim=1)  # [Q, k]
+        votes = torch.zeros(len(query), n_classes, device=query.device)
+        votes.scatter_add_(1, y_bank[idx], (sim / t).exp())  # [Q, classes]
+    return (votes.argmax(1) == y_query).float().mean().item()
+
+
+def train(args, net, data, device, rank, world, ck=None, labels=None):
+    """The pretraining loop, step by step. A checkpoint after every epoch (and every --ckpt-every
+    steps) holds the network, the optimiser, the counters, the epoch log, the RNG states and what
+    made the weights; every --knn-every epochs rank 0 adds the kNN monitor's accuracy to the
+    epoch's line. SIGTERM or Ctrl-C finishes the step, saves and exits (130). The AdvCL base: its
+    step, its SGD (weight decay; RoCL's is inside LARS) and schedule; labels: its pseudo-labels
+    [5, n_train] and what made them."""
+    advcl = args.base == "advcl"
+    x_train = data.x_train.to(device)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    net.to(device).to(memory_format=layout)
+    per_epoch = len(x_train) // args.batch_size  # the last partial batch is dropped
+    total = per_epoch * args.epochs
+    per_rank = args.batch_size // world
+    params = list(net.parameters())
+    wd = args.wd if advcl else 0.0  # RoCL's weight decay is inside LARS
+    opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=wd)
+    if advcl:
+        pseudo = labels[0].to(device)
+    # the run's counters (sums: this epoch's loss terms; distances: AdvCL IP's first epochs)
+    counters = {"step": 0, "train_s": 0.0, "epoch_s": 0.0, "sums": {}, "history": [],
+           "distances": [0.0, 0]}
+    if ck:
+        opt.load_state_dict(ck["optimizer"])
+        counters.update({k: ck[k] for k in counters if k in ck})
+        counters["sums"] = {k: torch.tensor(v, device=device) for k, v in ck["sums"].items()}
+        if len(ck["rng"]) == world:
+            set_rng_state(ck["rng"][rank], device)
+        else:  # another number of processes: fresh streams, so not bit-exact
+            torch.manual_seed(args.seed + rank + 7919 * counters["step"])
+    knn = None
+    if args.knn_every and rank == 0:
+        bank = fixed_shuffle(len(x_train), KNN_BANK)
+        query = fixed_shuffle(len(data.x_test), KNN_QUERIES)
+        knn = [x_train[bank.to(device)], data.y_train[bank], data.x_test[query],
+               data.y_test[query]]
+        knn = [t.to(device) for t in knn]
+    model = torch.compile(net) if args.compile else net
+    # What made these weights: the arguments as first given, then each invocation's own record:
+    # the step it starts at, its command, its flags and what they changed
+    run_args = {**vars(args), "n_classes": data.n_classes}
+    changes = {}
+    for key, value in run_args.items():
+        if ck and key not in OWN_KEYS + ("given",) and ck["args"].get(key) != value:
+            changes[key] = [ck["args"].get(key), value]
+    first_args = ck.get("first_args", ck["args"]) if ck else run_args
+    invocations = ck.get("invocations", []) if ck else []
+    invocations = invocations + [{"step": counters["step"], "command": args.command,
+                                  "given": args.given, "changes": changes}]
+    path = os.path.join(args.out, "last.pt")
+
+    def save():
+        states = [rng_state(device)] * world
+        if world > 1:
+            dist.all_gather_object(states, rng_state(device))
+        if rank != 0:
+            return
+        head = net.heads if advcl else net.projector
+        state = {"encoder": net.encoder.state_dict(), "projector": head.state_dict(),
+                 "optimizer": opt.state_dict(), "epoch": len(counters["history"]), **counters,
+                 "sums": {k: float(v) for k, v in counters["sums"].items()}, "args": run_args,
+                 "first_args": first_args, "invocations": invocations, "data": data.identity,
+                 "rng": states, "env": provenance(device)}
+        if advcl:
+            state["pseudo_labels"] = labels[1]
+            state["pseudo_label_values"] = labels[0]
+        else:
+            del state["distances"]
+        try:
+            atomic_write(path, lambda f: torch.save(state, f))
+            for name, text in run_files(state).items():
+                atomic_write(os.path.join(args.out, name), lambda f: f.write(text.encode()))
+        except WriteFailed as e:
+            kept = "no checkpoint yet"
+            if os.path.exists(path):
+                step = torch.load(path, map_location="cpu", weights_only=True)["step"]
+                kept = f"{path} still holds step {step}"
+            raise WriteFailed(f"{e}; {kept}; free space, then: {resume_command(args.out)}")
+
+    # SIGTERM / SIGINT: finish the step, save, exit
+    stopping = []
+    handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handlers[sig] = signal.signal(sig, lambda *_: stopping.append(1))
+    perm, last = None, time.time()
+    try:
+        while counters["step"] < total:
+            it = counters["step"]
+            epoch, s = divmod(it, per_epoch)
+            if perm is None or s == 0:
+                # the same order on every rank
+                order = torch.Generator().manual_seed(args.seed * 100003 + epoch)
+                perm = torch.randperm(len(x_train), generator=order).to(device)
+                tick = progress(f"epoch {epoch + 1} step", per_epoch, quiet=rank != 0)
+            start = s * args.batch_size + rank * per_rank
+            idx = perm[start:start + per_rank]
+            if advcl:
+                lr = advcl_lr_at(it, per_epoch, args.epochs, args.lr, args.warmup_epochs)
+            else:
+                lr = lr_at(it, total, per_epoch * args.warmup_epochs, args.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            if advcl:
+                result = advcl_step(model, x_train[idx], pseudo[:, idx], args, epoch + 1,
+                                    counters["distances"])
+            else:
+                result = rocl_step(model, x_train[idx], args)
+            loss, terms, grad_norm = result
+            # One host sync per step, and device-resident flags (NCCL has no CPU tensors): a
+            # non-finite loss or gradient on any rank, or a stop request to any rank, stops
+            # every rank at this step.
+            flags = torch.stack([~torch.isfinite(loss.detach() + grad_norm),
+                                 torch.tensor(bool(stopping), device=device)]).float()
+            if world > 1:
+                dist.all_reduce(flags, dist.ReduceOp.MAX)
+            bad, stop = flags.tolist()
+            if bad:  # before the update: the weights stay good
+                parts = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
+                advice = "no checkpoint yet; restart with a smaller --lr"
+                if os.path.exists(path):
+                    advice = (f"last good checkpoint: {path} (epoch {len(counters['history'])}); "
+                              f"resume it with --resume {args.out} --lr <smaller>")
+                raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {it} (loss "
+                                    f"{loss.item():.4g}: {parts}; grad norm "
+                                    f"{grad_norm.item():.4g}); {advice}")
+            opt.step()
+            counters["step"] += 1
+            for k, v in {"loss": loss.detach(), **terms}.items():
+                counters["sums"][k] = counters["sums"].get(k, 0) + v
+            now = time.time()
+            counters["train_s"] += now - last
+            counters["epoch_s"] += now - last
+            last = now
+            tick(s + 1, lambda: f"loss {float(counters['sums']['loss']) / (s + 1):.4f}")
+            if counters["step"] % per_epoch == 0:
+                # the epoch is complete: its log line, then the checkpoint that holds it
+                means = {k: float(v) / per_epoch for k, v in counters["sums"].items()}
+                speed = per_epoch * args.batch_size / counters["epoch_s"]
+                record = {"epoch": epoch + 1, "step": counters["step"], **means, "lr": lr,
+                          "images_per_s": speed, "train_s": counters["train_s"]}
+                counters["history"].append(record)
+                counters["sums"], counters["epoch_s"] = {}, 0.0
+                if knn and (epoch + 1) % args.knn_every == 0:  # not in the training time
+                    # the branch that is evaluated (AdvCL: pgd)
+                    with use_branch(net.encoder, BN_ADV if advcl else 0):
+                        record["knn"] = knn_accuracy(net.encoder, *knn, data.n_classes)
+                save()
+                if rank == 0:
+                    eta = hms((total - counters["step"]) * args.batch_size / speed)
+                    shown = f"kNN {100 * record['knn']:5.2f}% | " if "knn" in record else ""
+                    print(f"epoch {epoch + 1:4d}/{args.epochs} | loss {record['loss']:.4f} | "
+                          f"lr {lr:.4f} | {shown}{speed:7.1f} img/s | ETA {eta}", flush=True)
+            elif stop or (args.ckpt_every and counters["step"] % args.ckpt_every == 0):
+                save()
+            last = time.time()
+            if stop:
+                raise KeyboardInterrupt
+        if stopping:  # asked during the last step, after its check: stop before the evaluation
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"interrupted: {path} holds step {counters['step']}; continue with: "
+                  f"{resume_command(args.out)}", file=sys.stderr)
+        raise SystemExit(130)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+# ==== Evaluation: fine-tune a scheme -> classifier; measure it -> SA, RA (strict fp32) ============
+# Finetuning protocols: settings per scheme, recorded with the results. "asym-rocl": the official
+# Asym-RoCL finetuning; "asym-advcl": the official Asym-AdvCL finetuning_advCL_SLF.py with the lrs
+# of its shell scripts; "robustssl": the field's benchmark (GodXuxilie/RobustSSL_Benchmark,
+# vanilla_finetuning.py --mode ALL and setup_hyperparameter in its utils.py), per pretraining
+# method; as in its code, a setting made for one scheme carries over to the next (DynACL-AIR's 5
+# SLF epochs on CIFAR-10 hold for ALF and AFF). A value per data set is a dict.
+_LF = dict(batch_size={"cifar10": 512, "cifar100": 512, "stl10": 128}, milestones=[10, 20])
+_ACL = dict(_LF, lr={"cifar10": 0.01, "cifar100": 0.05, "stl10": 0.01})
+_AIR = dict(_LF, lr={"cifar10": 0.01, "cifar100": 0.1, "stl10": 0.01})
+_AIR2 = dict(_LF, batch_size={"cifar10": 512, "cifar100": 512})
+_AFF = dict(batch_size=128, lr=0.1, milestones=[15, 20])
+_ADVCL_LF = dict(batch_size=512, lr=0.01, milestones=[15, 20])
+_ADVCL = {"slf": _ADVCL_LF, "alf": _ADVCL_LF, "aff": _AFF}
+ROBUSTSSL = {
+    "acl": {"slf": _ACL, "alf": _ACL, "aff": dict(_AFF, epochs=100, milestones=[40, 60])},
+    "dynacl": {"slf": _ACL, "alf": _ACL, "aff": _AFF},
+    "dynacl++": {"slf": _ACL, "alf": _ACL, "aff": _AFF},
+    "advcl": _ADVCL,
+    "a-infonce": _ADVCL,
+    "deacl": _ADVCL,
+    "dynacl-air": {"slf": dict(_AIR, epochs={"cifar10": 5}), "alf": _AIR, "aff": _AFF},
+    "dynacl-air++": {
+        "slf": dict(_AIR2, lr={"cifar10": 0.01, "cifar100": 0.09}),
+        "alf": dict(_AIR2, lr={"cifar10": 0.01, "cifar100": 0.1}, epochs={"cifar10": 4}),
+        "aff": _AFF,
+    },
+    # its setup_hyperparameter tests for 'DynACL_RCS', its command line says 'DynACL-RCS': defaults
+    "dynacl-rcs": {},
+}
+# Asym-AdvCL's lrs of SLF, ALF, AFF per data set, for AdvCL's own loss and for A-InfoNCE's methods
+ASYM_ADVCL_LR = {"cifar10": {"rocl": (0.1, 0.1, 0.1), "asymmetric": (0.01, 0.01, 0.1)},
+                 "cifar100": {"rocl": (0.1, 0.1, 0.1), "asymmetric": (0.1, 0.1, 0.1)}}
+# the training attacks of ALF and AFF, in every protocol
+ATTACKS = {
+    "slf": {},
+    "alf": dict(eps=8 / 255, attack_steps=10, attack_step=2 / 255),
+    "aff": dict(eps=8 / 255, attack_steps=10, attack_step=2 / 255, trades_beta=6.0),
+}
+
+
+def scheme_settings(protocol, method, dataset, ft_epochs, batch_size):
+    """Per scheme: epochs, lr milestones (lr/10 at each), lr, momentum, weight decay, batch, the
+    training augmentation (RandomCrop(32, padding 4) + flip, or none), the head's initialisation
+    (RobustSSL: zeros) and the training attacks at eps 8/255 (ALF: PGD-10 of 2/255, Asym-AdvCL's
+    PGD-20; AFF: TRADES, beta 6, 10 steps of 2/255). ft_epochs: the ALF/AFF epochs (asym-rocl:
+    milestones at 60 % and 80 %), or every scheme's (the others: milestones scaled)."""
+    if protocol == "asym-rocl":
+        epochs = ft_epochs or 25
+        milestones = [max(1, int(0.6 * epochs)), max(1, int(0.8 * epochs))]
+        adversarial = dict(epochs=epochs, milestones=milestones, lr=0.1, wd=2e-4)
+        own = {"slf": dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4),
+               "alf": adversarial, "aff": adversarial}
+        common = dict(momentum=0.9, batch_size=batch_size, augment=False, zero_head=False)
+        return {k: dict(v, **common, **ATTACKS[k]) for k, v in own.items()}
+    if protocol == "asym-advcl":
+        table = ASYM_ADVCL_LR["cifar100" if dataset == "cifar100" else "cifar10"]
+        lrs = table["rocl" if method == "rocl" else "asymmetric"]
+        epochs = ft_epochs or 25
+        milestones = [max(1, 15 * epochs // 25), max(1, 20 * epochs // 25)]
+        out = {}
+        for scheme, lr in zip(SCHEMES, lrs):
+            out[scheme] = dict(epochs=epochs, milestones=milestones, lr=lr, momentum=0.9, wd=2e-4,
+                               batch_size=512, augment=True, zero_head=False, **ATTACKS[scheme])
+        out["alf"]["attack_steps"] = 20  # its training attack runs with train=False: 20 steps
+        return out
+    hp = dict(epochs=25, milestones=[15, 20], lr=0.1, momentum=0.9, wd=2e-4, batch_size=128,
+              augment=True, zero_head=True)
+    out = {}
+    # its argparse defaults, then setup_hyperparameter's changes, carried over (--mode ALL)
+    for scheme in SCHEMES:
+        for key, value in ROBUSTSSL[method].get(scheme, {}).items():
+            if isinstance(value, dict):
+                value = value.get("cifar10" if dataset == "folder" else dataset)
+            if value is not None:
+                hp[key] = value
+        out[scheme] = dict(hp, **ATTACKS[scheme])
+        if ft_epochs:  # a shorter run: the milestones keep their place in it
+            kept = [max(1, m * ft_epochs // hp["epochs"]) for m in hp["milestones"]]
+            out[scheme].update(epochs=ft_epochs, milestones=kept)
+    return out
+
+
+@contextlib.contextmanager
+def strict_fp32(device):
+    """No autocast and no TF32 (cuDNN allows TF32 convolutions by default): for every measured
+    number."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def batches(n, bs, device="cpu", shuffle=False):
+    if shuffle:
+        return torch.randperm(n, device=device).split(bs)
+    return torch.arange(n, device=device).split(bs)
+
+
+def as_float(xb):
+    """uint8 images -> [0, 1]; float images (crafted adversarial examples) pass through."""
+    if xb.dtype == torch.uint8:
+        return xb.float() / 255
+    return xb
+
+
+def attacked(classifier, x, y, bs, attack, label=None):
+    """attack(classifier, xb, yb) over images x in batches -> adversarial images, float in [0, 1].
+    Progress is shown per attack step (a forward pass of the classifier), so one long batch shows
+    it too."""
+    tick, out = progress(label or "attack", len(x)), []
+    steps = getattr(attack, "keywords", {}).get("steps")  # a threat_attack: its passes per batch
+    for idx in batches(len(x), bs, x.device):
+        done, calls = sum(len(o) for o in out), [0]
+
+        def count(*_):
+            calls[0] += 1
+            tick(done + len(idx) * min(calls[0], steps) // steps)
+        hook = classifier.register_forward_hook(count) if steps else None
+        try:
+            out.append(attack(classifier, as_float(x[idx]), y[idx]))
+        finally:
+            if hook:
+                hook.remove()
+    return torch.cat(out)
+
+
+def accuracy(classifier, x, y, bs, attack=None, label=None):
+    """Top-1 accuracy of classifier on images x (uint8, or float in [0, 1]), after
+    attack(classifier, x, y) if given."""
+    if attack:
+        x = attacked(classifier, x, y, bs, attack, label)
+    correct = 0
+    with eval_mode(classifier), torch.no_grad():
+        for idx in batches(len(x), bs, x.device):
+            correct += (classifier(as_float(x[idx])).argmax(1) == y[idx]).sum().item()
+    return correct / len(x)
+
+
+def threat_attack(norm, eps, step, steps):
+    """The RA attack of one threat: PGD, L_inf with step `step`, L2 with step 2.5 eps / steps."""
+    if norm != "linf":
+        step = 2.5 * eps / max(steps, 1)
+    return functools.partial(pgd, eps=eps, step=step, steps=steps, norm=norm)
+
+
+def train_head(params, loss_fn, n, hp, device, label):
+    """SGD with lr/10 at each milestone epoch, settings hp of scheme_settings; loss_fn(idx) -> the
+    loss of that batch of the n images. Returns the lr of every epoch."""
+    opt = torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["wd"])
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, hp["milestones"], 0.1)
+    lrs, epochs_tick = [], progress(f"{label} finetuning, epoch", hp["epochs"])
+    for epoch in range(hp["epochs"]):
+        tick = progress(f"{label} epoch {epoch + 1}/{hp['epochs']}, images", n)
+        lrs.append(opt.param_groups[0]["lr"])
+        for k, idx in enumerate(batches(n, hp["batch_size"], device, shuffle=True)):
+            loss = loss_fn(idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tick(min(n, (k + 1) * hp["batch_size"]))
+        sched.step()
+        epochs_tick(epoch + 1, lambda: f"loss {loss.item():.4f}")
+    return lrs
+
+
+def linear_head(dim, n_classes, zero):
+    head = nn.Linear(dim, n_classes)
+    if zero:  # RobustSSL's heads start at zero
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    return head
+
+
+def frozen_features(encoder, xb):
+    """Features of the frozen encoder: eval mode, no gradient."""
+    with eval_mode(encoder), torch.no_grad():
+        return encoder(xb)
+
+
+def finetune_slf(encoder, x, y, n_classes, hp):
+    """SLF: a linear head on the frozen encoder's features of uint8 images x -> encoder + head."""
+    head = linear_head(encoder.dim, n_classes, hp["zero_head"]).to(x.device)
+    if hp["augment"]:
+        def loss(idx):  # a new crop and flip of every image in every epoch
+            return F.cross_entropy(head(frozen_features(encoder, crop_flip(x[idx]))), y[idx])
+    else:
+        # the encoder is frozen and the images fixed: their features, once
+        chunks = batches(len(x), hp["batch_size"], x.device)
+        feats = torch.cat([frozen_features(encoder, as_float(x[i])) for i in chunks])
+
+        def loss(idx):
+            return F.cross_entropy(head(feats[idx]), y[idx])
+    train_head(head.parameters(), loss, len(x), hp, x.device, label="SLF")
+    return nn.Sequential(encoder, head)
+
+
+def finetune_alf(encoder, x, y, n_classes, hp):
+    """ALF: a linear head on PGD examples made through encoder + head -> encoder + head."""
+    head = linear_head(encoder.dim, n_classes, hp["zero_head"]).to(x.device)
+    clf = nn.Sequential(encoder, head)
+    view = crop_flip if hp["augment"] else as_float
+
+    def loss(idx):
+        x_adv = pgd(clf, view(x[idx]), y[idx], eps=hp["eps"], step=hp["attack_step"],
+                    steps=hp["attack_steps"])
+        return F.cross_entropy(head(frozen_features(encoder, x_adv)), y[idx])
+    train_head(head.parameters(), loss, len(x), hp, x.device, label="ALF")
+    return clf
+
+
+def finetune_aff(encoder, x, y, n_classes, hp):
+    """AFF: TRADES on the whole network, starting from the pretrained encoder -> the network."""
+    clf = nn.Sequential(copy.deepcopy(encoder).requires_grad_(True),
+                        linear_head(encoder.dim, n_classes, hp["zero_head"]))
+    clf = clf.to(x.device).train()
+    view = crop_flip if hp["augment"] else as_float
+
+    def loss(idx):
+        return trades_loss(clf, view(x[idx]), y[idx], beta=hp["trades_beta"], eps=hp["eps"],
+                           step=hp["attack_step"], steps=hp["attack_steps"])
+    train_head(clf.parameters(), loss, len(x), hp, x.device, label="AFF")
+    return clf
+
+
+FINETUNE = {"slf": finetune_slf, "alf": finetune_alf, "aff": finetune_aff}
+
+
+def guards(classifier, x, y, bs, eps, steps, robust=()):
+    """Cheap checks that catch masked or broken gradients, on 200 test images of a fixed shuffle:
+    RA <= SA, RA falls as eps grows and is ~0 at eps 64/255, 2.5x more PGD steps do not raise RA;
+    and on the whole test set, RA under each norm of robust [(norm, eps, RA)] falls as eps grows.
+    -> the measurements, the failures in words ("failed"), and "ok"."""
+    idx = fixed_shuffle(len(x), 200).to(x.device)
+    x, y = x[idx], y[idx]
+    tol = 0.01 + 1 / len(x)  # a point, and one image
+    tick, done = progress("guards: PGD attacks", 6), [0]
+
+    def ra_at(e, k):
+        ra = accuracy(classifier, x, y, bs, threat_attack("linf", e, 2.5 * e / k, k))
+        done[0] += 1
+        tick(done[0])
+        return ra
+    g = {"sa": accuracy(classifier, x, y, bs)}
+    g["ra_eps"] = {f"{e}/255": ra_at(e / 255, steps) for e in (2, 8, 16, 64)}
+    more = 5 * steps // 2
+    g[f"ra_{steps}_steps"] = ra_at(eps, steps)
+    g[f"ra_{more}_steps"] = ra_at(eps, more)
+    chain = [("SA", g["sa"])] + [(f"RA at {k}", ra) for k, ra in g["ra_eps"].items()]
+    failed = []
+    for (a, ra), (b, rb) in zip(chain, chain[1:]):
+        if rb > ra + tol:
+            failed.append(f"{b} {100 * rb:.1f}% above {a} {100 * ra:.1f}%")
+    if chain[-1][1] > 0.05:
+        failed.append(f"RA at 64/255 {100 * chain[-1][1]:.1f}% (should be ~0)")
+    if g[f"ra_{more}_steps"] > g[f"ra_{steps}_steps"] + tol:
+        failed.append(f"PGD-{more} RA {100 * g[f'ra_{more}_steps']:.1f}% above PGD-{steps}'s "
+                      f"{100 * g[f'ra_{steps}_steps']:.1f}%")
+    rising = []  # RA under each norm of robust, on the whole test set, as eps grows
+    for norm in ("linf", "l2"):
+        ras = [(e, ra) for n, e, ra in sorted(robust) if n == norm]
+        for (ea, ra), (eb, rb) in zip(ras, ras[1:]):
+            if rb > ra + tol:
+                rising.append(f"{norm} RA {100 * rb:.1f}% at {eb:.4g} above {100 * ra:.1f}% "
+                              f"at {ea:.4g}")
+    g["threats_fall"] = not rising
+    g["failed"] = failed + rising
+    g["ok"] = not g["failed"]
+    return g
+
+
+def autoattack_impl():
+    """The AutoAttack that --autoattack runs: Croce and Hein's reference code (RobustBench's)."""
+    try:
+        import pyautoattack
+    except ImportError:
+        raise UsageError("AutoAttack needs an optional package: pip install pyautoattack (Croce "
+                         "and Hein's reference AutoAttack); --protocol robustssl runs it unless "
+                         "--no-autoattack")
+    return f"pyautoattack {pyautoattack.__version__}"
+
+
+def autoattack(classifier, x, y, bs, norm, eps, n_classes, seed):
+    """Accuracy under standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) at radius eps."""
+    import pyautoattack
+    with eval_mode(classifier):
+        aa = pyautoattack.AutoAttack(classifier, norm={"linf": "Linf", "l2": "L2"}[norm], eps=eps,
+                                     version="standard", device=x.device, seed=seed)
+        # the targeted attacks aim at every other class, up to the standard 9
+        targets = min(9, n_classes - 1)
+        aa.apgd_targeted.n_target_classes = targets
+        aa.fab.n_target_classes = targets
+        x_adv, _ = aa.run_standard_evaluation(as_float(x), y, batch_size=bs)
+    return accuracy(classifier, x_adv, y, bs)
+
+
+def measure(clf, data, args, name, x_transfer):
+    """SA, RA under every threat, AutoAttack, transfer RA and (SLF) the guards of a classifier.
+    Every attack pass starts from the same random draws (the protocol's seed)."""
+    x_te, y_te = data.x_test, data.y_test
+    bs = args.eval_batch_size
+    r = {"sa": accuracy(clf, x_te, y_te, bs), "robust": {}}
+    for key, norm, eps in args.threats:
+        torch.manual_seed(args.seed)
+        attack = threat_attack(norm, eps, args.eval_step, args.eval_steps)
+        label = f"{name.upper()} PGD-{args.eval_steps} {key}"
+        r["robust"][key] = accuracy(clf, x_te, y_te, bs, attack, label)
+    r["ra"] = r["robust"][args.threats[0][0]]
+    if args.autoattack:
+        r["aa_robust"] = {}
+        for key, norm, eps in args.threats:
+            r["aa_robust"][key] = autoattack(clf, x_te, y_te, bs, norm, eps, data.n_classes,
+                                             args.seed)
+        r["aa"] = r["aa_robust"][args.threats[0][0]]
+    if x_transfer is not None:
+        r["ra_transfer"] = accuracy(clf, x_transfer, y_te, bs)
+    if name == "slf":
+        # the guards' more-steps check runs at the first L_inf radius
+        guard_eps = next((e for _, n, e in args.threats if n == "linf"), 8 / 255)
+        robust = [(n, e, r["robust"][k]) for k, n, e in args.threats]
+        r["guards"] = guards(clf, x_te, y_te, bs, guard_eps, args.eval_steps, robust)
+    return r
+
+
+def evaluate(args, encoder, data, device, done=(), source=None):
+    """Yields (scheme, numbers) for each scheme of --eval not in done: fine-tune, then measure().
+    With a source encoder, transfer RA: PGD crafted on the source's SLF classifier. Finetuning
+    runs at PyTorch's default precision; every measured number is strict fp32."""
+    def prep(enc):  # a frozen fp32 copy on the device, in the default memory layout
+        enc = copy.deepcopy(enc).float().to(device, memory_format=torch.contiguous_format)
+        return enc.requires_grad_(False)
+    encoder = prep(encoder)
+    todo = [s for s in args.eval if s not in done]
+    x_transfer = None
+    key0 = args.threats[0][0]
+    if source is not None and todo:
+        torch.manual_seed(args.seed)
+        src = finetune_slf(prep(source), data.x_train, data.y_train, data.n_classes,
+                           args.schemes["slf"])
+        attack = threat_attack(*args.threats[0][1:], args.eval_step, args.eval_steps)
+        with strict_fp32(device):
+            # the random starts of white-box RA: transfer from itself equals it
+            torch.manual_seed(args.seed)
+            x_transfer = attacked(src, data.x_test, data.y_test, args.eval_batch_size, attack,
+                                  f"transfer source PGD {key0}")
+    for name in todo:
+        t0 = time.time()
+        # each scheme its own draws: one can be (re)run alone
+        torch.manual_seed(args.seed + SCHEMES.index(name))
+        clf = FINETUNE[name](encoder, data.x_train, data.y_train, data.n_classes,
+                             args.schemes[name])
+        with strict_fp32(device):
+            r = measure(clf, data, args, name, x_transfer)
+        r["s"] = time.time() - t0
+        shown = {"SA": r["sa"], **{f"RA {k}": v for k, v in r["robust"].items()},
+                 **{f"AA {k}": v for k, v in r.get("aa_robust", {}).items()},
+                 f"transfer RA {key0}": r.get("ra_transfer")}
+        line = "  ".join(f"{k} {100 * v:.2f}%" for k, v in shown.items() if v is not None)
+        if name == "slf":
+            verdict = "ok" if r["guards"]["ok"] else "FAILED: " + "; ".join(r["guards"]["failed"])
+            line += "  guards " + verdict
+        print(f"{name.upper()}: {line}  ({hms(r['s'])})", flush=True)
+        yield name, r
+
+
+# ==== The command line: one parse, the recipe from one table, then main ===========================
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr with exit code 2, before anything is written."""
+
+
+class NonFiniteLoss(Exception):
+    """A NaN/inf loss or gradient: the run stops (exit code 3), its last good checkpoint kept."""
+
+
+def fraction(text, hi=1.0):
+    """A number in [0, hi], written as a decimal or a fraction: 8/255 == 0.031372..."""
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or fraction like 8/255")
+    if not 0 <= value <= hi:
+        hint = ""
+        if 1 < value <= 255 and "/" not in text:
+            hint = f" (pixels are in [0, 1]: did you mean {text}/255?)"
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, {hi:g}]{hint}")
+    return value
+
+
+def number(kind, lo, text, above=False):
+    """An argparse type (with functools.partial): kind (int or float), finite, at least (above) lo."""
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+    if not math.isfinite(value) or value < lo or (above and value == lo):
+        bound = "above" if above else "at least"
+        raise argparse.ArgumentTypeError(f"{text} must be {bound} {lo}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one line, exit code 2 (argparse would also print the usage block)
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one process says it
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+class Help(argparse.HelpFormatter):
+    def _get_help_string(self, action):  # a default only where there is one to show
+        text = action.help or ""
+        default = DEFAULTS.get(action.dest)
+        hidden = any(default is v for v in (None, False))
+        return text if hidden or "default" in text else f"{text} (default: {default})"
+
+
+COUNT = functools.partial(number, int, 0)
+POSITIVE_INT = functools.partial(number, int, 1)
+NON_NEGATIVE = functools.partial(number, float, 0)
+DATASETS = ("cifar10", "cifar100", "stl10", "folder")
+PARSER = Parser(prog="ainfonce.py", formatter_class=Help,
+                description="Adversarial contrastive pretraining with A-InfoNCE; evaluation of "
+                            "robust encoders (SLF/ALF/AFF under PGD and AutoAttack).")
+_ = PARSER.add_argument_group("data")
+_.add_argument("--dataset", choices=DATASETS, default="cifar10",
+               help="torchvision's (STL-10 at 32x32), or DATA_DIR/{train,test}/<class>/<image>")
+_.add_argument("--data-dir", default="./data", help="download root, or the folder data set")
+_.add_argument("--subset", type=COUNT, default=0,
+               help="first N training images of a fixed shuffle (0: all)")
+_.add_argument("--pseudo-labels", metavar="FILE|ENCODER",
+               help="AdvCL base: its pseudo-labels, AdvCL's or A-InfoNCE's pickle (one label per "
+                    "training image, in the data set's order), or an encoder (a run, a "
+                    "checkpoint) whose features k-means clusters")
+_ = PARSER.add_argument_group("model")
+_.add_argument("--width", type=POSITIVE_INT, default=64,
+               help="ResNet-18 base width: 64 is the paper's; the README's CPU runs use 8")
+_ = PARSER.add_argument_group("attack (pretraining)")
+_.add_argument("--eps", type=fraction, default=8 / 255,
+               help="L_inf radius in [0,1] pixel units; fractions parse (code 0.0314) "
+                    "(default: 8/255)")
+_.add_argument("--step", type=fraction, help="PGD step, pixel units: RoCL 0.007, AdvCL 2/255")
+_.add_argument("--attack-steps", type=COUNT, help="PGD steps: RoCL 7, AdvCL 5")
+_ = PARSER.add_argument_group("loss")
+_.add_argument("--base", choices=("rocl", "advcl"), default="rocl",
+               help="the adversarial CL that A-InfoNCE makes asymmetric: RoCL (Kim et al. 2020) "
+                    "or AdvCL (Fan et al. 2021)")
+_.add_argument("--method", choices=METHODS, default="hardneg",
+               help="rocl: symmetric; infpos: inferior positives (IP); hardneg: hard negatives "
+                    "(HN); both: IP+HN; simclr: no adversary")
+_.add_argument("--temperature", type=functools.partial(number, float, 0, above=True),
+               default=0.5, help="tau of the loss, the attack and the regulariser (paper 0.5)")
+_.add_argument("--ip-alpha", type=fraction,
+               help="IP weight of clean->adv terms: 0.2; AdvCL base: its starting stop-gradient "
+                    "degree, 0.2 (CIFAR-100 0.3)")
+_.add_argument("--adv-weight", type=NON_NEGATIVE,
+               help="IP scale of the clean<->adv terms: 1; AdvCL base: per script")
+_.add_argument("--hn-beta", type=NON_NEGATIVE, default=1.0,
+               help="HN concentration beta (paper 1.0)")
+_.add_argument("--hn-normalise", choices=("negatives", "official"), default="negatives",
+               help="HN weights: HCL's, or the code's")
+_.add_argument("--tau-plus", type=NON_NEGATIVE,
+               help="HN class prior in [0,1): 0.1 on cifar100, else 0.12 (official scripts)")
+_.add_argument("--reg-weight", type=functools.partial(fraction, hi=math.inf), default=1 / 256,
+               help="RoCL regulariser weight (default: 1/256)")
+_.add_argument("--reg-forward", choices=("separate", "shared"), default="separate",
+               help="regulariser: own forward (RoCL) or the main one's rows (faster; other BN "
+                    "statistics)")
+_ = PARSER.add_argument_group("optimisation")
+_.add_argument("--epochs", type=POSITIVE_INT, help="pretraining epochs: RoCL 1000, AdvCL 400")
+_.add_argument("--batch-size", type=functools.partial(number, int, 2), default=512,
+               help="images per step, all ranks together (paper 2 GPUs x 256)")
+_.add_argument("--lr", type=functools.partial(number, float, 0, above=True),
+               help="base lr, warmed up to 15x: 0.1; hardneg 0.2, both 0.3 (cifar100: 0.1, "
+                    "0.2); AdvCL base: per script (README)")
+_.add_argument("--warmup-epochs", type=COUNT, default=10, help="linear warm-up (paper 10)")
+_.add_argument("--wd", type=NON_NEGATIVE,
+               help="weight decay: RoCL 1e-6 inside LARS, AdvCL 1e-4 (SGD)")
+_ = PARSER.add_argument_group("evaluation")
+_.add_argument("--eval", nargs="*", choices=("none",) + SCHEMES,
+               help="after pretraining: slf (linear, clean), alf (linear, PGD-10), aff (all, "
+                    "TRADES) (default: slf; robustssl: all three)")
+_.add_argument("--eval-only", metavar="CKPT",
+               help="evaluate a run, a checkpoint, or a published ResNet-18 (with --dataset)")
+_.add_argument("--protocol", choices=("asym-rocl", "asym-advcl", "robustssl"),
+               help="finetuning protocol (README): the base's own (asym-rocl, asym-advcl), or "
+                    "the field's benchmark")
+_.add_argument("--pretraining", choices=list(ROBUSTSSL),
+               help="robustssl: the encoder's method, where its file does not say it")
+_.add_argument("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS",
+               help="e.g. linf:8/255 l2:0.5; RA is the first (default: linf:8/255)")
+_.add_argument("--eval-step", type=fraction, default=2 / 255,
+               help="L_inf PGD step (AdvCL 2/255, RoCL 0.00314); L2: 2.5 eps/n (default: 2/255)")
+_.add_argument("--eval-steps", type=POSITIVE_INT, default=20, help="PGD steps of RA")
+_.add_argument("--eval-subset", type=COUNT, default=0,
+               help="first N test images of a fixed shuffle (0: all)")
+_.add_argument("--ft-epochs", type=POSITIVE_INT,
+               help="ALF/AFF epochs (asym-rocl: 25, lr/10 at 60%% and 80%%); robustssl: all "
+                    "schemes'")
+_.add_argument("--eval-batch-size", type=POSITIVE_INT, default=1024,
+               help="images per finetuning step and attack batch (official 1024)")
+_.add_argument("--autoattack", action=argparse.BooleanOptionalAction,
+               help="standard AutoAttack too (pip install pyautoattack; on with robustssl)")
+_.add_argument("--transfer-from", metavar="CKPT",
+               help="black-box RA: PGD crafted on this encoder's SLF classifier")
+_.add_argument("--eval-dataset", choices=DATASETS,
+               help="finetune and evaluate on another data set")
+_.add_argument("--eval-data-dir", help="its directory (default: --data-dir)")
+_.add_argument("--bn-branch", type=COUNT,
+               help="bn_list.K of a multi-BN state dict (default: its only one, else 1)")
+_.add_argument("--stem-padding", type=int, choices=(1, 2),
+               help="stem of a torchvision-style state dict: solo-learn 2, DynACL++ and "
+                    "RobustSSL 1")
+_.add_argument("--normalise", choices=("inside", "none"),
+               help="whether a torchvision-style file's normalize.mean/std apply (RobustSSL's "
+                    "AdvCL/A-InfoNCE SLF/ALF files: none)")
+_ = PARSER.add_argument_group("system")
+_.add_argument("--preset", choices=("smoke", "small", "medium", "paper"),
+               help="reproduce.sh's scales: their pretraining and evaluation flags (given flags "
+                    "win); small: a CPU run of minutes")
+_.add_argument("--out", help="run directory (default runs/METHOD-DATASET-sSEED)")
+_.add_argument("--resume", metavar="DIR",
+               help="continue the run in DIR with its own arguments, then its evaluation")
+_.add_argument("--overwrite", action="store_true",
+               help="start over in an --out that holds a run; with --eval-only, recompute")
+_.add_argument("--ckpt-every", type=COUNT, default=0,
+               help="also checkpoint every N steps (0: off)")
+_.add_argument("--knn-every", type=COUNT, default=2, help="kNN monitor every N epochs (0: off)")
+_.add_argument("--seed", type=COUNT, default=0, help="seed of weights, augmentations and attacks")
+_.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+_.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+               help="bf16 pretraining (evaluation is fp32)")
+_.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+               help="NHWC layout (default: on for CUDA)")
+_.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+               help="torch.compile the net")
+_.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+               help="for bit-exact resume on a GPU")
+_.add_argument("--benchmark", action="store_true",
+               help="time pretraining steps on random data, against the official step")
+_.add_argument("--benchmark-steps", type=POSITIVE_INT, default=5,
+               help="timed steps, after 2 warm-up steps")
+DEFAULTS = vars(PARSER.parse_args([]))
+# from here on a parse returns the flags given, in their order, and nothing else
+for _ in PARSER._actions:
+    _.default = argparse.SUPPRESS
+
+# reproduce.sh's scales: what --preset sets (a run of the small one takes 8 minutes on 2 cores)
+_ALL = ["slf", "alf", "aff"]
+PRESETS = {
+    "paper": dict(eval=_ALL),
+    "medium": dict(width=64, epochs=40, warmup_epochs=2, batch_size=512, amp=True, eval=["slf"]),
+    "small": dict(subset=5000, width=8, epochs=6, batch_size=128, attack_steps=3, warmup_epochs=1,
+                  eval=_ALL, eval_subset=1000, ft_epochs=3, eval_batch_size=256,
+                  protocol="asym-rocl"),
+    "smoke": dict(subset=128, width=4, epochs=1, batch_size=32, attack_steps=1, warmup_epochs=0,
+                  eval=_ALL, eval_subset=64, eval_steps=2, ft_epochs=1, eval_batch_size=128,
+                  protocol="asym-rocl"),
+}
+# The official scripts' recipes: (base, data set) -> {method: values}, "*" for every method; other
+# data sets take CIFAR-10's; a value is used where the flag is not given. RoCL: Asym-RoCL's shell
+# scripts. AdvCL: Asym-AdvCL's (rocl: AdvCL's own); ip_adaptive_from: the epoch after which IP's
+# degree adapts (-1: never), ip_d_min: the distance at which it reaches 0.5; CIFAR-100 IP+HN's
+# `--tau 0.01` reaches tau_plus by argparse's prefix matching.
+_ROCL = dict(lr=0.1, epochs=1000, step=0.007, attack_steps=7, wd=1e-6, ip_alpha=0.2,
+             adv_weight=1.0)
+_ADVCL = dict(epochs=400, step=2 / 255, attack_steps=5, wd=1e-4, ip_alpha=0.2, adv_weight=1.0,
+              tau_plus=0.1, ip_adaptive_from=-1, ip_d_min=0.4)
+_ADVCL_IP100 = dict(lr=2.0, ip_alpha=0.3, adv_weight=1.5, ip_adaptive_from=20, ip_d_min=0.5)
+RECIPES = {
+    ("rocl", "cifar10"): {"*": dict(_ROCL, tau_plus=0.12), "hardneg": dict(lr=0.2),
+                          "both": dict(lr=0.3)},
+    ("rocl", "cifar100"): {"*": dict(_ROCL, tau_plus=0.1), "both": dict(lr=0.2)},
+    ("advcl", "cifar10"): {
+        "*": _ADVCL,
+        "rocl": dict(lr=0.5),
+        "infpos": dict(lr=1.0, adv_weight=1.2, ip_adaptive_from=30),
+        "hardneg": dict(lr=1.2, tau_plus=0.12),
+        "both": dict(lr=2.0, adv_weight=0.7, ip_adaptive_from=30),
+    },
+    ("advcl", "cifar100"): {
+        "*": _ADVCL,
+        "rocl": dict(lr=0.5),
+        "infpos": _ADVCL_IP100,
+        "hardneg": dict(lr=2.0, tau_plus=0.01),
+        "both": dict(_ADVCL_IP100, tau_plus=0.01),
+    },
+}
+# A resumed run must agree with its checkpoint on everything that defines what a step computes:
+# the recipe, the seed and the precision. Not --lr (a smaller one after a non-finite loss), nor
+# the flags of how a step runs (--device, --channels-last, --compile, --deterministic: at most
+# rounding), nor the data's path (its images are checked instead).
+RESUME_KEYS = ("base", "method", "dataset", "subset", "width", "eps", "step", "attack_steps",
+               "temperature", "ip_alpha", "adv_weight", "hn_beta", "hn_normalise", "tau_plus",
+               "reg_weight", "reg_forward", "epochs", "batch_size", "warmup_epochs", "wd", "seed",
+               "amp")
+# Flags only pretraining reads: --eval-only refuses them (the seed also seeds evaluation).
+PRETRAINING_KEYS = tuple(k for k in RESUME_KEYS if k != "seed")
+PRETRAINING_KEYS += ("lr", "ckpt_every", "knn_every", "channels_last", "compile", "pseudo_labels")
+# Flags of one invocation: a checkpoint records them but never hands them on.
+OWN_KEYS = ("out", "overwrite", "resume", "eval_only", "device", "deterministic", "benchmark",
+            "benchmark_steps", "command")
+# how a file becomes an encoder: where the file does not say it
+READ_FLAGS = ("bn_branch", "stem_padding", "normalise")
+# the method a file's layout names, for --protocol robustssl
+FIELD_METHODS = {"ainfonce": "a-infonce", "advcl": "advcl", "dynacl": "dynacl", "deacl": "deacl"}
+
+
+def flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def configure(argv):
+    """The arguments, resolved once in this one place -> (args, the checkpoint --resume or
+    --eval-only names: load_checkpoint's (encoder, read, checkpoint, net), or None). The flags
+    given win; then, for --resume and --eval-only, the flags its run was given; then --preset's;
+    then the parser's defaults; what is still unset comes from the recipe of the base, the data
+    set and the method. After this, args is only read."""
+    given = vars(PARSER.parse_args(argv))
+    if "resume" in given and "eval_only" in given:
+        raise UsageError("--resume continues a run and --eval-only evaluates one: pass one of them")
+    loaded = ck = None
+    inherited = {}
+    named = given.get("resume") or given.get("eval_only")
+    if named:
+        what = "--resume" if "resume" in given else "--eval-only"
+        loaded = load_checkpoint(named, {k: given.get(k) for k in READ_FLAGS}, what)
+        ck = loaded[2]
+        if ck is None and "resume" in given:
+            raise UsageError(f"{loaded[1]['checkpoint']} is a plain state dict: --resume needs an "
+                             f"ainfonce checkpoint")
+        if ck is None and "dataset" not in given:
+            raise UsageError(f"{loaded[1]['checkpoint']} is a plain state dict: name its data set "
+                             f"with --dataset (and --data-dir)")
+    if ck:
+        # the flags its run was given, over all its invocations (a later one wins)
+        for invocation in ck.get("invocations") or [{"given": ck["args"]}]:
+            inherited.update(invocation["given"])
+        inherited = {k: v for k, v in inherited.items() if k not in OWN_KEYS}
+    if "eval_only" in given:
+        refused = [k for k in given
+                   if k in PRETRAINING_KEYS and (ck or k not in ("dataset", "subset"))]
+        if refused:
+            names = ", ".join(flag(k) for k in refused)
+            run = ""
+            if ck:
+                run = "; its run's: " + ", ".join(f"{flag(k)} {ck['args'].get(k)}" for k in refused)
+            hint = ""
+            if {"dataset", "subset"} & set(refused):
+                hint = "; to evaluate on other data use --eval-dataset and --eval-data-dir"
+            raise UsageError(f"{names}: flags of pretraining do not apply to --eval-only"
+                             f"{run}{hint}")
+        inherited.pop("eval", None)  # its own schemes (default: SLF), under the run's settings
+    preset = PRESETS.get(given.get("preset", inherited.get("preset")), {})
+    args = argparse.Namespace(**{**DEFAULTS, **preset, **inherited, **given})
+    args.given = given
+    if loaded and args.out is None:
+        args.out = os.path.dirname(loaded[1]["checkpoint"]) or "."
+    # the flags of an asymmetry the method does not have change nothing: refused
+    ip, hn = ASYMMETRY[args.method]
+    reads = {"ip_alpha": ip, "adv_weight": ip, "hn_beta": hn, "tau_plus": hn, "hn_normalise": hn}
+    if args.base == "advcl":
+        reads["adv_weight"] = args.method != "rocl"  # it scales Asym-AdvCL's blocks
+    unread = [flag(k) for k, read in reads.items() if k in given and not read]
+    if unread:
+        them = "them" if len(unread) > 1 else "it"
+        raise UsageError(f"{', '.join(unread)}: --method {args.method} does not use {them} on the "
+                         f"{args.base} base: leave {them} out")
+    if args.base == "rocl" and "pseudo_labels" in given:
+        raise UsageError("--pseudo-labels: the AdvCL base's (--base advcl); RoCL has none")
+    if args.base == "advcl" and args.method == "simclr":
+        raise UsageError("--base advcl has no simclr: its methods are rocl (AdvCL's own loss), "
+                         "infpos, hardneg and both")
+    rocl_only = [flag(k) for k in ("reg_weight", "reg_forward") if k in given]
+    if args.base == "advcl" and rocl_only:
+        raise UsageError(f"{', '.join(rocl_only)}: RoCL's regulariser; the AdvCL base has none")
+    recipe = RECIPES[args.base, "cifar100" if args.dataset == "cifar100" else "cifar10"]
+    for key, value in {**recipe["*"], **recipe.get(args.method, {})}.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if not 0 <= args.tau_plus < 1:
+        raise UsageError(f"--tau-plus {args.tau_plus} must be in [0, 1)")
+    if args.protocol is None:
+        args.protocol = "asym-advcl" if args.base == "advcl" else "asym-rocl"
+    if args.eval is None:
+        args.eval = list(SCHEMES) if args.protocol == "robustssl" else ["slf"]
+    args.eval = [e for e in SCHEMES if e in args.eval]
+    # the threats of RA: (key as given, norm, eps), the first one is "ra"
+    args.threats = []
+    for text in args.eval_threats:
+        parts = text.lower().partition(":")
+        norm, radius = parts[0], parts[2]
+        try:
+            if norm not in ("linf", "l2"):
+                raise argparse.ArgumentTypeError("expected NORM:EPS with NORM linf or l2, e.g. "
+                                                 "linf:8/255 l2:0.5")
+            eps = fraction(radius, 1.0 if norm == "linf" else 64.0)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"--eval-threats {text}: {e}")
+        args.threats.append((f"{norm}:{radius}", norm, eps))
+    args.out = args.out or f"runs/{args.method}-{args.dataset}-s{args.seed}"
+    if args.protocol == "robustssl" and args.pretraining is None:
+        layout = loaded[1]["layout"] if loaded else "ainfonce"
+        args.pretraining = FIELD_METHODS.get(layout)
+        if layout == "ainfonce" and args.base == "advcl" and args.method == "rocl":
+            args.pretraining = "advcl"  # AdvCL's own loss
+        if args.pretraining is None:
+            raise UsageError(f"--protocol robustssl: its settings differ per pretraining method, "
+                             f"and {loaded[1]['checkpoint']} does not say which: name it with "
+                             f"--pretraining {{{','.join(ROBUSTSSL)}}}")
+    if args.autoattack is None:  # robustssl's preset
+        args.autoattack = args.protocol == "robustssl"
+    if args.autoattack and args.eval:
+        autoattack_impl()  # fails now, not after training, when the package is missing
+    method = args.method if args.protocol == "asym-advcl" else args.pretraining
+    args.schemes = scheme_settings(args.protocol, method, args.eval_dataset or args.dataset,
+                                   args.ft_epochs, args.eval_batch_size)
+    if args.channels_last is None:  # on by default on CUDA
+        cuda = args.device == "auto" and torch.cuda.is_available()
+        args.channels_last = args.device.startswith("cuda") or cuda
+    args.command = shlex.join(["python", os.path.relpath(__file__), *argv])  # pastes into a shell
+    if args.resume:
+        diff = [f"{flag(k)} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
+                for k in RESUME_KEYS if k in ck["args"] and getattr(args, k) != ck["args"][k]]
+        if diff:
+            raise UsageError(f"cannot resume {args.resume} with other arguments: "
+                             + ", ".join(diff) + "; a run with these needs its own --out")
+    return args, loaded
+
+
+def run(args, loaded=None):
+    """Set up the device, read the data, pretrain (unless the run is done or only evaluated), then
+    evaluate and record the numbers."""
+    t_start = time.time()
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    name = args.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UsageError(f"--device {name}: only cpu and cuda (or cuda:N) are supported")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda but no CUDA GPU is visible")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not args.deterministic
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if world > 1 and not dist.is_initialized():
+        # Every collective runs on tensors of `device` (flags included), so one backend per device
+        # suffices. device_id binds NCCL's communicator to this rank's GPU.
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    if args.benchmark:
+        torch.manual_seed(args.seed + rank)
+        return benchmark(args, device)
+    ck = loaded[2] if loaded else None
+    source = None
+    if args.transfer_from:
+        source = load_checkpoint(args.transfer_from, what="--transfer-from")[:2]
+    if world > 1 and args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} "
+                         f"processes")
+    for key in ("data_dir", "eval_data_dir"):
+        # a checkpoint's relative path, read from another directory
+        value = getattr(args, key)
+        if ck and value and key not in args.given and not os.path.exists(value):
+            raise UsageError(f"data directory {value} does not exist (the path came from the "
+                             f"checkpoint's {flag(key)}): pass --data-dir (or --eval-data-dir) to "
+                             f"say where the images are")
+    to_train = not args.eval_only and (ck is None or ck["epoch"] < args.epochs)
+    if to_train and args.base == "advcl" and not args.pseudo_labels:
+        raise UsageError("--base advcl trains on pseudo-labels: pass --pseudo-labels FILE "
+                         "(AdvCL's or A-InfoNCE's pickle) or ENCODER (a run or checkpoint whose "
+                         "features k-means clusters, e.g. a --method simclr run)")
+    # the training data, and the evaluation data (each read once): a resume trains on the run's
+    # training images (its test images may change); an evaluation on other images says so
+    eval_set = (args.eval_dataset or args.dataset, args.eval_data_dir or args.data_dir)
+    same = eval_set == (args.dataset, args.data_dir)
+    data = None
+    if to_train or (args.eval and same):
+        data = load_data(args.dataset, args.data_dir, args.subset, args.eval_subset)
+        if ck and ck["args"].get("n_classes", data.n_classes) != data.n_classes:
+            raise UsageError(f"{args.dataset} in {args.data_dir} has "
+                             f"{plural(data.n_classes, 'class')}, the checkpoint's data set had "
+                             f"{ck['args']['n_classes']}: to evaluate on another data set use "
+                             f"--eval-dataset")
+        ran = (ck or {}).get("data")
+        if ran and ran["train"] != data.identity["train"]:
+            if args.resume:
+                raise UsageError(f"--resume {args.resume}: the run trained on the images in "
+                                 f"{ran['dir']} (fingerprint {ran['train']}); {args.data_dir} is "
+                                 f"{data.identity['dir']}, whose training images differ "
+                                 f"(fingerprint {data.identity['train']}): pass --data-dir with "
+                                 f"the run's images")
+            print(f"note: evaluating on other images than the run trained on: {args.data_dir} is "
+                  f"{data.identity['dir']} (training images {data.identity['train']}), the run "
+                  f"trained on {ran['dir']} ({ran['train']})", flush=True)
+    if to_train and args.batch_size > len(data.x_train):
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the "
+                         f"{len(data.x_train)} training images")
+    train_data = data
+    if args.eval and not same:
+        data = load_data(*eval_set, args.subset, args.eval_subset)
+    if args.eval and args.autoattack and data.n_classes < 4:
+        raise UsageError(f"--autoattack: standard AutoAttack needs >= 4 classes (its DLR loss uses "
+                         f"the 3rd and 4th largest logits); {eval_set[0]} has {data.n_classes}")
+    labels = None
+    if to_train and args.base == "advcl":
+        labels = run_pseudo_labels(args, ck, train_data, device)
+    # seeded after everything is read: nothing loaded on the way (a transfer source, the encoder
+    # of the pseudo-labels) changes the run's draws; ranks draw different augmentations
+    torch.manual_seed(args.seed + rank)
+    net = loaded[3] if loaded else None
+    if net is None:
+        net = AdvCLNet(args.width) if args.base == "advcl" else Net(args.width)
+    # the first thing written: the lock; every check that can refuse is behind
+    with lock(args.out) if rank == 0 else contextlib.nullcontext():
+        run_dir = (os.path.dirname(loaded[1]["checkpoint"]) or ".") if ck else None
+        if rank == 0 and ck and os.path.samefile(args.out, run_dir):
+            restore_run_files(args.out, ck)  # its log and config say what last.pt holds
+        if to_train:
+            if rank == 0:
+                prepare_out(args, net)
+                saved = labels and labels[1].get("saved")
+                if saved and (not ck or not os.path.exists(saved)):
+                    save_pseudo_labels(saved, labels[0], train_data)
+                steps = len(train_data.x_train) // args.batch_size
+                state = "new run"
+                if ck:
+                    state = (f"resuming last.pt at epoch {ck['step'] // steps + 1}, step "
+                             f"{ck['step'] % steps}/{steps}")
+                print(f"ainfonce: {args.out} | {device} ({provenance(device)['device_name']}) | "
+                      f"{args.dataset} {args.data_dir}: {len(train_data.x_train)} training / "
+                      f"{len(train_data.x_test)} test images, "
+                      f"{plural(train_data.n_classes, 'class')} | {args.method} | "
+                      f"{plural(args.epochs, 'epoch')} of {plural(steps, 'step')} | {state}",
+                      flush=True)
+            train(args, net, train_data, device, rank, world, ck, labels)
+            if rank == 0:
+                # the evaluation measures the saved weights
+                loaded = load_checkpoint(args.out)
+        if world > 1:
+            # evaluation runs on rank 0 alone, with batch norm back to per-process statistics
+            dist.barrier()
+            dist.destroy_process_group()
+        if rank != 0:
+            return {}
+        if not args.eval:
+            done = "pretrained" if to_train else "its run is finished"
+            if args.eval_only:
+                done = "an evaluation was asked for"
+            command = shlex.join(["python", os.path.relpath(__file__), "--eval-only", args.out])
+            print(f"{args.out}: {done}; --eval none: nothing evaluated (evaluate with: {command})")
+            return {}
+        return record_evaluation(args, loaded, data, device, source, t_start, to_train)
+
+
+def main(argv=None):
+    """The command line; returns the results dict (for tests). Bad input: one line on stderr,
+    exit 2; a non-finite loss: exit 3; a file that cannot be written: exit 4; Ctrl-C: 130."""
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        return run(*configure(argv))
+    except (UsageError, NonFiniteLoss, WriteFailed, KeyboardInterrupt) as e:
+        # an interrupt before training or evaluation began has nothing to keep
+        code = {UsageError: 2, NonFiniteLoss: 3, WriteFailed: 4}.get(type(e), 130)
+        message = {2: f"error: {e}", 130: "interrupted"}.get(code, str(e))
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one process says it
+            print(f"ainfonce.py: {message}", file=sys.stderr)
+        raise SystemExit(code)
+    finally:
+        # on every way out: no rank leaves a live group
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ==================================================================================================
+# Support: data and pseudo-label files, checkpoints and the field's layouts, results, processes,
+# progress, the benchmark. The method is above; nothing below changes what it computes.
+# ==================================================================================================
+
+
+# ==== Data: whole data sets as uint8 tensors [N, 3, 32, 32] ======================================
+class Data(NamedTuple):
+    """A data set as uint8 images [N, 3, 32, 32] on the CPU, and what identifies it; train_index:
+    the training images' places in the data set's order (a subset picks some)."""
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    n_classes: int
+    identity: dict
+    train_index: torch.Tensor
+
+
+def fixed_shuffle(n_items, n):
+    """Indices of the first n items of a fixed permutation (the same for every run, seed and
+    method); all items, in order, when n is 0 or not below n_items."""
+    if not 0 < n < n_items:
+        return torch.arange(n_items)
+    return torch.randperm(n_items, generator=torch.Generator().manual_seed(0))[:n]
+
+
+def load_data(dataset, data_dir, n_train=0, n_test=0):
+    """-> Data. --dataset folder reads DATA_DIR/{train,test}/<class>/<image> with torchvision's
+    ImageFolder (test labels follow the training split's classes); the others come through
+    torchvision, downloaded where missing (STL-10 at 32x32, antialiased). n_train and n_test > 0
+    keep the first n images of a fixed shuffle (never a single class); only those are decoded. Its
+    identity names the data set, its resolved directory, the fingerprints of its training and of
+    its test files (what training depends on, and what evaluation adds: a file's relative path
+    and bytes), the subsets and the classes."""
+    import torchvision.datasets as tvd
+    if dataset == "folder":
+        if not os.path.isdir(data_dir):
+            what = "is a file, not a directory" if os.path.exists(data_dir) else "does not exist"
+            raise UsageError(f"data directory {data_dir} {what}")
+        sets = []
+        for split in ("train", "test"):
+            d = os.path.join(data_dir, split)
+            if not os.path.isdir(d):
+                raise UsageError(f"{d} is missing: --dataset folder reads DATA_DIR/train/<class>/"
+                                 f"<image> and DATA_DIR/test/<class>/<image>")
+            try:
+                sets.append(tvd.ImageFolder(d))
+            except (FileNotFoundError, OSError) as e:
+                raise UsageError(f"{d}: {e}".replace("\n", " "))
+        train, test = sets
+        unknown = sorted(set(test.classes) - set(train.classes))
+        if unknown:
+            raise UsageError(f"test classes not in train/: {unknown}")
+        test.samples = [(p, train.classes.index(test.classes[c])) for p, c in test.samples]
+        files = [[p for p, _ in s.samples] for s in sets]
+        sizes = [len(s.samples) for s in sets]
+    else:
+        created = not os.path.exists(data_dir)
+        kind = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "stl10": tvd.STL10}[dataset]
+        try:
+            if dataset == "stl10":
+                sets = [kind(data_dir, split=split, download=True) for split in ("train", "test")]
+            else:
+                sets = [kind(data_dir, train=train, download=True) for train in (True, False)]
+        except Exception as e:  # offline (URLError) or a corrupt archive (RuntimeError)
+            if created and os.path.isdir(data_dir) and not os.listdir(data_dir):
+                os.rmdir(data_dir)  # nothing was downloaded: leave nothing behind
+            raise UsageError(f"could not get {dataset} into {data_dir} ({type(e).__name__}: {e}); "
+                             f"offline? copy torchvision's archive there, or use --dataset folder"
+                             .replace("\n", " "))
+        # the files each split reads (not STL-10's unlabeled images)
+        base = os.path.join(data_dir, kind.base_folder)
+        files = []
+        for split in (kind.train_list, kind.test_list):
+            files.append([os.path.join(base, f) for f, _ in split if not f.startswith("unlabeled")])
+        sizes = [len(s.data) for s in sets]
+    tensors, picked = [], []
+    for split, s, n, size in zip(("train", "test"), sets, (n_train, n_test), sizes):
+        if n > size:
+            name = "--subset" if split == "train" else "--eval-subset"
+            raise UsageError(f"{name} {n} is larger than the {size} {split} images")
+        keep = fixed_shuffle(size, n)
+        picked.append(keep)
+        if dataset == "folder":
+            tensors += decode(s, keep, split)
+            continue
+        x = torch.from_numpy(s.data)
+        if dataset != "stl10":
+            x = x.permute(0, 3, 1, 2)  # CIFAR is stored [N, 32, 32, 3]
+        labels = s.labels if dataset == "stl10" else s.targets
+        x, y = x[keep], torch.as_tensor(labels)[keep]
+        if x.shape[-1] != 32:  # STL-10's 96x96 at 32x32, antialiased (as PIL's bilinear resize)
+            x = F.interpolate(x.float(), size=32, mode="bilinear", antialias=True)
+            x = x.round().clamp(0, 255).byte()
+        tensors += [x.contiguous(), y.long()]
+    n_classes = len(sets[0].classes)
+    if n_classes < 2:
+        raise UsageError(f"{dataset} in {data_dir} has {n_classes} class: classification "
+                         f"needs at least 2")
+    fingerprints = []
+    for paths in files:  # equal files give an equal value wherever they lie: about 0.5 s
+        h = hashlib.sha256()
+        for path in paths:
+            h.update(os.path.relpath(path, data_dir).encode() + b"\0")
+            with open(path, "rb") as f:
+                h.update(f.read())
+        fingerprints.append(h.hexdigest()[:16])
+    identity = {"dataset": dataset, "dir": os.path.realpath(data_dir), "train": fingerprints[0],
+                "test": fingerprints[1], "subset": n_train, "eval_subset": n_test,
+                "n_train": len(tensors[0]), "n_test": len(tensors[2]), "n_classes": n_classes,
+                "train_items": sizes[0]}
+    return Data(*tensors, n_classes, identity, picked[0])
+
+
+QUIET_CHOICES = (
+    "resized {n} {split} images of another size to 32x32 (bilinear)",
+    "dropped the alpha channel of {n} {split} images",
+    "repeated {n} grayscale {split} images to RGB",
+    "counted {n} {split} images of nested sub-folders in their class folder's class",
+)
+
+
+def decode(ds, idx, split):
+    """Decode the images idx of an ImageFolder -> [uint8 [n, 3, 32, 32], labels]. As
+    torchvision's loader does, images are converted to RGB (an alpha channel is dropped, gray is
+    repeated); other sizes are resized; images in nested sub-folders count in their class; files
+    that are not images are skipped. Each of these quiet choices is said once."""
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+    x = torch.empty(len(idx), 32, 32, 3, dtype=torch.uint8)
+    tick = progress(f"decoding {split} images", len(idx))
+
+    def one(i):
+        path = ds.samples[idx[i]][0]
+        try:
+            with Image.open(path) as im:
+                alpha = "A" in im.getbands() or "transparency" in im.info
+                gray_ = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+                size = im.size
+                im = im.convert("RGB")
+                if im.size != (32, 32):
+                    im = im.resize((32, 32), Image.BILINEAR)
+                x[i] = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(32, 32, 3)
+        except Exception as e:
+            raise UsageError(f"cannot read image {path}: {e}")
+        nested = os.path.relpath(path, ds.root).count(os.sep) > 1
+        return size != (32, 32), alpha, gray_, nested
+    counts = [0] * 4
+    # PIL releases the GIL while decoding
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        for k, choices in enumerate(pool.map(one, range(len(idx)))):
+            counts = [c + f for c, f in zip(counts, choices)]
+            tick(k + 1)
+    said = [what.format(n=n, split=split) for n, what in zip(counts, QUIET_CHOICES) if n]
+    # files in the class folders that ImageFolder passed over (not images by their extension)
+    files = sum(len(names) for c in ds.classes
+                for _, _, names in os.walk(os.path.join(ds.root, c), followlinks=True))
+    if files > len(ds.samples):
+        said.insert(0, f"skipped {files - len(ds.samples)} {split} files that are not images")
+    if said:
+        print("data: " + "; ".join(said))
+    labels = torch.tensor([ds.samples[i][1] for i in idx.tolist()])
+    return [x.permute(0, 3, 1, 2).contiguous(), labels]
+
+
+# ==== Pseudo-labels of the AdvCL base: AdvCL's and A-InfoNCE's files, or k-means ==================
+SAFE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+                ("numpy._core.numeric", "_frombuffer"), ("numpy", "dtype"), ("numpy", "ndarray"),
+                ("_codecs", "encode"), ("collections", "OrderedDict"),
+                ("torch._utils", "_rebuild_tensor_v2")}
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles arrays and tensors, nothing else: no code runs."""
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return lambda b: torch.load(io.BytesIO(b), weights_only=True)
+        if (module, name) not in SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not an array")
+        module = module.replace("numpy.core.", "numpy._core.")
+        return getattr(importlib.import_module(module), name)
+
+
+def pseudo_label_file(path, n_items):
+    """AdvCL's file (a dict of int arrays pseudo_train_K, numpy's pickle protocols 2 to 5) or
+    A-InfoNCE's (torch tensors; a torch.save file too), read without running any pickled code ->
+    LongTensor [5, n_items]: one label per training image, in the data set's order, for each K of
+    PSEUDO_KS (-1: none)."""
+    import zipfile
+    try:
+        if zipfile.is_zipfile(path):  # torch.save's format, whatever the file's name
+            found = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            with open(path, "rb") as f:
+                found = ArrayUnpickler(f).load()
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"--pseudo-labels {path}: not a pickle of pseudo-labels ({reason})")
+    if not isinstance(found, dict):
+        raise UsageError(f"--pseudo-labels {path}: a dict of pseudo_train_K arrays expected")
+    rows = []
+    for k in PSEUDO_KS:
+        key = f"pseudo_train_{k}"
+        if key not in found:
+            raise UsageError(f"--pseudo-labels {path} has no {key} (the AdvCL base needs K = "
+                             f"{', '.join(map(str, PSEUDO_KS))})")
+        row = torch.as_tensor(found[key]).flatten()
+        if row.is_floating_point() and not torch.equal(row, row.round()):
+            raise UsageError(f"--pseudo-labels {path}: {key} holds numbers that are not whole: "
+                             f"pseudo-labels are cluster indices")
+        row = row.long()
+        if len(row) != n_items:
+            raise UsageError(f"--pseudo-labels {path}: {key} has {len(row)} labels, the data set "
+                             f"{n_items} training images")
+        if row.min() < -1 or row.max() >= k:
+            raise UsageError(f"--pseudo-labels {path}: {key} holds labels outside [-1, {k})")
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def kmeans(x, k, seed=0, iters=100):
+    """Lloyd's k-means of the rows of x (cosine: rows L2-normalised) from a k-means++ start drawn
+    by a fixed generator -> labels [n]. Deterministic on one machine."""
+    x = F.normalize(x.double(), dim=1)
+    gen = torch.Generator().manual_seed(seed)
+    centres = [x[torch.randint(len(x), (1,), generator=gen)].squeeze(0)]
+    nearest = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        chosen = torch.multinomial(nearest.cpu() + 1e-12, 1, generator=gen).item()
+        centres.append(x[chosen])
+        nearest = torch.minimum(nearest, ((x - x[chosen]) ** 2).sum(1))
+    c = torch.stack(centres)  # [k, d]
+    labels = None
+    for _ in range(iters):
+        new = torch.cdist(x, c).argmin(1)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            members = x[labels == j]
+            if len(members):
+                c[j] = members.mean(0)
+    return labels
+
+
+def pseudo_labels(source, data, device):
+    """The pseudo-labels of the training images -> (LongTensor [5, n_train], what made them).
+    source names a file of AdvCL's or A-InfoNCE's format, or an encoder (a run or a checkpoint):
+    k-means of its eval-mode fp32 features of the training images into K = 2, 10, 50, 100, 500
+    clusters. Nothing is written."""
+    is_pickle = os.path.isfile(source) and source.endswith((".pkl", ".pickle"))
+    if is_pickle:
+        labels = pseudo_label_file(source, data.identity["train_items"])[:, data.train_index]
+        with open(source, "rb") as f:
+            made = {"file": os.path.realpath(source),
+                    "sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
+    else:
+        encoder, read = load_checkpoint(source, what="--pseudo-labels")[:2]
+        x = data.x_train.to(device)
+        encoder = copy.deepcopy(encoder).float().to(device)
+        with eval_mode(encoder), torch.no_grad(), strict_fp32(device):
+            chunks = batches(len(x), 512, device)
+            features = torch.cat([encoder(as_float(x[i])) for i in chunks]).cpu()
+        rows = []
+        for k in PSEUDO_KS:
+            print(f"pseudo-labels: k-means of {len(x)} encoder features into {k} clusters",
+                  flush=True)
+            rows.append(kmeans(features, min(k, len(x))))
+        labels = torch.stack(rows)
+        made = {"kmeans_of": weights_digest(encoder), "encoder": read["checkpoint"],
+                "ks": list(PSEUDO_KS), "data": data.identity["train"]}
+    for k, row in zip(PSEUDO_KS, labels):
+        if (row < 0).all():
+            raise UsageError(f"--pseudo-labels {source}: pseudo_train_{k} holds no label (all -1) "
+                             f"for the {len(row)} training images: the AdvCL base's "
+                             f"cross-entropy would be empty")
+    made["labels_digest"] = hashlib.sha256(labels.numpy().tobytes()).hexdigest()[:16]
+    return labels, made
+
+
+def run_pseudo_labels(args, ck, data, device):
+    """The pseudo-labels a run trains on -> (LongTensor [5, n_train], what made them): a resumed
+    run's own, from its checkpoint (--pseudo-labels given again must give the same labels); a new
+    run's from --pseudo-labels (k-means labels are saved as OUT/pseudo-labels.pkl for reuse)."""
+    kept = (ck or {}).get("pseudo_label_values")
+    if kept is not None and "pseudo_labels" not in args.given:
+        return kept, ck["pseudo_labels"]
+    labels, made = pseudo_labels(args.pseudo_labels, data, device)
+    if "kmeans_of" in made:
+        made["saved"] = os.path.join(args.out, "pseudo-labels.pkl")
+    ran = (ck or {}).get("pseudo_labels")
+    if ran and ran["labels_digest"] != made["labels_digest"]:
+        raise UsageError(f"--pseudo-labels {args.pseudo_labels}: other labels (digest "
+                         f"{made['labels_digest']}) than the run trained on ("
+                         f"{ran['labels_digest']}, from {ran.get('file') or ran.get('encoder')}); "
+                         f"leave --pseudo-labels out to continue with the run's own")
+    return labels, made
+
+
+def save_pseudo_labels(path, labels, data):
+    """labels [5, n_train] in AdvCL's format (int32 arrays pseudo_train_K, one label per image of
+    the data set, -1 for the images a subset left out), for reuse by --pseudo-labels."""
+    import numpy as np
+    table = {}
+    for k, row in zip(PSEUDO_KS, labels):
+        full = torch.full((data.identity["train_items"],), -1, dtype=torch.long)
+        full[data.train_index] = row
+        table[f"pseudo_train_{k}"] = full.numpy().astype(np.int32)
+    atomic_write(path, lambda f: pickle.dump(table, f))
+
+
+# ==== Checkpoints, the field's layouts, and results ===============================================
 class WriteFailed(Exception):
     """A file could not be written (a full disk, a quota): one line, exit code 4; the previous file
     is kept."""
@@ -1919,28 +2241,8 @@ def atomic_write(path, write):
         raise WriteFailed(f"could not write {path}: {reason}") from None
 
 
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
-
-
-def read_results(path):
-    """A results file -> its numbers ({} where there is none yet); one that does not read as a
-    results file (truncated, emptied, edited) is refused by name: its numbers cannot be trusted."""
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            res = json.load(f)
-    except (ValueError, OSError):
-        res = None
-    if not isinstance(res, dict):
-        raise UsageError(f"{path} is not a readable results file (truncated or edited?): move it "
-                         f"away, and its numbers are computed again")
-    return res
-
-
 def run_files(ck):
-    """What log.jsonl and config.json of a run hold, as its checkpoint says it."""
+    """What a run's log.jsonl and config.json hold, as its checkpoint says it."""
     log = "".join(json.dumps(record) + "\n" for record in ck["history"])
     config = {"args": ck.get("first_args", ck["args"]), "invocations": ck.get("invocations", [])}
     return {"log.jsonl": log, "config.json": json.dumps(config, indent=1)}
@@ -1972,111 +2274,28 @@ def load_strict(module, state, what):
     module.load_state_dict(state, strict=True)
 
 
+# The field's ResNet-18 files (README, Published checkpoints), read from their keys: the encoder
+# is the sub-network whose keys hold conv1 and layer1..4, after DataParallel's module. and
+# compile's _orig_mod. (nested or not); the second encoders below are not it (DynACL's online
+# encoder_q, solo-learn's momentum teacher); heads inside it are ignored, and named; every other
+# key must fit (strict). What each layout's keys say, and what only a flag can:
+# - BN branches: bn_list.K (ACL, DynACL, AdvCL): the only branch, else --bn-branch, else 1 (pgd, as
+#   their evaluations); none: one set of statistics.
+# - Stem: padding 1 (RoCL, ACL, AdvCL, DynACL: their own key names), 2 in a solo-learn Lightning
+#   checkpoint (DeACL); torchvision-style names (downsample.0/1) outside one are written with
+#   either: --stem-padding.
+# - Normalisation: normalize.mean/std are applied inside, except in a torchvision-style file of
+#   padding 1 (DynACL++ applies them, RobustSSL's SLF/ALF files of AdvCL/A-InfoNCE hold them
+#   unused): --normalise.
 ENCODER = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.", "normalize.")
-# heads inside the encoder's module: ignored, and named; every other key must fit
 HEADS = ("fc", "linear", "classifier", "head", "proj", "predictor")
-# DynACL's online encoder, solo-learn's momentum teacher: the other encoder is evaluated
 SECOND_ENCODERS = ("encoder_q.", "momentum_backbone.")
-# DataParallel's and torch.compile's prefixes, nested in any order
 WRAPPERS = r"(^|\.)((module|_orig_mod)\.)+"
-READ_FLAGS = {"bn_branch": "--bn-branch", "stem_padding": "--stem-padding",
-              "normalise": "--normalise"}
-
-
-def state_dicts(ck):
-    """The state dicts a checkpoint may hold, in the order RobustSSL's loader looks for them, then
-    the file itself."""
-    if not isinstance(ck, dict):
-        return []
-    names = ("state_dict_dual", "state_dict", "model")
-    inner = [ck[k] for k in names if isinstance(ck.get(k), dict)]
-    return [{k: v for k, v in sd.items() if torch.is_tensor(v)} for sd in inner + [ck]]
-
-
-def find_encoder(ck, path):
-    """-> (the state dict, without wrappers, that holds the encoder; the encoder's key prefix)."""
-    roots, sd = set(), {}
-    for candidate in state_dicts(ck):
-        sd = {re.sub(WRAPPERS, r"\1", k): v for k, v in candidate.items()}
-        roots = {k[:-12] for k in sd
-                 if k.endswith("conv1.weight") and k[:-12] + "layer1.0.conv1.weight" in sd}
-        if roots:
-            break
-    roots = roots - {r for r in roots if r.endswith(SECOND_ENCODERS)} or roots
-    if len(roots) != 1:
-        # the keys of the largest state dict it holds (a projector's, say), not its container's
-        largest = max(state_dicts(ck), key=len, default={})
-        keys = list(largest) or (list(ck) if isinstance(ck, dict) else [type(ck).__name__])
-        if roots:
-            found = f"it holds {len(roots)} encoders: {', '.join(sorted(roots))}"
-        else:
-            found = f"no conv1 and layer1..4; keys: {', '.join(map(str, keys[:4]))} ..."
-        raise UsageError(f"{path} is neither an ainfonce checkpoint nor a CIFAR ResNet-18 in the "
-                         f"field's layouts ({found})")
-    return sd, roots.pop()
-
-
-class Reading(NamedTuple):
-    bn_branch: int
-    stem_padding: int
-    normalise: bool
-
-
-def how_to_read(path, enc, branches, solo, flags):
-    """(BN branch, stem padding, normalise) from the file's keys where they say it, from flags only
-    where they do not: a flag that agrees with the file is accepted, one that contradicts it is
-    refused, and one the file does not answer is asked for."""
-    torchvision_style = any(re.search(r"\.downsample\.[01]\.", k) for k in enc)
-    normalising = any(k.startswith("normalize.") for k in enc)
-    # what the file says, or None where it does not say it
-    says = {"bn_branch": None, "stem_padding": 2 if solo else 1, "normalise": "none"}
-    why = {"stem_padding": "a stem its key names fix (padding "
-                           f"{says['stem_padding']})",
-           "normalise": "no normalize.mean/std"}
-    if len(branches) == 1:
-        says["bn_branch"] = branches[0]
-        why["bn_branch"] = f"BN branches {branches}"
-    elif not branches:
-        says["bn_branch"] = "none"
-        why["bn_branch"] = "one set of BN statistics (no bn_list)"
-    if torchvision_style and not solo:
-        if flags.get("stem_padding") is None:
-            raise UsageError(f"{path} has torchvision-style keys (downsample.0/1), which "
-                             f"solo-learn/DeACL write with a CIFAR stem of padding 2 and "
-                             f"DynACL++/RobustSSL with padding 1: pass --stem-padding 2 or 1")
-        says["stem_padding"] = None
-    stem_padding = flags.get("stem_padding") or says["stem_padding"]
-    if normalising:
-        says["normalise"] = "inside"
-        why["normalise"] = "normalize.mean/std that its layout applies"
-        if torchvision_style and not solo and stem_padding == 1:
-            says["normalise"] = None
-            if flags.get("normalise") is None:
-                raise UsageError(f"{path} holds normalize.mean/std in torchvision-style keys: "
-                                 f"DynACL++ and RobustSSL's files apply them, but RobustSSL's "
-                                 f"SLF/ALF files of AdvCL and A-InfoNCE hold them unused: pass "
-                                 f"--normalise inside or none")
-    for key, flag_ in READ_FLAGS.items():
-        given = flags.get(key)
-        if given is not None and says[key] is not None and given != says[key]:
-            raise UsageError(f"{flag_} {given}: {path} holds {why[key]}: leave {flag_} out")
-    normalise = normalising and flags.get("normalise") != "none"
-    bn_branch = flags.get("bn_branch")
-    if branches and bn_branch is None:
-        bn_branch = branches[0] if len(branches) == 1 else 1
-    if branches and bn_branch not in branches:
-        if flags.get("bn_branch") is None:
-            raise UsageError(f"{path} holds BN branches {branches}, none of them 1 (adversarial): "
-                             f"pass --bn-branch K")
-        raise UsageError(f"--bn-branch {bn_branch}: {path} holds BN branches {branches}: pass one "
-                         f"of them")
-    if not branches:
-        bn_branch = None
-    return Reading(bn_branch, stem_padding, normalise)
 
 
 def encoder_state(sd, root, bn_branch, normalise):
-    """The encoder's tensors under our names -> (state, {ignored kind: count})."""
+    """The encoder's tensors under our names (shortcut.0/1 for downsample.conv/bn and
+    downsample.0/1, one BN branch) -> (state, {ignored kind: count})."""
     state, ignored = {}, {}
     for k, v in sd.items():
         inside = k.startswith(root)
@@ -2097,26 +2316,83 @@ def encoder_state(sd, root, bn_branch, normalise):
 
 def field_encoder(ck, path, flags):
     """A CIFAR ResNet-18 in one of the field's layouts -> (ResNet18 with exactly its weights, how it
-    was read). The encoder is the sub-network whose keys hold conv1 and layer1..4 (after
-    DataParallel's module. and compile's _orig_mod., nested or not), DynACL's encoder_k rather than
-    encoder_q, solo-learn's backbone rather than its momentum_backbone; other sub-networks, heads
-    and other BN branches are ignored and named; every other key must fit the encoder (strict).
-    - BN branch: bn_list.K (ACL, DynACL, AdvCL): the only branch, else --bn-branch, else 1 (pgd,
-      as their evaluations). downsample.conv/bn and downsample.0/1 are our shortcut.0/1.
-    - Stem: padding 1 (RoCL, ACL, AdvCL, DynACL: their own key names), 2 in a solo-learn
-      Lightning checkpoint (DeACL); torchvision-style names (downsample.0/1) outside one are
-      written with either: --stem-padding.
-    - Normalisation: normalize.mean/std are applied inside, except in a torchvision-style file of
-      padding 1 (DynACL++ applies them, RobustSSL's SLF/ALF files of AdvCL/A-InfoNCE hold them
-      unused): --normalise."""
-    sd, root = find_encoder(ck, path)
+    was read). flags: the reading flags, accepted where they agree with the file, refused where
+    they contradict it, asked for where the file does not say."""
+    # the state dicts it may hold, in the order RobustSSL's loader looks for them, then the file
+    inner = [ck[k] for k in ("state_dict_dual", "state_dict", "model")
+             if isinstance(ck, dict) and isinstance(ck.get(k), dict)]
+    if isinstance(ck, dict):
+        inner.append(ck)
+    candidates = [{k: v for k, v in sd.items() if torch.is_tensor(v)} for sd in inner]
+    roots, sd = set(), {}
+    for candidate in candidates:
+        sd = {re.sub(WRAPPERS, r"\1", k): v for k, v in candidate.items()}
+        roots = {k[:-12] for k in sd
+                 if k.endswith("conv1.weight") and k[:-12] + "layer1.0.conv1.weight" in sd}
+        if roots:
+            break
+    roots = roots - {r for r in roots if r.endswith(SECOND_ENCODERS)} or roots
+    if len(roots) != 1:
+        # the keys of the largest state dict it holds (a projector's, say), not its container's
+        largest = max(candidates, key=len, default={})
+        keys = list(largest) or (list(ck) if isinstance(ck, dict) else [type(ck).__name__])
+        if roots:
+            found = f"it holds {len(roots)} encoders: {', '.join(sorted(roots))}"
+        else:
+            found = f"no conv1 and layer1..4; keys: {', '.join(map(str, keys[:4]))} ..."
+        raise UsageError(f"{path} is neither an ainfonce checkpoint nor a CIFAR ResNet-18 in the "
+                         f"field's layouts ({found})")
+    root = roots.pop()
     solo = isinstance(ck, dict) and "pytorch-lightning_version" in ck and root == "backbone."
     enc = [k[len(root):] for k in sd if k.startswith(root) and k[len(root):].startswith(ENCODER)]
     branches = sorted({int(b) for b in re.findall(r"\.bn_list\.(\d+)\.", " ".join(enc))})
-    how = how_to_read(path, enc, branches, solo, flags)
-    state, ignored = encoder_state(sd, root, how.bn_branch, how.normalise)
+    torchvision_style = any(re.search(r"\.downsample\.[01]\.", k) for k in enc)
+    normalising = any(k.startswith("normalize.") for k in enc)
+    # what the file says (None where it does not), and in which words
+    says = {"bn_branch": "none", "stem_padding": 2 if solo else 1, "normalise": "none"}
+    why = {"bn_branch": "one set of BN statistics (no bn_list)",
+           "stem_padding": f"a stem its key names fix (padding {says['stem_padding']})",
+           "normalise": "no normalize.mean/std"}
+    if branches:
+        says["bn_branch"] = branches[0] if len(branches) == 1 else None
+        why["bn_branch"] = f"BN branches {branches}"
+    if torchvision_style and not solo:
+        if flags.get("stem_padding") is None:
+            raise UsageError(f"{path} has torchvision-style keys (downsample.0/1), which "
+                             f"solo-learn/DeACL write with a CIFAR stem of padding 2 and "
+                             f"DynACL++/RobustSSL with padding 1: pass --stem-padding 2 or 1")
+        says["stem_padding"] = None
+    stem_padding = flags.get("stem_padding") or says["stem_padding"]
+    if normalising:
+        says["normalise"] = "inside"
+        why["normalise"] = "normalize.mean/std that its layout applies"
+    if normalising and torchvision_style and not solo and stem_padding == 1:
+        says["normalise"] = None
+        if flags.get("normalise") is None:
+            raise UsageError(f"{path} holds normalize.mean/std in torchvision-style keys: "
+                             f"DynACL++ and RobustSSL's files apply them, but RobustSSL's SLF/ALF "
+                             f"files of AdvCL and A-InfoNCE hold them unused: pass --normalise "
+                             f"inside or none")
+    for key in READ_FLAGS:
+        given = flags.get(key)
+        if given is not None and says[key] is not None and given != says[key]:
+            raise UsageError(f"{flag(key)} {given}: {path} holds {why[key]}: leave {flag(key)} "
+                             f"out")
+    normalise = normalising and flags.get("normalise") != "none"
+    bn_branch = None
+    if branches:
+        bn_branch = flags.get("bn_branch")
+        if bn_branch is None:
+            bn_branch = branches[0] if len(branches) == 1 else 1
+        if bn_branch not in branches and flags.get("bn_branch") is None:
+            raise UsageError(f"{path} holds BN branches {branches}, none of them 1 (adversarial): "
+                             f"pass --bn-branch K")
+        if bn_branch not in branches:
+            raise UsageError(f"--bn-branch {bn_branch}: {path} holds BN branches {branches}: pass "
+                             f"one of them")
+    state, ignored = encoder_state(sd, root, bn_branch, normalise)
     width = state["conv1.weight"].shape[0]
-    encoder = ResNet18(width, normalise=how.normalise, stem_padding=how.stem_padding)
+    encoder = ResNet18(width, normalise=normalise, stem_padding=stem_padding)
     load_strict(encoder, state, f"{path}: state dict")
     layout = "other"
     if root == "encoder_k.":
@@ -2125,39 +2401,28 @@ def field_encoder(ck, path, flags):
         layout = "deacl"
     elif branches == [0, 1, 2]:
         layout = "advcl"
-    said = [f"ResNet-18 width {width}", f"stem padding {how.stem_padding}"]
+    said = [f"ResNet-18 width {width}", f"stem padding {stem_padding}"]
     if root:
         said[0] += f" from {root.rstrip('.')}"
     if branches:
-        said.append(f"BN branch {how.bn_branch} of {branches}")
-    if how.normalise:
+        said.append(f"BN branch {bn_branch} of {branches}")
+    if normalise:
         said.append("normalising inputs inside")
     if ignored:
         kinds = ", ".join(f"{k} ({n})" for k, n in ignored.items())
         said.append(f"ignored {sum(ignored.values())} keys: {kinds}")
     print(f"{path}: " + ", ".join(said))
     read = {"checkpoint": path, "layout": layout, "encoder": root.rstrip(".") or None,
-            "bn_branch": how.bn_branch, "bn_branches": branches or None,
-            "stem_padding": how.stem_padding, "normalise_inside": how.normalise,
-            "ignored": ignored}
+            "bn_branch": bn_branch, "bn_branches": branches or None,
+            "stem_padding": stem_padding, "normalise_inside": normalise, "ignored": ignored}
     return encoder, read
 
 
-class Loaded(NamedTuple):
-    """A checkpoint read: its path; the ainfonce checkpoint (None for the field's files); the whole
-    network (ainfonce checkpoints only); the encoder (always); how it was read."""
-    path: str
-    checkpoint: dict
-    net: nn.Module
-    encoder: nn.Module
-    read: dict
-
-
 def load_checkpoint(path, flags=None, what="checkpoint"):
-    """-> Loaded. An ainfonce checkpoint (a run directory or its last.pt), or a CIFAR ResNet-18 in
-    one of the field's layouts, read as flags (bn_branch, stem_padding, normalise) say where the
-    file does not. what: the flag that named it, for the error messages."""
-    import pickle
+    """An ainfonce checkpoint (a run directory or its last.pt), or a CIFAR ResNet-18 in one of the
+    field's layouts, read as the reading flags say where the file does not -> (the encoder, how it
+    was read, the ainfonce checkpoint or None, the whole network or None). what: the flag that
+    named it, for the error messages. Nothing is unpickled: tensors and plain containers only."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     if os.path.isdir(path):
         path = os.path.join(path, "last.pt")
@@ -2167,8 +2432,8 @@ def load_checkpoint(path, flags=None, what="checkpoint"):
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = refused.group(1) if refused else "a Python object"
-        raise UsageError(f"{path} holds {what}, which a weights-only load refuses (unpickling it "
+        held = refused.group(1) if refused else "a Python object"
+        raise UsageError(f"{path} holds {held}, which a weights-only load refuses (unpickling it "
                          f"could run code): ainfonce reads tensors only; where the file was made, "
                          f"save the encoder's state dict alone (torch.save(model.state_dict(), "
                          f"...)) and pass that file")
@@ -2176,37 +2441,33 @@ def load_checkpoint(path, flags=None, what="checkpoint"):
         raise UsageError(f"{path} is not a readable checkpoint: corrupt or truncated "
                          f"({type(e).__name__}); restore a copy of it")
     if not (isinstance(ck, dict) and {"encoder", "projector", "args"} <= set(ck)):
-        encoder, read = field_encoder(ck, path, flags)
-        return Loaded(path, None, None, encoder, read)
+        return (*field_encoder(ck, path, flags), None, None)
     missing = {"optimizer", "epoch", "step", "history", "sums", "rng"} - set(ck)
     if missing:
         raise UsageError(f"{path} is not a complete ainfonce checkpoint: it lacks "
                          f"{sorted(missing)}")
     advcl = ck["args"].get("base", "rocl") == "advcl"
     # what the file says: stem padding 1, no normalisation, one BN (AdvCL base: its pgd branch)
-    says = {"stem_padding": 1, "normalise": "none", "bn_branch": PGD if advcl else "none"}
-    wrong = [READ_FLAGS[k] for k, v in flags.items() if v != says[k]]
+    says = {"stem_padding": 1, "normalise": "none", "bn_branch": BN_ADV if advcl else "none"}
+    wrong = [flag(k) for k, v in flags.items() if v != says[k]]
     if wrong:
         names = ", ".join(wrong)
+        branch = "BN branch 1 (pgd)" if advcl else "one BN"
         raise UsageError(f"{names}: {path} is an ainfonce checkpoint (stem padding 1, no "
-                         f"normalisation, {'BN branch 1 (pgd)' if advcl else 'one BN'}): leave "
-                         f"{names} out")
+                         f"normalisation, {branch}): leave {names} out")
     read = {"checkpoint": path, "layout": "ainfonce", "encoder": None, "bn_branch": None,
             "stem_padding": 1, "normalise_inside": False}
-    if not advcl:
-        net = Net(ck["args"]["width"])
-    else:
-        net = AdvCLNet(ck["args"]["width"])
+    net = AdvCLNet(ck["args"]["width"]) if advcl else Net(ck["args"]["width"])
     load_strict(net.encoder, ck["encoder"], f"{path}: encoder")
-    load_strict(net.projector, ck["projector"], f"{path}: projector")
-    if isinstance(net, Net):
-        return Loaded(path, ck, net, net.encoder, read)
+    load_strict(net.heads if advcl else net.projector, ck["projector"], f"{path}: projector")
+    if not advcl:
+        return net.encoder, read, ck, net
     # the AdvCL base is evaluated through its pgd branch, as the field does
-    state, _ = encoder_state(net.encoder.state_dict(), "", PGD, False)
+    state, _ = encoder_state(net.encoder.state_dict(), "", BN_ADV, False)
     encoder = ResNet18(ck["args"]["width"])
-    load_strict(encoder, state, f"{path}: encoder, BN branch {PGD}")
-    read.update(bn_branch=PGD, bn_branches=[NORMAL, PGD, PGD_CE])
-    return Loaded(path, ck, net, encoder, read)
+    load_strict(encoder, state, f"{path}: encoder, BN branch {BN_ADV}")
+    read.update(bn_branch=BN_ADV, bn_branches=[BN_CLEAN, BN_ADV, BN_CE])
+    return encoder, read, ck, net
 
 
 def weights_digest(module):
@@ -2218,14 +2479,11 @@ def weights_digest(module):
     return h.hexdigest()[:16]
 
 
-def checkpoint_bytes(n_params):
-    """About what last.pt takes: fp32 weights and SGD momentum, and a MiB for the rest."""
-    return 8 * n_params + 2**20
-
-
-def prepare_out(args, n_params):
+def prepare_out(args, net):
     """Before training writes (the lock held): refuse to clobber another run; fail if the disk
-    cannot hold the run's checkpoints (last.pt and last.pt.tmp side by side during a save)."""
+    cannot hold the run's checkpoints (last.pt and last.pt.tmp side by side during a save: fp32
+    weights and SGD momentum, and a MiB for the rest); a new run's --overwrite removes the old
+    run's checkpoint and log (its results stay)."""
     last = os.path.join(args.out, "last.pt")
     if os.path.exists(last) and not args.resume and not args.overwrite:
         raise UsageError(f"{args.out} already holds a run: continue it with --resume {args.out}, "
@@ -2233,26 +2491,19 @@ def prepare_out(args, n_params):
     have = 0
     if os.path.exists(last) and args.resume:
         have = os.path.getsize(last)
-    need = 2 * checkpoint_bytes(n_params) - have
+    need = 2 * (8 * sum(p.numel() for p in net.parameters()) + 2**20) - have
     free = shutil.disk_usage(args.out).free
     if free < need:
         raise UsageError(f"only {free / 2**20:.0f} MiB free for {args.out}; its checkpoints need "
                          f"{need / 2**20:.0f} MiB more (last.pt and last.pt.tmp during a save)")
-
-
-def lock_owner(f, wait=1.0):
-    """The owner's line of a lock held by another process (written right after taking the lock)."""
-    deadline = time.time() + wait
-    while True:
-        f.seek(0)
-        owner = f.read().strip()
-        if owner or time.time() > deadline:
-            return owner or "another process"
-        time.sleep(0.02)
+    if args.overwrite and not args.resume:
+        for name in ("last.pt", "log.jsonl"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(args.out, name))
 
 
 @contextlib.contextmanager
-def owning(directory):
+def lock(directory):
     """Owns `directory` while this process writes there: directory/.lock holds the owner's pid and
     host under an flock, which the OS drops when a process dies, so a live owner is refused and a
     dead one's lock is taken over; a clean exit leaves the file empty. Any *.tmp inside is then a
@@ -2268,9 +2519,27 @@ def owning(directory):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise UsageError(f"{directory} is in use by {lock_owner(f)}: wait for it to end, or "
-                             f"write elsewhere with --out")
-        take_over(directory, f)
+            deadline = time.time() + 1.0  # the owner writes its line right after taking the lock
+            f.seek(0)
+            while not f.read().strip() and time.time() < deadline:
+                time.sleep(0.02)
+                f.seek(0)
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise UsageError(f"{directory} is in use by {owner}: wait for it to end, or write "
+                             f"elsewhere with --out")
+        f.seek(0)
+        owner = f.read().strip()
+        here = socket.gethostname()
+        pid = re.match(rf"pid (\d+) on {re.escape(here)} ", owner + " ")
+        if pid and os.path.exists(f"/proc/{pid.group(1)}") and int(pid.group(1)) != os.getpid():
+            print(f"{directory}: its lock file names {owner}, which is running but does not hold "
+                  f"the lock (a copied directory?): taking it over")
+        elif owner:
+            print(f"{directory}: taking over the lock of {owner}, which is no longer running")
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {here} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
         for name in os.listdir(directory):
             if name.endswith(".tmp"):
                 size = os.path.getsize(os.path.join(directory, name))
@@ -2290,108 +2559,68 @@ def owning(directory):
                 f.truncate(0)
 
 
-def take_over(directory, f):
-    """Write this process's line into the lock file, saying whose line was there."""
-    f.seek(0)
-    owner = f.read().strip()
-    here = socket.gethostname()
-    pid = re.match(rf"pid (\d+) on {re.escape(here)} ", owner + " ")
-    alive = pid and os.path.exists(f"/proc/{pid.group(1)}") and int(pid.group(1)) != os.getpid()
-    if alive:
-        print(f"{directory}: its lock file names {owner}, which is running but does not hold the "
-              f"lock (a copied directory?): taking it over")
-    elif owner:
-        print(f"{directory}: taking over the lock of {owner}, which is no longer running")
-    f.truncate(0)
-    f.write(f"pid {os.getpid()} on {here} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    f.flush()
-
-
-# how a file became an encoder: part of its numbers' identity
-READ_KEYS = ("layout", "encoder", "bn_branch", "stem_padding", "normalise_inside")
-
-
-def results_identity(protocol, encoder, read, data, source):
-    """What a number depends on, computed in this one place: the weights (digest of parameters and
-    buffers) and how a file was read into them; the data (data set, directory, fingerprint of its
-    files, subsets); the protocol (every setting of every scheme, the threats, the attack,
-    AutoAttack, the seed); the transfer source's weights. Its hash names the results file, and the
-    file records it: numbers are reused only under an equal identity."""
-    weights = {"digest": weights_digest(encoder), **{k: read.get(k) for k in READ_KEYS}}
-    transfer = None
-    if source is not None:
-        source_encoder, source_read = source
-        transfer = {"digest": weights_digest(source_encoder),
-                    **{k: source_read.get(k) for k in READ_KEYS}}
-    return {"weights": weights, "data": data.identity, "protocol": protocol.identity(),
-            "transfer": transfer}
-
-
-def training_record(ck):
-    """What made a run's weights, as its checkpoint holds it: the arguments as first given, each
-    later invocation (a resume) with its step, command and changes, the training data's
-    identity, time, speed and machine."""
-    images_per_s = ck["step"] * ck["args"]["batch_size"] / max(ck["train_s"], 1e-9)
-    return {"args": ck.get("first_args", ck["args"]), "invocations": ck.get("invocations", []),
-            "data": ck.get("data"), "pretrain_s": ck["train_s"], "images_per_s": images_per_s,
-            "env": ck["env"]}
-
-
-def describe(protocol, data, path):
-    """One line: which protocol and settings this evaluation runs, on what, and where the numbers
-    go."""
-    parts = []
-    for name in protocol.run:
-        s = protocol.schemes[name]
-        part = f"{name.upper()} {plural(s['epochs'], 'epoch')} (lr {s['lr']:g}, "
-        part += f"batch {s['batch_size']}"
-        if s["augment"]:
-            part += ", crop+flip"
-        if "eps" in s:
-            part += f", PGD at {s['eps'] * 255:g}/255"
-        parts.append(part + ")")
-    threats = ", ".join(k for k, _, _ in protocol.threats)
-    also = ", and AutoAttack" if protocol.autoattack else ""
-    return (f"evaluation: {protocol.name} protocol on {data.identity['dataset']} "
-            f"{data.identity['dir']} ({len(data.x_train)} training / {len(data.x_test)} test "
-            f"images): {'; '.join(parts)}; RA: PGD-{protocol.eval_steps} (step "
-            f"{protocol.eval_step * 255:g}/255) at {threats}{also} -> {path}")
-
-
 def resume_command(out):
     return shlex.join(["python", os.path.relpath(__file__), "--resume", out])
 
 
-def report(args, loaded, data, device, source, t_start, trained):
-    """Evaluate and record: the numbers go to OUT/results-<key>.json, key the hash of their
-    identity (results_identity), which the file records; a finished scheme there is reused
-    (--overwrite recomputes it), each new one is saved as soon as it is done. Nothing of another
-    identity is ever read or rewritten."""
-    protocol = protocol_of(args)
-    ck = loaded.checkpoint
-    identity = results_identity(protocol, loaded.encoder, loaded.read, data, source)
+def record_evaluation(args, loaded, data, device, source, t_start, trained):
+    """Evaluate and record. A number is filed under everything that made it, computed here: the
+    weights (digest of parameters and buffers) and how a file was read into them; the data (data
+    set, directory, fingerprints of its files, subsets); the protocol (every setting of every
+    scheme, the threats, the attack, AutoAttack, the seed); the transfer source's weights. Its
+    hash names OUT/results-<key>.json, which records it: a finished scheme there is reused
+    (--overwrite recomputes it), each new one is saved as soon as it is done, and nothing of
+    another identity is ever read or rewritten."""
+    encoder, read = loaded[:2]
+    ck = loaded[2]
+    reading = ("layout", "encoder", "bn_branch", "stem_padding", "normalise_inside")
+    protocol = {"name": args.protocol, "pretraining": args.pretraining, "schemes": args.schemes,
+                "threats": [key for key, _, _ in args.threats], "eval_step": args.eval_step,
+                "eval_steps": args.eval_steps, "eval_batch_size": args.eval_batch_size,
+                "autoattack": autoattack_impl() if args.autoattack else None, "seed": args.seed,
+                "precision": "fp32, no TF32, no autocast"}
+    transfer = None
+    if source is not None:
+        transfer = {"digest": weights_digest(source[0]), **{k: source[1].get(k) for k in reading}}
+    identity = {"weights": {"digest": weights_digest(encoder), **{k: read.get(k) for k in reading}},
+                "data": data.identity, "protocol": protocol, "transfer": transfer}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(args.out, f"results-{key}.json")
-    res = read_results(path)
+    res = {}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                res = json.load(f)
+        except (ValueError, OSError):
+            res = None
+        if not isinstance(res, dict):
+            raise UsageError(f"{path} is not a readable results file (truncated or edited?): move "
+                             f"it away, and its numbers are computed again")
     if res and res.get("identity") != identity:
         raise UsageError(f"{path} holds numbers of another identity than its name says (edited by "
                          f"hand?): move it away")
     if args.eval_only and args.overwrite:
-        asked = tuple(f"{s}_" for s in protocol.run)
+        asked = tuple(f"{s}_" for s in args.eval)
         res = {k: v for k, v in res.items() if not k.startswith(asked)}
-    if not trained and all(f"{s}_sa" in res for s in protocol.run):
+    if not trained and all(f"{s}_sa" in res for s in args.eval):
         print(f"nothing to do: {path} holds every evaluation asked for\nresults: {path}")
         return dict(res, path=path)
-    weights = {"checkpoint": loaded.read["checkpoint"]}
+    weights = {"checkpoint": read["checkpoint"]}
+    training = None
     if ck:
         final = ck["epoch"] >= ck["args"]["epochs"]
         weights.update(step=ck["step"], epoch=ck["epoch"], final=final)
         if not final:
-            print(f"note: {loaded.path} holds epoch {ck['epoch']} of {ck['args']['epochs']} "
-                  f"(step {ck['step']}): not the end of its run")
+            print(f"note: {read['checkpoint']} holds epoch {ck['epoch']} of "
+                  f"{ck['args']['epochs']} (step {ck['step']}): not the end of its run")
+        # what made the weights: the arguments as first given, each later invocation (a resume)
+        # with its step, command and changes, the training data's identity, time, speed, machine
+        speed = ck["step"] * ck["args"]["batch_size"] / max(ck["train_s"], 1e-9)
+        training = {"args": ck.get("first_args", ck["args"]),
+                    "invocations": ck.get("invocations", []), "data": ck.get("data"),
+                    "pretrain_s": ck["train_s"], "images_per_s": speed, "env": ck["env"]}
     invocation = {"command": args.command, "wall_s": 0.0, "env": provenance(device)}
-    res.update(identity=identity, key=key, weights=weights,
-               training=training_record(ck) if ck else None, read=loaded.read,
+    res.update(identity=identity, key=key, weights=weights, training=training, read=read,
                invocations=res.get("invocations", []) + [invocation])
     # an interrupt repeats this invocation's evaluation: a run that trained now continues
     # through its checkpoint
@@ -2401,11 +2630,26 @@ def report(args, loaded, data, device, source, t_start, trained):
         # the whole invocation: data, pretraining, evaluation
         invocation["wall_s"] = time.time() - t_start
         try:
-            write_json(path, res)
+            atomic_write(path, lambda f: f.write(json.dumps(res, indent=1).encode()))
         except WriteFailed as e:
             raise WriteFailed(f"{e}; the finished schemes stay in {path}; free space, then: "
                               f"{again}")
-    print(describe(protocol, data, path), flush=True)
+    parts = []
+    for name in args.eval:
+        hp = args.schemes[name]
+        part = f"{name.upper()} {plural(hp['epochs'], 'epoch')} (lr {hp['lr']:g}, "
+        part += f"batch {hp['batch_size']}"
+        if hp["augment"]:
+            part += ", crop+flip"
+        if "eps" in hp:
+            part += f", PGD at {hp['eps'] * 255:g}/255"
+        parts.append(part + ")")
+    threats = ", ".join(k for k, _, _ in args.threats)
+    also = ", and AutoAttack" if args.autoattack else ""
+    print(f"evaluation: {args.protocol} protocol on {data.identity['dataset']} "
+          f"{data.identity['dir']} ({len(data.x_train)} training / {len(data.x_test)} test "
+          f"images): {'; '.join(parts)}; RA: PGD-{args.eval_steps} (step "
+          f"{args.eval_step * 255:g}/255) at {threats}{also} -> {path}", flush=True)
     save()
     # during evaluation SIGTERM is a Ctrl-C
     sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -2413,7 +2657,7 @@ def report(args, loaded, data, device, source, t_start, trained):
         on_device = Data(*[t.to(device) if torch.is_tensor(t) else t for t in data])
         done = [s for s in SCHEMES if f"{s}_sa" in res]
         source_encoder = source[0] if source else None
-        for name, r in evaluate(protocol, loaded.encoder, on_device, device, done, source_encoder):
+        for name, r in evaluate(args, encoder, on_device, device, done, source_encoder):
             res.update({f"{name}_{k}": v for k, v in r.items()})
             save()
     except KeyboardInterrupt:
@@ -2426,39 +2670,28 @@ def report(args, loaded, data, device, source, t_start, trained):
     return dict(res, path=path)
 
 
-# ==== Processes, devices, progress ================================================================
-def processes():
-    """-> (this process's rank, the number of processes), as torchrun sets them."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+# ==== Processes, progress, provenance =============================================================
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training statistics span all processes, on gloo and NCCL alike (one code
+    path, tested on the CPU; nn.SyncBatchNorm runs on GPUs only). The model uses it under torchrun
+    only; after the processes part (evaluation) it is nn.BatchNorm2d again."""
 
-
-def setup(args, rank, world):
-    """The process group and this rank's device -> the device."""
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise UsageError(f"--device {name}: only cpu and cuda (or cuda:N) are supported")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda but no CUDA GPU is visible")
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = not args.deterministic
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if world > 1 and not dist.is_initialized():
-        # Every collective runs on tensors of `device` (flags included), so one backend per device
-        # suffices. device_id binds NCCL's communicator to this rank's GPU (barrier and object
-        # collectives use it).
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
-        else:
-            dist.init_process_group("gloo")
-    return device
+    def forward(self, x):
+        if not (self.training and distributed()):
+            return super().forward(x)
+        xf = x.float()
+        n = xf.numel() // xf.size(1) * dist.get_world_size()
+        sums = torch.cat([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))])  # [2C]
+        mean, sq = (AllReduce.apply(sums) / n).chunk(2)
+        var = sq - mean * mean  # the biased variance of the global batch
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            # unbiased, as nn.BatchNorm2d keeps it
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        y = (xf - mean.view(1, -1, 1, 1)) * (var.view(1, -1, 1, 1) + self.eps).rsqrt()
+        y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return y.to(x.dtype)
 
 
 class AllReduce(torch.autograd.Function):
@@ -2568,631 +2801,33 @@ def provenance(device):
             "threads": torch.get_num_threads(), "git": git}
 
 
-# ==== Command line ================================================================================
-DATASETS = ("cifar10", "cifar100", "stl10", "folder")
-# Base lr of the official scripts (Asym-RoCL/shell); every other method uses 0.1.
-BASE_LR = {"cifar100": {"hardneg": 0.1, "both": 0.2}, "other": {"hardneg": 0.2, "both": 0.3}}
-# The AdvCL base's recipe per data set and method, from the official shell scripts
-# (Asym-AdvCL/shell; rocl: AdvCL's own, lr 0.5): lr, IP's starting degree (ip_alpha),
-# adv_weight, the epoch after which the degree adapts and its d_min, HN's tau+ (CIFAR-100 IP+HN:
-# `--tau 0.01` reaches tau_plus by argparse's prefix matching). Folder and STL-10: CIFAR-10's.
-ADVCL_RECIPE = {
-    "cifar10": {
-        "rocl": dict(lr=0.5),
-        "infpos": dict(lr=1.0, ip_alpha=0.2, adv_weight=1.2, adaptive_from=30, d_min=0.4),
-        "hardneg": dict(lr=1.2, tau_plus=0.12),
-        "both": dict(lr=2.0, ip_alpha=0.2, adv_weight=0.7, adaptive_from=30, d_min=0.4,
-                     tau_plus=0.1),
-    },
-    "cifar100": {
-        "rocl": dict(lr=0.5),
-        "infpos": dict(lr=2.0, ip_alpha=0.3, adv_weight=1.5, adaptive_from=20, d_min=0.5),
-        "hardneg": dict(lr=2.0, tau_plus=0.01),
-        "both": dict(lr=2.0, ip_alpha=0.3, adv_weight=1.5, adaptive_from=20, d_min=0.5,
-                     tau_plus=0.01),
-    },
-}
-# A resumed run must agree with its checkpoint on everything that defines what a step computes:
-# the recipe, the seed and the precision. Not --lr (a smaller one after a non-finite loss), nor
-# the flags of how a step runs (--device, --channels-last, --compile, --deterministic: at most
-# rounding), nor the data's path (its images are checked instead).
-RESUME_KEYS = ("base", "method", "dataset", "subset", "width", "eps", "step", "attack_steps",
-               "temperature", "ip_alpha", "adv_weight", "hn_beta", "hn_normalise", "tau_plus",
-               "reg_weight", "reg_forward", "epochs", "batch_size", "warmup_epochs", "wd", "seed",
-               "amp")
-# Flags that only pretraining reads: --eval-only refuses them (the seed also seeds evaluation).
-PRETRAINING_KEYS = tuple(k for k in RESUME_KEYS if k != "seed")
-PRETRAINING_KEYS += ("lr", "ckpt_every", "knn_every", "channels_last", "compile", "pseudo_labels")
-# Flags of one invocation: a checkpoint records them but never hands them on.
-OWN_KEYS = ("out", "overwrite", "resume", "eval_only", "device", "deterministic", "benchmark",
-            "benchmark_steps", "command")
-# the method a file's layout names, for --protocol robustssl
-FIELD_METHODS = {"ainfonce": "a-infonce", "advcl": "advcl", "dynacl": "dynacl", "deacl": "deacl"}
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line on stderr with exit code 2, before anything is written."""
-
-
-class NonFiniteLoss(Exception):
-    """A NaN/inf loss or gradient: the run stops (exit code 3), its last good checkpoint kept."""
-
-
-def fraction(text, hi=1.0):
-    """A number in [0, hi], written as a decimal or a fraction: 8/255 == 0.031372..."""
-    try:
-        value = float(Fraction(text))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number or fraction like 8/255")
-    if not 0 <= value <= hi:
-        hint = ""
-        if 1 < value <= 255 and "/" not in text:
-            hint = f" (pixels are in [0, 1]: did you mean {text}/255?)"
-        raise argparse.ArgumentTypeError(f"{text} is outside [0, {hi:g}]{hint}")
-    return value
-
-
-def weight(text):
-    """A loss weight >= 0, a decimal or a fraction: 1/256."""
-    return fraction(text, math.inf)
-
-
-class Threat(NamedTuple):
-    key: str  # as given: "linf:8/255"
-    norm: str  # "linf" or "l2"
-    eps: float  # pixel units
-
-
-def threat(text):
-    """NORM:EPS, e.g. linf:8/255 or l2:0.5 (pixel units) -> (key, norm, eps), a plain tuple
-    (a checkpoint's arguments hold it)."""
-    parts = text.lower().partition(":")
-    norm, eps = parts[0], parts[2]
-    try:
-        if norm not in ("linf", "l2"):
-            raise argparse.ArgumentTypeError("expected NORM:EPS with NORM linf or l2, e.g. "
-                                             "linf:8/255 l2:0.5")
-        return f"{norm}:{eps}", norm, fraction(eps, 1.0 if norm == "linf" else 64.0)
-    except argparse.ArgumentTypeError as e:
-        raise UsageError(f"--eval-threats {text}: {e}")
-
-
-def number(kind, lo, inclusive=True):
-    """An argparse type: kind (int or float), finite, at least (or above) lo."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        ok = value >= lo if inclusive else value > lo
-        if not (math.isfinite(value) and ok):
-            bound = "at least" if inclusive else "above"
-            raise argparse.ArgumentTypeError(f"{text} must be {bound} {lo}")
-        return value
-    return parse
-
-
-def say(message):
-    """An error for the user, printed by one process: under torchrun, rank 0."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(message, file=sys.stderr)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # one line, exit code 2 (argparse would also print the usage block)
-        say(f"{self.prog}: error: {message}")
-        sys.exit(2)
-
-
-class Help(argparse.HelpFormatter):
-    def _get_help_string(self, action):  # a default only where there is one to show
-        text = action.help or ""
-        hidden = any(action.default is v for v in (None, False, argparse.SUPPRESS))
-        shown = not hidden and "default" not in text
-        return text + (" (default: %(default)s)" if shown else "")
-
-
-def build_parser():
-    p = Parser(prog="ainfonce.py", formatter_class=Help,
-               description="Adversarial contrastive pretraining with A-InfoNCE; evaluation of "
-                           "robust encoders (SLF/ALF/AFF under PGD and AutoAttack).")
-    positive_int = number(int, 1)
-    count = number(int, 0)
-    positive = number(float, 0, inclusive=False)
-    non_negative = number(float, 0)
-
-    data = p.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="cifar10",
-                      help="torchvision's (STL-10 at 32x32), or "
-                           "DATA_DIR/{train,test}/<class>/<image>")
-    data.add_argument("--data-dir", default="./data", help="download root, or the folder data set")
-    data.add_argument("--subset", type=count, default=0,
-                      help="first N training images of a fixed shuffle (0: all)")
-    data.add_argument("--pseudo-labels", metavar="FILE|ENCODER",
-                      help="AdvCL base: its pseudo-labels, AdvCL's or A-InfoNCE's pickle (one "
-                           "label per training image, in the data set's order), or an encoder "
-                           "(a run, a checkpoint) whose features k-means clusters")
-
-    model = p.add_argument_group("model")
-    model.add_argument("--width", type=positive_int, default=64,
-                       help="ResNet-18 base width: 64 is the paper's; the README's CPU runs use 8")
-
-    attack = p.add_argument_group("attack (pretraining)")
-    attack.add_argument("--eps", type=fraction, default="8/255",
-                        help="L_inf radius in [0,1] pixel units; fractions parse (code 0.0314)")
-    attack.add_argument("--step", type=fraction,
-                        help="PGD step, pixel units: RoCL 0.007, AdvCL 2/255")
-    attack.add_argument("--attack-steps", type=count, help="PGD steps: RoCL 7, AdvCL 5")
-
-    loss = p.add_argument_group("loss")
-    loss.add_argument("--base", choices=("rocl", "advcl"), default="rocl",
-                      help="the adversarial CL that A-InfoNCE makes asymmetric: RoCL (Kim et al. "
-                           "2020) or AdvCL (Fan et al. 2021)")
-    loss.add_argument("--method", choices=METHODS, default="hardneg",
-                      help="rocl: symmetric; infpos: inferior positives (IP); hardneg: hard "
-                           "negatives (HN); both: IP+HN; simclr: no adversary")
-    loss.add_argument("--temperature", type=positive, default=0.5,
-                      help="tau of the loss, the attack and the regulariser (paper 0.5)")
-    loss.add_argument("--ip-alpha", type=fraction,
-                      help="IP weight of clean->adv terms: 0.2; AdvCL base: its starting "
-                           "stop-gradient degree, 0.2 (CIFAR-100 0.3)")
-    loss.add_argument("--adv-weight", type=non_negative,
-                      help="IP scale of the clean<->adv terms: 1; AdvCL base: per script")
-    loss.add_argument("--hn-beta", type=non_negative, default=1.0,
-                      help="HN concentration beta (paper 1.0)")
-    loss.add_argument("--hn-normalise", choices=("negatives", "official"), default="negatives",
-                      help="HN weights: HCL's, or the code's")
-    loss.add_argument("--tau-plus", type=non_negative,
-                      help="HN class prior in [0,1): 0.1 on cifar100, else 0.12 (official scripts)")
-    loss.add_argument("--reg-weight", type=weight, default="1/256",
-                      help="RoCL regulariser weight")
-    loss.add_argument("--reg-forward", choices=("separate", "shared"), default="separate",
-                      help="regulariser: own forward (RoCL) or the main one's rows (faster; "
-                           "other BN statistics)")
-
-    optim = p.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=positive_int,
-                       help="pretraining epochs: RoCL 1000, AdvCL 400")
-    optim.add_argument("--batch-size", type=number(int, 2), default=512,
-                       help="images per step, all ranks together (paper 2 GPUs x 256)")
-    optim.add_argument("--lr", type=positive,
-                       help="base lr, warmed up to 15x: 0.1; hardneg 0.2, both 0.3 (cifar100: "
-                            "0.1, 0.2); AdvCL base: per script (README)")
-    optim.add_argument("--warmup-epochs", type=count, default=10, help="linear warm-up (paper 10)")
-    optim.add_argument("--wd", type=non_negative,
-                       help="weight decay: RoCL 1e-6 inside LARS, AdvCL 1e-4 (SGD)")
-
-    ev = p.add_argument_group("evaluation")
-    ev.add_argument("--eval", nargs="*", choices=("none",) + SCHEMES,
-                    help="after pretraining: slf (linear, clean), alf (linear, PGD-10), aff (all, "
-                         "TRADES) (default: slf; robustssl: all three)")
-    ev.add_argument("--eval-only", metavar="CKPT",
-                    help="evaluate a run, a checkpoint, or a published ResNet-18 (with --dataset)")
-    ev.add_argument("--protocol", choices=("asym-rocl", "asym-advcl", "robustssl"),
-                    help="finetuning protocol (README): the base's own (asym-rocl, asym-advcl), "
-                         "or the field's benchmark")
-    ev.add_argument("--pretraining", choices=list(ROBUSTSSL),
-                    help="robustssl: the encoder's method, where its file does not say it")
-    ev.add_argument("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS",
-                    help="e.g. linf:8/255 l2:0.5; RA is the first (default: linf:8/255)")
-    ev.add_argument("--eval-step", type=fraction, default="2/255",
-                    help="L_inf PGD step (AdvCL 2/255, RoCL 0.00314); L2: 2.5 eps/n")
-    ev.add_argument("--eval-steps", type=positive_int, default=20, help="PGD steps of RA")
-    ev.add_argument("--eval-subset", type=count, default=0,
-                    help="first N test images of a fixed shuffle (0: all)")
-    ev.add_argument("--ft-epochs", type=positive_int,
-                    help="ALF/AFF epochs (asym-rocl: 25, lr/10 at 60%% and 80%%); robustssl: all "
-                         "schemes'")
-    ev.add_argument("--eval-batch-size", type=positive_int, default=1024,
-                    help="images per finetuning step and attack batch (official 1024)")
-    ev.add_argument("--autoattack", action=argparse.BooleanOptionalAction,
-                    help="standard AutoAttack too (pip install pyautoattack; on with robustssl)")
-    ev.add_argument("--transfer-from", metavar="CKPT",
-                    help="black-box RA: PGD crafted on this encoder's SLF classifier")
-    ev.add_argument("--eval-dataset", choices=DATASETS,
-                    help="finetune and evaluate on another data set")
-    ev.add_argument("--eval-data-dir", help="its directory (default: --data-dir)")
-    ev.add_argument("--bn-branch", type=count,
-                    help="bn_list.K of a multi-BN state dict (default: its only one, else 1)")
-    ev.add_argument("--stem-padding", type=int, choices=(1, 2),
-                    help="stem of a torchvision-style state dict: solo-learn 2, DynACL++ and "
-                         "RobustSSL 1")
-    ev.add_argument("--normalise", choices=("inside", "none"),
-                    help="whether a torchvision-style file's normalize.mean/std apply "
-                         "(RobustSSL's AdvCL/A-InfoNCE SLF/ALF files: none)")
-
-    system = p.add_argument_group("system")
-    system.add_argument("--out", help="run directory (default runs/METHOD-DATASET-sSEED)")
-    system.add_argument("--resume", metavar="DIR",
-                        help="continue the run in DIR with its own arguments, then its evaluation")
-    system.add_argument("--overwrite", action="store_true",
-                        help="start over in an --out that holds a run; with --eval-only, recompute")
-    system.add_argument("--ckpt-every", type=count, default=0,
-                        help="also checkpoint every N steps (0: off)")
-    system.add_argument("--knn-every", type=count, default=2,
-                        help="kNN monitor every N epochs (0: off)")
-    system.add_argument("--seed", type=count, default=0,
-                        help="seed of weights, augmentations and attacks")
-    system.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    system.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                        help="bf16 pretraining (evaluation is fp32)")
-    system.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-                        help="NHWC layout (default: on for CUDA)")
-    system.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                        help="torch.compile the net")
-    system.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
-                        help="for bit-exact resume on a GPU")
-    system.add_argument("--benchmark", action="store_true",
-                        help="time pretraining steps on random data, against the official step")
-    system.add_argument("--benchmark-steps", type=positive_int, default=5,
-                        help="timed steps, after 2 warm-up steps")
-    return p
-
-
-def flag(key):
-    return "--" + key.replace("_", "-")
-
-
-def given_flags(argv):
-    """The flags given on the command line as {key: value}, without defaults: what an invocation
-    records."""
-    p = build_parser()
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    return vars(p.parse_args(argv))
-
-
-def recorded_flags(ck):
-    """The flags a run was given, over all its invocations (a later one wins): what --resume and
-    --eval-only start from. A checkpoint from before invocations were recorded: its arguments."""
-    merged = {}
-    for invocation in ck.get("invocations") or [{"given": ck["args"]}]:
-        merged.update(invocation["given"])
-    return {k: v for k, v in merged.items() if k not in OWN_KEYS}
-
-
-def checkpoint_named(argv):
-    """The checkpoint that --resume or --eval-only names, read as the reading flags say -> Loaded,
-    or None for a new run."""
-    first = build_parser().parse_args(argv)
-    if first.resume and first.eval_only:
-        raise UsageError("--resume continues a run and --eval-only evaluates one: pass one of them")
-    if not (first.resume or first.eval_only):
-        return None
-    reading = {k: getattr(first, k) for k in READ_FLAGS}
-    what = flag("resume" if first.resume else "eval_only")
-    loaded = load_checkpoint(first.resume or first.eval_only, reading, what)
-    if loaded.checkpoint is None and first.resume:
-        raise UsageError(f"{loaded.path} is a plain state dict: --resume needs an ainfonce "
-                         f"checkpoint")
-    if loaded.checkpoint is None and "dataset" not in given_flags(argv):
-        raise UsageError(f"{loaded.path} is a plain state dict: name its data set with --dataset "
-                         f"(and --data-dir)")
-    return loaded
-
-
-def resolve_args(argv, loaded=None):
-    """The arguments, resolved once, in one place. With a checkpoint the flags its run was given
-    become the parser's defaults, so that flags given here win (--eval-only refuses flags that only
-    pretraining reads, and asks for its own schemes); then come the values derived from others.
-    After this, args is only read."""
-    p = build_parser()
-    given = given_flags(argv)
-    ck = loaded.checkpoint if loaded else None
-    if loaded and "eval_only" in given:
-        refused = [k for k in given
-                   if k in PRETRAINING_KEYS and (ck or k not in ("dataset", "subset"))]
-        if refused:
-            names = ", ".join(flag(k) for k in refused)
-            run = ""
-            if ck:
-                run = "; its run's: " + ", ".join(f"{flag(k)} {ck['args'].get(k)}" for k in refused)
-            hint = ""
-            if {"dataset", "subset"} & set(refused):
-                hint = "; to evaluate on other data use --eval-dataset and --eval-data-dir"
-            raise UsageError(f"{names}: flags of pretraining do not apply to --eval-only"
-                             f"{run}{hint}")
-    if ck:
-        inherited = recorded_flags(ck)
-        if "eval_only" in given:  # its own schemes (default: SLF), under the run's settings
-            inherited.pop("eval", None)
-        p.set_defaults(**inherited)
-    args = p.parse_args(argv)
-    if loaded and args.out is None:
-        args.out = os.path.dirname(loaded.path) or "."
-    args.given = given
-    derive(args, loaded)
-    args.command = shlex.join(["python", os.path.relpath(__file__), *argv])  # pastes into a shell
-    if args.resume:
-        diff = [f"{flag(k)} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
-                for k in RESUME_KEYS if k in ck["args"] and getattr(args, k) != ck["args"][k]]
-        if diff:
-            raise UsageError(f"cannot resume {args.resume} with other arguments: "
-                             + ", ".join(diff) + "; a run with these needs its own --out")
-    return args
-
-
-def derive(args, loaded):
-    """The values that follow from others (in place)."""
-    hundred = args.dataset == "cifar100"
-    # the flags of an asymmetry the method does not have change nothing: refused
-    ip, hn = ASYMMETRY[args.method]
-    reads = {"ip_alpha": ip, "adv_weight": ip, "hn_beta": hn, "tau_plus": hn, "hn_normalise": hn}
-    if args.base == "advcl":
-        reads["adv_weight"] = args.method != "rocl"  # it scales Asym-AdvCL's blocks
-    unread = [flag(k) for k, read in reads.items() if k in args.given and not read]
-    if unread:
-        raise UsageError(f"{', '.join(unread)}: --method {args.method} does not use "
-                         f"{'them' if len(unread) > 1 else 'it'} on the {args.base} base: leave "
-                         f"{'them' if len(unread) > 1 else 'it'} out")
-    if args.base == "rocl":
-        if "pseudo_labels" in args.given:
-            raise UsageError("--pseudo-labels: the AdvCL base's (--base advcl); RoCL has none")
-        recipe = dict(lr=BASE_LR["cifar100" if hundred else "other"].get(args.method, 0.1),
-                      tau_plus=0.1 if hundred else 0.12, epochs=1000, step=0.007,
-                      attack_steps=7, wd=1e-6, ip_alpha=0.2, adv_weight=1.0)
-    else:
-        check_advcl(args)
-        own = ADVCL_RECIPE["cifar100" if hundred else "cifar10"][args.method]
-        recipe = dict(tau_plus=0.1, epochs=400, step=2 / 255, attack_steps=5, wd=1e-4,
-                      ip_alpha=0.2, adv_weight=1.0)
-        recipe.update({k: v for k, v in own.items() if k not in ("adaptive_from", "d_min")})
-        args.ip_adaptive_from = own.get("adaptive_from", -1)
-        args.ip_d_min = own.get("d_min", 0.4)
-    for key, value in recipe.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.protocol is None:
-        args.protocol = "asym-advcl" if args.base == "advcl" else "asym-rocl"
-    if not 0 <= args.tau_plus < 1:
-        raise UsageError(f"--tau-plus {args.tau_plus} must be in [0, 1)")
-    if args.eval is None:
-        args.eval = list(SCHEMES) if args.protocol == "robustssl" else ["slf"]
-    args.eval = [e for e in SCHEMES if e in args.eval]
-    args.threats = [threat(t) for t in args.eval_threats]
-    args.out = args.out or f"runs/{args.method}-{args.dataset}-s{args.seed}"
-    if args.protocol == "robustssl" and args.pretraining is None:
-        layout = loaded.read["layout"] if loaded else "ainfonce"
-        args.pretraining = FIELD_METHODS.get(layout)
-        if layout == "ainfonce" and args.base == "advcl" and args.method == "rocl":
-            args.pretraining = "advcl"  # AdvCL's own loss
-        if args.pretraining is None:
-            raise UsageError(f"--protocol robustssl: its settings differ per pretraining method, "
-                             f"and {loaded.path} does not say which: name it with --pretraining "
-                             f"{{{','.join(ROBUSTSSL)}}}")
-    if args.autoattack is None:  # robustssl's preset
-        args.autoattack = args.protocol == "robustssl"
-    if args.autoattack and args.eval:
-        autoattack_impl()  # fails now, not after training, when the package is missing
-    method = args.method if args.protocol == "asym-advcl" else args.pretraining
-    args.schemes = scheme_settings(args.protocol, method, args.eval_dataset or args.dataset,
-                                   args.ft_epochs, args.eval_batch_size)
-    if args.channels_last is None:  # on by default on CUDA
-        cuda = args.device == "auto" and torch.cuda.is_available()
-        args.channels_last = args.device.startswith("cuda") or cuda
-
-
-def check_advcl(args):
-    """The AdvCL base's own refusals: its methods, and the flags only RoCL reads."""
-    if args.method == "simclr":
-        raise UsageError("--base advcl has no simclr: its methods are rocl (AdvCL's own loss), "
-                         "infpos, hardneg and both")
-    rocl_only = [k for k in ("reg_weight", "reg_forward") if k in args.given]
-    if rocl_only:
-        names = ", ".join(flag(k) for k in rocl_only)
-        raise UsageError(f"{names}: RoCL's regulariser; the AdvCL base has none")
-
-
-def parse_args(argv=None):
-    """-> (args, loaded): the checkpoint --resume or --eval-only names (or None), and the arguments
-    resolved with it."""
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    loaded = checkpoint_named(argv)
-    return resolve_args(argv, loaded), loaded
-
-
-def run(args, loaded=None):
-    """Set up, read the data, pretrain (unless the run is done or only evaluated), then evaluate
-    and report."""
-    t_start = time.time()
-    rank, world = processes()
-    device = setup(args, rank, world)
-    if args.benchmark:
-        torch.manual_seed(args.seed + rank)
-        return benchmark(args, device)
-    ck = loaded.checkpoint if loaded else None
-    source = None
-    if args.transfer_from:
-        other = load_checkpoint(args.transfer_from, what="--transfer-from")
-        source = (other.encoder, other.read)
-    if world > 1 and args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} "
-                         f"processes")
-    for key in ("data_dir", "eval_data_dir"):
-        # a checkpoint's relative path, read from another directory
-        value = getattr(args, key)
-        if ck and value and key not in args.given and not os.path.exists(value):
-            raise UsageError(f"data directory {value} does not exist (the path came from the "
-                             f"checkpoint's {flag(key)}): pass --data-dir (or --eval-data-dir) to "
-                             f"say where the images are")
-    train = not args.eval_only and (ck is None or ck["epoch"] < args.epochs)
-    if train and args.base == "advcl" and not args.pseudo_labels:
-        raise UsageError("--base advcl trains on pseudo-labels: pass --pseudo-labels FILE "
-                         "(AdvCL's or A-InfoNCE's pickle) or ENCODER (a run or checkpoint whose "
-                         "features k-means clusters, e.g. a --method simclr run)")
-    train_data, data = read_data(args, ck, train)
-    labels = None
-    if train and args.base == "advcl":
-        labels = run_pseudo_labels(args, ck, train_data, device)
-    # seeded after everything is read: nothing loaded on the way (a transfer source, the encoder
-    # of the pseudo-labels) changes the run's draws; ranks draw different augmentations
-    torch.manual_seed(args.seed + rank)
-    net = loaded.net if loaded else None
-    if net is None:
-        net = AdvCLNet(args.width) if args.base == "advcl" else Net(args.width)
-    # the first thing written: the lock; every check that can refuse is behind
-    with owning(args.out) if rank == 0 else contextlib.nullcontext():
-        if rank == 0 and ck and os.path.samefile(args.out, os.path.dirname(loaded.path) or "."):
-            restore_run_files(args.out, ck)
-        if train:
-            if rank == 0:
-                prepare_out(args, sum(p.numel() for p in net.parameters()))
-                if args.overwrite and not args.resume:
-                    # a new run: the old one's checkpoint and log go (its results stay)
-                    for name in ("last.pt", "log.jsonl"):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.remove(os.path.join(args.out, name))
-                saved = labels and labels[1].get("saved")
-                if saved and (not ck or not os.path.exists(saved)):
-                    save_pseudo_labels(saved, labels[0], train_data)
-                print(start_line(args, ck, train_data, device), flush=True)
-            pretrain(args, net, train_data, device, rank, world, ck, labels)
-            if rank == 0:
-                # the evaluation measures the saved weights
-                loaded = load_checkpoint(args.out)
-        if world > 1:
-            # evaluation runs on rank 0 alone, with batch norm back to per-process statistics
-            dist.barrier()
-            dist.destroy_process_group()
-        if rank != 0:
-            return {}
-        if not args.eval:
-            done = "pretrained" if train else "its run is finished"
-            if args.eval_only:
-                done = "an evaluation was asked for"
-            command = shlex.join(["python", os.path.relpath(__file__), "--eval-only", args.out])
-            print(f"{args.out}: {done}; --eval none: nothing evaluated (evaluate with: {command})")
-            return {}
-        return report(args, loaded, data, device, source, t_start, train)
-
-
-def run_pseudo_labels(args, ck, data, device):
-    """The pseudo-labels a run trains on -> (LongTensor [5, n_train], what made them): a resumed
-    run's own, from its checkpoint (--pseudo-labels given again must give the same labels); a new
-    run's from --pseudo-labels (k-means labels are saved as OUT/pseudo-labels.pkl for reuse)."""
-    kept = (ck or {}).get("pseudo_label_values")
-    if kept is not None and "pseudo_labels" not in args.given:
-        return kept, ck["pseudo_labels"]
-    labels, made = pseudo_labels(args.pseudo_labels, data, device)
-    if "kmeans_of" in made:
-        made["saved"] = os.path.join(args.out, "pseudo-labels.pkl")
-    ran = (ck or {}).get("pseudo_labels")
-    if ran and ran["labels_digest"] != made["labels_digest"]:
-        raise UsageError(f"--pseudo-labels {args.pseudo_labels}: other labels (digest "
-                         f"{made['labels_digest']}) than the run trained on ("
-                         f"{ran['labels_digest']}, from {ran.get('file') or ran.get('encoder')}); "
-                         f"leave --pseudo-labels out to continue with the run's own")
-    return labels, made
-
-
-def read_data(args, ck, train):
-    """-> (the training data, the evaluation data), each loaded once; checked against the run: a
-    resume must train on the run's training images (its test images may change), an evaluation on
-    other images than the run's says so."""
-    eval_set = (args.eval_dataset or args.dataset, args.eval_data_dir or args.data_dir)
-    same = eval_set == (args.dataset, args.data_dir)
-    data = None
-    if train or (args.eval and same):
-        data = load_data(args.dataset, args.data_dir, args.subset, args.eval_subset)
-        if ck and ck["args"].get("n_classes", data.n_classes) != data.n_classes:
-            raise UsageError(f"{args.dataset} in {args.data_dir} has "
-                             f"{plural(data.n_classes, 'class')}, the checkpoint's data set had "
-                             f"{ck['args']['n_classes']}: to evaluate on another data set use "
-                             f"--eval-dataset")
-        trained_on = (ck or {}).get("data")
-        if trained_on and trained_on["train"] != data.identity["train"]:
-            if args.resume:
-                raise UsageError(f"--resume {args.resume}: the run trained on the images in "
-                                 f"{trained_on['dir']} (fingerprint {trained_on['train']}); "
-                                 f"{args.data_dir} is {data.identity['dir']}, whose training "
-                                 f"images differ (fingerprint {data.identity['train']}): pass "
-                                 f"--data-dir with the run's images")
-            print(f"note: evaluating on other images than the run trained on: {args.data_dir} is "
-                  f"{data.identity['dir']} (training images {data.identity['train']}), the run "
-                  f"trained on {trained_on['dir']} ({trained_on['train']})", flush=True)
-    if train and args.batch_size > len(data.x_train):
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the "
-                         f"{len(data.x_train)} training images")
-    train_data = data
-    if args.eval and not same:
-        data = load_data(*eval_set, args.subset, args.eval_subset)
-    if args.eval and args.autoattack and data.n_classes < 4:
-        raise UsageError(f"--autoattack: standard AutoAttack needs >= 4 classes (its DLR loss uses "
-                         f"the 3rd and 4th largest logits); {eval_set[0]} has {data.n_classes}")
-    return train_data, data
-
-
-def start_line(args, ck, data, device):
-    steps = len(data.x_train) // args.batch_size
-    at = ck["step"] if ck else 0
-    state = "new run"
-    if at:
-        state = f"resuming last.pt at epoch {at // steps + 1}, step {at % steps}/{steps}"
-    return (f"ainfonce: {args.out} | {device} ({provenance(device)['device_name']}) | "
-            f"{args.dataset} {args.data_dir}: {len(data.x_train)} training / {len(data.x_test)} "
-            f"test images, {plural(data.n_classes, 'class')} | {args.method} | "
-            f"{plural(args.epochs, 'epoch')} of {plural(steps, 'step')} | {state}")
-
-
-def main(argv=None):
-    """The command line; returns the results dict (for tests). Bad input: one line on stderr,
-    exit 2; a non-finite loss: exit 3; a file that cannot be written: exit 4; Ctrl-C: 130."""
-    try:
-        return run(*parse_args(argv))
-    except UsageError as e:
-        say(f"ainfonce.py: error: {e}")
-        raise SystemExit(2)
-    except NonFiniteLoss as e:
-        say(f"ainfonce.py: {e}")
-        raise SystemExit(3)
-    except WriteFailed as e:
-        say(f"ainfonce.py: {e}")
-        raise SystemExit(4)
-    except KeyboardInterrupt:  # before training or evaluation began: nothing to keep
-        say("ainfonce.py: interrupted")
-        raise SystemExit(130)
-    finally:
-        # on every way out: no rank leaves a live group
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 # ==== Benchmark: our step against a straightforward version of the official step =================
-def official_step(net, opt, x1, x2, step):
-    """The official step's work: the attack re-embeds x2 at every PGD step, fp32, NCHW."""
+def official_step(net, x1, x2, args):
+    """The official RoCL step's work, but the optimiser's: the attack re-embeds x2 at every PGD
+    step, the regulariser has its own forward; fp32, NCHW."""
     n = len(x1)
     with eval_mode(net):
         def loss(xa):
             z = net(torch.cat([xa, x2])).view(2, n, -1)  # [2, N, 128]
-            return a_infonce(z, temperature=step.temperature)
-        x_adv = ascend(loss, x1, start_point(x1, step.eps), step.eps, step.pgd_step,
-                       step.pgd_steps)
-    separate = dataclasses.replace(step, reg_forward="separate")
-    total, _ = pretrain_loss(net, x1, x2, x_adv, separate)
-    opt.zero_grad(set_to_none=True)
+            return a_infonce(z, temperature=args.temperature)
+        x_start = start_point(x1, args.eps)
+        x_adv = ascend(loss, x1, x_start, args.eps, args.step, args.attack_steps)
+    total, _ = rocl_loss(net, x1, x2, x_adv, args)
+    net.zero_grad(set_to_none=True)
     total.backward()
-    lars_(list(net.parameters()), step.wd)
-    opt.step()
-
-
-def official_advcl_step(net, opt, views, labels, step, seen):
-    """The official AdvCL step's work: the same forwards, in fp32 and NCHW (its unused head_pred
-    forwards left out)."""
-    views = [v.contiguous() for v in views]
-    fp32 = dataclasses.replace(step, amp=False)
-    advcl_train_step(net, list(net.parameters()), views, labels, fp32, 1, seen)
-    opt.step()
+    lars_(list(net.parameters()), args.wd)
 
 
 def benchmark(args, device):
-    """Seconds per step of our step (split: data, attack, forward-backward and the update) and of
-    the official step's work, after 2 warm-up steps, on random images; peak memory on CUDA. The
-    last printed line is JSON."""
+    """Seconds per step of our step (split by its laps: data, attack, the rest and the update) and
+    of the official step's work (its views not timed; AdvCL: the same forwards in fp32 and NCHW,
+    its unused head_pred left out), after 2 warm-up steps, on random images; peak memory on
+    CUDA. The last printed line is JSON."""
     cuda = device.type == "cuda"
     advcl = args.base == "advcl"
     warmup, n = 2, args.benchmark_steps
+    official = argparse.Namespace(**{**vars(args), "amp": False, "channels_last": False,
+                                     "reg_forward": "separate"})
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randint(0, 256, (4 * args.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
     net = AdvCLNet(args.width) if advcl else Net(args.width)
@@ -3201,43 +2836,43 @@ def benchmark(args, device):
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=args.lr, momentum=0.9)
     model = torch.compile(net) if args.compile else net
-    params = list(net.parameters())
-    step = advcl_step_of(args) if advcl else step_of(args)
-    seen = Distances()
+    seen = [0.0, 0]
     times = dict.fromkeys(("data_s", "attack_s", "fwd_bwd_s", "official_step_s"), 0.0)
     peak = {}
     for i in range(warmup + n):
-        timed = i >= warmup
         if cuda and i == warmup:
             torch.cuda.reset_peak_memory_stats(device)
-        clock = Clock(cuda)
+        clock = [time.perf_counter()]
+
+        def lap(phase):  # the time since the last lap, the device synchronised (asynchronous)
+            if cuda:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if i >= warmup:
+                times[phase] = times.get(phase, 0.0) + (now - clock[0]) / n
+            clock[0] = now
+
+        def official_lap(phase):  # the official step's views are not timed
+            lap("official_data_s" if phase == "data_s" else "official_step_s")
         xb = x[torch.randint(0, len(x), (args.batch_size,), device=device)]
+        labels = [torch.randint(0, k, (len(xb),), device=device) for k in PSEUDO_KS]
         if advcl:
-            views = [v.contiguous(memory_format=layout) for v in advcl_views(xb)]
-            labels = [torch.randint(0, k, (len(xb),), device=device) for k in PSEUDO_KS]
-            clock.lap(times, "data_s", timed, n)
-            hfc = high_frequency(views[2])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                x_cl, x_ce = advcl_attack(model, views[0], views[1], views[2], hfc, labels, step)
-            clock.lap(times, "attack_s", timed, n)
-            advcl_update(model, params, views, hfc, x_cl, x_ce, labels, step, 1, seen)
+            advcl_step(model, xb, labels, args, 1, seen, lap)
         else:
-            x1 = augment(xb).contiguous(memory_format=layout)
-            x2 = augment(xb).contiguous(memory_format=layout)
-            clock.lap(times, "data_s", timed, n)
-            x_adv = adversary(model, x1, x2, step) if step.adversarial else None
-            clock.lap(times, "attack_s", timed, n)
-            update(model, params, x1, x2, x_adv, step)
+            rocl_step(model, xb, args, lap)
         opt.step()
-        clock.lap(times, "fwd_bwd_s", timed, n)
+        lap("fwd_bwd_s")
         if cuda and i == warmup + n - 1:
             peak["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # our step's
         if advcl:
-            official_advcl_step(ref, ref_opt, views, labels, step, seen)
-            clock.lap(times, "official_step_s", timed, n)
-        elif step.adversarial:
-            official_step(ref, ref_opt, x1.contiguous(), x2.contiguous(), step)
-            clock.lap(times, "official_step_s", timed, n)
+            advcl_step(ref, xb, labels, official, 1, seen, official_lap)
+        elif args.method != "simclr":
+            x1, x2 = augment(xb), augment(xb)
+            official_lap("data_s")
+            official_step(ref, x1, x2, official)
+        ref_opt.step()
+        official_lap("step")
+    times.pop("official_data_s", None)
     step_s = times["data_s"] + times["attack_s"] + times["fwd_bwd_s"]
     ratio = step_s / times["official_step_s"] if times["official_step_s"] else None
     name = torch.cuda.get_device_name(device) if cuda else f"cpu x{torch.get_num_threads()}"
@@ -3252,26 +2887,6 @@ def benchmark(args, device):
           f"{times['fwd_bwd_s']:.3f}; official {times['official_step_s']:.3f}")
     print(json.dumps(res))
     return res
-
-
-class Clock:
-    """Laps of wall time, the device synchronised at each (kernels run asynchronously)."""
-
-    def __init__(self, cuda):
-        self.cuda = cuda
-        self.last = self.now()
-
-    def now(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def lap(self, times, phase, counted, n):
-        """Add the time since the last lap, averaged over n steps, to times[phase] if counted."""
-        now = self.now()
-        if counted:
-            times[phase] += (now - self.last) / n
-        self.last = now
 
 
 if __name__ == "__main__":

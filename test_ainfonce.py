@@ -671,7 +671,7 @@ def test_attacks_start_at_a_random_point_in_the_ball(norm, eps):
     x = x8.float() / 255
     for start in (
         A.pgd(model, x, y, eps=eps, steps=0, norm=norm),
-        A.pgd_attack(norm, eps, 2 / 255, 0)(model, x, y),
+        A.threat_attack(norm, eps, 2 / 255, 0)(model, x, y),
     ):
         d = (start - x).flatten(1)
         assert (d.abs().amax(1) if norm == "linf" else d.norm(dim=1)).max() <= eps + 1e-6
@@ -803,7 +803,7 @@ def test_lr_schedule():
 
 
 def test_recipe_defaults_are_the_papers():
-    args = A.parse_args([])[0]
+    args = A.configure([])[0]
     recipe = dict(
         eps=8 / 255,
         step=0.007,
@@ -846,15 +846,15 @@ def test_recipe_defaults_are_the_papers():
     ],
 )
 def test_defaults_per_data_set_follow_the_official_scripts(dataset, method, lr, tau_plus):
-    args = A.parse_args(["--dataset", dataset, "--method", method])[0]
+    args = A.configure(["--dataset", dataset, "--method", method])[0]
     assert args.lr == lr and args.tau_plus == tau_plus
-    assert A.parse_args(["--dataset", dataset, "--method", method, "--lr", "0.05"])[0].lr == 0.05
+    assert A.configure(["--dataset", dataset, "--method", method, "--lr", "0.05"])[0].lr == 0.05
 
 
 def test_the_step_uses_the_recipe(monkeypatch):
     """The training step passes the recipe's numbers to the attack and the losses, and its loss is
     the main term plus 1/256 of RoCL's regulariser, both as logged."""
-    args = A.parse_args(["--method", "both", "--width", "4", "--attack-steps", "2"])[0]
+    args = A.configure(["--method", "both", "--width", "4", "--attack-steps", "2"])[0]
     calls = {"pgd": [], "loss": []}
     real_pgd, real_loss = A.instance_pgd, A.a_infonce
     monkeypatch.setattr(
@@ -866,11 +866,11 @@ def test_the_step_uses_the_recipe(monkeypatch):
         lambda z, *a, **kw: calls["loss"].append((z.shape[0], kw)) or real_loss(z, *a, **kw),
     )
     net, x1, x2 = tiny_net(), images(0, 4), images(1, 4)
-    step = A.step_of(args)
-    x_adv = A.adversary(net, x1, x2, step)
+    A.rocl_step(net, (x1 * 255).to(torch.uint8), args)
     assert calls["pgd"][0] == dict(eps=8 / 255, step=0.007, steps=2, temperature=0.5)
+    x_adv = A.instance_pgd(net, x1, x2, **calls["pgd"][0])
     calls["loss"].clear()
-    loss, terms = A.pretrain_loss(net.train(), x1, x2, x_adv, step)
+    loss, terms = A.rocl_loss(net.train(), x1, x2, x_adv, args)
     [(_, main)], [(_, reg)] = [c for c in calls["loss"] if c[0] == 3], [
         c for c in calls["loss"] if c[0] == 2
     ]
@@ -897,10 +897,10 @@ def test_the_step_uses_the_recipe(monkeypatch):
 def test_regulariser_forward_runs_before_the_main_forward():
     """BN running statistics after one step equal the official order's: [x_adv; x2] first, then [x1;
     x2; x_adv]."""
-    args = A.parse_args(["--method", "rocl", "--width", "4"])[0]
+    args = A.configure(["--method", "rocl", "--width", "4"])[0]
     x1, x2, xa = images(0, 4), images(1, 4), images(2, 4)
     ours, official, reverse = tiny_net(), tiny_net(), tiny_net()
-    A.pretrain_loss(ours.train(), x1, x2, xa, A.step_of(args))
+    A.rocl_loss(ours.train(), x1, x2, xa, args)
     official.train()(torch.cat([xa, x2]))
     official(torch.cat([x1, x2, xa]))
     reverse.train()(torch.cat([x1, x2, xa]))
@@ -1259,7 +1259,7 @@ def test_robust_accuracy_per_norm_falls_with_eps_as_in_closed_form():
         ("linf", (2 / 255, 8 / 255, 16 / 255), 1.0),
         ("l2", (0.25, 1.0, 2.0), d**-0.5),
     ):
-        ra = [A.accuracy(model, x, y, 128, A.pgd_attack(norm, e, 2 / 255, 20)) for e in radii]
+        ra = [A.accuracy(model, x, y, 128, A.threat_attack(norm, e, 2 / 255, 20)) for e in radii]
         assert sa >= ra[0] >= ra[1] >= ra[2], (norm, ra)
         for e, r in zip(radii, ra):
             assert abs(r - (margin > e * drop).float().mean().item()) <= 0.01, (norm, e, r)
@@ -1865,12 +1865,12 @@ def test_field_layout_state_dicts_evaluate_exactly_as_our_checkpoint(folder, tmp
         3
     )  # ACL/DynACL's
     torch.save(dual, tmp_path / "dual.pt")
-    x, reference = images(3, 8).cpu(), A.load_checkpoint(str(tmp_path / "run")).encoder.eval()
+    x, reference = images(3, 8).cpu(), A.load_checkpoint(str(tmp_path / "run"))[0].eval()
     for name, ignored in (
         ("plain", 2),
         ("dual", 102),
     ):  # fc.*; and 20 BN layers x 5 tensors of the other branch
-        encoder = A.load_checkpoint(str(tmp_path / f"{name}.pt")).encoder.eval()
+        encoder = A.load_checkpoint(str(tmp_path / f"{name}.pt"))[0].eval()
         assert f"ignored {ignored} keys" in capsys.readouterr().out
         assert torch.equal(encoder(x), reference(x))
         res = eval_only(tmp_path / f"{name}.pt", *data, *strong, "--out", str(tmp_path / name))
@@ -1878,7 +1878,7 @@ def test_field_layout_state_dicts_evaluate_exactly_as_our_checkpoint(folder, tmp
         assert {k: res[k] for k in ("slf_sa", "slf_ra")} == {
             k: ours[k] for k in ("slf_sa", "slf_ra")
         }
-    branch0 = A.load_checkpoint(str(tmp_path / "dual.pt"), {"bn_branch": 0}).encoder.eval()
+    branch0 = A.load_checkpoint(str(tmp_path / "dual.pt"), {"bn_branch": 0})[0].eval()
     assert not torch.allclose(branch0(x), reference(x))
     fails(
         ["--eval-only", str(tmp_path / "plain.pt")],
@@ -2230,7 +2230,7 @@ def test_every_published_layout_loads_to_its_own_encoder(tmp_path, capsys):
     }
     layouts = {"advcl": "advcl", "dynacl": "dynacl", "dynacl-wrapped": "dynacl", "deacl": "deacl"}
     for name, (path, t, padding, norm) in published_files(tmp_path).items():
-        _, ck, _, encoder, read = A.load_checkpoint(path, flags.get(name, {}))
+        encoder, read, ck, _ = A.load_checkpoint(path, flags.get(name, {}))
         ref = reference_features(t, x, padding, *(norm or (None, None)))
         with torch.no_grad():
             ours = encoder.eval()(x)
@@ -2316,7 +2316,7 @@ def test_a_reading_flag_that_agrees_with_the_file_is_accepted(tmp_path, name, fl
     the truth: the encoder read with them is the repository's own."""
     path, t, padding, norm = published_files(tmp_path)[name]
     x = images(4, 6).cpu()
-    encoder = A.load_checkpoint(path, flags).encoder.eval()
+    encoder = A.load_checkpoint(path, flags)[0].eval()
     ref = reference_features(t, x, padding, *(norm or (None, None)))
     with torch.no_grad():
         assert ((encoder(x) - ref).abs().max() / ref.abs().max()) < 1e-4
@@ -2325,7 +2325,7 @@ def test_a_reading_flag_that_agrees_with_the_file_is_accepted(tmp_path, name, fl
 def test_a_reading_flag_on_our_own_checkpoint_is_accepted_where_it_agrees(folder, tmp_path):
     A.main(tiny(folder, tmp_path / "run", "--eval", "none"))
     run = str(tmp_path / "run")
-    read = A.load_checkpoint(run, {"stem_padding": 1, "normalise": "none"}).read
+    read = A.load_checkpoint(run, {"stem_padding": 1, "normalise": "none"})[1]
     assert read["layout"] == "ainfonce" and read["stem_padding"] == 1
     for flags in ({"stem_padding": 2}, {"normalise": "inside"}, {"bn_branch": 1}):
         with pytest.raises(A.UsageError, match=r"is an ainfonce checkpoint .*: leave --"):
@@ -2432,7 +2432,7 @@ def test_a_padding_2_file_is_never_evaluated_with_a_padding_1_stem(folder, tmp_p
 def test_bn_branches_are_read_from_the_file_or_named(tmp_path):
     files = published_files(tmp_path)
     assert (
-        A.load_checkpoint(files["acl-single"][0]).read["bn_branch"] == 0
+        A.load_checkpoint(files["acl-single"][0])[1]["bn_branch"] == 0
     )  # the only branch: no flag needed
     with pytest.raises(A.UsageError, match=r"holds BN branches \[0, 1\]: pass one of them"):
         A.load_checkpoint(files["acl"][0], {"bn_branch": 2})
@@ -3064,20 +3064,20 @@ def test_killed_run_resumes_from_the_printed_hint_bit_exactly(folder, tmp_path, 
 def test_a_stop_asked_during_the_last_step_stops_before_the_evaluation(
     folder, tmp_path, monkeypatch, capsys
 ):
-    real = A.end_epoch
+    real = A.run_files
 
-    def late(*a):  # SIGTERM once the last step has passed its stop check, as the epoch closes
+    def late(*a):  # SIGTERM once the last step has passed its stop check, as the epoch is saved
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*a)
 
-    monkeypatch.setattr(A, "end_epoch", late)
+    monkeypatch.setattr(A, "run_files", late)
     with pytest.raises(SystemExit) as e:
         A.main(tiny(folder, tmp_path / "run"))
     assert e.value.code == 130 and "continue with" in capsys.readouterr().err
     assert weights(tmp_path / "run" / "last.pt")[1]["step"] == 4 and not results_files(
         tmp_path / "run"
     )
-    monkeypatch.setattr(A, "end_epoch", real)
+    monkeypatch.setattr(A, "run_files", real)
     assert "slf_sa" in A.main(["--resume", str(tmp_path / "run")])  # the hint's command evaluates
 
 
@@ -3186,7 +3186,7 @@ def test_a_stale_tmp_is_removed_and_the_space_check_counts_both_checkpoints(
     A.main(tiny(folder, tmp_path / "run", "--epochs", "2", "--eval", "none", "--ckpt-every", "1"))
     (tmp_path / "run" / "last.pt.tmp").write_bytes(b"\0" * 2**20)  # a writer that died mid-save
     free = (
-        3 * A.checkpoint_bytes(sum(p.numel() for p in A.Net(8).parameters())) // 2
+        3 * (8 * sum(p.numel() for p in A.Net(8).parameters()) + 2**20) // 2
     )  # not two checkpoints
     monkeypatch.setattr(
         A.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=2**40, used=0, free=free)
@@ -3207,14 +3207,14 @@ def test_a_stale_tmp_is_removed_and_the_space_check_counts_both_checkpoints(
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     folder, tmp_path, monkeypatch, capsys
 ):
-    real, calls = A.pretrain_loss, []
+    real, calls = A.rocl_loss, []
 
     def poisoned(*a, **kw):
         loss, terms = real(*a, **kw)
         calls.append(1)
         return (loss * math.nan, terms) if len(calls) == 6 else (loss, terms)
 
-    monkeypatch.setattr(A, "pretrain_loss", poisoned)
+    monkeypatch.setattr(A, "rocl_loss", poisoned)
     with pytest.raises(SystemExit) as e:
         A.main(tiny(folder, tmp_path / "run", "--epochs", "3", "--eval", "none"))
     assert e.value.code == 3
@@ -3224,7 +3224,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
     assert ck["epoch"] == 1 and all(
         torch.isfinite(v).all() for v in w.values() if v.is_floating_point()
     )
-    monkeypatch.setattr(A, "pretrain_loss", real)
+    monkeypatch.setattr(A, "rocl_loss", real)
     res = A.main(["--resume", str(tmp_path / "run"), "--lr", "0.01", "--eval", "slf"])
     assert weights(tmp_path / "run" / "last.pt")[1]["epoch"] == 3
     # the first command and its lr stay; the resume is its own record, from the step it took effect
@@ -3286,15 +3286,17 @@ def _ddp_worker(rank, world, port, out, method):
     A.instance_pgd = functools.partial(
         A.instance_pgd, random_start=False
     )  # the only other randomness
-    args = A.parse_args(["--method", method, "--attack-steps", "3", "--width", "4"])[0]
+    args = A.configure(["--method", method, "--attack-steps", "3", "--width", "4"])[0]
     torch.manual_seed(0)
     net = A.Net(4)
     x1, x2 = images(0, 8).cpu(), images(1, 8).cpu()
     b = 8 // world
     x1, x2 = x1[rank * b : (rank + 1) * b], x2[rank * b : (rank + 1) * b]
-    step = A.step_of(args)  # in 2 processes, the loss and the attack gather the global batch
-    x_adv = A.adversary(net, x1, x2, step) if step.adversarial else None
-    loss, _ = A.pretrain_loss(net, x1, x2, x_adv, step)
+    # in 2 processes, the loss and the attack gather the global batch
+    x_adv = None
+    if method != "simclr":
+        x_adv = A.instance_pgd(net, x1, x2, eps=args.eps, step=args.step, steps=3)
+    loss, _ = A.rocl_loss(net, x1, x2, x_adv, args)
     loss.backward()
     params = list(net.parameters())
     if world > 1:
@@ -3414,8 +3416,8 @@ def test_bad_arguments(folder, tmp_path, capsys, extra, pattern):
 
 
 def test_eps_fraction_parses_exactly():
-    assert A.parse_args(["--eps", "8/255"])[0].eps == 8 / 255 and A.parse_args([])[0].eps == 8 / 255
-    assert A.parse_args(["--eps", "0.0314"])[0].eps == 0.0314
+    assert A.configure(["--eps", "8/255"])[0].eps == 8 / 255 and A.configure([])[0].eps == 8 / 255
+    assert A.configure(["--eps", "0.0314"])[0].eps == 0.0314
 
 
 def test_autoattack_missing_is_a_clear_error(folder, tmp_path, capsys, monkeypatch):
@@ -3492,7 +3494,9 @@ def test_a_long_attack_and_the_guards_show_progress(monkeypatch, capsys):
     real = A.progress
     monkeypatch.setattr(A, "progress", lambda label, total, every=10.0: real(label, total, every=0))
     model, x, y, _ = linear_data(64)
-    A.accuracy(model, x, y, 64, A.pgd_attack("linf", 8 / 255, 2 / 255, 10), "SLF PGD-10 linf:8/255")
+    A.accuracy(
+        model, x, y, 64, A.threat_attack("linf", 8 / 255, 2 / 255, 10), "SLF PGD-10 linf:8/255"
+    )
     lines = (
         capsys.readouterr().out.splitlines()
     )  # one batch of 64: progress within it, step by step
@@ -3527,6 +3531,28 @@ def test_hints_paste_back_from_any_directory(folder, tmp_path, monkeypatch, caps
 # --------------------------------------------------------------------------------------------------
 # The AdvCL base
 # --------------------------------------------------------------------------------------------------
+def advcl_args(method, **kw):
+    """The settings the AdvCL base's step reads, as a run of CIFAR-10 IP+HN's script would hold
+    them."""
+    values = dict(
+        method=method,
+        eps=8 / 255,
+        step=2 / 255,
+        attack_steps=5,
+        temperature=0.5,
+        adv_weight=1.0,
+        ip_alpha=0.2,
+        ip_adaptive_from=30,
+        ip_d_min=0.4,
+        hn_beta=1.0,
+        tau_plus=0.1,
+        hn_normalise="negatives",
+        amp=False,
+        channels_last=False,
+    )
+    return argparse.Namespace(**{**values, **kw})
+
+
 def ref_asym_supcon(
     features,
     *,
@@ -3590,9 +3616,9 @@ def test_advcl_loss_is_the_official_supcon(method, phase, hn_form):
     """The AdvCL base's contrastive loss, its value and its gradient, against the transcribed
     official losses: SupCon's scale, keys carrying gradient, Asym-AdvCL's blocks, HN's form."""
     aw = {"infpos": 1.2, "both": 0.7}.get(method, 1.0)
-    step = A.AdvCLStep(method, 8 / 255, 2 / 255, 5, 0.5, aw, 0.2, 30, 0.4, 1.0, 0.1, hn_form, False)
+    args = advcl_args(method, adv_weight=aw, hn_normalise=hn_form)
     z = randz(11, 4, 6, 16).double().requires_grad_(True)  # [views, N, D]
-    ours = A.advcl_contrastive(z, step, phase, degree=0.3)
+    ours = A.advcl_contrastive(z, args, phase, degree=0.3)
     feats = F.normalize(z.transpose(0, 1), dim=-1)  # [N, views, D], as its model normalises
     hn = phase == "train" and method in ("hardneg", "both")
     stop_grad = phase == "train" and method in ("infpos", "both")
@@ -3633,22 +3659,20 @@ def test_a_forward_through_one_branch_moves_only_its_statistics():
     net = A.AdvCLNet(4).train()
     stats = lambda: {k: v.clone() for k, v in net.state_dict().items() if "running_mean" in k}
     before = stats()
-    net.project(images(0, 4).cpu(), A.PGD)
+    net.project(images(0, 4).cpu(), A.BN_ADV)
     moved = {k for k, v in stats().items() if not torch.equal(v, before[k])}
-    assert moved and all(".bn_list.1." in k or k.startswith("projector.head_proj") for k in moved)
-    assert any(k.startswith("projector.head_proj") for k in moved)  # its BatchNorm1d is shared
+    assert moved and all(".bn_list.1." in k or k.startswith("heads.head_proj") for k in moved)
+    assert any(k.startswith("heads.head_proj") for k in moved)  # its BatchNorm1d is shared
 
 
 def test_the_joint_attack_stays_in_its_ball_and_raises_its_losses():
     torch.manual_seed(0)
     net = A.AdvCLNet(4).train()
-    step = A.AdvCLStep(
-        "both", 8 / 255, 2 / 255, 3, 0.5, 0.7, 0.2, 30, 0.4, 1.0, 0.1, "negatives", False
-    )
+    args = advcl_args("both", attack_steps=3, adv_weight=0.7)
     x1, x2, org = images(1, 8).cpu(), images(2, 8).cpu(), images(3, 8).cpu()
     labels = [torch.randint(0, k, (8,)) for k in A.PSEUDO_KS]
     hfc = A.high_frequency(org)
-    x_cl, x_ce = A.advcl_attack(net, x1, x2, org, hfc, labels, step)
+    x_cl, x_ce = A.advcl_attack(net, x1, x2, org, hfc, labels, args)
     for x in (x_cl, x_ce):
         assert (x - org).abs().max() <= 8 / 255 + 1e-6 and x.min() >= 0 and x.max() <= 1
 
@@ -3656,31 +3680,29 @@ def test_the_joint_attack_stays_in_its_ball_and_raises_its_losses():
         copy_ = __import__("copy").deepcopy(net)
         with torch.no_grad():
             z = torch.stack(
-                [copy_.project(v, b) for v, b in ((cl, A.PGD), (x1, 0), (x2, 0), (hfc, 0))]
+                [copy_.project(v, b) for v, b in ((cl, A.BN_ADV), (x1, 0), (x2, 0), (hfc, 0))]
             )
-            ce_loss = A.pseudo_label_ce(copy_.classify(ce, A.PGD_CE), labels, "mean")
-            return A.advcl_contrastive(z, step, "attack").item(), ce_loss.item()
+            ce_loss = A.pseudo_label_ce(copy_.classify(ce, A.BN_CE), labels, "mean")
+            return A.advcl_contrastive(z, args, "attack").item(), ce_loss.item()
 
     attacked, clean = losses(x_cl, x_ce), losses(org, org)
     assert attacked[0] > clean[0] and attacked[1] > clean[1]
 
 
 def test_the_adaptive_degree_and_the_schedule_follow_asym_advcl():
-    step = A.AdvCLStep(
-        "infpos", 8 / 255, 2 / 255, 5, 0.5, 1.2, 0.2, 2, 0.4, 1.0, 0.1, "negatives", False
-    )
-    seen = A.Distances()
+    args = advcl_args("infpos", adv_weight=1.2, ip_adaptive_from=2)
+    seen = [0.0, 0]
     assert (
-        A.stop_degree(step, 1, 3.0, seen, 10) == 0.2
-        and A.stop_degree(step, 2, 1.0, seen, 30) == 0.2
+        A.stop_degree(args, 1, 3.0, seen, 10) == 0.2
+        and A.stop_degree(args, 2, 1.0, seen, 30) == 0.2
     )
     mean = (3.0 * 10 + 1.0 * 30) / 40  # its dis_avg: weighted by images, epochs 1..2
-    assert A.stop_degree(step, 3, 2.0, seen, 5) == 0.2  # farther than the mean: as it was
-    assert A.stop_degree(step, 3, 0.3, seen, 5) == 0.5  # nearer than d_min
-    assert A.stop_degree(step, 3, 1.0, seen, 5) == pytest.approx(
+    assert A.stop_degree(args, 3, 2.0, seen, 5) == 0.2  # farther than the mean: as it was
+    assert A.stop_degree(args, 3, 0.3, seen, 5) == 0.5  # nearer than d_min
+    assert A.stop_degree(args, 3, 1.0, seen, 5) == pytest.approx(
         (mean - 1.0) / (mean - 0.4) * 0.3 + 0.2
     )
-    assert (seen.total, seen.count) == (60.0, 40)  # recorded only in the first epochs
+    assert seen == [60.0, 40]  # recorded only in the first epochs
     # utils.py adjust_learning_rate (per epoch) then warmup_learning_rate (per step), transcribed
     lr, epochs, steps = 2.0, 40, 5
     eta = lr * 0.1**3
@@ -3837,15 +3859,16 @@ def test_every_advcl_method_trains_resumes_bit_exactly_and_evaluates(
     assert scheme_keys(done) == scheme_keys(full) and 0 <= full["slf_ra"] <= full["slf_sa"] <= 1
     assert ck["args"]["base"] == "advcl" and ck["pseudo_labels"]["kmeans_of"]
     assert (
-        full["read"]["bn_branch"] == A.PGD and full["identity"]["protocol"]["name"] == "asym-advcl"
+        full["read"]["bn_branch"] == A.BN_ADV
+        and full["identity"]["protocol"]["name"] == "asym-advcl"
     )
-    loaded = A.load_checkpoint(str(tmp_path / "full"))  # evaluated: the pgd branch, as the field
+    encoder, _, _, net = A.load_checkpoint(str(tmp_path / "full"))  # evaluated: the pgd branch
     x = images(8, 6).cpu()
-    with torch.no_grad(), A.eval_mode(loaded.net):
-        with A.use_branch(loaded.net.encoder, A.PGD):
-            pgd_features = loaded.net.encoder(x)
-        normal_features = loaded.net.encoder(x)
-        assert torch.allclose(loaded.encoder.eval()(x), pgd_features, atol=1e-6)
+    with torch.no_grad(), A.eval_mode(net):
+        with A.use_branch(net.encoder, A.BN_ADV):
+            pgd_features = net.encoder(x)
+        normal_features = net.encoder(x)
+        assert torch.allclose(encoder.eval()(x), pgd_features, atol=1e-6)
         assert not torch.allclose(pgd_features, normal_features, atol=1e-4)
     robust = eval_only(
         tmp_path / "full", "--protocol", "robustssl", "--no-autoattack", "--eval", "slf"
@@ -3905,7 +3928,7 @@ OFFICIAL_ADVCL_SCRIPTS = {
 def test_the_advcl_recipes_are_the_official_scripts(dataset, method):
     script = OFFICIAL_ADVCL_SCRIPTS.get((dataset, method), OFFICIAL_ADVCL_SCRIPTS["rocl"])
     official = official_script(script.format(d=dataset))
-    args = A.parse_args(["--base", "advcl", "--method", method, "--dataset", dataset])[0]
+    args = A.configure(["--base", "advcl", "--method", method, "--dataset", dataset])[0]
     assert (args.lr, args.epochs, args.attack_steps, args.wd) == (
         official.learning_rate,
         official.epoch,
@@ -3956,7 +3979,7 @@ def test_an_advcl_step_moves_each_branchs_statistics_as_the_official_step(
     ck = weights(tmp_path / "run" / "last.pt")[1]
     steps = ck["step"]
     moved = {b: ck["encoder"][f"bn1.bn_list.{b}.num_batches_tracked"].item() for b in range(3)}
-    assert moved == {A.NORMAL: normal * steps, A.PGD: 3 * steps, A.PGD_CE: 3 * steps}
+    assert moved == {A.BN_CLEAN: normal * steps, A.BN_ADV: 3 * steps, A.BN_CE: 3 * steps}
 
 
 def test_the_advcl_optimiser_decays_the_weights(folder, tmp_path, simclr_encoder):
@@ -4076,7 +4099,7 @@ def test_a_run_logs_the_knn_monitor_of_its_encoder(tmp_path):
     A.main(argv + ["--eval", "none"])
     logged = json.loads(open(tmp_path / "run" / "log.jsonl").readline())["knn"]
     d = A.load_data("folder", data)
-    encoder = A.load_checkpoint(str(tmp_path / "run")).encoder.to(DEV).eval()
+    encoder = A.load_checkpoint(str(tmp_path / "run"))[0].to(DEV).eval()
     with torch.no_grad():
         bank, query = (
             F.normalize(encoder(x.to(DEV).float() / 255), dim=1) for x in (d.x_train, d.x_test)
