@@ -494,14 +494,15 @@ def rocl_loss(net, x1, x2, x_adv, args):
     return infonce + args.reg_weight * reg, terms
 
 
-def rocl_step(net, xb, args, lap=None):
+def rocl_step(net, xb, args, gen=None, lap=None):
     """One step of the RoCL base but the optimiser's, on a uint8 batch xb [N, 3, 32, 32]: its two
-    augmentations x1, x2; x_adv, the instance-wise attack of x1 against x2 (simclr: none); the
-    loss (bf16 autocast with --amp, the loss itself in fp32); backward; gradients averaged over
-    processes; LARS -> (loss, terms, gradient norm before LARS). lap(phase) ends each phase."""
+    augmentations x1, x2 (drawn from gen); x_adv, the instance-wise attack of x1 against x2
+    (simclr: none); the loss (bf16 autocast with --amp, the loss itself in fp32); backward;
+    gradients averaged over processes; LARS -> (loss, terms, gradient norm before LARS).
+    lap(phase), if given, ends each phase."""
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    x1 = augment(xb).contiguous(memory_format=layout)
-    x2 = augment(xb).contiguous(memory_format=layout)
+    x1 = augment(xb, gen).contiguous(memory_format=layout)
+    x2 = augment(xb, gen).contiguous(memory_format=layout)
     if lap:
         lap("data_s")
     x_adv = None
@@ -541,16 +542,16 @@ def high_frequency(x, radius=HFC_RADIUS):
     return back.real.to(x.dtype)
 
 
-def advcl_views(xb):
+def advcl_views(xb, gen=None):
     """AdvCL's views of a uint8 batch [B,3,32,32] -> floats in [0, 1]: x1, x2 = RandomResizedCrop
     (32, scale 0.2-1) + flip, then ColorJitter(0.4,0.4,0.4,0.1) p 0.8 and RandomGrayscale p 0.2;
-    x_org = RandomCrop(32, padding 4) + flip (the attacked image)."""
+    x_org = RandomCrop(32, padding 4) + flip (the attacked image). gen: as augment's."""
     views = []
     for _ in range(2):
-        x = resized_crop_flip(xb.float() / 255, scale=(0.2, 1.0))
-        x = color_jitter(x, *jitter_params(len(x), x.device))
-        views.append(random_gray(x))
-    return views[0], views[1], crop_flip(xb)
+        x = resized_crop_flip(xb.float() / 255, scale=(0.2, 1.0), gen=gen)
+        x = color_jitter(x, *jitter_params(len(x), x.device, gen))
+        views.append(random_gray(x, gen))
+    return views[0], views[1], crop_flip(xb, gen)
 
 
 def advcl_weights(args, phase, degree=None):
@@ -664,13 +665,13 @@ def advcl_lr_at(it, per_epoch, epochs, base, warmup_epochs, warmup_from=0.01):
     return eta_min + (base - eta_min) * (1 + math.cos(math.pi * e / epochs)) / 2
 
 
-def advcl_step(net, xb, labels, args, epoch, seen, lap=None):
+def advcl_step(net, xb, labels, args, epoch, seen, gen=None, lap=None):
     """One step of the AdvCL base but the optimiser's, on a uint8 batch xb and its pseudo-labels
-    [5, N]: the views, the joint attack, the forwards in the official order, IP's adaptive degree
-    (epoch 1-based; seen: its distances), the loss (contrastive + 0.2 mean CE), backward,
-    gradients averaged over processes -> (loss, terms, gradient norm)."""
+    [5, N]: the views (drawn from gen), the joint attack, the forwards in the official order, IP's
+    adaptive degree (epoch 1-based; seen: its distances), the loss (contrastive + 0.2 mean CE),
+    backward, gradients averaged over processes -> (loss, terms, gradient norm)."""
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    views = [v.contiguous(memory_format=layout) for v in advcl_views(xb)]
+    views = [v.contiguous(memory_format=layout) for v in advcl_views(xb, gen)]
     x1, x2 = views[:2]
     x_org = views[2]
     if lap:
@@ -743,12 +744,14 @@ def adjust(x, op, f):
     return (f * x + (1 - f) * other).clamp(0, 1)
 
 
-def crop_params(b, device, size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10):
+def crop_params(b, device, size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries=10,
+                gen=None):
     """RandomResizedCrop.get_params per image: (w, h, x0, y0), each [b]. Like torchvision, take
-    the first of 10 tries that fits, else the whole (square) image. The aspect is log-uniform."""
-    area = size * size * torch.empty(b, tries, device=device).uniform_(*scale)
-    log_ratio = torch.empty(b, tries, device=device).uniform_(math.log(ratio[0]),
-                                                             math.log(ratio[1]))
+    the first of 10 tries that fits, else the whole (square) image. The aspect is log-uniform.
+    gen: the generator of the draws (None: the global one), here and in every augmentation."""
+    area = size * size * torch.empty(b, tries, device=device).uniform_(*scale, generator=gen)
+    log_ratio = torch.empty(b, tries, device=device).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=gen)
     aspect = log_ratio.exp()
     w = (area * aspect).sqrt().round()  # [b, tries]
     h = (area / aspect).sqrt().round()
@@ -756,20 +759,20 @@ def crop_params(b, device, size=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tri
     first = fits.float().argmax(1, keepdim=True)
     w = torch.where(fits.any(1), w.gather(1, first).squeeze(1), size)  # [b]
     h = torch.where(fits.any(1), h.gather(1, first).squeeze(1), size)
-    x0 = (torch.rand(b, device=device) * (size - w + 1)).floor()
-    y0 = (torch.rand(b, device=device) * (size - h + 1)).floor()
+    x0 = (torch.rand(b, device=device, generator=gen) * (size - w + 1)).floor()
+    y0 = (torch.rand(b, device=device, generator=gen) * (size - h + 1)).floor()
     return w, h, x0, y0
 
 
-def jitter_params(b, device):
+def jitter_params(b, device, gen=None):
     """ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, per image: (on [b], factors [b, 4],
     order [b, 4]). Brightness, contrast and saturation factors uniform in [0.6, 1.4], hue in
     [-0.1, 0.1]; the four ops in a random order per image (a uniform permutation), as
     torchvision's ColorJitter.get_params."""
-    on = torch.rand(b, device=device) < 0.8
-    f = torch.cat([torch.empty(b, 3, device=device).uniform_(0.6, 1.4),
-                   torch.empty(b, 1, device=device).uniform_(-0.1, 0.1)], 1)
-    order = torch.rand(b, 4, device=device).argsort(1)
+    on = torch.rand(b, device=device, generator=gen) < 0.8
+    f = torch.cat([torch.empty(b, 3, device=device).uniform_(0.6, 1.4, generator=gen),
+                   torch.empty(b, 1, device=device).uniform_(-0.1, 0.1, generator=gen)], 1)
+    order = torch.rand(b, 4, device=device, generator=gen).argsort(1)
     return on, f, order
 
 
@@ -782,18 +785,18 @@ def color_jitter(x, on, f, order):
     return x
 
 
-def random_gray(x):
+def random_gray(x, gen=None):
     """RandomGrayscale(p=0.2) of float images [B, 3, H, W]."""
-    to_gray = (torch.rand(len(x), device=x.device) < 0.2).view(-1, 1, 1, 1)
+    to_gray = (torch.rand(len(x), device=x.device, generator=gen) < 0.2).view(-1, 1, 1, 1)
     return torch.where(to_gray, gray(x).expand_as(x), x)
 
 
-def resized_crop_flip(x, scale=(0.08, 1.0)):
+def resized_crop_flip(x, scale=(0.08, 1.0), gen=None):
     """RandomResizedCrop(32, scale) and a horizontal flip (p 0.5) of float images [B,3,32,32]:
     bilinear, as one grid_sample."""
     b, dev = x.size(0), x.device
-    w, h, x0, y0 = crop_params(b, dev, scale=scale)
-    flip = torch.where(torch.rand(b, device=dev) < 0.5, -1.0, 1.0)
+    w, h, x0, y0 = crop_params(b, dev, scale=scale, gen=gen)
+    flip = torch.where(torch.rand(b, device=dev, generator=gen) < 0.5, -1.0, 1.0)
     # the output's [-1, 1] -> the crop box in input coordinates
     theta = torch.zeros(b, 2, 3, device=dev)
     theta[:, 0, 0] = flip * w / 32
@@ -804,26 +807,26 @@ def resized_crop_flip(x, scale=(0.08, 1.0)):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def augment(xb):
+def augment(xb, gen=None):
     """The paper's augmentation of a uint8 batch [B,3,32,32] -> float in [0,1], each image with its
     own draws: ColorJitter(0.4,0.4,0.4,0.1) p=0.8 (ops in a random order per image),
     RandomGrayscale p=0.2, horizontal flip p=0.5, RandomResizedCrop(32, scale=(0.08,1))."""
     x = xb.float() / 255
-    x = color_jitter(x, *jitter_params(len(x), x.device))
-    return resized_crop_flip(random_gray(x))
+    x = color_jitter(x, *jitter_params(len(x), x.device, gen))
+    return resized_crop_flip(random_gray(x, gen), gen=gen)
 
 
-def crop_flip(xb):
+def crop_flip(xb, gen=None):
     """RandomCrop(32, padding=4) and RandomHorizontalFlip of uint8 images [B,3,32,32] -> [0, 1]."""
     b, dev = len(xb), xb.device
-    dy = torch.randint(0, 9, (b, 1, 1, 1), device=dev)
-    dx = torch.randint(0, 9, (b, 1, 1, 1), device=dev)
+    dy = torch.randint(0, 9, (b, 1, 1, 1), device=dev, generator=gen)
+    dx = torch.randint(0, 9, (b, 1, 1, 1), device=dev, generator=gen)
     rows = torch.arange(32, device=dev).view(1, 1, 32, 1) + dy  # [B, 1, 32, 1]
     cols = torch.arange(32, device=dev).view(1, 1, 1, 32) + dx  # [B, 1, 1, 32]
     images = torch.arange(b, device=dev).view(b, 1, 1, 1)
     channels = torch.arange(3, device=dev).view(1, 3, 1, 1)
     x = F.pad(xb, (4, 4, 4, 4))[images, channels, rows, cols]  # [B, 3, 32, 32]
-    flip = torch.rand(b, 1, 1, 1, device=dev) < 0.5
+    flip = torch.rand(b, 1, 1, 1, device=dev, generator=gen) < 0.5
     return torch.where(flip, x.flip(3), x).float() / 255
 
 
@@ -950,11 +953,14 @@ def train(args, net, data, device, rank, world, ck=None, labels=None):
                 lr = lr_at(it, total, per_epoch * args.warmup_epochs, args.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
+            # the step's augmentations are drawn from a stream of the seed, the rank and the step
+            # alone: runs of one seed see the same views whatever their attacks draw
+            gen = torch.Generator(device).manual_seed((args.seed << 40) + (rank << 32) + it)
             if advcl:
                 result = advcl_step(model, x_train[idx], pseudo[:, idx], args, epoch + 1,
-                                    counters["distances"])
+                                    counters["distances"], gen)
             else:
-                result = rocl_step(model, x_train[idx], args)
+                result = rocl_step(model, x_train[idx], args, gen)
             loss, terms, grad_norm = result
             # One host sync per step, and device-resident flags (NCCL has no CPU tensors): a
             # non-finite loss or gradient on any rank, or a stop request to any rank, stops
@@ -1538,7 +1544,7 @@ _.add_argument("--normalise", choices=("inside", "none"),
                help="whether a torchvision-style file's normalize.mean/std apply (RobustSSL's "
                     "AdvCL/A-InfoNCE SLF/ALF files: none)")
 _ = PARSER.add_argument_group("system")
-_.add_argument("--preset", choices=("smoke", "small", "medium", "paper"),
+_.add_argument("--preset", choices=("smoke", "small", "cpu", "medium", "paper"),
                help="reproduce.sh's scales: their pretraining and evaluation flags (given flags "
                     "win); small: a CPU run of minutes")
 _.add_argument("--out", help="run directory (default runs/METHOD-DATASET-sSEED)")
@@ -1576,6 +1582,9 @@ PRESETS = {
     "small": dict(subset=5000, width=8, epochs=6, batch_size=128, attack_steps=3, warmup_epochs=1,
                   eval=_ALL, eval_subset=1000, ft_epochs=3, eval_batch_size=256,
                   protocol="asym-rocl"),
+    # small's pretraining, measured on all 10,000 test images by SLF: the CPU table of 5 seeds
+    "cpu": dict(subset=5000, width=8, epochs=6, batch_size=128, attack_steps=3, warmup_epochs=1,
+                eval=["slf"], eval_batch_size=256, protocol="asym-rocl"),
     "smoke": dict(subset=128, width=4, epochs=1, batch_size=32, attack_steps=1, warmup_epochs=0,
                   eval=_ALL, eval_subset=64, eval_steps=2, ft_epochs=1, eval_batch_size=128,
                   protocol="asym-rocl"),
@@ -2559,6 +2568,25 @@ def lock(directory):
                 f.truncate(0)
 
 
+# Student's t: the 0.975 quantile for 1 to 30 degrees of freedom (beyond: the normal's 1.96)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def interval(values):
+    """The mean of values and the half-width of its 95 % confidence interval (Student's t over the
+    n values, n - 1 degrees of freedom); None for the half-width of a single value. reproduce.sh
+    puts it in its tables: seeds as samples, paired differences of methods by seed."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    return mean, t * sd / math.sqrt(n)
+
+
 def resume_command(out):
     return shlex.join(["python", os.path.relpath(__file__), "--resume", out])
 
@@ -2857,15 +2885,15 @@ def benchmark(args, device):
         xb = x[torch.randint(0, len(x), (args.batch_size,), device=device)]
         labels = [torch.randint(0, k, (len(xb),), device=device) for k in PSEUDO_KS]
         if advcl:
-            advcl_step(model, xb, labels, args, 1, seen, lap)
+            advcl_step(model, xb, labels, args, 1, seen, lap=lap)
         else:
-            rocl_step(model, xb, args, lap)
+            rocl_step(model, xb, args, lap=lap)
         opt.step()
         lap("fwd_bwd_s")
         if cuda and i == warmup + n - 1:
             peak["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # our step's
         if advcl:
-            advcl_step(ref, xb, labels, official, 1, seen, official_lap)
+            advcl_step(ref, xb, labels, official, 1, seen, lap=official_lap)
         elif args.method != "simclr":
             x1, x2 = augment(xb), augment(xb)
             official_lap("data_s")

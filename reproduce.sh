@@ -1,44 +1,38 @@
 #!/usr/bin/env bash
 # Pretrain every method, evaluate each, and write the paper's table: $OUT/table.md (rows: methods; columns: SA and RA
-# per scheme, mean ± std over seeds), $OUT/table.json and, with matplotlib installed, $OUT/curves.png.
+# per scheme; the mean over seeds with its 95 % confidence interval, and each method minus the base's symmetric loss
+# paired by seed), $OUT/table.json and, with matplotlib installed, $OUT/curves.png.
 #
-#   SCALE=paper  bash reproduce.sh   # the paper's recipe: ResNet-18 (width 64), 1000 epochs, batch 512, PGD-7; GPUs
-#   SCALE=medium bash reproduce.sh   # width 64, batch 512, PGD-7, 40 epochs, SLF (not measured: no GPU yet)
-#   SCALE=small  bash reproduce.sh   # 2 CPU cores: 62 min for 2 seeds, BASE=advcl ~80 (README: what is cut)
+#   SCALE=paper  bash reproduce.sh   # the paper's recipe: ResNet-18 (width 64), the base's epochs and attack; GPUs
+#   SCALE=medium bash reproduce.sh   # width 64, batch 512, 40 epochs, --amp, SLF (not measured: no GPU yet)
+#   SCALE=cpu    bash reproduce.sh   # 2 CPU cores, 5 seeds, SLF on all 10,000 test images (README: the CPU table)
+#   SCALE=small  bash reproduce.sh   # 2 CPU cores: 62 min for 2 seeds, 1,000 test images, SLF/ALF/AFF
 #   SCALE=smoke  bash reproduce.sh   # a couple of minutes: checks the script, not the method
 #   BASE=advcl SCALE=small bash reproduce.sh   # the same table for A-InfoNCE on AdvCL
 #
-# Environment: DATASET (cifar10 | cifar100 | stl10 | folder), DATA_DIR, SEEDS (number of seeds), OUT (default
+# Each scale is ainfonce.py's --preset of that name. Environment: DATASET (cifar10 | cifar100 | stl10 | folder;
+# default cifar10, downloaded by torchvision), DATA_DIR (default ./data), SEEDS (number of seeds), OUT (default
 # results/$SCALE, results/$SCALE-advcl for BASE=advcl), METHODS, AA=1 (add standard AutoAttack; pip install
 # pyautoattack), EVAL_THREATS (e.g. "linf:8/255 l2:0.5": RA under each), PROTOCOL (asym-rocl | asym-advcl |
-# robustssl; default: the base's own, asym-rocl at small and smoke scale for both bases), BASE (rocl | advcl),
-# PSEUDO_LABELS (AdvCL base: a pickle of pseudo-labels; default: k-means of a simclr run of this scale,
-# $OUT/simclr-s0, made first), TRANSFER_TO (a data set: a second evaluation of every run on it, finetuned
-# there) with TRANSFER_DIR, PYTHON. Relative paths are relative to the directory you run it from.
+# robustssl), BASE (rocl | advcl), PSEUDO_LABELS (AdvCL base: a pickle of pseudo-labels; default: k-means of a simclr
+# run of this scale, $OUT/simclr-s0, made first), TRANSFER_TO (a data set: a second evaluation of every run on it,
+# finetuned there) with TRANSFER_DIR, PYTHON. Relative paths are relative to the directory you run it from.
 # Resumable: a cell with a checkpoint continues through `--resume`, which refuses a checkpoint made with other
-# arguments (another SCALE in the same OUT), and finishes its training and evaluation. Each cell's evaluation names
-# the results file of exactly what it asked for (ainfonce.py prints "results: PATH"); the table reads those files.
+# arguments (another SCALE in the same OUT) or on other training images (another DATA_DIR), and finishes its training
+# and evaluation. Each cell's evaluation names the results file of exactly what it asked for (ainfonce.py prints
+# "results: PATH"); the table reads those files.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 SCALE=${SCALE:-small}
-case "$SCALE" in  # TRAIN: pretraining flags; EVALUATE: evaluation flags (also those of the TRANSFER_TO evaluation)
-  paper)  TRAIN=(--width 64 --epochs 1000 --batch-size 512 --attack-steps 7)
-          EVALUATE=(--eval slf alf aff)
-          DEFAULT_DATASET=cifar10 DEFAULT_DATA_DIR=./data DEFAULT_SEEDS=1 ;;
-  medium) TRAIN=(--width 64 --epochs 40 --warmup-epochs 2 --batch-size 512 --attack-steps 7 --amp)
-          EVALUATE=(--eval slf)
-          DEFAULT_DATASET=folder DEFAULT_DATA_DIR=data/cifar10-jpeg DEFAULT_SEEDS=1 ;;
-  small)  TRAIN=(--subset 5000 --width 8 --epochs 6 --batch-size 128 --attack-steps 3 --warmup-epochs 1)
-          EVALUATE=(--eval slf alf aff --eval-subset 1000 --ft-epochs 3 --eval-batch-size 256)
-          DEFAULT_DATASET=folder DEFAULT_DATA_DIR=data/cifar10-jpeg DEFAULT_SEEDS=2 ;;
-  smoke)  TRAIN=(--subset 128 --width 4 --epochs 1 --batch-size 32 --attack-steps 1 --warmup-epochs 0)
-          EVALUATE=(--eval slf alf aff --eval-subset 64 --eval-steps 2 --ft-epochs 1 --eval-batch-size 128)
-          DEFAULT_DATASET=folder DEFAULT_DATA_DIR=data/cifar10-jpeg DEFAULT_SEEDS=1 ;;
-  *) echo "reproduce.sh: SCALE must be paper, medium, small or smoke, not '$SCALE'" >&2; exit 2 ;;
+case "$SCALE" in
+  paper|medium|smoke) DEFAULT_SEEDS=1 ;;
+  small) DEFAULT_SEEDS=2 ;;
+  cpu) DEFAULT_SEEDS=5 ;;
+  *) echo "reproduce.sh: SCALE must be paper, medium, cpu, small or smoke, not '$SCALE'" >&2; exit 2 ;;
 esac
-DATASET=${DATASET:-$DEFAULT_DATASET}
-DATA_DIR=${DATA_DIR:-$DEFAULT_DATA_DIR}
+DATASET=${DATASET:-cifar10}
+DATA_DIR=${DATA_DIR:-./data}
 SEEDS=${SEEDS:-$DEFAULT_SEEDS}
 METHODS=${METHODS:-rocl infpos hardneg both}
 PYTHON=${PYTHON:-python}
@@ -49,13 +43,11 @@ if [ "$BASE" = advcl ]; then  # scales and bases never share a directory
 else
   OUT=${OUT:-results/$SCALE}
 fi
+TRAIN=(--preset "$SCALE")
+EVALUATE=()  # flags of the evaluation, also given to the TRANSFER_TO evaluation
 [ "${AA:-0}" = 1 ] && EVALUATE+=(--autoattack)
 [ -n "${EVAL_THREATS:-}" ] && EVALUATE+=(--eval-threats $EVAL_THREATS)
-if [ -n "${PROTOCOL:-}" ]; then
-  EVALUATE+=(--protocol "$PROTOCOL")
-elif [ "$SCALE" = small ] || [ "$SCALE" = smoke ]; then
-  EVALUATE+=(--protocol asym-rocl)  # one protocol for both bases' tables: they sit side by side
-fi
+[ -n "${PROTOCOL:-}" ] && EVALUATE+=(--protocol "$PROTOCOL")
 
 continue_hint() {  # the command that continues the whole table, with the environment it was started with
   local env="" v
@@ -122,10 +114,12 @@ for seed in $(seq 0 $((SEEDS - 1))); do
   done
 done
 
-"$PYTHON" - "$OUT" "$SEEDS" "$METHODS" "$(( $(date +%s) - start ))" <<'PY'
+"$PYTHON" - "$OUT" "$SEEDS" "$METHODS" "$(( $(date +%s) - start ))" "$HERE" <<'PY'
 import json, statistics, sys
 from fractions import Fraction
-out, seeds, methods, wall = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), int(sys.argv[4])
+out, seeds, methods, wall, here = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), int(sys.argv[4]), sys.argv[5]
+sys.path.insert(0, here)
+from ainfonce import interval  # the mean and its 95 % confidence interval (Student's t)
 cells = dict(line.rstrip("\n").split("\t") for line in open(f"{out}/cells.tsv"))
 runs = {m: [json.load(open(cells[f"{m}-s{s}"])) for s in range(seeds)] for m in methods}
 for m, rs in runs.items():  # the second evaluation on TRANSFER_TO, as columns "to <dataset>: ..."
@@ -168,31 +162,55 @@ def get(r, k):
 cols = [(k, name) for k, name in keys if all(get(r, k) is not None for rs in runs.values() for r in rs)]
 
 
-def cell(values):
-    values = [100 * v for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+def shown(values, mark=False):  # in points: the mean, and the half-width of its 95 % interval
+    mean, half = interval(values)
+    if half is None:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {half:.2f}" + (" *" if mark and abs(mean) > half else "")
 
 
 images = f"{a0['subset']} training images" if a0["subset"] else "all training images"
 epochs = f"{a0['epochs']} epoch" + ("s" if a0["epochs"] != 1 else "")
-base = "A-InfoNCE on AdvCL" if a0.get("base") == "advcl" else "A-InfoNCE on RoCL"
-heading = (f"{base}: {a0['dataset']}, {images}, ResNet-18 width {a0['width']}, {epochs}, "
+base_name = "A-InfoNCE on AdvCL" if a0.get("base") == "advcl" else "A-InfoNCE on RoCL"
+spread = (f"mean ± half-width of its 95 % confidence interval (Student's t over n = {seeds} seeds)" if seeds > 1
+          else "one seed: no interval")
+heading = (f"{base_name}: {a0['dataset']}, {images}, ResNet-18 width {a0['width']}, {epochs}, "
            f"batch {a0['batch_size']}, {a0['attack_steps']}-step training attack; {p['name']} finetuning; RA = "
            f"PGD-{p['eval_steps']} at {threats[0]}, step {p['eval_step'] * 255:.2f}/255, on {data['n_test']} test "
            f"images" + (f"; AutoAttack: {p['autoattack']}" if p["autoattack"] else "")
-           + "; last epoch of every finetuning; " + (f"mean ± std over {seeds} seeds." if seeds > 1 else "one seed."))
+           + f"; last epoch of every finetuning; in %, {spread}.")
 lines = [heading, "", "| method | " + " | ".join(name for _, name in cols) + " |", "|---|" + "---:|" * len(cols)]
+table = {}
 for m, rs in runs.items():
-    lines.append(f"| {m} | " + " | ".join(cell([get(r, k) for r in rs]) for k, _ in cols) + " |")
+    values = {k: [100 * get(r, k) for r in rs] for k, _ in cols}
+    table[m] = {k: dict(zip(("mean", "half_width"), interval(v)), n=len(v)) for k, v in values.items()}
+    lines.append(f"| {m} | " + " | ".join(shown(values[k]) for k, _ in cols) + " |")
+paired = {}
+baseline = "rocl"  # the base's symmetric loss
+if baseline in runs and seeds > 1 and len(runs) > 1:
+    lines += ["", f"Each method minus {baseline}, paired by seed (the same initial weights, data order and "
+                  f"augmentations): mean difference ± half-width of its 95 % interval (Student's t, n = {seeds}), in "
+                  f"points; * where the interval excludes 0.", "",
+              "| method | " + " | ".join(name for _, name in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for m, rs in runs.items():
+        if m == baseline:
+            continue
+        diffs = {k: [100 * (get(r, k) - get(b, k)) for r, b in zip(rs, runs[baseline])] for k, _ in cols}
+        paired[m] = {}
+        for k, v in diffs.items():
+            mean, half = interval(v)
+            paired[m][k] = {"mean": mean, "half_width": half, "n": len(v), "excludes_0": abs(mean) > half}
+        lines.append(f"| {m} | " + " | ".join(shown(diffs[k], mark=True) for k, _ in cols) + " |")
+elif baseline in runs and len(runs) > 1:
+    lines += ["", f"One seed: no paired differences with {baseline} (SEEDS=2 or more gives them)."]
 failed = [f"{m}-s{s} ({'; '.join(r['slf_guards']['failed'])})" for m, rs in runs.items() for s, r in enumerate(rs)
           if "slf_guards" in r and not r["slf_guards"]["ok"]]
 verdict = "all passed" if not failed else "FAILED for " + ", ".join(failed)
 lines += ["", f"Robustness guards (RA <= SA, RA falling in eps, ~0 at 64/255, more steps no better): {verdict}. "
               f"Wall time of this invocation: {wall / 60:.1f} min."]
 open(f"{out}/table.md", "w").write("\n".join(lines) + "\n")
-json.dump({"seeds": seeds, "wall_s": wall, "cells": cells, "runs": runs}, open(f"{out}/table.json", "w"), indent=1)
+json.dump({"seeds": seeds, "wall_s": wall, "cells": cells, "table": table, "paired": paired, "baseline": baseline,
+           "runs": runs}, open(f"{out}/table.json", "w"), indent=1)
 print("\n".join(lines))
 
 try:  # curves: training loss and kNN accuracy per epoch, robust accuracy against eps per threat norm (SLF)

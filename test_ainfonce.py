@@ -988,6 +988,73 @@ def test_amp_runs_the_step_in_bf16_and_the_loss_in_fp32(folder, tmp_path, monkey
     )  # nothing measured
 
 
+def test_a_preset_sets_its_scale_and_given_flags_win(folder, tmp_path):
+    args = A.configure(["--preset", "small", "--epochs", "2"])[0]
+    assert (args.subset, args.width, args.epochs, args.eval_subset) == (5000, 8, 2, 1000)
+    assert args.eval == ["slf", "alf", "aff"] and args.protocol == "asym-rocl"
+    argv = ["--preset", "smoke", "--dataset", "folder", "--data-dir", folder, "--subset", "0"]
+    argv += ["--eval-subset", "0"]
+    A.main(argv + ["--eval", "none", "--out", str(tmp_path / "run")])
+    ck = weights(tmp_path / "run" / "last.pt")[1]
+    assert (ck["args"]["width"], ck["args"]["batch_size"], ck["args"]["subset"]) == (4, 32, 0)
+    resumed = A.configure(["--resume", str(tmp_path / "run")])[0]  # the run's preset, inherited
+    assert (resumed.width, resumed.eval_steps) == (4, 2)
+
+
+def test_methods_run_with_one_seed_start_alike_and_see_the_same_views(
+    folder, tmp_path, monkeypatch
+):
+    """The pairing of reproduce.sh's differences: runs of one seed start from the same weights and
+    draw the same augmentations at every step, whatever their attacks draw (simclr: none)."""
+    real_augment, real_step = A.augment, A.rocl_step
+    seen = {}
+    for method in ("rocl", "hardneg", "simclr"):
+        views, start = [], []
+
+        def recording(xb, gen=None):
+            views.append(real_augment(xb, gen))
+            return views[-1]
+
+        def stepping(net, xb, args, gen=None, lap=None):
+            if not start:
+                start.append({k: v.clone() for k, v in net.state_dict().items()})
+            return real_step(net, xb, args, gen, lap)
+
+        monkeypatch.setattr(A, "augment", recording)
+        monkeypatch.setattr(A, "rocl_step", stepping)
+        A.main(tiny(folder, tmp_path / method, "--method", method, "--eval", "none"))
+        seen[method] = views, start[0]
+    views, start = seen["rocl"]
+    assert len(views) == 8  # 4 steps, two views each
+    for method in ("hardneg", "simclr"):
+        assert all(torch.equal(a, b) for a, b in zip(seen[method][0], views))
+        assert all(torch.equal(start[k], seen[method][1][k]) for k in start)
+    assert not torch.equal(views[0], views[2])  # each step its own draws
+
+
+def student_t_cdf(x, df, n=4000):
+    """P(T <= x) of Student's t with df degrees of freedom, by Simpson's rule on its density."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = lambda t: math.exp(log_c - (df + 1) / 2 * math.log1p(t * t / df))
+    h = x / n
+    inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, n))
+    return 0.5 + h / 3 * (density(0) + inner + density(x))
+
+
+def test_the_interval_is_students_t_over_the_values():
+    # the quantiles are those of Student's t: P(T <= t_0.975) = 0.975 for 1 to 30 degrees of freedom
+    for df, t in enumerate(A.T975, start=1):
+        assert abs(student_t_cdf(t, df) - 0.975) < 2e-4, df
+    mean, half = A.interval([1.0, 2.0, 3.0, 4.0, 5.0])  # sd sqrt(2.5), n 5, t(4) = 2.776
+    assert mean == 3.0 and half == pytest.approx(1.96293, abs=1e-5)
+    assert A.interval([2.0, 4.0]) == (3.0, pytest.approx(12.706))  # sd sqrt(2), t(1) = 12.706
+    assert A.interval([0.5] * 40)[1] == 0 and A.interval([7.0]) == (7.0, None)
+    values = [float(v % 7) for v in range(40)]  # beyond 30 degrees of freedom: the normal's 1.96
+    mean = sum(values) / 40
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 39)
+    assert A.interval(values) == (mean, pytest.approx(1.96 * sd / math.sqrt(40)))
+
+
 def test_the_start_line_and_the_knn_monitor_leave_training_bit_identical(folder, tmp_path, capsys):
     A.main(tiny(folder, tmp_path / "on", "--epochs", "2", "--knn-every", "1", "--eval", "none"))
     start = capsys.readouterr().out.splitlines()[0]
@@ -4293,3 +4360,43 @@ def test_reproduce_sh_never_mixes_scales_reads_what_it_asked_and_says_how_to_con
         hint.startswith("SCALE=smoke BASE=rocl DATASET=folder DATA_DIR=data") and "OUT=out2" in hint
     )
     assert hint.endswith(f"METHODS=rocl PYTHON={sys.executable} bash {script}")
+
+
+@slow
+@cpu_only
+def test_reproduce_sh_shows_intervals_and_paired_differences(tmp_path):
+    make_folder(tmp_path / "data", classes=4, n_train=32, n_test=16)
+    env = {
+        **os.environ,
+        "SCALE": "smoke",
+        "DATASET": "folder",
+        "DATA_DIR": "data",
+        "OUT": "out",
+        "METHODS": "rocl hardneg",
+        "SEEDS": "2",
+        "PYTHON": sys.executable,
+    }
+    script = os.path.join(HERE, "reproduce.sh")
+    p = subprocess.run(["bash", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    table = open(tmp_path / "out" / "table.md").read()
+    assert (
+        "mean ± half-width of its 95 % confidence interval (Student's t over n = 2 seeds)" in table
+    )
+    assert "Each method minus rocl, paired by seed" in table
+    saved = json.load(open(tmp_path / "out" / "table.json"))
+    runs, paired = saved["runs"], saved["paired"]["hardneg"]["slf_sa"]
+    diffs = [100 * (h["slf_sa"] - r["slf_sa"]) for h, r in zip(runs["hardneg"], runs["rocl"])]
+    mean, half = A.interval(diffs)
+    assert paired == {"mean": mean, "half_width": half, "n": 2, "excludes_0": abs(mean) > half}
+    row = [line for line in table.splitlines() if line.startswith("| hardneg")][-1]
+    assert row.split(" | ")[1].startswith(f"{mean:.2f} ± {half:.2f}")
+    p = subprocess.run(
+        ["bash", script],
+        env={**env, "SEEDS": "1", "OUT": "one"},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    table = open(tmp_path / "one" / "table.md").read()
+    assert p.returncode == 0 and "one seed: no interval" in table and "One seed: no paired" in table
