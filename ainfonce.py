@@ -55,7 +55,6 @@ import pickle
 import platform
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -872,7 +871,7 @@ def train(args, net, data, device, rank, world, ck=None, labels=None):
         pseudo = labels[0].to(device)
     # the run's counters (sums: this epoch's loss terms; distances: AdvCL IP's first epochs)
     counters = {"step": 0, "train_s": 0.0, "epoch_s": 0.0, "sums": {}, "history": [],
-           "distances": [0.0, 0]}
+                "distances": [0.0, 0]}
     if ck:
         opt.load_state_dict(ck["optimizer"])
         counters.update({k: ck[k] for k in counters if k in ck})
@@ -1458,102 +1457,85 @@ _.add_argument("--data-dir", default="./data", help="download root, or the folde
 _.add_argument("--subset", type=COUNT, default=0,
                help="first N training images of a fixed shuffle (0: all)")
 _.add_argument("--pseudo-labels", metavar="FILE|ENCODER",
-               help="AdvCL base: its pseudo-labels, AdvCL's or A-InfoNCE's pickle (one label per "
-                    "training image, in the data set's order), or an encoder (a run, a "
-                    "checkpoint) whose features k-means clusters")
+               help="AdvCL base: AdvCL's or A-InfoNCE's pickle, or a run whose features k-means "
+                    "clusters")
 _ = PARSER.add_argument_group("model")
-_.add_argument("--width", type=POSITIVE_INT, default=64,
-               help="ResNet-18 base width: 64 is the paper's; the README's CPU runs use 8")
+_.add_argument("--width", type=POSITIVE_INT, default=64, help="ResNet-18 base width (paper 64)")
 _ = PARSER.add_argument_group("attack (pretraining)")
 _.add_argument("--eps", type=fraction, default=8 / 255,
-               help="L_inf radius in [0,1] pixel units; fractions parse (code 0.0314) "
-                    "(default: 8/255)")
-_.add_argument("--step", type=fraction, help="PGD step, pixel units: RoCL 0.007, AdvCL 2/255")
+               help="L_inf radius, pixels in [0,1]; fractions parse (default: 8/255)")
+_.add_argument("--step", type=fraction, help="PGD step, pixels: RoCL 0.007, AdvCL 2/255")
 _.add_argument("--attack-steps", type=COUNT, help="PGD steps: RoCL 7, AdvCL 5")
 _ = PARSER.add_argument_group("loss")
 _.add_argument("--base", choices=("rocl", "advcl"), default="rocl",
-               help="the adversarial CL that A-InfoNCE makes asymmetric: RoCL (Kim et al. 2020) "
-                    "or AdvCL (Fan et al. 2021)")
+               help="what A-InfoNCE makes asymmetric: RoCL (Kim et al. 2020) or AdvCL (Fan et al.)")
 _.add_argument("--method", choices=METHODS, default="hardneg",
-               help="rocl: symmetric; infpos: inferior positives (IP); hardneg: hard negatives "
-                    "(HN); both: IP+HN; simclr: no adversary")
+               help="rocl: symmetric; infpos: IP; hardneg: HN; both: IP+HN; simclr: no "
+                    "adversary")
 _.add_argument("--temperature", type=functools.partial(number, float, 0, above=True),
-               default=0.5, help="tau of the loss, the attack and the regulariser (paper 0.5)")
+               default=0.5, help="tau of the loss, the attack and the regulariser")
 _.add_argument("--ip-alpha", type=fraction,
-               help="IP weight of clean->adv terms: 0.2; AdvCL base: its starting stop-gradient "
-                    "degree, 0.2 (CIFAR-100 0.3)")
+               help="IP weight of clean->adv terms: 0.2; AdvCL: the stop-gradient degree")
 _.add_argument("--adv-weight", type=NON_NEGATIVE,
-               help="IP scale of the clean<->adv terms: 1; AdvCL base: per script")
-_.add_argument("--hn-beta", type=NON_NEGATIVE, default=1.0,
-               help="HN concentration beta (paper 1.0)")
+               help="scale of the clean<->adv terms: 1; AdvCL base: per script")
+_.add_argument("--hn-beta", type=NON_NEGATIVE, default=1.0, help="HN concentration beta")
 _.add_argument("--hn-normalise", choices=("negatives", "official"), default="negatives",
-               help="HN weights: HCL's, or the code's")
+               help="HN weights: HCL's, or the official code's")
 _.add_argument("--tau-plus", type=NON_NEGATIVE,
                help="HN class prior in [0,1): 0.1 on cifar100, else 0.12 (official scripts)")
 _.add_argument("--reg-weight", type=functools.partial(fraction, hi=math.inf), default=1 / 256,
                help="RoCL regulariser weight (default: 1/256)")
 _.add_argument("--reg-forward", choices=("separate", "shared"), default="separate",
-               help="regulariser: own forward (RoCL) or the main one's rows (faster; other BN "
-                    "statistics)")
+               help="regulariser: its own forward (RoCL), or rows of the main one (faster)")
 _ = PARSER.add_argument_group("optimisation")
 _.add_argument("--epochs", type=POSITIVE_INT, help="pretraining epochs: RoCL 1000, AdvCL 400")
 _.add_argument("--batch-size", type=functools.partial(number, int, 2), default=512,
                help="images per step, all ranks together (paper 2 GPUs x 256)")
 _.add_argument("--lr", type=functools.partial(number, float, 0, above=True),
-               help="base lr, warmed up to 15x: 0.1; hardneg 0.2, both 0.3 (cifar100: 0.1, "
-                    "0.2); AdvCL base: per script (README)")
-_.add_argument("--warmup-epochs", type=COUNT, default=10, help="linear warm-up (paper 10)")
-_.add_argument("--wd", type=NON_NEGATIVE,
-               help="weight decay: RoCL 1e-6 inside LARS, AdvCL 1e-4 (SGD)")
+               help="base lr: per base, data set and method, as the official scripts (README)")
+_.add_argument("--warmup-epochs", type=COUNT, default=10, help="linear warm-up")
+_.add_argument("--wd", type=NON_NEGATIVE, help="weight decay: RoCL 1e-6 (LARS), AdvCL 1e-4")
 _ = PARSER.add_argument_group("evaluation")
 _.add_argument("--eval", nargs="*", choices=("none",) + SCHEMES,
-               help="after pretraining: slf (linear, clean), alf (linear, PGD-10), aff (all, "
-                    "TRADES) (default: slf; robustssl: all three)")
+               help="slf (linear), alf (linear, PGD-10), aff (all, TRADES) (default: slf; "
+                    "robustssl: all)")
 _.add_argument("--eval-only", metavar="CKPT",
                help="evaluate a run, a checkpoint, or a published ResNet-18 (with --dataset)")
 _.add_argument("--protocol", choices=("asym-rocl", "asym-advcl", "robustssl"),
-               help="finetuning protocol (README): the base's own (asym-rocl, asym-advcl), or "
-                    "the field's benchmark")
+               help="finetuning: the base's own, or the field's benchmark (README)")
 _.add_argument("--pretraining", choices=list(ROBUSTSSL),
                help="robustssl: the encoder's method, where its file does not say it")
 _.add_argument("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS",
                help="e.g. linf:8/255 l2:0.5; RA is the first (default: linf:8/255)")
 _.add_argument("--eval-step", type=fraction, default=2 / 255,
-               help="L_inf PGD step (AdvCL 2/255, RoCL 0.00314); L2: 2.5 eps/n (default: 2/255)")
+               help="L_inf PGD step (RoCL 0.00314); L2: 2.5 eps/n (default: 2/255)")
 _.add_argument("--eval-steps", type=POSITIVE_INT, default=20, help="PGD steps of RA")
 _.add_argument("--eval-subset", type=COUNT, default=0,
                help="first N test images of a fixed shuffle (0: all)")
 _.add_argument("--ft-epochs", type=POSITIVE_INT,
-               help="ALF/AFF epochs (asym-rocl: 25, lr/10 at 60%% and 80%%); robustssl: all "
-                    "schemes'")
+               help="ALF/AFF epochs (asym-rocl: 25); the others: every scheme's")
 _.add_argument("--eval-batch-size", type=POSITIVE_INT, default=1024,
-               help="images per finetuning step and attack batch (official 1024)")
+               help="images per finetuning step and attack batch")
 _.add_argument("--autoattack", action=argparse.BooleanOptionalAction,
                help="standard AutoAttack too (pip install pyautoattack; on with robustssl)")
 _.add_argument("--transfer-from", metavar="CKPT",
                help="black-box RA: PGD crafted on this encoder's SLF classifier")
-_.add_argument("--eval-dataset", choices=DATASETS,
-               help="finetune and evaluate on another data set")
+_.add_argument("--eval-dataset", choices=DATASETS, help="finetune and evaluate on another one")
 _.add_argument("--eval-data-dir", help="its directory (default: --data-dir)")
-_.add_argument("--bn-branch", type=COUNT,
-               help="bn_list.K of a multi-BN state dict (default: its only one, else 1)")
+_.add_argument("--bn-branch", type=COUNT, help="bn_list.K of a multi-BN file (default: 1)")
 _.add_argument("--stem-padding", type=int, choices=(1, 2),
-               help="stem of a torchvision-style state dict: solo-learn 2, DynACL++ and "
-                    "RobustSSL 1")
+               help="stem of a torchvision-style file: solo-learn 2, DynACL++/RobustSSL 1")
 _.add_argument("--normalise", choices=("inside", "none"),
-               help="whether a torchvision-style file's normalize.mean/std apply (RobustSSL's "
-                    "AdvCL/A-InfoNCE SLF/ALF files: none)")
+               help="whether such a file's normalize.mean/std apply")
 _ = PARSER.add_argument_group("system")
 _.add_argument("--preset", choices=("smoke", "small", "cpu", "medium", "paper"),
-               help="reproduce.sh's scales: their pretraining and evaluation flags (given flags "
-                    "win); small: a CPU run of minutes")
+               help="reproduce.sh's scales, as defaults; small: a CPU run of minutes")
 _.add_argument("--out", help="run directory (default runs/METHOD-DATASET-sSEED)")
 _.add_argument("--resume", metavar="DIR",
                help="continue the run in DIR with its own arguments, then its evaluation")
 _.add_argument("--overwrite", action="store_true",
                help="start over in an --out that holds a run; with --eval-only, recompute")
-_.add_argument("--ckpt-every", type=COUNT, default=0,
-               help="also checkpoint every N steps (0: off)")
+_.add_argument("--ckpt-every", type=COUNT, default=0, help="also checkpoint every N steps")
 _.add_argument("--knn-every", type=COUNT, default=2, help="kNN monitor every N epochs (0: off)")
 _.add_argument("--seed", type=COUNT, default=0, help="seed of weights, augmentations and attacks")
 _.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -1858,8 +1840,15 @@ def run(args, loaded=None):
         if rank == 0 and ck and os.path.samefile(args.out, run_dir):
             restore_run_files(args.out, ck)  # its log and config say what last.pt holds
         if to_train:
+            last = os.path.join(args.out, "last.pt")
+            if rank == 0 and os.path.exists(last) and not args.resume:
+                if not args.overwrite:
+                    raise UsageError(f"{args.out} already holds a run: continue it with --resume "
+                                     f"{args.out}, or pass --overwrite to start over")
+                for name in ("last.pt", "log.jsonl"):  # a new run: its results stay
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(args.out, name))
             if rank == 0:
-                prepare_out(args, net)
                 saved = labels and labels[1].get("saved")
                 if saved and (not ck or not os.path.exists(saved)):
                     save_pseudo_labels(saved, labels[0], train_data)
@@ -2486,29 +2475,6 @@ def weights_digest(module):
         flat = v.detach().cpu().reshape(-1).contiguous()
         h.update(k.encode() + flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def prepare_out(args, net):
-    """Before training writes (the lock held): refuse to clobber another run; fail if the disk
-    cannot hold the run's checkpoints (last.pt and last.pt.tmp side by side during a save: fp32
-    weights and SGD momentum, and a MiB for the rest); a new run's --overwrite removes the old
-    run's checkpoint and log (its results stay)."""
-    last = os.path.join(args.out, "last.pt")
-    if os.path.exists(last) and not args.resume and not args.overwrite:
-        raise UsageError(f"{args.out} already holds a run: continue it with --resume {args.out}, "
-                         f"or pass --overwrite to start over")
-    have = 0
-    if os.path.exists(last) and args.resume:
-        have = os.path.getsize(last)
-    need = 2 * (8 * sum(p.numel() for p in net.parameters()) + 2**20) - have
-    free = shutil.disk_usage(args.out).free
-    if free < need:
-        raise UsageError(f"only {free / 2**20:.0f} MiB free for {args.out}; its checkpoints need "
-                         f"{need / 2**20:.0f} MiB more (last.pt and last.pt.tmp during a save)")
-    if args.overwrite and not args.resume:
-        for name in ("last.pt", "log.jsonl"):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(args.out, name))
 
 
 @contextlib.contextmanager
