@@ -676,6 +676,8 @@ def test_attacks_start_at_a_random_point_in_the_ball(norm, eps):
         d = (start - x).flatten(1)
         assert (d.abs().amax(1) if norm == "linf" else d.norm(dim=1)).max() <= eps + 1e-6
         assert (d.abs().amax(1) > 0).float().mean() > 0.9 and 0 <= start.min() and start.max() <= 1
+        # both sides of x alike: a uniform draw in the ball, not in one of its corners
+        assert 0.45 < (d < 0).float().mean() < 0.55
     if norm == "linf":  # the training attack too
         net = tiny_net()
         start = A.instance_pgd(net, images(0, 4), images(1, 4), eps=eps, steps=0)
@@ -692,6 +694,29 @@ def test_trades_loss_is_ce_plus_kl():
         A.trades_loss(model, x, y, eps=0.0), F.cross_entropy(model(x), y), atol=1e-6
     )
     assert A.trades_loss(model, x, y, beta=6.0) > F.cross_entropy(model(x), y)
+
+
+def test_the_trades_kl_is_the_batch_mean_of_each_images_kl():
+    """KL(f(x) || f(x_adv)) summed over the classes, averaged over the images (TRADES' batchmean),
+    with x_adv the same inner attack recomputed here."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).to(DEV)
+    x, y = images(0, 8), torch.arange(8, device=DEV)
+    torch.manual_seed(1)
+    beta = 1000.0  # the KL term well above the rounding of the cross-entropy
+    kl_term = (A.trades_loss(model, x, y, beta=beta) - F.cross_entropy(model(x), y)) / beta
+    torch.manual_seed(1)
+    log_nat = F.log_softmax(model(x), 1).detach()
+    p_nat = log_nat.exp()
+
+    def kl_sum(xa):
+        return (p_nat * (log_nat - F.log_softmax(model(xa), 1))).sum()
+
+    x_adv = A.ascend(kl_sum, x, x + 0.001 * torch.randn_like(x), 8 / 255, 2 / 255, 10)
+    log_adv = F.log_softmax(model(x_adv), 1)
+    per_image = (p_nat * (log_nat - log_adv)).sum(1)  # [8]
+    assert per_image.mean() > 1e-4
+    assert torch.allclose(kl_term, per_image.mean(), rtol=1e-3)
 
 
 def test_trades_beta_weighs_the_kl_term():
@@ -2876,7 +2901,7 @@ CIFAR = torch.tensor([0.4914, 0.4822, 0.4465]), torch.tensor([0.247, 0.243, 0.26
 
 
 def published_files(tmp_path, width=8):
-    """A file in each published layout (README, Evaluating published checkpoints), saved the way
+    """A file in each published layout (README, Published checkpoints), saved the way
     each repository's training script saves it -> {name: (path, tensors of the encoder to evaluate,
     stem padding, normalisation)}."""
 
@@ -4155,8 +4180,8 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(tmp_path, method):
     one, two = (torch.load(tmp_path / f"w{w}.pt", weights_only=True) for w in (1, 2))
     assert torch.allclose(one["loss"], two["loss"], atol=1e-5)
     # every BN layer's running statistics: nn.BatchNorm2d keeps the unbiased variance of its batch,
-    # the synced one
-    # that of the global batch (layer4: 4x4 maps, so n is small and the n / (n - 1) shows)
+    # the synced one that of the global batch (layer4: 4x4 maps, so n is small and the n / (n - 1)
+    # shows)
     for k, v in one["stats"].items():
         assert torch.allclose(v, two["stats"][k], rtol=1e-5, atol=1e-6), k
     for g1, g2 in zip(one["grads"], two["grads"]):
