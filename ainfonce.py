@@ -19,11 +19,13 @@ l(i->j) moves only i):
     both    : HN denominators with IP weights
     + RoCL's regulariser 1/256 * NT-Xent[x_adv; x2]; simclr has no attack.
 The AdvCL base (--base advcl) makes AdvCL's loss asymmetric the same way: SupCon over the views
-[x_adv, x1, x2, high-frequency x] (keys carry gradient), x_adv a joint PGD of the contrastive loss
-and of the cross-entropy of pseudo-labels, the pair weights as Asym-AdvCL writes them.
+[x_adv, x1, x2, high-frequency x] (keys carry gradient, but in IP's clean<->adversarial terms),
+x_adv a joint PGD of the contrastive loss and of the cross-entropy of pseudo-labels, the pair
+weights as Asym-AdvCL writes them.
 
-Measured (README.md: commands, machines, the tables): one step of every method on either base
-equals the official code's step, run on the CPU, to fp32 rounding. At CPU scale (5,000 CIFAR-10
+Measured (README.md: commands, machines, the tables): one step of every method on either base,
+given the official code's settings (--hn-normalise official) and draws, equals the official code's
+step, run on the CPU, to fp32 rounding. At CPU scale (5,000 CIFAR-10
 JPEGs, a width-8 ResNet-18, 6 epochs, 5 seeds, SLF on all 10,000 test images, 2 cores of an AMD
 EPYC) on the RoCL base, HN and IP+HN lie above the symmetric loss in SA (+2.60 +- 0.60 and
 +2.73 +- 0.69 points) and RA (+0.66 +- 0.61, +1.54 +- 0.68): 95 % intervals of differences
@@ -1488,7 +1490,7 @@ _.add_argument("--hn-beta", type=NON_NEGATIVE, default=1.0, help="HN concentrati
 _.add_argument("--hn-normalise", choices=("negatives", "official"), default="negatives",
                help="HN weights: HCL's, or the official code's")
 _.add_argument("--tau-plus", type=NON_NEGATIVE,
-               help="HN class prior in [0,1): 0.1 on cifar100, else 0.12 (official scripts)")
+               help="HN class prior in [0,1): per base, data set and method (official scripts)")
 _.add_argument("--reg-weight", type=functools.partial(fraction, hi=math.inf), default=1 / 256,
                help="RoCL regulariser weight (default: 1/256)")
 _.add_argument("--reg-forward", choices=("separate", "shared"), default="separate",
