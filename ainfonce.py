@@ -19,18 +19,17 @@ l(i->j) moves only i):
     both    : HN denominators with IP weights
     + RoCL's regulariser 1/256 * NT-Xent[x_adv; x2]; simclr has no attack.
 The AdvCL base (--base advcl) makes AdvCL's loss asymmetric the same way: SupCon over the views
-[x_adv, x1, x2, high-frequency x] (keys carry gradient, but in IP's clean<->adversarial terms),
-x_adv a joint PGD of the contrastive loss and of the cross-entropy of pseudo-labels, the pair
-weights as Asym-AdvCL writes them.
+[x_adv, x1, x2, high-frequency x] (keys carry gradient, except in IP's clean<->adversarial
+terms), x_adv a joint PGD of the contrastive loss and of the cross-entropy of pseudo-labels, the
+pair weights as Asym-AdvCL writes them.
 
 Measured (README.md: commands, machines, the tables): one step of every method on either base,
 given the official code's settings (--hn-normalise official) and draws, equals the official code's
-step, run on the CPU, to fp32 rounding. At CPU scale (5,000 CIFAR-10
-JPEGs, a width-8 ResNet-18, 6 epochs, 5 seeds, SLF on all 10,000 test images, 2 cores of an AMD
-EPYC) on the RoCL base, HN and IP+HN lie above the symmetric loss in SA (+2.60 +- 0.60 and
-+2.73 +- 0.69 points) and RA (+0.66 +- 0.61, +1.54 +- 0.68): 95 % intervals of differences
-paired by seed; IP lies below in SA (-0.74 +- 0.61) and its RA is unresolved (+0.16 +- 1.82).
-Nothing here has run on a GPU yet.
+step, run on the CPU, to fp32 rounding. At CPU scale (5,000 CIFAR-10 JPEGs, a width-8 ResNet-18,
+6 epochs, 5 seeds, SLF on all 10,000 test images, 2 cores of an AMD EPYC) on the RoCL base, HN
+and IP+HN lie above the symmetric loss in SA (+2.60 +- 0.60 and +2.73 +- 0.69 points) and RA
+(+0.66 +- 0.61, +1.54 +- 0.68): 95 % intervals of differences paired by seed; IP lies below in
+SA (-0.74 +- 0.61) and its RA is unresolved (+0.16 +- 1.82). Nothing here has run on a GPU yet.
 
 Usage:
     python ainfonce.py --method hardneg --dataset cifar10          # paper recipe, one GPU
