@@ -856,13 +856,13 @@ def knn_accuracy(encoder, x_bank, y_bank, x_query, y_query, n_classes, k=200, t=
     return (votes.argmax(1) == y_query).float().mean().item()
 
 
-def train(args, net, data, device, rank, world, ck=None, labels=None):
+def train(args, net, data, device, rank, world, ck=None, pseudo=None, pseudo_origin=None):
     """The pretraining loop, step by step. A checkpoint after every epoch (and every --ckpt-every
     steps) holds the network, the optimiser, the counters, the epoch log, the RNG states and what
     made the weights; every --knn-every epochs rank 0 adds the kNN monitor's accuracy to the
     epoch's line. SIGTERM or Ctrl-C finishes the step, saves and exits (130). The AdvCL base: its
-    step, its SGD (weight decay; RoCL's is inside LARS) and schedule; labels: its pseudo-labels
-    [5, n_train] and what made them."""
+    step, its SGD (weight decay; RoCL's is inside LARS) and schedule; pseudo: its pseudo-labels
+    [5, n_train], pseudo_origin: what made them."""
     advcl = args.base == "advcl"
     x_train = data.x_train.to(device)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -874,7 +874,7 @@ def train(args, net, data, device, rank, world, ck=None, labels=None):
     wd = args.wd if advcl else 0.0  # RoCL's weight decay is inside LARS
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=wd)
     if advcl:
-        pseudo = labels[0].to(device)
+        pseudo = pseudo.to(device)
     # the run's counters (sums: this epoch's loss terms; distances: AdvCL IP's first epochs)
     counters = {"step": 0, "train_s": 0.0, "epoch_s": 0.0, "sums": {}, "history": [],
                 "distances": [0.0, 0]}
@@ -920,8 +920,8 @@ def train(args, net, data, device, rank, world, ck=None, labels=None):
                  "first_args": first_args, "invocations": invocations, "data": data.identity,
                  "rng": states, "env": provenance(device)}
         if advcl:
-            state["pseudo_labels"] = labels[1]
-            state["pseudo_label_values"] = labels[0]
+            state["pseudo_labels"] = pseudo_origin
+            state["pseudo_label_values"] = pseudo.cpu()
         else:
             del state["distances"]
         try:
@@ -970,11 +970,11 @@ def train(args, net, data, device, rank, world, ck=None, labels=None):
             # One host sync per step, and device-resident flags (NCCL has no CPU tensors): a
             # non-finite loss or gradient on any rank, or a stop request to any rank, stops
             # every rank at this step.
-            flags = torch.stack([~torch.isfinite(loss.detach() + grad_norm),
-                                 torch.tensor(bool(stopping), device=device)]).float()
+            halt = torch.stack([~torch.isfinite(loss.detach() + grad_norm),
+                                torch.tensor(bool(stopping), device=device)]).float()
             if world > 1:
-                dist.all_reduce(flags, dist.ReduceOp.MAX)
-            bad, stop = flags.tolist()
+                dist.all_reduce(halt, dist.ReduceOp.MAX)
+            bad, stop = halt.tolist()
             if bad:  # before the update: the weights stay good
                 parts = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
                 advice = "no checkpoint yet; restart with a smaller --lr"
@@ -1832,9 +1832,9 @@ def run(args, loaded=None):
     if args.eval and args.autoattack and data.n_classes < 4:
         raise UsageError(f"--autoattack: standard AutoAttack needs >= 4 classes (its DLR loss uses "
                          f"the 3rd and 4th largest logits); {eval_set[0]} has {data.n_classes}")
-    labels = None
+    pseudo = pseudo_origin = None
     if to_train and args.base == "advcl":
-        labels = run_pseudo_labels(args, ck, train_data, device)
+        pseudo, pseudo_origin = run_pseudo_labels(args, ck, train_data, device)
     # seeded after everything is read: nothing loaded on the way (a transfer source, the encoder
     # of the pseudo-labels) changes the run's draws; ranks draw different augmentations
     torch.manual_seed(args.seed + rank)
@@ -1856,9 +1856,9 @@ def run(args, loaded=None):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(args.out, name))
             if rank == 0:
-                saved = labels and labels[1].get("saved")
+                saved = pseudo_origin and pseudo_origin.get("saved")
                 if saved and (not ck or not os.path.exists(saved)):
-                    save_pseudo_labels(saved, labels[0], train_data)
+                    save_pseudo_labels(saved, pseudo, train_data)
                 steps = len(train_data.x_train) // args.batch_size
                 state = "new run"
                 if ck:
@@ -1870,7 +1870,7 @@ def run(args, loaded=None):
                       f"{plural(train_data.n_classes, 'class')} | {args.method} | "
                       f"{plural(args.epochs, 'epoch')} of {plural(steps, 'step')} | {state}",
                       flush=True)
-            train(args, net, train_data, device, rank, world, ck, labels)
+            train(args, net, train_data, device, rank, world, ck, pseudo, pseudo_origin)
             if rank == 0:
                 # the evaluation measures the saved weights
                 loaded = load_checkpoint(args.out)
