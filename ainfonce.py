@@ -484,10 +484,9 @@ def rocl_loss(net, x1, x2, x_adv, args):
         # RoCL's regulariser in its own train-mode forward, first, as the official step: the BN
         # running statistics see it before the main forward
         z_reg = net(torch.cat([x_adv, x2])).view(2, n, -1)  # [2, N, 128]
-        z = net(torch.cat([x1, x2, x_adv])).view(3, n, -1)  # [3, N, 128]
-    else:
-        # shared: the x_adv and x2 rows of the main forward, with its 3N-batch BN statistics
-        z = net(torch.cat([x1, x2, x_adv])).view(3, n, -1)
+    z = net(torch.cat([x1, x2, x_adv])).view(3, n, -1)  # [3, N, 128]
+    if args.reg_forward == "shared":
+        # the x_adv and x2 rows of the main forward, with its 3N-batch BN statistics
         z_reg = torch.stack([z[2], z[1]])
     ip, hn = ASYMMETRY[args.method]
     infonce = a_infonce(gather(z, 1), adv_views=(2,), temperature=tau,
@@ -505,9 +504,9 @@ def rocl_step(net, xb, args, gen=None, lap=None):
     (simclr: none); the loss (bf16 autocast with --amp, the loss itself in fp32); backward;
     gradients averaged over processes; LARS -> (loss, terms, gradient norm before LARS).
     lap(phase), if given, ends each phase."""
-    layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    x1 = augment(xb, gen).contiguous(memory_format=layout)
-    x2 = augment(xb, gen).contiguous(memory_format=layout)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    x1 = augment(xb, gen).contiguous(memory_format=memory_format)
+    x2 = augment(xb, gen).contiguous(memory_format=memory_format)
     if lap:
         lap("data_s")
     x_adv = None
@@ -567,34 +566,34 @@ def advcl_weights(args, phase, degree=None):
     adv_weight * l(adv->clean) and the block of rows clean a view of it, scaled again: adv_weight
     (1 + adv_weight) on adv->clean, 0 on clean->adv; with IP's stop-gradient the two blocks each
     take adv_weight (degree l(clean->adv) + (1 - degree) l(adv->clean)), keys detached."""
-    full = [[1.0] * 4 for _ in range(4)]
+    keyed = [[1.0] * 4 for _ in range(4)]
     detached = [[0.0] * 4 for _ in range(4)]
     if args.method == "rocl":
-        return full, detached
+        return keyed, detached
     aw = args.adv_weight
     stop_gradient = phase == "train" and ASYMMETRY[args.method][0]
     for c in (1, 2, 3):
         if stop_gradient:
             # A-InfoNCE (IP): clean anchors toward x_adv weak (degree), x_adv toward clean strong
-            full[0][c] = full[c][0] = 0.0
+            keyed[0][c] = keyed[c][0] = 0.0
             detached[c][0] = 2 * aw * degree
             detached[0][c] = 2 * aw * (1 - degree)
         else:
-            full[0][c] = aw + aw * aw
-            full[c][0] = 0.0
-    return full, detached
+            keyed[0][c] = aw + aw * aw
+            keyed[c][0] = 0.0
+    return keyed, detached
 
 
 def advcl_contrastive(z, args, phase, degree=None):
     """The contrastive loss of z [4, N, 128] (views x_adv, x1, x2, hfc): SupCon's scale times
     a_infonce, with HN in training for hardneg and both (the attack of every method is plain)."""
-    full, detached = advcl_weights(args, phase, degree)
+    keyed, detached = advcl_weights(args, phase, degree)
     hn = phase == "train" and ASYMMETRY[args.method][1]
     form = "official-advcl" if args.hn_normalise == "official" else "negatives"
     kw = dict(adv_views=(0,), temperature=args.temperature, tau_plus=args.tau_plus,
               hn_beta=args.hn_beta if hn else None, hn_normalise=form)
     scale = args.temperature * SUPCON_SCALE / 3  # SupCon: the mean over each anchor's positives
-    loss = scale * a_infonce(gather(z, 1), pair_weights=full, detach_keys=False, **kw)
+    loss = scale * a_infonce(gather(z, 1), pair_weights=keyed, detach_keys=False, **kw)
     if any(any(row) for row in detached):
         loss = loss + scale * a_infonce(gather(z, 1), pair_weights=detached, **kw)
     return loss
@@ -638,18 +637,16 @@ def advcl_attack(net, x1, x2, x_org, hfc, labels, args):
     return x_cl.detach(), x_ce.detach()
 
 
-def stop_degree(args, epoch, distance, seen, n):
-    """A-InfoNCE (IP) on AdvCL: the clean anchors' weight. Up to epoch ip_adaptive_from (1-based)
-    it is ip_alpha and the distances' sum and count go into seen (Asym-AdvCL's dis_avg, weighted
-    by images); after it, it moves from ip_alpha to 0.5 as the batch's distance falls from their
-    mean to ip_d_min."""
-    if args.ip_adaptive_from < 0:
-        return args.ip_alpha
+def stop_degree(args, epoch, distance, distances, n):
+    """A-InfoNCE (IP) on AdvCL, where it adapts (ip_adaptive_from >= 0): the clean anchors'
+    weight. Up to epoch ip_adaptive_from (1-based) it is ip_alpha and the distances' sum and count
+    go into distances (Asym-AdvCL's dis_avg, weighted by images); after it, it moves from ip_alpha
+    to 0.5 as the batch's distance falls from their mean to ip_d_min."""
     if epoch <= args.ip_adaptive_from:
-        seen[0] += distance * n
-        seen[1] += n
+        distances[0] += distance * n
+        distances[1] += n
         return args.ip_alpha
-    mean = seen[0] / seen[1]
+    mean = distances[0] / distances[1]
     if distance > mean:
         return args.ip_alpha
     if distance < args.ip_d_min:
@@ -670,13 +667,14 @@ def advcl_lr_at(it, per_epoch, epochs, base, warmup_epochs, warmup_from=0.01):
     return eta_min + (base - eta_min) * (1 + math.cos(math.pi * e / epochs)) / 2
 
 
-def advcl_step(net, xb, labels, args, epoch, seen, gen=None, lap=None):
+def advcl_step(net, xb, labels, args, epoch, distances, gen=None, lap=None):
     """One step of the AdvCL base but the optimiser's, on a uint8 batch xb and its pseudo-labels
     [5, N]: the views (drawn from gen), the joint attack, the forwards in the official order, IP's
-    adaptive degree (epoch 1-based; seen: its distances), the loss (contrastive + 0.2 mean CE),
-    backward, gradients averaged over processes -> (loss, terms, gradient norm)."""
-    layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    views = [v.contiguous(memory_format=layout) for v in advcl_views(xb, gen)]
+    adaptive degree (epoch 1-based; distances: the sum and count of its distances), the loss
+    (contrastive + 0.2 mean CE), backward, gradients averaged over processes -> (loss, terms,
+    gradient norm)."""
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    views = [v.contiguous(memory_format=memory_format) for v in advcl_views(xb, gen)]
     x1, x2 = views[:2]
     x_org = views[2]
     if lap:
@@ -697,7 +695,7 @@ def advcl_step(net, xb, labels, args, epoch, seen, gen=None, lap=None):
             if distributed():
                 world = dist.get_world_size()
                 distance = AllReduce.apply(distance) / world
-            degree = float(stop_degree(args, epoch, distance.item(), seen, len(x1) * world))
+            degree = float(stop_degree(args, epoch, distance.item(), distances, len(x1) * world))
         contrastive = advcl_contrastive(z, args, "train", degree)
         ce = pseudo_label_ce(logits, labels, "mean")
         loss = contrastive + CE_WEIGHT * ce
@@ -865,8 +863,8 @@ def train(args, net, data, device, rank, world, ck=None, pseudo=None, pseudo_ori
     [5, n_train], pseudo_origin: what made them."""
     advcl = args.base == "advcl"
     x_train = data.x_train.to(device)
-    layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    net.to(device).to(memory_format=layout)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    net.to(device).to(memory_format=memory_format)
     per_epoch = len(x_train) // args.batch_size  # the last partial batch is dropped
     total = per_epoch * args.epochs
     per_rank = args.batch_size // world
@@ -944,29 +942,27 @@ def train(args, net, data, device, rank, world, ck=None, pseudo=None, pseudo_ori
     try:
         while counters["step"] < total:
             it = counters["step"]
-            epoch, s = divmod(it, per_epoch)
-            if perm is None or s == 0:
+            epoch, in_epoch = divmod(it, per_epoch)
+            if perm is None or in_epoch == 0:
                 # the same order on every rank
                 order = torch.Generator().manual_seed(args.seed * 100003 + epoch)
                 perm = torch.randperm(len(x_train), generator=order).to(device)
                 tick = progress(f"epoch {epoch + 1} step", per_epoch, quiet=rank != 0)
-            start = s * args.batch_size + rank * per_rank
+            start = in_epoch * args.batch_size + rank * per_rank
             idx = perm[start:start + per_rank]
-            if advcl:
-                lr = advcl_lr_at(it, per_epoch, args.epochs, args.lr, args.warmup_epochs)
-            else:
-                lr = lr_at(it, total, per_epoch * args.warmup_epochs, args.lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
             # the step's augmentations are drawn from a stream of the seed, the rank and the step
             # alone: runs of one seed see the same views whatever their attacks draw
             gen = torch.Generator(device).manual_seed((args.seed << 40) + (rank << 32) + it)
             if advcl:
+                lr = advcl_lr_at(it, per_epoch, args.epochs, args.lr, args.warmup_epochs)
                 result = advcl_step(model, x_train[idx], pseudo[:, idx], args, epoch + 1,
                                     counters["distances"], gen)
             else:
+                lr = lr_at(it, total, per_epoch * args.warmup_epochs, args.lr)
                 result = rocl_step(model, x_train[idx], args, gen)
             loss, terms, grad_norm = result
+            for param_group in opt.param_groups:
+                param_group["lr"] = lr
             # One host sync per step, and device-resident flags (NCCL has no CPU tensors): a
             # non-finite loss or gradient on any rank, or a stop request to any rank, stops
             # every rank at this step.
@@ -992,7 +988,9 @@ def train(args, net, data, device, rank, world, ck=None, pseudo=None, pseudo_ori
             counters["train_s"] += now - last
             counters["epoch_s"] += now - last
             last = now
-            tick(s + 1, lambda: f"loss {float(counters['sums']['loss']) / (s + 1):.4f}")
+            # the loss is read (a host sync) only when the line is shown
+            tick(in_epoch + 1,
+                 lambda: f"loss {float(counters['sums']['loss']) / (in_epoch + 1):.4f}")
             if counters["step"] % per_epoch == 0:
                 # the epoch is complete: its log line, then the checkpoint that holds it
                 means = {k: float(v) / per_epoch for k, v in counters["sums"].items()}
@@ -1041,14 +1039,14 @@ _AIR = dict(_LF, lr={"cifar10": 0.01, "cifar100": 0.1, "stl10": 0.01})
 _AIR2 = dict(_LF, batch_size={"cifar10": 512, "cifar100": 512})
 _AFF = dict(batch_size=128, lr=0.1, milestones=[15, 20])
 _ADVCL_LF = dict(batch_size=512, lr=0.01, milestones=[15, 20])
-_ADVCL = {"slf": _ADVCL_LF, "alf": _ADVCL_LF, "aff": _AFF}
+_ADVCL_FT = {"slf": _ADVCL_LF, "alf": _ADVCL_LF, "aff": _AFF}
 ROBUSTSSL = {
     "acl": {"slf": _ACL, "alf": _ACL, "aff": dict(_AFF, epochs=100, milestones=[40, 60])},
     "dynacl": {"slf": _ACL, "alf": _ACL, "aff": _AFF},
     "dynacl++": {"slf": _ACL, "alf": _ACL, "aff": _AFF},
-    "advcl": _ADVCL,
-    "a-infonce": _ADVCL,
-    "deacl": _ADVCL,
+    "advcl": _ADVCL_FT,
+    "a-infonce": _ADVCL_FT,
+    "deacl": _ADVCL_FT,
     "dynacl-air": {"slf": dict(_AIR, epochs={"cifar10": 5}), "alf": _AIR, "aff": _AFF},
     "dynacl-air++": {
         "slf": dict(_AIR2, lr={"cifar10": 0.01, "cifar100": 0.09}),
@@ -1075,8 +1073,8 @@ def scheme_settings(protocol, method, dataset, ft_epochs, batch_size):
     (RobustSSL: zeros) and the training attacks at eps 8/255 (ALF: PGD-10 of 2/255, Asym-AdvCL's
     PGD-20; AFF: TRADES, beta 6, 10 steps of 2/255). ft_epochs: the ALF/AFF epochs (asym-rocl:
     milestones at 60 % and 80 %), or every scheme's (the others: milestones scaled)."""
+    epochs = ft_epochs or 25
     if protocol == "asym-rocl":
-        epochs = ft_epochs or 25
         milestones = [max(1, int(0.6 * epochs)), max(1, int(0.8 * epochs))]
         adversarial = dict(epochs=epochs, milestones=milestones, lr=0.1, wd=2e-4)
         own = {"slf": dict(epochs=150, milestones=[30, 50, 100], lr=0.1, wd=5e-4),
@@ -1086,17 +1084,17 @@ def scheme_settings(protocol, method, dataset, ft_epochs, batch_size):
     if protocol == "asym-advcl":
         table = ASYM_ADVCL_LR["cifar100" if dataset == "cifar100" else "cifar10"]
         lrs = table["rocl" if method == "rocl" else "asymmetric"]
-        epochs = ft_epochs or 25
         milestones = [max(1, 15 * epochs // 25), max(1, 20 * epochs // 25)]
-        out = {}
+        settings = {}
         for scheme, lr in zip(SCHEMES, lrs):
-            out[scheme] = dict(epochs=epochs, milestones=milestones, lr=lr, momentum=0.9, wd=2e-4,
-                               batch_size=512, augment=True, zero_head=False, **ATTACKS[scheme])
-        out["alf"]["attack_steps"] = 20  # its training attack runs with train=False: 20 steps
-        return out
+            settings[scheme] = dict(epochs=epochs, milestones=milestones, lr=lr, momentum=0.9,
+                                    wd=2e-4, batch_size=512, augment=True, zero_head=False,
+                                    **ATTACKS[scheme])
+        settings["alf"]["attack_steps"] = 20  # its training attack runs with train=False: 20 steps
+        return settings
     hp = dict(epochs=25, milestones=[15, 20], lr=0.1, momentum=0.9, wd=2e-4, batch_size=128,
               augment=True, zero_head=True)
-    out = {}
+    settings = {}
     # its argparse defaults, then setup_hyperparameter's changes, carried over (--mode ALL)
     for scheme in SCHEMES:
         for key, value in ROBUSTSSL[method].get(scheme, {}).items():
@@ -1104,11 +1102,11 @@ def scheme_settings(protocol, method, dataset, ft_epochs, batch_size):
                 value = value.get("cifar10" if dataset == "folder" else dataset)
             if value is not None:
                 hp[key] = value
-        out[scheme] = dict(hp, **ATTACKS[scheme])
+        settings[scheme] = dict(hp, **ATTACKS[scheme])
         if ft_epochs:  # a shorter run: the milestones keep their place in it
             kept = [max(1, m * ft_epochs // hp["epochs"]) for m in hp["milestones"]]
-            out[scheme].update(epochs=ft_epochs, milestones=kept)
-    return out
+            settings[scheme].update(epochs=ft_epochs, milestones=kept)
+    return settings
 
 
 @contextlib.contextmanager
@@ -1457,126 +1455,127 @@ DATASETS = ("cifar10", "cifar100", "stl10", "folder")
 PARSER = Parser(prog="ainfonce.py", formatter_class=Help,
                 description="Adversarial contrastive pretraining with A-InfoNCE; evaluation of "
                             "robust encoders (SLF/ALF/AFF under PGD and AutoAttack).")
-_ = PARSER.add_argument_group("data")
-_.add_argument("--dataset", choices=DATASETS, default="cifar10",
-               help="torchvision's (STL-10 at 32x32), or DATA_DIR/{train,test}/<class>/<image>")
-_.add_argument("--data-dir", default="./data", help="download root, or the folder data set")
-_.add_argument("--subset", type=COUNT, default=0,
-               help="first N training images of a fixed shuffle (0: all)")
-_.add_argument("--pseudo-labels", metavar="FILE|ENCODER",
-               help="AdvCL base: AdvCL's or A-InfoNCE's pickle, or a run whose features k-means "
-                    "clusters")
-_ = PARSER.add_argument_group("model")
-_.add_argument("--width", type=POSITIVE_INT, default=64, help="ResNet-18 base width (paper 64)")
-_ = PARSER.add_argument_group("attack (pretraining)")
-_.add_argument("--eps", type=fraction, default=8 / 255,
-               help="L_inf radius, pixels in [0,1]; fractions parse (default: 8/255)")
-_.add_argument("--step", type=fraction, help="PGD step, pixels: RoCL 0.007, AdvCL 2/255")
-_.add_argument("--attack-steps", type=COUNT, help="PGD steps: RoCL 7, AdvCL 5")
-_ = PARSER.add_argument_group("loss")
-_.add_argument("--base", choices=("rocl", "advcl"), default="rocl",
-               help="what A-InfoNCE makes asymmetric: RoCL (Kim et al. 2020) or AdvCL (Fan et al.)")
-_.add_argument("--method", choices=METHODS, default="hardneg",
-               help="rocl: symmetric; infpos: IP; hardneg: HN; both: IP+HN; simclr: no "
-                    "adversary")
-_.add_argument("--temperature", type=functools.partial(number, float, 0, above=True),
-               default=0.5, help="tau of the loss, the attack and the regulariser")
-_.add_argument("--ip-alpha", type=fraction,
-               help="IP weight of clean->adv terms: 0.2; AdvCL: the stop-gradient degree")
-_.add_argument("--adv-weight", type=NON_NEGATIVE,
-               help="scale of the clean<->adv terms: 1; AdvCL base: per script")
-_.add_argument("--hn-beta", type=NON_NEGATIVE, default=1.0, help="HN concentration beta")
-_.add_argument("--hn-normalise", choices=("negatives", "official"), default="negatives",
-               help="HN weights: HCL's, or the official code's")
-_.add_argument("--tau-plus", type=NON_NEGATIVE,
-               help="HN class prior in [0,1): per base, data set and method (official scripts)")
-_.add_argument("--reg-weight", type=functools.partial(fraction, hi=math.inf), default=1 / 256,
-               help="RoCL regulariser weight (default: 1/256)")
-_.add_argument("--reg-forward", choices=("separate", "shared"), default="separate",
-               help="regulariser: its own forward (RoCL), or rows of the main one (faster)")
-_ = PARSER.add_argument_group("optimisation")
-_.add_argument("--epochs", type=POSITIVE_INT, help="pretraining epochs: RoCL 1000, AdvCL 400")
-_.add_argument("--batch-size", type=functools.partial(number, int, 2), default=512,
-               help="images per step, all ranks together (paper 2 GPUs x 256)")
-_.add_argument("--lr", type=functools.partial(number, float, 0, above=True),
-               help="base lr: per base, data set and method, as the official scripts (README)")
-_.add_argument("--warmup-epochs", type=COUNT, default=10, help="linear warm-up")
-_.add_argument("--wd", type=NON_NEGATIVE, help="weight decay: RoCL 1e-6 (LARS), AdvCL 1e-4")
-_ = PARSER.add_argument_group("evaluation")
-_.add_argument("--eval", nargs="*", choices=("none",) + SCHEMES,
-               help="slf (linear), alf (linear, PGD-10), aff (all, TRADES) (default: slf; "
-                    "robustssl: all)")
-_.add_argument("--eval-only", metavar="CKPT",
-               help="evaluate a run, a checkpoint, or a published ResNet-18 (with --dataset)")
-_.add_argument("--protocol", choices=("asym-rocl", "asym-advcl", "robustssl"),
-               help="finetuning: the base's own, or the field's benchmark (README)")
-_.add_argument("--pretraining", choices=list(ROBUSTSSL),
-               help="robustssl: the encoder's method, where its file does not say it")
-_.add_argument("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS",
-               help="e.g. linf:8/255 l2:0.5; RA is the first (default: linf:8/255)")
-_.add_argument("--eval-step", type=fraction, default=2 / 255,
-               help="L_inf PGD step (RoCL 0.00314); L2: 2.5 eps/n (default: 2/255)")
-_.add_argument("--eval-steps", type=POSITIVE_INT, default=20, help="PGD steps of RA")
-_.add_argument("--eval-subset", type=COUNT, default=0,
-               help="first N test images of a fixed shuffle (0: all)")
-_.add_argument("--ft-epochs", type=POSITIVE_INT,
-               help="ALF/AFF epochs (asym-rocl: 25); the others: every scheme's")
-_.add_argument("--eval-batch-size", type=POSITIVE_INT, default=1024,
-               help="images per finetuning step and attack batch")
-_.add_argument("--autoattack", action=argparse.BooleanOptionalAction,
-               help="standard AutoAttack too (pip install pyautoattack; on with robustssl)")
-_.add_argument("--transfer-from", metavar="CKPT",
-               help="black-box RA: PGD crafted on this encoder's SLF classifier")
-_.add_argument("--eval-dataset", choices=DATASETS, help="finetune and evaluate on another one")
-_.add_argument("--eval-data-dir", help="its directory (default: --data-dir)")
-_.add_argument("--bn-branch", type=COUNT, help="bn_list.K of a multi-BN file (default: 1)")
-_.add_argument("--stem-padding", type=int, choices=(1, 2),
-               help="stem of a torchvision-style file: solo-learn 2, DynACL++/RobustSSL 1")
-_.add_argument("--normalise", choices=("inside", "none"),
-               help="whether such a file's normalize.mean/std apply")
-_ = PARSER.add_argument_group("system")
-_.add_argument("--preset", choices=("smoke", "small", "cpu", "medium", "paper"),
-               help="reproduce.sh's scales, as defaults; small: a CPU run of minutes")
-_.add_argument("--out", help="run directory (default runs/METHOD-DATASET-sSEED)")
-_.add_argument("--resume", metavar="DIR",
-               help="continue the run in DIR with its own arguments, then its evaluation")
-_.add_argument("--overwrite", action="store_true",
-               help="start over in an --out that holds a run; with --eval-only, recompute")
-_.add_argument("--ckpt-every", type=COUNT, default=0, help="also checkpoint every N steps")
-_.add_argument("--knn-every", type=COUNT, default=2, help="kNN monitor every N epochs (0: off)")
-_.add_argument("--seed", type=COUNT, default=0, help="seed of weights, augmentations and attacks")
-_.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-_.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-               help="bf16 pretraining (evaluation is fp32)")
-_.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
-               help="NHWC layout (default: on for CUDA)")
-_.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-               help="torch.compile the net")
-_.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
-               help="for bit-exact resume on a GPU")
-_.add_argument("--benchmark", action="store_true",
-               help="time pretraining steps on random data, against the official step")
-_.add_argument("--benchmark-steps", type=POSITIVE_INT, default=5,
-               help="timed steps, after 2 warm-up steps")
+group = PARSER.add_argument_group("data")
+group.add_argument("--dataset", choices=DATASETS, default="cifar10",
+                   help="torchvision's (STL-10 at 32x32), or DATA_DIR/{train,test}/<class>/<image>")
+group.add_argument("--data-dir", default="./data", help="download root, or the folder data set")
+group.add_argument("--subset", type=COUNT, default=0,
+                   help="first N training images of a fixed shuffle (0: all)")
+group.add_argument("--pseudo-labels", metavar="FILE|ENCODER",
+                   help="AdvCL base: AdvCL's or A-InfoNCE's pickle, or a run whose features "
+                        "k-means clusters")
+group = PARSER.add_argument_group("model")
+group.add_argument("--width", type=POSITIVE_INT, default=64, help="ResNet-18 base width (paper 64)")
+group = PARSER.add_argument_group("attack (pretraining)")
+group.add_argument("--eps", type=fraction, default=8 / 255,
+                   help="L_inf radius, pixels in [0,1]; fractions parse (default: 8/255)")
+group.add_argument("--step", type=fraction, help="PGD step, pixels: RoCL 0.007, AdvCL 2/255")
+group.add_argument("--attack-steps", type=COUNT, help="PGD steps: RoCL 7, AdvCL 5")
+group = PARSER.add_argument_group("loss")
+group.add_argument("--base", choices=("rocl", "advcl"), default="rocl",
+                   help="what A-InfoNCE makes asymmetric: RoCL (Kim et al. 2020) or AdvCL (Fan "
+                        "et al.)")
+group.add_argument("--method", choices=METHODS, default="hardneg",
+                   help="rocl: symmetric; infpos: IP; hardneg: HN; both: IP+HN; simclr: no "
+                        "adversary")
+group.add_argument("--temperature", type=functools.partial(number, float, 0, above=True),
+                   default=0.5, help="tau of the loss, the attack and the regulariser")
+group.add_argument("--ip-alpha", type=fraction,
+                   help="IP weight of clean->adv terms: 0.2; AdvCL: the stop-gradient degree")
+group.add_argument("--adv-weight", type=NON_NEGATIVE,
+                   help="scale of the clean<->adv terms: 1; AdvCL base: per script")
+group.add_argument("--hn-beta", type=NON_NEGATIVE, default=1.0, help="HN concentration beta")
+group.add_argument("--hn-normalise", choices=("negatives", "official"), default="negatives",
+                   help="HN weights: HCL's, or the official code's")
+group.add_argument("--tau-plus", type=NON_NEGATIVE,
+                   help="HN class prior in [0,1): per base, data set and method (official scripts)")
+group.add_argument("--reg-weight", type=functools.partial(fraction, hi=math.inf), default=1 / 256,
+                   help="RoCL regulariser weight (default: 1/256)")
+group.add_argument("--reg-forward", choices=("separate", "shared"), default="separate",
+                   help="regulariser: its own forward (RoCL), or rows of the main one (faster)")
+group = PARSER.add_argument_group("optimisation")
+group.add_argument("--epochs", type=POSITIVE_INT, help="pretraining epochs: RoCL 1000, AdvCL 400")
+group.add_argument("--batch-size", type=functools.partial(number, int, 2), default=512,
+                   help="images per step, all ranks together (paper 2 GPUs x 256)")
+group.add_argument("--lr", type=functools.partial(number, float, 0, above=True),
+                   help="base lr: per base, data set and method, as the official scripts (README)")
+group.add_argument("--warmup-epochs", type=COUNT, default=10, help="linear warm-up")
+group.add_argument("--wd", type=NON_NEGATIVE, help="weight decay: RoCL 1e-6 (LARS), AdvCL 1e-4")
+group = PARSER.add_argument_group("evaluation")
+group.add_argument("--eval", nargs="*", choices=("none",) + SCHEMES,
+                   help="slf (linear), alf (linear, PGD-10), aff (all, TRADES) (default: slf; "
+                        "robustssl: all)")
+group.add_argument("--eval-only", metavar="CKPT",
+                   help="evaluate a run, a checkpoint, or a published ResNet-18 (with --dataset)")
+group.add_argument("--protocol", choices=("asym-rocl", "asym-advcl", "robustssl"),
+                   help="finetuning: the base's own, or the field's benchmark (README)")
+group.add_argument("--pretraining", choices=list(ROBUSTSSL),
+                   help="robustssl: the encoder's method, where its file does not say it")
+group.add_argument("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS",
+                   help="e.g. linf:8/255 l2:0.5; RA is the first (default: linf:8/255)")
+group.add_argument("--eval-step", type=fraction, default=2 / 255,
+                   help="L_inf PGD step (RoCL 0.00314); L2: 2.5 eps/n (default: 2/255)")
+group.add_argument("--eval-steps", type=POSITIVE_INT, default=20, help="PGD steps of RA")
+group.add_argument("--eval-subset", type=COUNT, default=0,
+                   help="first N test images of a fixed shuffle (0: all)")
+group.add_argument("--ft-epochs", type=POSITIVE_INT,
+                   help="ALF/AFF epochs (asym-rocl: 25); the others: every scheme's")
+group.add_argument("--eval-batch-size", type=POSITIVE_INT, default=1024,
+                   help="images per finetuning step and attack batch")
+group.add_argument("--autoattack", action=argparse.BooleanOptionalAction,
+                   help="standard AutoAttack too (pip install pyautoattack; on with robustssl)")
+group.add_argument("--transfer-from", metavar="CKPT",
+                   help="black-box RA: PGD crafted on this encoder's SLF classifier")
+group.add_argument("--eval-dataset", choices=DATASETS, help="finetune and evaluate on another one")
+group.add_argument("--eval-data-dir", help="its directory (default: --data-dir)")
+group.add_argument("--bn-branch", type=COUNT, help="bn_list.K of a multi-BN file (default: 1)")
+group.add_argument("--stem-padding", type=int, choices=(1, 2),
+                   help="stem of a torchvision-style file: solo-learn 2, DynACL++/RobustSSL 1")
+group.add_argument("--normalise", choices=("inside", "none"),
+                   help="whether such a file's normalize.mean/std apply")
+group = PARSER.add_argument_group("system")
+group.add_argument("--preset", choices=("smoke", "small", "cpu", "medium", "paper"),
+                   help="reproduce.sh's scales, as defaults; small: a CPU run of minutes")
+group.add_argument("--out", help="run directory (default runs/METHOD-DATASET-sSEED)")
+group.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR with its own arguments, then its evaluation")
+group.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds a run; with --eval-only, recompute")
+group.add_argument("--ckpt-every", type=COUNT, default=0, help="also checkpoint every N steps")
+group.add_argument("--knn-every", type=COUNT, default=2, help="kNN monitor every N epochs (0: off)")
+group.add_argument("--seed", type=COUNT, default=0,
+                   help="seed of weights, augmentations and attacks")
+group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 pretraining (evaluation is fp32)")
+group.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="NHWC layout (default: on for CUDA)")
+group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the net")
+group.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="for bit-exact resume on a GPU")
+group.add_argument("--benchmark", action="store_true",
+                   help="time pretraining steps on random data, against the official step")
+group.add_argument("--benchmark-steps", type=POSITIVE_INT, default=5,
+                   help="timed steps, after 2 warm-up steps")
 DEFAULTS = vars(PARSER.parse_args([]))
 # from here on a parse returns the flags given, in their order, and nothing else
-for _ in PARSER._actions:
-    _.default = argparse.SUPPRESS
+for action in PARSER._actions:
+    action.default = argparse.SUPPRESS
 
-# reproduce.sh's scales: what --preset sets (a run of the small one takes 8 minutes on 2 cores)
-_ALL = ["slf", "alf", "aff"]
+# reproduce.sh's scales: what --preset sets (a run of the small one takes 8 minutes on 2 cores);
+# small and cpu share their pretraining, cpu measures it on all 10,000 test images by SLF (the CPU
+# table of 5 seeds)
+_CPU_SCALE = dict(subset=5000, width=8, epochs=6, batch_size=128, attack_steps=3, warmup_epochs=1,
+                  eval_batch_size=256, protocol="asym-rocl")
 PRESETS = {
-    "paper": dict(eval=_ALL),
+    "paper": dict(eval=list(SCHEMES)),
     "medium": dict(width=64, epochs=40, warmup_epochs=2, batch_size=512, amp=True, eval=["slf"]),
-    "small": dict(subset=5000, width=8, epochs=6, batch_size=128, attack_steps=3, warmup_epochs=1,
-                  eval=_ALL, eval_subset=1000, ft_epochs=3, eval_batch_size=256,
-                  protocol="asym-rocl"),
-    # small's pretraining, measured on all 10,000 test images by SLF: the CPU table of 5 seeds
-    "cpu": dict(subset=5000, width=8, epochs=6, batch_size=128, attack_steps=3, warmup_epochs=1,
-                eval=["slf"], eval_batch_size=256, protocol="asym-rocl"),
+    "small": dict(_CPU_SCALE, eval=list(SCHEMES), eval_subset=1000, ft_epochs=3),
+    "cpu": dict(_CPU_SCALE, eval=["slf"]),
     "smoke": dict(subset=128, width=4, epochs=1, batch_size=32, attack_steps=1, warmup_epochs=0,
-                  eval=_ALL, eval_subset=64, eval_steps=2, ft_epochs=1, eval_batch_size=128,
-                  protocol="asym-rocl"),
+                  eval=list(SCHEMES), eval_subset=64, eval_steps=2, ft_epochs=1,
+                  eval_batch_size=128, protocol="asym-rocl"),
 }
 # The official scripts' recipes: (base, data set) -> {method: values}, "*" for every method; other
 # data sets take CIFAR-10's; a value is used where the flag is not given. RoCL: Asym-RoCL's shell
@@ -1640,18 +1639,18 @@ def configure(argv):
     given = vars(PARSER.parse_args(argv))
     if "resume" in given and "eval_only" in given:
         raise UsageError("--resume continues a run and --eval-only evaluates one: pass one of them")
-    loaded = ck = None
+    loaded = read = ck = None
     inherited = {}
     named = given.get("resume") or given.get("eval_only")
     if named:
         what = "--resume" if "resume" in given else "--eval-only"
         loaded = load_checkpoint(named, {k: given.get(k) for k in READ_FLAGS}, what)
-        ck = loaded[2]
+        read, ck = loaded[1:3]
         if ck is None and "resume" in given:
-            raise UsageError(f"{loaded[1]['checkpoint']} is a plain state dict: --resume needs an "
+            raise UsageError(f"{read['checkpoint']} is a plain state dict: --resume needs an "
                              f"ainfonce checkpoint")
         if ck is None and "dataset" not in given:
-            raise UsageError(f"{loaded[1]['checkpoint']} is a plain state dict: name its data set "
+            raise UsageError(f"{read['checkpoint']} is a plain state dict: name its data set "
                              f"with --dataset (and --data-dir)")
     if ck:
         # the flags its run was given, over all its invocations (a later one wins)
@@ -1663,26 +1662,27 @@ def configure(argv):
                    if k in PRETRAINING_KEYS and (ck or k not in ("dataset", "subset"))]
         if refused:
             names = ", ".join(flag(k) for k in refused)
-            run = ""
+            theirs = ""
             if ck:
-                run = "; its run's: " + ", ".join(f"{flag(k)} {ck['args'].get(k)}" for k in refused)
+                theirs = "; its run's: " + ", ".join(f"{flag(k)} {ck['args'].get(k)}"
+                                                      for k in refused)
             hint = ""
             if {"dataset", "subset"} & set(refused):
                 hint = "; to evaluate on other data use --eval-dataset and --eval-data-dir"
             raise UsageError(f"{names}: flags of pretraining do not apply to --eval-only"
-                             f"{run}{hint}")
+                             f"{theirs}{hint}")
         inherited.pop("eval", None)  # its own schemes (default: SLF), under the run's settings
     preset = PRESETS.get(given.get("preset", inherited.get("preset")), {})
     args = argparse.Namespace(**{**DEFAULTS, **preset, **inherited, **given})
     args.given = given
-    if loaded and args.out is None:
-        args.out = os.path.dirname(loaded[1]["checkpoint"]) or "."
+    if read and args.out is None:
+        args.out = os.path.dirname(read["checkpoint"]) or "."
     # the flags of an asymmetry the method does not have change nothing: refused
     ip, hn = ASYMMETRY[args.method]
-    reads = {"ip_alpha": ip, "adv_weight": ip, "hn_beta": hn, "tau_plus": hn, "hn_normalise": hn}
+    used = {"ip_alpha": ip, "adv_weight": ip, "hn_beta": hn, "tau_plus": hn, "hn_normalise": hn}
     if args.base == "advcl":
-        reads["adv_weight"] = args.method != "rocl"  # it scales Asym-AdvCL's blocks
-    unread = [flag(k) for k, read in reads.items() if k in given and not read]
+        used["adv_weight"] = args.method != "rocl"  # it scales Asym-AdvCL's blocks
+    unread = [flag(k) for k, is_used in used.items() if k in given and not is_used]
     if unread:
         them = "them" if len(unread) > 1 else "it"
         raise UsageError(f"{', '.join(unread)}: --method {args.method} does not use {them} on the "
@@ -1721,13 +1721,13 @@ def configure(argv):
         args.threats.append((f"{norm}:{radius}", norm, eps))
     args.out = args.out or f"runs/{args.method}-{args.dataset}-s{args.seed}"
     if args.protocol == "robustssl" and args.pretraining is None:
-        layout = loaded[1]["layout"] if loaded else "ainfonce"
+        layout = read["layout"] if read else "ainfonce"
         args.pretraining = FIELD_METHODS.get(layout)
         if layout == "ainfonce" and args.base == "advcl" and args.method == "rocl":
             args.pretraining = "advcl"  # AdvCL's own loss
         if args.pretraining is None:
             raise UsageError(f"--protocol robustssl: its settings differ per pretraining method, "
-                             f"and {loaded[1]['checkpoint']} does not say which: name it with "
+                             f"and {read['checkpoint']} does not say which: name it with "
                              f"--pretraining {{{','.join(ROBUSTSSL)}}}")
     if args.autoattack is None:  # robustssl's preset
         args.autoattack = args.protocol == "robustssl"
@@ -1755,12 +1755,12 @@ def run(args, loaded=None):
     t_start = time.time()
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    name = args.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
-        raise UsageError(f"--device {name}: only cpu and cuda (or cuda:N) are supported")
-    device = torch.device(name)
+    device_name = args.device
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device_name):
+        raise UsageError(f"--device {device_name}: only cpu and cuda (or cuda:N) are supported")
+    device = torch.device(device_name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError("--device cuda but no CUDA GPU is visible")
@@ -1859,16 +1859,16 @@ def run(args, loaded=None):
                 saved = pseudo_origin and pseudo_origin.get("saved")
                 if saved and (not ck or not os.path.exists(saved)):
                     save_pseudo_labels(saved, pseudo, train_data)
-                steps = len(train_data.x_train) // args.batch_size
+                per_epoch = len(train_data.x_train) // args.batch_size
                 state = "new run"
                 if ck:
-                    state = (f"resuming last.pt at epoch {ck['step'] // steps + 1}, step "
-                             f"{ck['step'] % steps}/{steps}")
+                    state = (f"resuming last.pt at epoch {ck['step'] // per_epoch + 1}, step "
+                             f"{ck['step'] % per_epoch}/{per_epoch}")
                 print(f"ainfonce: {args.out} | {device} ({provenance(device)['device_name']}) | "
                       f"{args.dataset} {args.data_dir}: {len(train_data.x_train)} training / "
                       f"{len(train_data.x_test)} test images, "
                       f"{plural(train_data.n_classes, 'class')} | {args.method} | "
-                      f"{plural(args.epochs, 'epoch')} of {plural(steps, 'step')} | {state}",
+                      f"{plural(args.epochs, 'epoch')} of {plural(per_epoch, 'step')} | {state}",
                       flush=True)
             train(args, net, train_data, device, rank, world, ck, pseudo, pseudo_origin)
             if rank == 0:
@@ -2796,8 +2796,8 @@ def provenance(device):
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         here = os.path.dirname(os.path.abspath(__file__))
         command = ["git", "-C", here, "describe", "--always", "--dirty", "--abbrev=12"]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=5)
-        git = done.stdout.strip() or None
+        described = subprocess.run(command, capture_output=True, text=True, timeout=5)
+        git = described.stdout.strip() or None
     return {"torch": str(torch.__version__), "device_name": name,
             "threads": torch.get_num_threads(), "git": git}
 
@@ -2829,15 +2829,15 @@ def benchmark(args, device):
     warmup, n = 2, args.benchmark_steps
     official = argparse.Namespace(**{**vars(args), "amp": False, "channels_last": False,
                                      "reg_forward": "separate"})
-    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randint(0, 256, (4 * args.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
     net = AdvCLNet(args.width) if advcl else Net(args.width)
-    net = net.to(device).to(memory_format=layout)
+    net = net.to(device).to(memory_format=memory_format)
     ref = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=args.lr, momentum=0.9)
     model = torch.compile(net) if args.compile else net
-    seen = [0.0, 0]
+    distances = [0.0, 0]
     times = dict.fromkeys(("data_s", "attack_s", "fwd_bwd_s", "official_step_s"), 0.0)
     peak = {}
     for i in range(warmup + n):
@@ -2858,7 +2858,7 @@ def benchmark(args, device):
         xb = x[torch.randint(0, len(x), (args.batch_size,), device=device)]
         labels = [torch.randint(0, k, (len(xb),), device=device) for k in PSEUDO_KS]
         if advcl:
-            advcl_step(model, xb, labels, args, 1, seen, lap=lap)
+            advcl_step(model, xb, labels, args, 1, distances, lap=lap)
         else:
             rocl_step(model, xb, args, lap=lap)
         opt.step()
@@ -2866,7 +2866,7 @@ def benchmark(args, device):
         if cuda and i == warmup + n - 1:
             peak["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30  # our step's
         if advcl:
-            advcl_step(ref, xb, labels, official, 1, seen, lap=official_lap)
+            advcl_step(ref, xb, labels, official, 1, distances, lap=official_lap)
         elif args.method != "simclr":
             x1, x2 = augment(xb), augment(xb)
             official_lap("data_s")
