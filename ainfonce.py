@@ -154,17 +154,17 @@ def a_infonce(z, adv_views=(), *, temperature=0.5, ip_alpha=None, adv_weight=1.0
     with torch.autocast(z.device.type, enabled=False):
         # scaled so that |z|^2 neither overflows nor underflows
         z = z / z.abs().amax(-1, keepdim=True).clamp_min(1e-30)
-        # M = V*N rows: row m is view m // N of instance m % N
-        zn = F.normalize(z.flatten(0, 1), dim=1)  # [M, D]
+        # V*N rows: row r is view r // N of instance r % N
+        zn = F.normalize(z.flatten(0, 1), dim=1)  # [V*N, D]
         # S_ij = z^_i . sg(z^_j) / tau: the gradient reaches the anchors only (or keys too)
         keys = zn.detach() if detach_keys else zn
-        S = zn @ keys.T / temperature  # [M, M]
+        S = zn @ keys.T / temperature  # [V*N, V*N]
         instance = torch.arange(V * N, device=z.device) % N
-        same = instance[:, None] == instance[None, :]  # [M, M]: two views of one instance
+        same = instance[:, None] == instance[None, :]  # [V*N, V*N]: two views of one instance
         eye = torch.eye(V * N, dtype=torch.bool, device=z.device)
         if hn_beta is None:
             # log sum_{k != i} exp(S_ik)
-            log_denom = S.masked_fill(eye, -math.inf).logsumexp(1)  # [M]
+            log_denom = S.masked_fill(eye, -math.inf).logsumexp(1)  # [V*N]
         else:
             log_denom = hard_negative_log_denom(S, same, eye, V, N, temperature,
                                                 hn_beta, tau_plus, hn_normalise)
@@ -904,6 +904,7 @@ def train(args, net, data, device, rank, world, ck=None, pseudo=None, pseudo_ori
     invocations = invocations + [{"step": counters["step"], "command": args.command,
                                   "given": args.given, "changes": changes}]
     path = os.path.join(args.out, "last.pt")
+    resume = command_line("--resume", args.out)  # what continues this run
 
     def save():
         states = [rng_state(device)] * world
@@ -931,7 +932,7 @@ def train(args, net, data, device, rank, world, ck=None, pseudo=None, pseudo_ori
             if os.path.exists(path):
                 step = torch.load(path, map_location="cpu", weights_only=True)["step"]
                 kept = f"{path} still holds step {step}"
-            raise WriteFailed(f"{e}; {kept}; free space, then: {resume_command(args.out)}")
+            raise WriteFailed(f"{e}; {kept}; free space, then: {resume}")
 
     # SIGTERM / SIGINT: finish the step, save, exit
     stopping = []
@@ -1018,8 +1019,8 @@ def train(args, net, data, device, rank, world, ck=None, pseudo=None, pseudo_ori
             raise KeyboardInterrupt
     except KeyboardInterrupt:
         if rank == 0:
-            print(f"interrupted: {path} holds step {counters['step']}; continue with: "
-                  f"{resume_command(args.out)}", file=sys.stderr)
+            print(f"interrupted: {path} holds step {counters['step']}; continue with: {resume}",
+                  file=sys.stderr)
         raise SystemExit(130)
     finally:
         for sig, handler in handlers.items():
@@ -1739,7 +1740,7 @@ def configure(argv):
     if args.channels_last is None:  # on by default on CUDA
         cuda = args.device == "auto" and torch.cuda.is_available()
         args.channels_last = args.device.startswith("cuda") or cuda
-    args.command = shlex.join(["python", os.path.relpath(__file__), *argv])  # pastes into a shell
+    args.command = command_line(*argv)
     if args.resume:
         diff = [f"{flag(k)} {ck['args'].get(k)} (checkpoint) vs {getattr(args, k)}"
                 for k in RESUME_KEYS if k in ck["args"] and getattr(args, k) != ck["args"][k]]
@@ -1884,7 +1885,7 @@ def run(args, loaded=None):
             done = "pretrained" if to_train else "its run is finished"
             if args.eval_only:
                 done = "an evaluation was asked for"
-            command = shlex.join(["python", os.path.relpath(__file__), "--eval-only", args.out])
+            command = command_line("--eval-only", args.out)
             print(f"{args.out}: {done}; --eval none: nothing evaluated (evaluate with: {command})")
             return {}
         return record_evaluation(args, loaded, data, device, source, t_start, to_train)
@@ -2319,15 +2320,16 @@ def encoder_state(sd, root, bn_branch, normalise):
     return state, ignored
 
 
-def field_encoder(ck, path, flags):
-    """A CIFAR ResNet-18 in one of the field's layouts -> (ResNet18 with exactly its weights, how it
-    was read). flags: the reading flags, accepted where they agree with the file, refused where
-    they contradict it, asked for where the file does not say."""
+def field_encoder(held, path, flags):
+    """A CIFAR ResNet-18 in one of the field's layouts (held: what the file at path holds) ->
+    (ResNet18 with exactly its weights, how it was read). flags: the reading flags, accepted where
+    they agree with the file, refused where they contradict it, asked for where the file does not
+    say."""
     # the state dicts it may hold, in the order RobustSSL's loader looks for them, then the file
-    inner = [ck[k] for k in ("state_dict_dual", "state_dict", "model")
-             if isinstance(ck, dict) and isinstance(ck.get(k), dict)]
-    if isinstance(ck, dict):
-        inner.append(ck)
+    inner = [held[k] for k in ("state_dict_dual", "state_dict", "model")
+             if isinstance(held, dict) and isinstance(held.get(k), dict)]
+    if isinstance(held, dict):
+        inner.append(held)
     candidates = [{k: v for k, v in sd.items() if torch.is_tensor(v)} for sd in inner]
     roots, sd = set(), {}
     for candidate in candidates:
@@ -2340,7 +2342,7 @@ def field_encoder(ck, path, flags):
     if len(roots) != 1:
         # the keys of the largest state dict it holds (a projector's, say), not its container's
         largest = max(candidates, key=len, default={})
-        keys = list(largest) or (list(ck) if isinstance(ck, dict) else [type(ck).__name__])
+        keys = list(largest) or (list(held) if isinstance(held, dict) else [type(held).__name__])
         if roots:
             found = f"it holds {len(roots)} encoders: {', '.join(sorted(roots))}"
         else:
@@ -2348,7 +2350,7 @@ def field_encoder(ck, path, flags):
         raise UsageError(f"{path} is neither an ainfonce checkpoint nor a CIFAR ResNet-18 in the "
                          f"field's layouts ({found})")
     root = roots.pop()
-    solo = isinstance(ck, dict) and "pytorch-lightning_version" in ck and root == "backbone."
+    solo = isinstance(held, dict) and "pytorch-lightning_version" in held and root == "backbone."
     enc = [k[len(root):] for k in sd if k.startswith(root) and k[len(root):].startswith(ENCODER)]
     branches = sorted({int(b) for b in re.findall(r"\.bn_list\.(\d+)\.", " ".join(enc))})
     torchvision_style = any(re.search(r"\.downsample\.[01]\.", k) for k in enc)
@@ -2379,9 +2381,9 @@ def field_encoder(ck, path, flags):
                              f"files of AdvCL and A-InfoNCE hold them unused: pass --normalise "
                              f"inside or none")
     for key in READ_FLAGS:
-        given = flags.get(key)
-        if given is not None and says[key] is not None and given != says[key]:
-            raise UsageError(f"{flag(key)} {given}: {path} holds {why[key]}: leave {flag(key)} "
+        value = flags.get(key)
+        if value is not None and says[key] is not None and value != says[key]:
+            raise UsageError(f"{flag(key)} {value}: {path} holds {why[key]}: leave {flag(key)} "
                              f"out")
     normalise = normalising and flags.get("normalise") != "none"
     bn_branch = None
@@ -2560,8 +2562,9 @@ def interval(values):
     return mean, t * sd / math.sqrt(n)
 
 
-def resume_command(out):
-    return shlex.join(["python", os.path.relpath(__file__), "--resume", out])
+def command_line(*argv):
+    """The command that runs this file with argv, quoted to paste into a shell."""
+    return shlex.join(["python", os.path.relpath(__file__), *argv])
 
 
 def record_evaluation(args, loaded, data, device, source, t_start, trained):
@@ -2625,7 +2628,7 @@ def record_evaluation(args, loaded, data, device, source, t_start, trained):
                invocations=res.get("invocations", []) + [invocation])
     # an interrupt repeats this invocation's evaluation: a run that trained now continues
     # through its checkpoint
-    again = args.command if args.eval_only or args.resume else resume_command(args.out)
+    again = args.command if args.eval_only or args.resume else command_line("--resume", args.out)
 
     def save():
         # the whole invocation: data, pretraining, evaluation
