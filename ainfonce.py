@@ -872,7 +872,7 @@ def train(args, net, data, device, rank, world, ck=None, pseudo=None, pseudo_ori
     wd = args.wd if advcl else 0.0  # RoCL's weight decay is inside LARS
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=wd)
     if advcl:
-        pseudo = pseudo.to(device)
+        pseudo_on_device = pseudo.to(device)
     # the run's counters (sums: this epoch's loss terms; distances: AdvCL IP's first epochs)
     counters = {"step": 0, "train_s": 0.0, "epoch_s": 0.0, "sums": {}, "history": [],
                 "distances": [0.0, 0]}
@@ -920,7 +920,7 @@ def train(args, net, data, device, rank, world, ck=None, pseudo=None, pseudo_ori
                  "rng": states, "env": provenance(device)}
         if advcl:
             state["pseudo_labels"] = pseudo_origin
-            state["pseudo_label_values"] = pseudo.cpu()
+            state["pseudo_label_values"] = pseudo
         else:
             del state["distances"]
         try:
@@ -956,8 +956,8 @@ def train(args, net, data, device, rank, world, ck=None, pseudo=None, pseudo_ori
             gen = torch.Generator(device).manual_seed((args.seed << 40) + (rank << 32) + it)
             if advcl:
                 lr = advcl_lr_at(it, per_epoch, args.epochs, args.lr, args.warmup_epochs)
-                result = advcl_step(model, x_train[idx], pseudo[:, idx], args, epoch + 1,
-                                    counters["distances"], gen)
+                result = advcl_step(model, x_train[idx], pseudo_on_device[:, idx], args,
+                                    epoch + 1, counters["distances"], gen)
             else:
                 lr = lr_at(it, total, per_epoch * args.warmup_epochs, args.lr)
                 result = rocl_step(model, x_train[idx], args, gen)
