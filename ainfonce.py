@@ -23,13 +23,9 @@ The AdvCL base (--base advcl) makes AdvCL's loss asymmetric the same way: SupCon
 terms), x_adv a joint PGD of the contrastive loss and of the cross-entropy of pseudo-labels, the
 pair weights as Asym-AdvCL writes them.
 
-Measured (README.md: commands, machines, the tables): one step of every method on either base,
-given the official code's settings (--hn-normalise official) and draws, equals the official code's
-step, run on the CPU, to fp32 rounding. At CPU scale (5,000 CIFAR-10 JPEGs, a width-8 ResNet-18,
-6 epochs, 5 seeds, SLF on all 10,000 test images, 2 cores of an AMD EPYC) on the RoCL base, HN
-and IP+HN lie above the symmetric loss in SA (+2.60 +- 0.60 and +2.73 +- 0.69 points) and RA
-(+0.66 +- 0.61, +1.54 +- 0.68): 95 % intervals of differences paired by seed; IP lies below in
-SA (-0.74 +- 0.61) and its RA is unresolved (+0.16 +- 1.82). Nothing here has run on a GPU yet.
+Measured (README.md: the commands, the machines, the tables): one step of every method on either
+base, given the official code's settings (--hn-normalise official) and draws, equals the official
+code's step, run on the CPU, to fp32 rounding.
 
 Usage:
     python ainfonce.py --method hardneg --dataset cifar10          # paper recipe, one GPU
@@ -2541,25 +2537,6 @@ def lock(directory):
         finally:
             if not f.closed:
                 f.truncate(0)
-
-
-# Student's t: the 0.975 quantile for 1 to 30 degrees of freedom (beyond: the normal's 1.96)
-T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def interval(values):
-    """The mean of values and the half-width of its 95 % confidence interval (Student's t over the
-    n values, n - 1 degrees of freedom); None for the half-width of a single value. reproduce.sh
-    puts it in its tables: seeds as samples, paired differences of methods by seed."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
-    return mean, t * sd / math.sqrt(n)
 
 
 def command_line(*argv):

@@ -114,12 +114,25 @@ for seed in $(seq 0 $((SEEDS - 1))); do
   done
 done
 
-"$PYTHON" - "$OUT" "$SEEDS" "$METHODS" "$(( $(date +%s) - start ))" "$HERE" <<'PY'
-import json, statistics, sys
+"$PYTHON" - "$OUT" "$SEEDS" "$METHODS" "$(( $(date +%s) - start ))" <<'PY'
+import json, math, statistics, sys
 from fractions import Fraction
-out, seeds, methods, wall, here = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), int(sys.argv[4]), sys.argv[5]
-sys.path.insert(0, here)
-from ainfonce import interval  # the mean and its 95 % confidence interval (Student's t)
+out, seeds, methods, wall = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), int(sys.argv[4])
+# Student's t: the 0.975 quantile for 1 to 30 degrees of freedom (beyond: the normal's 1.96)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def interval(values):  # the mean and the half-width of its 95 % confidence interval (None for one value)
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    return mean, t * sd / math.sqrt(n)
+
+
 cells = dict(line.rstrip("\n").split("\t") for line in open(f"{out}/cells.tsv"))
 runs = {m: [json.load(open(cells[f"{m}-s{s}"])) for s in range(seeds)] for m in methods}
 for m, rs in runs.items():  # the second evaluation on TRANSFER_TO, as columns "to <dataset>: ..."

@@ -4240,18 +4240,28 @@ def student_t_cdf(x, df, n=4000):
     return 0.5 + h / 3 * (density(0) + inner + density(x))
 
 
-def test_the_interval_is_students_t_over_the_values():
+def reproduce_sh_interval():
+    """reproduce.sh's interval() and its T975, read from the Python part of the script."""
+    text = open(os.path.join(HERE, "reproduce.sh")).read()
+    code = re.search(r"^# Student's t.*?(?=^cells = )", text, re.M | re.S).group(0)
+    namespace = {"math": math}
+    exec(code, namespace)
+    return namespace["interval"], namespace["T975"]
+
+
+def test_reproduce_sh_interval_is_students_t_over_the_values():
+    interval, t975 = reproduce_sh_interval()
     # the quantiles are those of Student's t: P(T <= t_0.975) = 0.975 for 1 to 30 degrees of freedom
-    for df, t in enumerate(A.T975, start=1):
+    for df, t in enumerate(t975, start=1):
         assert abs(student_t_cdf(t, df) - 0.975) < 2e-4, df
-    mean, half = A.interval([1.0, 2.0, 3.0, 4.0, 5.0])  # sd sqrt(2.5), n 5, t(4) = 2.776
+    mean, half = interval([1.0, 2.0, 3.0, 4.0, 5.0])  # sd sqrt(2.5), n 5, t(4) = 2.776
     assert mean == 3.0 and half == pytest.approx(1.96293, abs=1e-5)
-    assert A.interval([2.0, 4.0]) == (3.0, pytest.approx(12.706))  # sd sqrt(2), t(1) = 12.706
-    assert A.interval([0.5] * 40)[1] == 0 and A.interval([7.0]) == (7.0, None)
+    assert interval([2.0, 4.0]) == (3.0, pytest.approx(12.706))  # sd sqrt(2), t(1) = 12.706
+    assert interval([0.5] * 40)[1] == 0 and interval([7.0]) == (7.0, None)
     values = [float(v % 7) for v in range(40)]  # beyond 30 degrees of freedom: the normal's 1.96
     mean = sum(values) / 40
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 39)
-    assert A.interval(values) == (mean, pytest.approx(1.96 * sd / math.sqrt(40)))
+    assert interval(values) == (mean, pytest.approx(1.96 * sd / math.sqrt(40)))
 
 
 def test_benchmark_prints_json_last(capsys):
@@ -4390,7 +4400,7 @@ def test_reproduce_sh_shows_intervals_and_paired_differences(tmp_path):
     saved = json.load(open(tmp_path / "out" / "table.json"))
     runs, paired = saved["runs"], saved["paired"]["hardneg"]["slf_sa"]
     diffs = [100 * (h["slf_sa"] - r["slf_sa"]) for h, r in zip(runs["hardneg"], runs["rocl"])]
-    mean, half = A.interval(diffs)
+    mean, half = reproduce_sh_interval()[0](diffs)
     assert paired == {"mean": mean, "half_width": half, "n": 2, "excludes_0": abs(mean) > half}
     row = [line for line in table.splitlines() if line.startswith("| hardneg")][-1]
     assert row.split(" | ")[1].startswith(f"{mean:.2f} ± {half:.2f}")
