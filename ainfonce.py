@@ -1646,6 +1646,18 @@ def configure(argv):
         if ck is None and "resume" in given:
             raise UsageError(f"{read['checkpoint']} is a plain state dict: --resume needs an "
                              f"ainfonce checkpoint")
+        if "resume" in given:
+            # a run continues in its own directory, from its last.pt: never onto another run
+            run_dir = os.path.dirname(read["checkpoint"]) or "."
+            if os.path.basename(read["checkpoint"]) != "last.pt":
+                raise UsageError(f"--resume {named}: a run continues from its directory's last.pt; "
+                                 f"to continue this file, copy it as last.pt into a new directory "
+                                 f"and resume that")
+            out = given.get("out", run_dir)
+            if not (os.path.isdir(out) and os.path.samefile(out, run_dir)):
+                raise UsageError(f"--resume {named} continues the run in {run_dir}; --out {out} is "
+                                 f"another directory: leave --out out (to continue a copy, copy the "
+                                 f"whole directory and resume that)")
         if ck is None and "dataset" not in given:
             raise UsageError(f"{read['checkpoint']} is a plain state dict: name its data set "
                              f"with --dataset (and --data-dir)")

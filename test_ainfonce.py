@@ -3735,10 +3735,19 @@ def test_refuses_to_clobber_and_checks_resume(folder, tmp_path, capsys):
         r"cannot resume .*--dataset folder \(checkpoint\) vs cifar10, --width 8 \(checkpoint\) "
         r"vs 16",
     )
+    # a run continues in its own directory, from its last.pt: never onto another run's files
+    other = tmp_path / "other"
+    A.main(tiny(folder, other, "--eval", "none", "--seed", "1"))
+    theirs = open(other / "last.pt", "rb").read()
+    fails(["--resume", str(run), "--out", str(other)], capsys, r"--out .*other is another directory")
+    fails(["--resume", str(run), "--out", str(tmp_path / "new")], capsys, r"another directory")
+    assert open(other / "last.pt", "rb").read() == theirs and not (tmp_path / "new").exists()
+    shutil.copy(run / "last.pt", run / "epoch1.pt")
+    fails(["--resume", str(run / "epoch1.pt")], capsys, r"continues from its directory's last\.pt")
     assert open(run / "last.pt", "rb").read() == before
     assert (
-        A.main(["--resume", str(run), "--eval", "none"]) == {}
-    )  # finished, nothing asked: nothing to do
+        A.main(["--resume", str(run), "--eval", "none", "--out", str(run)]) == {}
+    )  # finished, nothing asked: nothing to do (--out its own directory is no other)
     assert open(run / "last.pt", "rb").read() == before
     A.main(tiny(folder, run, "--eval", "none", "--overwrite"))
 
