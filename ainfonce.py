@@ -1865,8 +1865,10 @@ def run(args, loaded=None):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(args.out, name))
             if rank == 0:
-                saved = pseudo_origin and pseudo_origin.get("saved")
-                if saved and (not ck or not os.path.exists(saved)):
+                # k-means labels are kept in the run's directory, for --pseudo-labels to reuse
+                saved = os.path.join(args.out, "pseudo-labels.pkl")
+                kmeans_made = pseudo_origin and "kmeans_of" in pseudo_origin
+                if kmeans_made and (not ck or not os.path.exists(saved)):
                     save_pseudo_labels(saved, pseudo, train_data)
                 per_epoch = len(train_data.x_train) // args.batch_size
                 state = "new run"
@@ -2209,8 +2211,6 @@ def run_pseudo_labels(args, ck, data, device):
     if kept is not None and "pseudo_labels" not in args.given:
         return kept, ck["pseudo_labels"]
     labels, made = pseudo_labels(args.pseudo_labels, data, device)
-    if "kmeans_of" in made:
-        made["saved"] = os.path.join(args.out, "pseudo-labels.pkl")
     ran = (ck or {}).get("pseudo_labels")
     if ran and ran["labels_digest"] != made["labels_digest"]:
         raise UsageError(f"--pseudo-labels {args.pseudo_labels}: other labels (digest "

@@ -4123,10 +4123,15 @@ def test_a_refused_resume_leaves_the_runs_pseudo_labels_and_the_run_continues(
     assert {f: v for f, v in after.items() if f != ".lock"} == {
         f: v for f, v in before.items() if f != ".lock"
     }
-    A.main(["--resume", str(tmp_path / "cut"), "--eval", "none"])  # its own labels, from last.pt
+    # a run moved elsewhere keeps its labels file in its own directory
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "cut", moved)
+    os.remove(moved / "pseudo-labels.pkl")
+    A.main(["--resume", str(moved), "--eval", "none"])  # its own labels, from last.pt
+    assert (moved / "pseudo-labels.pkl").exists() and not (tmp_path / "cut").exists()
     w_full, w_cut = (
         weights(tmp_path / "full" / "last.pt")[0],
-        weights(tmp_path / "cut" / "last.pt")[0],
+        weights(moved / "last.pt")[0],
     )
     assert all(torch.equal(w_full[k], w_cut[k]) for k in w_full)
 
