@@ -2498,8 +2498,9 @@ def weights_digest(module):
 def lock(directory):
     """Owns `directory` while this process writes there: directory/.lock holds the owner's pid and
     host under an flock, which the OS drops when a process dies, so a live owner is refused and a
-    dead one's lock is taken over; a clean exit leaves the file empty. Any *.tmp inside is then a
-    dead writer's and is removed. A directory this made and left empty (a check failed) goes."""
+    dead one's lock is taken over; a clean exit leaves the file empty. A .tmp of a file this program
+    writes is then a dead writer's and is removed. A directory this made and left empty (a check
+    failed) goes."""
     import fcntl  # POSIX
     created = not os.path.exists(directory)
     try:
@@ -2533,7 +2534,9 @@ def lock(directory):
         f.write(f"pid {os.getpid()} on {here} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         f.flush()
         for name in os.listdir(directory):
-            if name.endswith(".tmp"):
+            # only the files this program writes through atomic_write: others are not its to remove
+            ours = r"(last\.pt|log\.jsonl|config\.json|pseudo-labels\.pkl|results-\w+\.json)\.tmp"
+            if re.fullmatch(ours, name):
                 size = os.path.getsize(os.path.join(directory, name))
                 os.remove(os.path.join(directory, name))
                 print(f"{directory}: removed {name} ({size / 2**20:.1f} MiB), left by a writer "

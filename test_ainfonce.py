@@ -3999,9 +3999,12 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes(
 def test_a_stale_tmp_is_removed(folder, tmp_path, capsys):
     A.main(tiny(folder, tmp_path / "run", "--epochs", "2", "--eval", "none", "--ckpt-every", "1"))
     (tmp_path / "run" / "last.pt.tmp").write_bytes(b"\0" * 2**20)  # a writer that died mid-save
+    (tmp_path / "run" / "notes.tmp").write_text("the user's")  # not a file this program writes
     A.main(["--resume", str(tmp_path / "run"), "--epochs", "2", "--eval", "slf"])
-    assert "removed last.pt.tmp (1.0 MiB), left by a writer that died" in capsys.readouterr().out
-    assert not os.path.exists(tmp_path / "run" / "last.pt.tmp")
+    out = capsys.readouterr().out
+    assert "removed last.pt.tmp (1.0 MiB), left by a writer that died" in out
+    assert not os.path.exists(tmp_path / "run" / "last.pt.tmp") and "notes.tmp" not in out
+    assert (tmp_path / "run" / "notes.tmp").read_text() == "the user's"
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
