@@ -596,9 +596,14 @@ def advcl_contrastive(z, args, phase, degree=None):
 
 
 def pseudo_label_ce(logits, labels, reduction):
-    """The mean over the K sets of the cross-entropies of the pseudo-labels (-1: none)."""
-    parts = [F.cross_entropy(lg, lb, reduction=reduction, ignore_index=-1)
-             for lg, lb in zip(logits, labels)]
+    """The mean over the K sets of the cross-entropies of the pseudo-labels (-1: none). The mean
+    of a set is over its labelled images: 0, not NaN, for a batch without one."""
+    parts = []
+    for lg, lb in zip(logits, labels):
+        ce = F.cross_entropy(lg, lb, reduction="sum", ignore_index=-1)
+        if reduction == "mean":
+            ce = ce / (lb != -1).sum().clamp_min(1)
+        parts.append(ce)
     return sum(parts) / len(parts)
 
 
