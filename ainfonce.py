@@ -2134,7 +2134,11 @@ def pseudo_label_file(path, n_items):
         if key not in found:
             raise UsageError(f"--pseudo-labels {path} has no {key} (the AdvCL base needs K = "
                              f"{', '.join(map(str, PSEUDO_KS))})")
-        row = torch.as_tensor(found[key]).flatten()
+        try:
+            row = torch.as_tensor(found[key]).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            raise UsageError(f"--pseudo-labels {path}: {key} is not an array of numbers (a "
+                             f"{type(found[key]).__name__})")
         if row.is_floating_point() and not torch.equal(row, row.round()):
             raise UsageError(f"--pseudo-labels {path}: {key} holds numbers that are not whole: "
                              f"pseudo-labels are cluster indices")

@@ -2679,6 +2679,8 @@ def test_both_official_pseudo_label_formats_are_read(tmp_path):
         (lambda t: {**t, "pseudo_train_10": t["pseudo_train_10"] * 0 + 10}, r"outside \[-1, 10\)"),
         (lambda t: {**t, "pseudo_train_50": t["pseudo_train_50"] * 0 - 2}, r"outside \[-1, 50\)"),
         (lambda t: [1, 2], r"a dict of pseudo_train_K arrays expected"),
+        (lambda t: {**t, "pseudo_train_2": "labels"}, r"pseudo_train_2 is not an array of numbers"),
+        (lambda t: {**t, "pseudo_train_2": [[0, 1], [1]]}, r"not an array of numbers \(a list\)"),
     ],
 )
 def test_a_pseudo_label_file_that_is_not_labels_is_refused_in_one_line(tmp_path, change, pattern):
