@@ -1857,11 +1857,12 @@ def run(args, loaded=None):
         net = AdvCLNet(args.width) if args.base == "advcl" else Net(args.width)
     # the first thing written: the lock; every check that can refuse is behind
     with lock(args.out) if rank == 0 else contextlib.nullcontext():
-        run_dir = (os.path.dirname(loaded[1]["checkpoint"]) or ".") if ck else None
-        if rank == 0 and ck and os.path.samefile(args.out, run_dir):
-            restore_run_files(args.out, ck)  # its log and config say what last.pt holds
+        last = os.path.join(args.out, "last.pt")
+        # the run's log and config say what its last.pt holds (not another checkpoint's)
+        own = ck and os.path.exists(last) and os.path.samefile(loaded[1]["checkpoint"], last)
+        if rank == 0 and own:
+            restore_run_files(args.out, ck)
         if to_train:
-            last = os.path.join(args.out, "last.pt")
             if rank == 0 and os.path.exists(last) and not args.resume:
                 if not args.overwrite:
                     raise UsageError(f"{args.out} already holds a run: continue it with --resume "
@@ -1900,7 +1901,7 @@ def run(args, loaded=None):
             done = "pretrained" if to_train else "its run is finished"
             if args.eval_only:
                 done = "an evaluation was asked for"
-            command = command_line("--eval-only", args.out)
+            command = command_line("--eval-only", args.eval_only or args.out)
             print(f"{args.out}: {done}; --eval none: nothing evaluated (evaluate with: {command})")
             return {}
         return record_evaluation(args, loaded, data, device, source, t_start, to_train)

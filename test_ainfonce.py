@@ -3705,6 +3705,20 @@ def test_a_truncated_log_or_config_is_rebuilt_from_the_checkpoint(folder, tmp_pa
     log.write_text("")
     eval_only(tmp_path / "run")
     assert open(log).read() == good[log]
+    # another checkpoint than the run's last.pt says nothing of the run's files, nor writes any
+    first = tmp_path / "first"
+    A.main(tiny(folder, first, "--eval", "none"))  # one epoch: its log has one line
+    shutil.copy(first / "last.pt", tmp_path / "run" / "epoch1.pt")
+    os.makedirs(tmp_path / "pub")
+    shutil.copy(first / "last.pt", tmp_path / "pub" / "model.pt")
+    capsys.readouterr()
+    A.main(["--eval-only", str(tmp_path / "run" / "epoch1.pt"), "--eval", "none"])
+    assert open(log).read() == good[log] and open(config).read() == good[config]
+    assert "did not hold" not in capsys.readouterr().out
+    A.main(["--eval-only", str(tmp_path / "pub" / "model.pt"), "--eval", "none"])
+    assert sorted(os.listdir(tmp_path / "pub")) == [".lock", "model.pt"]
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    assert hint.endswith(f"--eval-only {tmp_path / 'pub' / 'model.pt'})"), hint
 
 
 def test_the_console_says_which_protocol_ran_and_where_its_numbers_are(folder, tmp_path, capsys):
