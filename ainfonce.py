@@ -1842,7 +1842,8 @@ def run(args, loaded=None):
                          f"{len(data.x_train)} training images")
     train_data = data
     if args.eval and not same:
-        data = load_data(*eval_set, args.subset, args.eval_subset)
+        # another data set: all its training images (--subset is the pretraining's)
+        data = load_data(*eval_set, 0, args.eval_subset)
     if args.eval and args.autoattack and data.n_classes < 4:
         raise UsageError(f"--autoattack: standard AutoAttack needs >= 4 classes (its DLR loss uses "
                          f"the 3rd and 4th largest logits); {eval_set[0]} has {data.n_classes}")

@@ -2052,9 +2052,18 @@ def test_transfer_from_itself_equals_white_box_pgd(folder, tmp_path, monkeypatch
 
 
 def test_eval_dataset_with_other_classes_end_to_end(folder, tmp_path):
-    three = make_folder(tmp_path / "three", classes=3, n_train=8, n_test=4, seed=1)
+    three = make_folder(tmp_path / "three", classes=3, n_train=12, n_test=4, seed=1)
     res = A.main(
-        tiny(folder, tmp_path / "run", "--eval-dataset", "folder", "--eval-data-dir", three)
+        tiny(
+            folder,
+            tmp_path / "run",
+            "--eval-dataset",
+            "folder",
+            "--eval-data-dir",
+            three,
+            "--subset",
+            "24",
+        )
     )
     data = res["identity"]["data"]
     assert (
@@ -2065,7 +2074,9 @@ def test_eval_dataset_with_other_classes_end_to_end(folder, tmp_path):
         and data["n_classes"] == 3
         and data["dir"] == os.path.realpath(three)
     )
-    assert data["n_train"] == 24 and data["n_test"] == 12 and 0 <= res["slf_sa"] <= 1
+    # the pretraining's --subset is not the other data set's: all 36 of its training images
+    assert res["training"]["args"]["subset"] == 24 and data["subset"] == 0
+    assert data["n_train"] == 36 and data["n_test"] == 12 and 0 <= res["slf_sa"] <= 1
 
 
 def test_robustssl_protocol_runs_and_never_mixes_with_the_default(folder, tmp_path, capsys):
@@ -3761,7 +3772,9 @@ def test_refuses_to_clobber_and_checks_resume(folder, tmp_path, capsys):
     other = tmp_path / "other"
     A.main(tiny(folder, other, "--eval", "none", "--seed", "1"))
     theirs = open(other / "last.pt", "rb").read()
-    fails(["--resume", str(run), "--out", str(other)], capsys, r"--out .*other is another directory")
+    fails(
+        ["--resume", str(run), "--out", str(other)], capsys, r"--out .*other is another directory"
+    )
     fails(["--resume", str(run), "--out", str(tmp_path / "new")], capsys, r"another directory")
     assert open(other / "last.pt", "rb").read() == theirs and not (tmp_path / "new").exists()
     shutil.copy(run / "last.pt", run / "epoch1.pt")
