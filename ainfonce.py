@@ -2064,8 +2064,12 @@ def decode(ds, idx, split):
         path = ds.samples[idx[i]][0]
         try:
             with Image.open(path) as im:
+                if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                    # PIL's conversion to RGB would clip them to white (or black)
+                    raise ValueError(f"its pixels are 16-bit or float (mode {im.mode}), not 8-bit: "
+                                     f"convert the images to 8-bit first")
                 alpha = "A" in im.getbands() or "transparency" in im.info
-                gray_ = im.mode in ("1", "L", "LA", "I", "I;16", "F")
+                gray_ = im.mode in ("1", "L", "LA")
                 size = im.size
                 im = im.convert("RGB")
                 if im.size != (32, 32):

@@ -2537,6 +2537,12 @@ def test_bad_data(tmp_path, capsys, folder):
     shutil.copytree(folder, bad)
     (bad / "train" / "class0" / "3.png").write_bytes(b"not an image")
     fails(tiny(str(bad), out), capsys, r"cannot read image .*class0/3\.png", out)
+    from PIL import Image
+
+    deep = tmp_path / "deep"  # 16-bit gray: converted to RGB, every pixel would be white
+    shutil.copytree(folder, deep)
+    Image.new("I;16", (32, 32), 300).save(deep / "train" / "class1" / "2.png")
+    fails(tiny(str(deep), out), capsys, r"class1/2\.png: its pixels are 16-bit or float", out)
     shutil.copytree(folder, tmp_path / "extra")
     (tmp_path / "extra" / "test" / "class9").mkdir()
     shutil.copy(
