@@ -1406,12 +1406,16 @@ class NonFiniteLoss(Exception):
     """A NaN/inf loss or gradient: the run stops (exit code 3), its last good checkpoint kept."""
 
 
-def fraction(text, hi=1.0):
-    """A number in [0, hi], written as a decimal or a fraction: 8/255 == 0.031372..."""
+def fraction(text, hi=1.0, above=False):
+    """A number in [0, hi] (above 0 if above), written as a decimal or a fraction: 8/255 ==
+    0.031372..."""
     try:
         value = float(Fraction(text))
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or fraction like 8/255")
+    if above and value == 0:
+        raise argparse.ArgumentTypeError(f"{text}: a PGD step must be above 0 (a step of 0 leaves "
+                                         f"the attack at its random start)")
     if not 0 <= value <= hi:
         hint = ""
         if 1 < value <= 255 and "/" not in text:
@@ -1453,6 +1457,7 @@ class Help(argparse.HelpFormatter):
 COUNT = functools.partial(number, int, 0)
 POSITIVE_INT = functools.partial(number, int, 1)
 NON_NEGATIVE = functools.partial(number, float, 0)
+STEP = functools.partial(fraction, above=True)
 DATASETS = ("cifar10", "cifar100", "stl10", "folder")
 PARSER = Parser(prog="ainfonce.py", formatter_class=Help,
                 description="Adversarial contrastive pretraining with A-InfoNCE; evaluation of "
@@ -1471,7 +1476,7 @@ group.add_argument("--width", type=POSITIVE_INT, default=64, help="ResNet-18 bas
 group = PARSER.add_argument_group("attack (pretraining)")
 group.add_argument("--eps", type=fraction, default=8 / 255,
                    help="L_inf radius, pixels in [0,1]; fractions parse (default: 8/255)")
-group.add_argument("--step", type=fraction, help="PGD step, pixels: RoCL 0.007, AdvCL 2/255")
+group.add_argument("--step", type=STEP, help="PGD step, pixels: RoCL 0.007, AdvCL 2/255")
 group.add_argument("--attack-steps", type=COUNT, help="PGD steps: RoCL 7, AdvCL 5")
 group = PARSER.add_argument_group("loss")
 group.add_argument("--base", choices=("rocl", "advcl"), default="rocl",
@@ -1515,7 +1520,7 @@ group.add_argument("--pretraining", choices=list(ROBUSTSSL),
                    help="robustssl: the encoder's method, where its file does not say it")
 group.add_argument("--eval-threats", nargs="+", default=["linf:8/255"], metavar="NORM:EPS",
                    help="e.g. linf:8/255 l2:0.5; RA is the first (default: linf:8/255)")
-group.add_argument("--eval-step", type=fraction, default=2 / 255,
+group.add_argument("--eval-step", type=STEP, default=2 / 255,
                    help="L_inf PGD step (RoCL 0.00314); L2: 2.5 eps/n (default: 2/255)")
 group.add_argument("--eval-steps", type=POSITIVE_INT, default=20, help="PGD steps of RA")
 group.add_argument("--eval-subset", type=COUNT, default=0,
@@ -1719,6 +1724,8 @@ def configure(argv):
         args.protocol = "asym-advcl" if args.base == "advcl" else "asym-rocl"
     if args.eval is None:
         args.eval = list(SCHEMES) if args.protocol == "robustssl" else ["slf"]
+    if "none" in args.eval and len(set(args.eval)) > 1:
+        raise UsageError(f"--eval {' '.join(args.eval)}: none and schemes; pass one of them")
     args.eval = [e for e in SCHEMES if e in args.eval]
     # the threats of RA: (key as given, norm, eps), the first one is "ra"
     args.threats = []
