@@ -1691,6 +1691,10 @@ def configure(argv):
             raise UsageError(f"{names}: flags of pretraining do not apply to --eval-only"
                              f"{theirs}{hint}")
         inherited.pop("eval", None)  # its own schemes (default: SLF), under the run's settings
+    reading = [flag(k) for k in READ_FLAGS if k in given]
+    if reading and not (named or "transfer_from" in given):
+        raise UsageError(f"{', '.join(reading)}: how a checkpoint file is read, and this run reads "
+                         f"none (--eval-only, --resume or --transfer-from names one)")
     preset = PRESETS.get(given.get("preset", inherited.get("preset")), {})
     args = argparse.Namespace(**{**DEFAULTS, **preset, **inherited, **given})
     args.given = given
@@ -1805,7 +1809,9 @@ def run(args, loaded=None):
     ck = loaded[2] if loaded else None
     source = None
     if args.transfer_from:
-        source = load_checkpoint(args.transfer_from, what="--transfer-from")[:2]
+        # the reading flags are the file's that --eval-only (or --resume) names, if any
+        flags = {} if loaded else {k: args.given.get(k) for k in READ_FLAGS}
+        source = load_checkpoint(args.transfer_from, flags, what="--transfer-from")[:2]
     if world > 1 and args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} "
                          f"processes")

@@ -3680,6 +3680,27 @@ def test_a_transfer_source_is_known_by_its_weights_not_its_path(folder, tmp_path
     )
 
 
+def test_the_reading_flags_read_the_transfer_source_where_no_other_file_is_named(
+    folder, tmp_path, capsys
+):
+    A.main(tiny(folder, tmp_path / "a", "--eval", "none", "--method", "rocl"))
+    encoder = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["encoder"]
+    # torchvision-style keys (downsample.0/1): only --stem-padding says how its stem was written
+    tv = {k.replace("shortcut.", "downsample."): v for k, v in encoder.items()}
+    torch.save({"state_dict": tv}, tmp_path / "tv.pt")
+    source = ["--transfer-from", str(tmp_path / "tv.pt")]
+    fails(tiny(folder, tmp_path / "run", *source), capsys, r"pass --stem-padding 2 or 1")
+    res = A.main(tiny(folder, tmp_path / "run", *source, "--stem-padding", "1", "--eval", "slf"))
+    assert res["identity"]["transfer"]["stem_padding"] == 1 and 0 <= res["slf_ra_transfer"] <= 1
+    # a reading flag where no file is read changes nothing: refused
+    fails(
+        tiny(folder, tmp_path / "other", "--stem-padding", "2"),
+        capsys,
+        r"--stem-padding: how a checkpoint file is read, and this run reads none",
+        out=tmp_path / "other",
+    )
+
+
 def test_an_evaluation_on_other_images_than_the_runs_says_so_first(
     folder, tmp_path, monkeypatch, capsys
 ):
