@@ -1898,7 +1898,7 @@ def run(args, loaded=None):
                 print(f"ainfonce: {args.out} | {device} ({provenance(device)['device_name']}) | "
                       f"{args.dataset} {args.data_dir}: {len(train_data.x_train)} training / "
                       f"{len(train_data.x_test)} test images, "
-                      f"{plural(train_data.n_classes, 'class')} | {args.method} | "
+                      f"{plural(train_data.n_classes, 'class')} | {args.method} on {args.base} | "
                       f"{plural(args.epochs, 'epoch')} of {plural(per_epoch, 'step')} | {state}",
                       flush=True)
             train(args, net, train_data, device, rank, world, ck, pseudo, pseudo_origin)
@@ -1914,7 +1914,7 @@ def run(args, loaded=None):
         if not args.eval:
             done = "pretrained" if to_train else "its run is finished"
             if args.eval_only:
-                done = "an evaluation was asked for"
+                done = "its checkpoint is read"
             command = command_line("--eval-only", args.eval_only or args.out)
             print(f"{args.out}: {done}; --eval none: nothing evaluated (evaluate with: {command})")
             return {}
@@ -2216,9 +2216,11 @@ def pseudo_labels(source, data, device):
             features = torch.cat([encoder(as_float(x[i])) for i in chunks]).cpu()
         rows = []
         for k in PSEUDO_KS:
-            print(f"pseudo-labels: k-means of {len(x)} encoder features into {k} clusters",
-                  flush=True)
-            rows.append(kmeans(features, min(k, len(x))))
+            clusters = min(k, len(x))
+            fewer = f" (K = {k}: fewer images than that)" if clusters < k else ""
+            print(f"pseudo-labels: k-means of {len(x)} encoder features into {clusters} "
+                  f"clusters{fewer}", flush=True)
+            rows.append(kmeans(features, clusters))
         labels = torch.stack(rows)
         made = {"kmeans_of": weights_digest(encoder), "encoder": read["checkpoint"],
                 "ks": list(PSEUDO_KS), "data": data.identity["train"]}

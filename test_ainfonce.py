@@ -1333,7 +1333,7 @@ def test_the_start_line_and_the_knn_monitor_leave_training_bit_identical(folder,
     start = capsys.readouterr().out.splitlines()[0]
     assert start == (
         f"ainfonce: {tmp_path / 'on'} | {DEV.type} ({A.provenance(DEV)['device_name']}) | "
-        f"folder {folder}: 32 training / 16 test images, 2 classes | hardneg | 2 epochs of 4 "
+        f"folder {folder}: 32 training / 16 test images, 2 classes | hardneg on rocl | 2 epochs of 4 "
         f"steps | "
         f"new run"
     )
@@ -1483,9 +1483,12 @@ def test_the_advcl_optimiser_decays_the_weights(folder, tmp_path, simclr_encoder
         assert torch.allclose(decayed[k] - plain[k], -lr * 0.5 * w0[k], rtol=1e-3, atol=1e-8), k
 
 
-def test_the_saved_pseudo_labels_reproduce_their_run(folder, tmp_path, simclr_encoder):
+def test_the_saved_pseudo_labels_reproduce_their_run(folder, tmp_path, simclr_encoder, capsys):
     first = advcl_run(folder, tmp_path / "a", "rocl", "--pseudo-labels", simclr_encoder)
     A.main(first + ["--eval", "none"])
+    said = [line for line in capsys.readouterr().out.splitlines() if "k-means of" in line]
+    assert said[1] == "pseudo-labels: k-means of 32 encoder features into 10 clusters"
+    assert said[-1].endswith("into 32 clusters (K = 500: fewer images than that)")
     saved = str(tmp_path / "a" / "pseudo-labels.pkl")
     A.main(advcl_run(folder, tmp_path / "b", "rocl", "--pseudo-labels", saved, "--eval", "none"))
     (wa, cka), (wb, ckb) = weights(tmp_path / "a" / "last.pt"), weights(tmp_path / "b" / "last.pt")
