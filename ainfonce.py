@@ -1666,8 +1666,8 @@ def configure(argv):
             out = given.get("out", run_dir)
             if not (os.path.isdir(out) and os.path.samefile(out, run_dir)):
                 raise UsageError(f"--resume {named} continues the run in {run_dir}; --out {out} is "
-                                 f"another directory: leave --out out (to continue a copy, copy the "
-                                 f"whole directory and resume that)")
+                                 f"another directory: leave --out out (to continue a copy, copy "
+                                 f"the whole directory and resume that)")
         if ck is None and "dataset" not in given:
             raise UsageError(f"{read['checkpoint']} is a plain state dict: name its data set "
                              f"with --dataset (and --data-dir)")
