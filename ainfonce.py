@@ -1413,14 +1413,14 @@ def fraction(text, hi=1.0, above=False):
         value = float(Fraction(text))
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or fraction like 8/255")
-    if above and value == 0:
-        raise argparse.ArgumentTypeError(f"{text}: a PGD step must be above 0 (a step of 0 leaves "
-                                         f"the attack at its random start)")
-    if not 0 <= value <= hi:
+    low = "(0" if above else "[0"
+    if not 0 <= value <= hi or (above and value == 0):
         hint = ""
         if 1 < value <= 255 and "/" not in text:
             hint = f" (pixels are in [0, 1]: did you mean {text}/255?)"
-        raise argparse.ArgumentTypeError(f"{text} is outside [0, {hi:g}]{hint}")
+        if above and value == 0:
+            hint = " (a PGD step of 0 leaves the attack at its random start)"
+        raise argparse.ArgumentTypeError(f"{text} is outside {low}, {hi:g}]{hint}")
     return value
 
 
@@ -1677,8 +1677,12 @@ def configure(argv):
             inherited.update(invocation["given"])
         inherited = {k: v for k, v in inherited.items() if k not in OWN_KEYS}
     if "eval_only" in given:
-        refused = [k for k in given
-                   if k in PRETRAINING_KEYS and (ck or k not in ("dataset", "subset"))]
+        # --subset picks the finetuning images where --eval-dataset names the data (or no run does)
+        other_data = "eval_dataset" in {**inherited, **given}
+        open_keys = ("subset",) if other_data else ()
+        if not ck:
+            open_keys = ("dataset", "subset")
+        refused = [k for k in given if k in PRETRAINING_KEYS and k not in open_keys]
         if refused:
             names = ", ".join(flag(k) for k in refused)
             theirs = ""
@@ -1692,9 +1696,10 @@ def configure(argv):
                              f"{theirs}{hint}")
         inherited.pop("eval", None)  # its own schemes (default: SLF), under the run's settings
     reading = [flag(k) for k in READ_FLAGS if k in given]
-    if reading and not (named or "transfer_from" in given):
+    if reading and not ({"eval_only", "resume", "transfer_from", "pseudo_labels"} & set(given)):
         raise UsageError(f"{', '.join(reading)}: how a checkpoint file is read, and this run reads "
-                         f"none (--eval-only, --resume or --transfer-from names one)")
+                         f"none (--eval-only, --resume, --transfer-from or --pseudo-labels names "
+                         f"one)")
     preset = PRESETS.get(given.get("preset", inherited.get("preset")), {})
     args = argparse.Namespace(**{**DEFAULTS, **preset, **inherited, **given})
     args.given = given
@@ -1808,10 +1813,12 @@ def run(args, loaded=None):
         return benchmark(args, device)
     ck = loaded[2] if loaded else None
     source = None
+    # the reading flags read a published file --eval-only names, or else the other files read
+    reading = {k: getattr(args, k) for k in READ_FLAGS}
+    if loaded and loaded[2] is None:
+        reading = {}
     if args.transfer_from:
-        # the reading flags are the file's that --eval-only (or --resume) names, if any
-        flags = {} if loaded else {k: args.given.get(k) for k in READ_FLAGS}
-        source = load_checkpoint(args.transfer_from, flags, what="--transfer-from")[:2]
+        source = load_checkpoint(args.transfer_from, reading, what="--transfer-from")[:2]
     if world > 1 and args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} "
                          f"processes")
@@ -1855,14 +1862,13 @@ def run(args, loaded=None):
                          f"{len(data.x_train)} training images")
     train_data = data
     if args.eval and not same:
-        # another data set: all its training images (--subset is the pretraining's)
-        data = load_data(*eval_set, 0, args.eval_subset)
+        data = load_data(*eval_set, args.subset, args.eval_subset)
     if args.eval and args.autoattack and data.n_classes < 4:
         raise UsageError(f"--autoattack: standard AutoAttack needs >= 4 classes (its DLR loss uses "
                          f"the 3rd and 4th largest logits); {eval_set[0]} has {data.n_classes}")
     pseudo = pseudo_origin = None
     if to_train and args.base == "advcl":
-        pseudo, pseudo_origin = run_pseudo_labels(args, ck, train_data, device)
+        pseudo, pseudo_origin = run_pseudo_labels(args, ck, train_data, device, reading)
     # seeded after everything is read: nothing loaded on the way (a transfer source, the encoder
     # of the pseudo-labels) changes the run's draws; ranks draw different augmentations
     torch.manual_seed(args.seed + rank)
@@ -2153,11 +2159,13 @@ def pseudo_label_file(path, n_items):
         if key not in found:
             raise UsageError(f"--pseudo-labels {path} has no {key} (the AdvCL base needs K = "
                              f"{', '.join(map(str, PSEUDO_KS))})")
+        what = getattr(found[key], "dtype", type(found[key]).__name__)
         try:
             row = torch.as_tensor(found[key]).flatten()
         except (TypeError, ValueError, RuntimeError):
-            raise UsageError(f"--pseudo-labels {path}: {key} is not an array of numbers (a "
-                             f"{type(found[key]).__name__})")
+            row = None
+        if row is None or row.dtype == torch.bool:
+            raise UsageError(f"--pseudo-labels {path}: {key} is not an array of numbers ({what})")
         if row.is_floating_point() and not torch.equal(row, row.round()):
             raise UsageError(f"--pseudo-labels {path}: {key} holds numbers that are not whole: "
                              f"pseudo-labels are cluster indices")
@@ -2196,11 +2204,12 @@ def kmeans(x, k, seed=0, iters=100):
     return labels
 
 
-def pseudo_labels(source, data, device):
+def pseudo_labels(source, data, device, reading=None):
     """The pseudo-labels of the training images -> (LongTensor [5, n_train], what made them).
     source names a file of AdvCL's or A-InfoNCE's format, or an encoder (a run or a checkpoint):
     k-means of its eval-mode fp32 features of the training images into K = 2, 10, 50, 100, 500
-    clusters. Nothing is written."""
+    clusters, the encoder's file read as the reading flags say where it does not. Nothing is
+    written."""
     is_pickle = os.path.isfile(source) and source.endswith((".pkl", ".pickle"))
     if is_pickle:
         labels = pseudo_label_file(source, data.identity["train_items"])[:, data.train_index]
@@ -2208,7 +2217,7 @@ def pseudo_labels(source, data, device):
             made = {"file": os.path.realpath(source),
                     "sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
     else:
-        encoder, read = load_checkpoint(source, what="--pseudo-labels")[:2]
+        encoder, read = load_checkpoint(source, reading, what="--pseudo-labels")[:2]
         x = data.x_train.to(device)
         encoder = copy.deepcopy(encoder).float().to(device)
         with eval_mode(encoder), torch.no_grad(), strict_fp32(device):
@@ -2233,14 +2242,14 @@ def pseudo_labels(source, data, device):
     return labels, made
 
 
-def run_pseudo_labels(args, ck, data, device):
+def run_pseudo_labels(args, ck, data, device, reading):
     """The pseudo-labels a run trains on -> (LongTensor [5, n_train], what made them): a resumed
     run's own, from its checkpoint (--pseudo-labels given again must give the same labels); a new
     run's from --pseudo-labels (k-means labels are saved as OUT/pseudo-labels.pkl for reuse)."""
     kept = (ck or {}).get("pseudo_label_values")
     if kept is not None and "pseudo_labels" not in args.given:
         return kept, ck["pseudo_labels"]
-    labels, made = pseudo_labels(args.pseudo_labels, data, device)
+    labels, made = pseudo_labels(args.pseudo_labels, data, device, reading)
     ran = (ck or {}).get("pseudo_labels")
     if ran and ran["labels_digest"] != made["labels_digest"]:
         raise UsageError(f"--pseudo-labels {args.pseudo_labels}: other labels (digest "
@@ -2266,6 +2275,10 @@ def save_pseudo_labels(path, labels, data):
 class WriteFailed(Exception):
     """A file could not be written (a full disk, a quota): one line, exit code 4; the previous file
     is kept."""
+
+
+# the .tmp of each file a run writes through atomic_write (a new one belongs here too)
+OWN_TMP = r"(last\.pt|log\.jsonl|config\.json|pseudo-labels\.pkl|results-\w+\.json)\.tmp"
 
 
 def atomic_write(path, write):
@@ -2564,9 +2577,7 @@ def lock(directory):
         f.write(f"pid {os.getpid()} on {here} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         f.flush()
         for name in os.listdir(directory):
-            # only the files this program writes through atomic_write: others are not its to remove
-            ours = r"(last\.pt|log\.jsonl|config\.json|pseudo-labels\.pkl|results-\w+\.json)\.tmp"
-            if re.fullmatch(ours, name):
+            if re.fullmatch(OWN_TMP, name):  # the others are not its to remove
                 size = os.path.getsize(os.path.join(directory, name))
                 os.remove(os.path.join(directory, name))
                 print(f"{directory}: removed {name} ({size / 2**20:.1f} MiB), left by a writer "

@@ -2077,9 +2077,13 @@ def test_eval_dataset_with_other_classes_end_to_end(folder, tmp_path):
         and data["n_classes"] == 3
         and data["dir"] == os.path.realpath(three)
     )
-    # the pretraining's --subset is not the other data set's: all 36 of its training images
-    assert res["training"]["args"]["subset"] == 24 and data["subset"] == 0
-    assert data["n_train"] == 36 and data["n_test"] == 12 and 0 <= res["slf_sa"] <= 1
+    # the run's scale: its --subset picks 24 of the other data set's 36 training images too
+    assert res["training"]["args"]["subset"] == 24 and data["subset"] == 24
+    assert data["n_train"] == 24 and data["n_test"] == 12 and 0 <= res["slf_sa"] <= 1
+    # --eval-only sets the finetuning images of another data set: all of them (a --subset that
+    # did not fit the other data set had no way out)
+    res = eval_only(tmp_path / "run", "--subset", "0", "--eval", "slf")
+    assert res["identity"]["data"]["subset"] == 0 and res["identity"]["data"]["n_train"] == 36
 
 
 def test_robustssl_protocol_runs_and_never_mixes_with_the_default(folder, tmp_path, capsys):
@@ -2314,10 +2318,10 @@ def test_eval_only_refuses_flags_of_pretraining(folder, tmp_path, capsys):
         (["--eps", "-0.1"], r"outside \[0, 1\]"),
         (["--eps", "eight"], r"not a number or fraction"),
         (["--eps", "8/0"], r"not a number or fraction"),
-        (["--step", "1.5"], r"outside \[0, 1\]"),
+        (["--step", "1.5"], r"outside \(0, 1\]"),
         (["--eval-step", "nan"], r"not a number or fraction|outside"),
-        (["--eval-step", "0"], r"--eval-step: 0: a PGD step must be above 0"),
-        (["--step", "0/255"], r"--step: 0/255: a PGD step must be above 0"),
+        (["--eval-step", "0"], r"--eval-step: 0 is outside \(0, 1\] \(a PGD step of 0 leaves"),
+        (["--step", "0/255"], r"--step: 0/255 is outside \(0, 1\] \(a PGD step of 0"),
         (["--eval", "none", "slf"], r"--eval none slf: none and schemes; pass one of them"),
         (["--eval-threats", "l1:0.5"], r"--eval-threats l1:0.5: expected NORM:EPS"),
         (["--eval-threats", "linf:8"], r"--eval-threats linf:8: .*did you mean 8/255"),
@@ -2703,7 +2707,8 @@ def test_both_official_pseudo_label_formats_are_read(tmp_path):
         (lambda t: {**t, "pseudo_train_50": t["pseudo_train_50"] * 0 - 2}, r"outside \[-1, 50\)"),
         (lambda t: [1, 2], r"a dict of pseudo_train_K arrays expected"),
         (lambda t: {**t, "pseudo_train_2": "labels"}, r"pseudo_train_2 is not an array of numbers"),
-        (lambda t: {**t, "pseudo_train_2": [[0, 1], [1]]}, r"not an array of numbers \(a list\)"),
+        (lambda t: {**t, "pseudo_train_2": [[0, 1], [1]]}, r"not an array of numbers \(list\)"),
+        (lambda t: {**t, "pseudo_train_2": t["pseudo_train_2"] > 0}, r"numbers \(bool\)"),
     ],
 )
 def test_a_pseudo_label_file_that_is_not_labels_is_refused_in_one_line(tmp_path, change, pattern):
@@ -3695,6 +3700,14 @@ def test_the_reading_flags_read_the_transfer_source_where_no_other_file_is_named
     fails(tiny(folder, tmp_path / "run", *source), capsys, r"pass --stem-padding 2 or 1")
     res = A.main(tiny(folder, tmp_path / "run", *source, "--stem-padding", "1", "--eval", "slf"))
     assert res["identity"]["transfer"]["stem_padding"] == 1 and 0 <= res["slf_ra_transfer"] <= 1
+    # the run's evaluation again, and another scheme: the source read with the run's flag
+    again = eval_only(tmp_path / "run", "--eval", "slf", "alf")
+    assert again["path"] == res["path"] and "alf_sa" in again
+    # an encoder of k-means pseudo-labels is read with them too
+    labels = ["--pseudo-labels", str(tmp_path / "tv.pt"), "--stem-padding", "1", "--eval", "none"]
+    A.main(advcl_run(folder, tmp_path / "advcl", "both", *labels))
+    made = torch.load(tmp_path / "advcl" / "last.pt", weights_only=True)["pseudo_labels"]
+    assert made["encoder"] == str(tmp_path / "tv.pt")
     # a reading flag where no file is read changes nothing: refused
     fails(
         tiny(folder, tmp_path / "other", "--stem-padding", "2"),
