@@ -1386,15 +1386,21 @@ def evaluate(args, encoder, data, device, done=(), source=None):
         with strict_fp32(device):
             r = measure(clf, data, args, name, x_transfer)
         r["s"] = time.time() - t0
-        shown = {"SA": r["sa"], **{f"RA {k}": v for k, v in r["robust"].items()},
-                 **{f"AA {k}": v for k, v in r.get("aa_robust", {}).items()},
-                 f"transfer RA {key0}": r.get("ra_transfer")}
-        line = "  ".join(f"{k} {100 * v:.2f}%" for k, v in shown.items() if v is not None)
-        if name == "slf":
-            verdict = "ok" if r["guards"]["ok"] else "FAILED: " + "; ".join(r["guards"]["failed"])
-            line += "  guards " + verdict
-        print(f"{name.upper()}: {line}  ({hms(r['s'])})", flush=True)
+        print(scheme_line(name, r, key0), flush=True)
         yield name, r
+
+
+def scheme_line(name, r, key0):
+    """How a scheme's numbers r are shown: SA, RA under each threat, AA, transfer RA (of threat
+    key0), the guards' verdict, the time it took."""
+    shown = {"SA": r["sa"], **{f"RA {k}": v for k, v in r["robust"].items()},
+             **{f"AA {k}": v for k, v in r.get("aa_robust", {}).items()},
+             f"transfer RA {key0}": r.get("ra_transfer")}
+    line = "  ".join(f"{k} {100 * v:.2f}%" for k, v in shown.items() if v is not None)
+    if name == "slf":
+        verdict = "ok" if r["guards"]["ok"] else "FAILED: " + "; ".join(r["guards"]["failed"])
+        line += "  guards " + verdict
+    return f"{name.upper()}: {line}  ({hms(r['s'])})"
 
 
 # ==== The command line: one parse, the recipe from one table, then main ===========================
@@ -2639,6 +2645,9 @@ def record_evaluation(args, loaded, data, device, source, t_start, trained):
     if args.eval_only and args.overwrite:
         asked = tuple(f"{s}_" for s in args.eval)
         res = {k: v for k, v in res.items() if not k.startswith(asked)}
+    for name in [s for s in args.eval if f"{s}_sa" in res]:  # finished before: shown again
+        numbers = {k[len(name) + 1:]: v for k, v in res.items() if k.startswith(f"{name}_")}
+        print(f"{scheme_line(name, numbers, args.threats[0][0])}, from {path}")
     if not trained and all(f"{s}_sa" in res for s in args.eval):
         print(f"nothing to do: {path} holds every evaluation asked for\nresults: {path}")
         return dict(res, path=path)

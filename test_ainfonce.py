@@ -3447,8 +3447,12 @@ def test_eval_only_evaluates_under_the_runs_protocol_and_never_changes_its_numbe
         )
     )
     before = open(run["path"]).read()
+    capsys.readouterr()
     same = eval_only(tmp_path / "run")  # the run's own protocol: its 10 test images, its settings
-    assert "nothing to do" in capsys.readouterr().out and same == json.loads(json.dumps(run))
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and same == json.loads(json.dumps(run))
+    # the numbers it holds are shown again, from their file
+    assert f"SLF: SA {100 * run['slf_sa']:.2f}%" in out and f", from {run['path']}" in out
     other = eval_only(tmp_path / "run", "--eval-subset", "0")  # another protocol: another file
     assert open(run["path"]).read() == before and results_files(tmp_path / "run") == sorted(
         [run["path"], other["path"]]
@@ -4012,7 +4016,10 @@ def test_the_hint_after_an_interrupted_resume_finishes_what_it_asked(
     assert shlex.split(hint)[2:] == ["--resume", str(tmp_path / "run"), "--eval", "slf", "alf"]
     monkeypatch.setattr(A, "train_head", real)
     done = A.main(shlex.split(hint)[2:])
-    assert {"slf_sa", "alf_sa"} <= set(done) and "nothing to do" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert {"slf_sa", "alf_sa"} <= set(done) and "nothing to do" not in out
+    # SLF, finished before the interrupt, is shown beside the ALF it finishes now
+    assert f"SLF: SA {100 * done['slf_sa']:.2f}%" in out and "ALF: SA" in out
 
 
 def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_resumes(
