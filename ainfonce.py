@@ -1115,14 +1115,14 @@ def scheme_settings(protocol, method, dataset, ft_epochs, batch_size):
 def strict_fp32(device):
     """No autocast and no TF32 (cuDNN allows TF32 convolutions by default): for every measured
     number."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.autocast(device.type, enabled=False):
             yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def batches(n, bs, device="cpu", shuffle=False):
@@ -1701,11 +1701,11 @@ def configure(argv):
             raise UsageError(f"{names}: flags of pretraining do not apply to --eval-only"
                              f"{theirs}{hint}")
         inherited.pop("eval", None)  # its own schemes (default: SLF), under the run's settings
-    reading = [flag(k) for k in READ_FLAGS if k in given]
-    if reading and not ({"eval_only", "resume", "transfer_from", "pseudo_labels"} & set(given)):
-        raise UsageError(f"{', '.join(reading)}: how a checkpoint file is read, and this run reads "
-                         f"none (--eval-only, --resume, --transfer-from or --pseudo-labels names "
-                         f"one)")
+    read_given = [flag(k) for k in READ_FLAGS if k in given]
+    if read_given and not {"eval_only", "resume", "transfer_from", "pseudo_labels"} & set(given):
+        raise UsageError(f"{', '.join(read_given)}: how a checkpoint file is read, and this run "
+                         f"reads none (--eval-only, --resume, --transfer-from or --pseudo-labels "
+                         f"names one)")
     preset = PRESETS.get(given.get("preset", inherited.get("preset")), {})
     args = argparse.Namespace(**{**DEFAULTS, **preset, **inherited, **given})
     args.given = given
@@ -1820,11 +1820,11 @@ def run(args, loaded=None):
     ck = loaded[2] if loaded else None
     source = None
     # the reading flags read a published file --eval-only names, or else the other files read
-    reading = {k: getattr(args, k) for k in READ_FLAGS}
+    flags = {k: getattr(args, k) for k in READ_FLAGS}
     if loaded and loaded[2] is None:
-        reading = {}
+        flags = {}
     if args.transfer_from:
-        source = load_checkpoint(args.transfer_from, reading, what="--transfer-from")[:2]
+        source = load_checkpoint(args.transfer_from, flags, what="--transfer-from")[:2]
     if world > 1 and args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} "
                          f"processes")
@@ -1874,7 +1874,7 @@ def run(args, loaded=None):
                          f"the 3rd and 4th largest logits); {eval_set[0]} has {data.n_classes}")
     pseudo = pseudo_origin = None
     if to_train and args.base == "advcl":
-        pseudo, pseudo_origin = run_pseudo_labels(args, ck, train_data, device, reading)
+        pseudo, pseudo_origin = run_pseudo_labels(args, ck, train_data, device, flags)
     # seeded after everything is read: nothing loaded on the way (a transfer source, the encoder
     # of the pseudo-labels) changes the run's draws; ranks draw different augmentations
     torch.manual_seed(args.seed + rank)
@@ -2210,7 +2210,7 @@ def kmeans(x, k, seed=0, iters=100):
     return labels
 
 
-def pseudo_labels(source, data, device, reading=None):
+def pseudo_labels(source, data, device, flags=None):
     """The pseudo-labels of the training images -> (LongTensor [5, n_train], what made them).
     source names a file of AdvCL's or A-InfoNCE's format, or an encoder (a run or a checkpoint):
     k-means of its eval-mode fp32 features of the training images into K = 2, 10, 50, 100, 500
@@ -2223,7 +2223,7 @@ def pseudo_labels(source, data, device, reading=None):
             made = {"file": os.path.realpath(source),
                     "sha256": hashlib.sha256(f.read()).hexdigest()[:16]}
     else:
-        encoder, read = load_checkpoint(source, reading, what="--pseudo-labels")[:2]
+        encoder, read = load_checkpoint(source, flags, what="--pseudo-labels")[:2]
         x = data.x_train.to(device)
         encoder = copy.deepcopy(encoder).float().to(device)
         with eval_mode(encoder), torch.no_grad(), strict_fp32(device):
@@ -2248,14 +2248,14 @@ def pseudo_labels(source, data, device, reading=None):
     return labels, made
 
 
-def run_pseudo_labels(args, ck, data, device, reading):
+def run_pseudo_labels(args, ck, data, device, flags):
     """The pseudo-labels a run trains on -> (LongTensor [5, n_train], what made them): a resumed
     run's own, from its checkpoint (--pseudo-labels given again must give the same labels); a new
     run's from --pseudo-labels (k-means labels are saved as OUT/pseudo-labels.pkl for reuse)."""
     kept = (ck or {}).get("pseudo_label_values")
     if kept is not None and "pseudo_labels" not in args.given:
         return kept, ck["pseudo_labels"]
-    labels, made = pseudo_labels(args.pseudo_labels, data, device, reading)
+    labels, made = pseudo_labels(args.pseudo_labels, data, device, flags)
     ran = (ck or {}).get("pseudo_labels")
     if ran and ran["labels_digest"] != made["labels_digest"]:
         raise UsageError(f"--pseudo-labels {args.pseudo_labels}: other labels (digest "
