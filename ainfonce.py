@@ -1684,10 +1684,11 @@ def configure(argv):
         inherited = {k: v for k, v in inherited.items() if k not in OWN_KEYS}
     if "eval_only" in given:
         # --subset picks the finetuning images where --eval-dataset names the data (or no run does)
-        other_data = "eval_dataset" in {**inherited, **given}
-        open_keys = ("subset",) if other_data else ()
-        if not ck:
+        open_keys = ()
+        if not ck:  # a plain file: its data set is named here
             open_keys = ("dataset", "subset")
+        elif "eval_dataset" in {**inherited, **given}:
+            open_keys = ("subset",)
         refused = [k for k in given if k in PRETRAINING_KEYS and k not in open_keys]
         if refused:
             names = ", ".join(flag(k) for k in refused)
@@ -1821,7 +1822,7 @@ def run(args, loaded=None):
     source = None
     # the reading flags read a published file --eval-only names, or else the other files read
     flags = {k: getattr(args, k) for k in READ_FLAGS}
-    if loaded and loaded[2] is None:
+    if loaded and ck is None:
         flags = {}
     if args.transfer_from:
         source = load_checkpoint(args.transfer_from, flags, what="--transfer-from")[:2]
@@ -2645,10 +2646,11 @@ def record_evaluation(args, loaded, data, device, source, t_start, trained):
     if args.eval_only and args.overwrite:
         asked = tuple(f"{s}_" for s in args.eval)
         res = {k: v for k, v in res.items() if not k.startswith(asked)}
-    for name in [s for s in args.eval if f"{s}_sa" in res]:  # finished before: shown again
+    done = [s for s in args.eval if f"{s}_sa" in res]  # finished before: reused, shown again
+    for name in done:
         numbers = {k[len(name) + 1:]: v for k, v in res.items() if k.startswith(f"{name}_")}
         print(f"{scheme_line(name, numbers, args.threats[0][0])}, from {path}")
-    if not trained and all(f"{s}_sa" in res for s in args.eval):
+    if not trained and len(done) == len(args.eval):
         print(f"nothing to do: {path} holds every evaluation asked for\nresults: {path}")
         return dict(res, path=path)
     weights = {"checkpoint": read["checkpoint"]}
@@ -2701,7 +2703,6 @@ def record_evaluation(args, loaded, data, device, source, t_start, trained):
     sigterm = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         on_device = Data(*[t.to(device) if torch.is_tensor(t) else t for t in data])
-        done = [s for s in SCHEMES if f"{s}_sa" in res]
         source_encoder = source[0] if source else None
         for name, r in evaluate(args, encoder, on_device, device, done, source_encoder):
             res.update({f"{name}_{k}": v for k, v in r.items()})
